@@ -1,0 +1,272 @@
+"""Full-ranking evaluation: every item of the target domain is a candidate; the model recommends by generating the
+next item's text after the user's history.
+
+Two rankers share one scoring rule, the sum of the model's log-probabilities (log-softmax over the whole vocabulary,
+not renormalised) over the item's tokens, terminator included:
+  - beam search constrained by a trie of all item texts, batched over users with a KV cache: the top-B items;
+  - exact scoring of every item for every user: the full ranking, and the reference beam search is tested against.
+Metrics follow REFERENCE.md: for 0-based rank r, Recall@K = [r < K], NDCG@K = [r < K] / log2(r + 2), MRR = 1/(r+1);
+ties count against the target.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from data import Case, Dataset, Encoder, Examples, eval_cases, item_text, target_example, train_sequences
+from model import Decoder, KVCache, UserError
+
+KS = (5, 10, 20)
+
+
+# --------------------------------------------------------------------------------------------------- trie
+@dataclass
+class Trie:
+    """A prefix tree of item token sequences in CSR form: node n's edges are offsets[n]:offsets[n+1]."""
+    offsets: torch.Tensor  # (nodes + 1,)
+    tokens: torch.Tensor  # (edges,) the token on each edge, sorted within a node
+    child: torch.Tensor  # (edges,) the node each edge leads to
+    item: torch.Tensor  # (nodes,) the item ending at a node (a leaf), else -1
+    depth: int
+
+    def children(self, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, child nodes) of each node, padded to the widest with token -1 and node 0."""
+        start, count = self.offsets[nodes], self.offsets[nodes + 1] - self.offsets[nodes]
+        width = max(int(count.max()), 1)
+        edge = start[..., None] + torch.arange(width, device=nodes.device)
+        valid = torch.arange(width, device=nodes.device) < count[..., None]
+        edge = torch.where(valid, edge, 0).clamp(max=len(self.tokens) - 1)
+        return torch.where(valid, self.tokens[edge], -1), torch.where(valid, self.child[edge], 0)
+
+
+def build_trie(sequences: list[list[int]], device: torch.device | str = "cpu") -> Trie:
+    """Item k's tokens lead from the root to a leaf holding k; items may share prefixes but none may be another's
+    prefix (the template's terminator after every item guarantees it for distinct texts)."""
+    edges: list[dict[int, int]] = [{}]
+    item = [-1]
+    for k, sequence in enumerate(sequences):
+        node = 0
+        for token in sequence:
+            if item[node] >= 0:
+                break
+            if token not in edges[node]:
+                edges[node][token] = len(edges)
+                edges.append({})
+                item.append(-1)
+            node = edges[node][token]
+        if item[node] >= 0 or edges[node]:
+            other = item[node] if item[node] >= 0 else "another item"
+            raise UserError(f"item {k}'s tokens are a prefix of (or equal to) item {other}'s; item texts must be "
+                            "unique after tokenization")
+        item[node] = k
+    ordered = [sorted(e.items()) for e in edges]
+    offsets = np.cumsum([0] + [len(e) for e in ordered])
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+    return Trie(as_tensor(offsets), as_tensor([t for e in ordered for t, _ in e]),
+                as_tensor([c for e in ordered for _, c in e]), as_tensor(item), max(map(len, sequences)))
+
+
+# --------------------------------------------------------------------------------------------------- rankers
+def prompt_cache(model: Decoder, prompts: list[list[int]], extra: int, pad_id: int):
+    """Run left-padded prompts through the model; return the cache (room for `extra` tokens) and next-token
+    log-probabilities (U, V)."""
+    width = max(map(len, prompts))
+    device = model.embed_tokens.weight.device
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):], mask[row, width - len(p):] = torch.tensor(p), 1
+    ids, mask = ids.to(device), mask.to(device)
+    cache = KVCache(model.config, len(prompts), width + extra, model.embed_tokens.weight.dtype, device)
+    hidden = model(ids, (mask.cumsum(-1) - 1).clamp(min=0), mask, cache, hidden=True)[:, -1]
+    return cache, torch.log_softmax(model.lm_head(hidden).float(), -1)
+
+
+@torch.no_grad()
+def beam_search(model: Decoder, prompts: list[list[int]], trie: Trie, beams: int, pad_id: int,
+                exclude: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-`beams` items (U, B) and their scores for each prompt, best first (-1 / -inf where fewer exist).
+
+    Open beams that complete an item move to a pool of finished items (items in `exclude[u]` are dropped there);
+    a user is done once its pool holds `beams` items that no open beam can beat, since log-probabilities only fall.
+    With beams >= the catalogue size nothing is ever pruned and the result is exact.
+    """
+    device = model.embed_tokens.weight.device
+    U = len(prompts)
+    cache, logp = prompt_cache(model, prompts, trie.depth, pad_id)
+    banned = torch.full((U, 1), -2, dtype=torch.long, device=device)
+    if exclude is not None and any(map(len, exclude)):
+        banned = torch.full((U, max(map(len, exclude))), -2, dtype=torch.long, device=device)
+        for row, items in enumerate(exclude):
+            banned[row, :len(items)] = torch.as_tensor(items, dtype=torch.long)
+    node = torch.zeros((U, 1), dtype=torch.long, device=device)
+    score = torch.zeros((U, 1), device=device)
+    pool_item = torch.full((U, beams), -1, dtype=torch.long, device=device)
+    pool_score = torch.full((U, beams), -torch.inf, device=device)
+    for _ in range(trie.depth):
+        width = node.shape[1]
+        tokens, child = trie.children(node.flatten())  # (U·W, F)
+        fan = tokens.shape[1]
+        gained = logp.gather(1, tokens.clamp(min=0)).masked_fill(tokens < 0, -torch.inf)
+        cand = (score.flatten()[:, None] + gained).view(U, width * fan)
+        child, item = child.view(U, width * fan), trie.item[child].view(U, width * fan)
+        finished = (item >= 0) & ~(item[..., None] == banned[:, None, :]).any(-1)
+        merged = torch.cat([pool_score, cand.masked_fill(~finished, -torch.inf)], 1).topk(beams, dim=1)
+        pool_score, pool_item = merged.values, torch.cat([pool_item, item], 1).gather(1, merged.indices)
+        open_score, pick = cand.masked_fill(item >= 0, -torch.inf).topk(min(beams, width * fan), dim=1)
+        if not (open_score[:, 0] > pool_score[:, -1]).any():
+            break
+        rows = (torch.arange(U, device=device)[:, None] * width + pick // fan).flatten()
+        cache = cache.select(rows)
+        token = tokens.view(U, width * fan).gather(1, pick).clamp(min=0)  # dead beams (-inf) feed any token
+        hidden = model(token.view(-1, 1), kv_cache=cache, hidden=True)[:, -1]
+        logp = torch.log_softmax(model.lm_head(hidden).float(), -1)
+        node, score = child.gather(1, pick), open_score
+    return pool_item, pool_score
+
+
+@torch.no_grad()
+def exact_scores(model: Decoder, prompt: list[int], items: list[list[int]], pad_id: int,
+                 chunk: int | None = None) -> torch.Tensor:
+    """Log-likelihood (N,) of every item's tokens after one prompt: the prompt runs once, then the items, right-
+    padded, in chunks small enough that their logits stay within ~256 MB, each reading a fan-out of its cache."""
+    device = model.embed_tokens.weight.device
+    longest = max(map(len, items))
+    chunk = chunk or max(1, 2**26 // (longest * model.config.vocab_size))
+    cache, first = prompt_cache(model, [prompt], longest, pad_id)
+    scores = []
+    for start in range(0, len(items), chunk):
+        group = items[start:start + chunk]
+        ids = torch.full((len(group), longest), pad_id, dtype=torch.long)
+        for row, seq in enumerate(group):
+            ids[row, :len(seq)] = torch.tensor(seq)
+        ids = ids.to(device)
+        real = torch.arange(longest, device=device) < torch.tensor([len(s) for s in group], device=device)[:, None]
+        total = first[0, ids[:, 0]]
+        if longest > 1:
+            fan = cache.select(torch.zeros(len(group), dtype=torch.long, device=device))
+            hidden = model(ids[:, :-1], attention_mask=real[:, :-1], kv_cache=fan, hidden=True)
+            logp = torch.log_softmax(model.lm_head(hidden).float(), -1).gather(2, ids[:, 1:, None])[..., 0]
+            total = total + (logp * real[:, 1:]).sum(1)
+        scores.append(total)
+    return torch.cat(scores)
+
+
+# --------------------------------------------------------------------------------------------------- metrics
+def rank_in_list(items: np.ndarray, scores: np.ndarray, target: int) -> float:
+    """0-based rank of `target` in a ranked top-B list (ties pessimistic); inf when it is not in the list."""
+    hit = np.flatnonzero(items == target)
+    if not len(hit):
+        return np.inf
+    return float((scores >= scores[hit[0]]).sum() - 1)
+
+
+def rank_in_scores(scores: np.ndarray, target: int, excluded=()) -> float:
+    """0-based rank of `target` among all candidates (ties pessimistic), ignoring `excluded` candidates."""
+    keep = np.ones(len(scores), bool)
+    keep[list(excluded)] = False
+    keep[target] = True
+    return float((scores[keep] >= scores[target]).sum() - 1)
+
+
+def metrics(ranks, ks=KS) -> dict:
+    ranks = np.asarray(ranks, float)
+    out = {}
+    for k in ks:
+        hit = ranks < k
+        out[f"recall@{k}"] = float(hit.mean())
+        out[f"ndcg@{k}"] = float(np.where(hit, 1 / np.log2(np.where(hit, ranks, 0) + 2), 0).mean())
+    out["mrr"] = float((1 / (ranks + 1)).mean())
+    return out
+
+
+def popularity(ds: Dataset, key: str) -> np.ndarray:
+    """Training-interaction count of each catalogue item: the popularity baseline's scores."""
+    position = {item: k for k, item in enumerate(ds.catalogue(key))}
+    counts = np.zeros(len(position))
+    for items in train_sequences(ds, key):
+        np.add.at(counts, [position[i] for i in items], 1)
+    return counts
+
+
+# --------------------------------------------------------------------------------------------------- driver
+def auto_batch_users(model: Decoder, beams: int, prompt_len: int, budget: float = 2**30) -> int:
+    """Users per beam-search batch so that the KV cache and the step's logits each stay within `budget` bytes."""
+    c = model.config
+    cache_row = c.n_layers * 2 * c.n_kv_heads * c.head_dim * prompt_len * model.embed_tokens.weight.element_size()
+    return max(1, int(min(budget / (beams * cache_row), budget / (beams * c.vocab_size * 4))))
+
+
+def evaluate(model: Decoder, encoder: Encoder, ds: Dataset, key: str, *, split: str = "test", beams: int = 20,
+             exact: bool = False, users: int | None = None, seed: int = 0, mask_history: bool = False,
+             window: int = 20, batch_users: int | None = None, ks=KS) -> dict:
+    """Rank the whole catalogue of domain `key` for each evaluation user; the model and popularity side by side."""
+    if split not in ("test", "valid"):
+        raise UserError(f"--split {split!r}: expected test or valid")
+    if beams < max(ks):
+        raise UserError(f"--beams {beams}: must be at least the largest K ({max(ks)})")
+    domain = ds.domain(key)
+    cases = eval_cases(ds, key, {"test": 2, "valid": 1}[split], window)
+    if users and users < len(cases):
+        cases = [cases[i] for i in sorted(np.random.default_rng(seed).choice(len(cases), users, replace=False))]
+    if not cases:
+        raise UserError(f"domain {key!r} has no {split} cases (users need 3+ interactions there)")
+    catalogue = ds.catalogue(key)
+    position = {item: k for k, item in enumerate(catalogue)}
+    item_tokens = [encoder(item_text(ds.titles[i])) for i in catalogue]
+    targets = [position[c.target] for c in cases]
+    excluded = [[position[i] for i in c.history] if mask_history else [] for c in cases]
+    prompts = [encoder.sequence(ds, c.history, domain)[0] for c in cases]
+    pad = encoder.tokenizer.pad_id
+    counts = popularity(ds, key)
+    pop_ranks = [rank_in_scores(counts, t, ex) for t, ex in zip(targets, excluded)]
+    began = time.perf_counter()
+    model.eval()
+    ranks, tops = [0.0] * len(cases), [None] * len(cases)
+    if exact:
+        for k, (prompt, t, ex) in enumerate(zip(prompts, targets, excluded)):
+            scores = exact_scores(model, prompt, item_tokens, pad).cpu().numpy()
+            ranks[k] = rank_in_scores(scores, t, ex)
+            scores[ex] = -np.inf
+            tops[k] = np.argsort(-scores, kind="stable")[:beams]
+    else:
+        trie = build_trie(item_tokens, model.embed_tokens.weight.device)
+        order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths share a batch: less padding
+        step = batch_users or auto_batch_users(model, beams, max(map(len, prompts)) + trie.depth)
+        for start in range(0, len(order), step):
+            rows = order[start:start + step]
+            items, scores = beam_search(model, [prompts[r] for r in rows], trie, beams, pad, [excluded[r] for r in rows])
+            for r, it, sc in zip(rows, items.cpu().numpy(), scores.cpu().numpy()):
+                ranks[r], tops[r] = rank_in_list(it, sc, targets[r]), it[it >= 0]
+    seconds = time.perf_counter() - began
+    ranker = "exact scoring of every item" if exact else f"trie-constrained beam search, {beams} beams"
+    protocol = (f"full ranking over all {len(catalogue)} items of {domain.name} ({key}); {ranker}; history masking "
+                f"{'on' if mask_history else 'off'}; {split} split (chronological leave-one-out); {len(cases)} users; "
+                f"history window {window}; ties pessimistic; popularity from training interactions"
+                + ("" if exact else f"; MRR truncated at {beams}"))
+    return {
+        "protocol": protocol, "domain": key, "split": split, "users": len(cases), "items": len(catalogue),
+        "beams": None if exact else beams, "exact": exact, "mask_history": mask_history,
+        "model": metrics(ranks, ks), "popularity": metrics(pop_ranks, ks),
+        "seconds": seconds, "users_per_s": len(cases) / seconds,
+        "per_user": [{"user": ds.user_ids[c.user], "target": ds.item_ids[c.target],
+                      "rank": None if np.isinf(r) else int(r), "popularity_rank": int(p),
+                      "top10": [ds.item_ids[catalogue[i]] for i in top[:10]]}
+                     for c, r, p, top in zip(cases, ranks, pop_ranks, tops)]}
+
+
+def target_loss(model: Decoder, encoder: Encoder, ds: Dataset, cases: list[Case], key: str,
+                tokens: int = 8192) -> float:
+    """Mean per-token loss of the held-out items' tokens after their histories (CPT's validation loss)."""
+    from train import micro_step_loss
+    data = Examples([target_example(ds, encoder, c, key) for c in cases], tokens, encoder.tokenizer.pad_id, seed=0)
+    device = model.embed_tokens.weight.device
+    total = n = 0
+    for batch in data.micro_batches(0):
+        inputs, targets = (torch.as_tensor(a, device=device) for a in data.collate(batch))
+        total += float(micro_step_loss(model, model.lm_head.weight, inputs, targets))
+        n += data.n_targets(batch)
+    return total / n

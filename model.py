@@ -1,0 +1,550 @@
+"""The decoder-only LLM behind CPRec, its HF-layout checkpoints and its tokenizer.
+
+One hand-written Llama-family decoder (Llama 1/2/3, TinyLlama, Mistral, Qwen2/2.5): RMSNorm, rotate-half RoPE,
+grouped-query attention through F.scaled_dot_product_attention and a SwiGLU MLP. Parameter names are Hugging Face's
+minus the leading "model.", so loading a checkpoint is a strict, shape-checked rename rather than a guessing game.
+Parity with transformers' logits is proven in tests/test_model.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+
+class UserError(Exception):
+    """Bad input a user can fix (a path, a record, an option). The CLI prints it as one line, no traceback."""
+
+
+# --------------------------------------------------------------------------------------------------- config
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 4096
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    head_dim: int = 64
+    intermediate_size: int = 704
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # only {"rope_type": "llama3", ...}; others change the math and are refused
+    qkv_bias: bool = False  # Qwen2 has biases on q/k/v only; Llama's attention_bias puts them on o_proj too
+    o_bias: bool = False
+    mlp_bias: bool = False
+    tie_embeddings: bool = True
+    max_positions: int = 2048
+    architecture: str = "LlamaForCausalLM"
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    init_std: float = 0.02
+    extra: dict = field(default_factory=dict)  # the rest of config.json, written back unchanged on save
+
+    @classmethod
+    def from_hf(cls, hf: dict, source: str = "config.json") -> ModelConfig:
+        """Read a transformers config.json (v4 or v5 layout); refuse anything that would change the math."""
+        arch = (hf.get("architectures") or [None])[0]
+        if arch is None:  # transformers v5 omits `architectures` from bare configs
+            arch = {v: k for k, v in ARCHITECTURES.items()}.get(hf.get("model_type"))
+        if arch not in ARCHITECTURES:
+            raise UserError(f"{source}: architectures={arch!r} is not supported; expected one of {sorted(ARCHITECTURES)}")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise UserError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported; expected 'silu'")
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})  # v5 nests theta here
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise UserError(f"{source}: rope_scaling type {rope_type!r} is not supported; expected none or 'llama3'")
+        if hf.get("partial_rotary_factor", 1.0) != 1.0:
+            raise UserError(f"{source}: partial_rotary_factor={hf['partial_rotary_factor']} is not supported")
+        max_positions = hf.get("max_position_embeddings", 2048)
+        if ARCHITECTURES[arch] == "qwen2" and hf.get("use_sliding_window"):
+            raise UserError(f"{source}: use_sliding_window=true is not supported (Qwen2 windows only some layers)")
+        if ARCHITECTURES[arch] == "mistral" and hf.get("sliding_window"):
+            # Within the window the math is plain causal attention, so the window simply caps the context.
+            max_positions = min(max_positions, hf["sliding_window"])
+        n_heads = hf["num_attention_heads"]
+        attention_bias = hf.get("attention_bias", False)
+        known = {"architectures", "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "intermediate_size", "rms_norm_eps", "rope_theta", "rope_scaling",
+                 "rope_parameters", "attention_bias", "mlp_bias", "tie_word_embeddings", "max_position_embeddings",
+                 "bos_token_id", "eos_token_id", "initializer_range", "torch_dtype", "dtype", "transformers_version"}
+        return cls(
+            vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
+            n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+            intermediate_size=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+            rope_scaling=rope if rope_type == "llama3" else None,
+            qkv_bias=attention_bias or ARCHITECTURES[arch] == "qwen2", o_bias=attention_bias,
+            mlp_bias=hf.get("mlp_bias", False), tie_embeddings=hf.get("tie_word_embeddings", False),
+            max_positions=max_positions, architecture=arch,
+            bos_token_id=_first(hf.get("bos_token_id")), eos_token_id=_first(hf.get("eos_token_id")),
+            init_std=hf.get("initializer_range", 0.02), extra={k: v for k, v in hf.items() if k not in known})
+
+    def to_hf(self, dtype: torch.dtype = torch.float32) -> dict:
+        """The transformers v4 layout, which v5, vLLM and older tools all read."""
+        hf = dict(self.extra)
+        hf.update(
+            architectures=[self.architecture], model_type=ARCHITECTURES[self.architecture],
+            vocab_size=self.vocab_size, hidden_size=self.dim, num_hidden_layers=self.n_layers,
+            num_attention_heads=self.n_heads, num_key_value_heads=self.n_kv_heads, head_dim=self.head_dim,
+            intermediate_size=self.intermediate_size, rms_norm_eps=self.norm_eps, rope_theta=self.rope_theta,
+            rope_scaling=self.rope_scaling, hidden_act="silu", mlp_bias=self.mlp_bias,
+            tie_word_embeddings=self.tie_embeddings, max_position_embeddings=self.max_positions,
+            bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id, initializer_range=self.init_std,
+            torch_dtype=str(dtype).removeprefix("torch."))
+        if ARCHITECTURES[self.architecture] != "qwen2":
+            hf["attention_bias"] = self.o_bias
+        return hf
+
+    @property
+    def n_params(self) -> int:
+        d, kv = self.dim, self.n_kv_heads * self.head_dim
+        attn = d * self.n_heads * self.head_dim * 2 + d * kv * 2
+        per_layer = attn + 3 * d * self.intermediate_size + 2 * d
+        return self.n_layers * per_layer + self.vocab_size * d * (1 if self.tie_embeddings else 2) + d
+
+    def train_flops_per_token(self, seq_len: int) -> float:
+        """6N for the weights plus 12·L·d·T for attention scores (PaLM appendix B); embeddings do no matmul."""
+        n = self.n_params - self.vocab_size * self.dim * (0 if self.tie_embeddings else 1)
+        return 6 * n + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
+
+
+def _first(x):
+    return x[0] if isinstance(x, list) else x
+
+
+# --------------------------------------------------------------------------------------------------- modules
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 even under autocast: the mean of squares overflows/underflows in half precision.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_frequencies(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies of rotate-half RoPE, with Llama 3.1's wavelength-dependent rescaling when configured."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    if config.rope_scaling is None:
+        return inv_freq
+    s = config.rope_scaling
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    context = s["original_max_position_embeddings"]
+    wavelength = 2 * math.pi / inv_freq
+    # Long wavelengths (low frequencies) are slowed by `factor`, short ones kept, the band between interpolated.
+    slowed = torch.where(wavelength > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelength - low) / (high - low)
+    blended = (1 - smooth) * slowed / factor + smooth * slowed
+    in_band = (wavelength >= context / high) & (wavelength <= context / low)
+    return torch.where(in_band, blended, slowed)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
+        self.q_proj = nn.Linear(c.dim, c.n_heads * c.head_dim, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.v_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=c.o_bias)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = (q * cos + rotate_half(q) * sin).to(v.dtype)
+        k = (k * cos + rotate_half(k) * sin).to(v.dtype)
+        if cache is not None:
+            k, v = cache.write(layer, k, v)
+        # No mask means plain causal attention, which lets SDPA pick its flash kernel.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.dim, c.intermediate_size, bias=c.mlp_bias)
+        self.up_proj = nn.Linear(c.dim, c.intermediate_size, bias=c.mlp_bias)
+        self.down_proj = nn.Linear(c.intermediate_size, c.dim, bias=c.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.dim, c.norm_eps)
+        self.self_attn = Attention(c)
+        self.post_attention_layernorm = RMSNorm(c.dim, c.norm_eps)
+        self.mlp = MLP(c)
+
+    def forward(self, x, cos, sin, mask, cache, layer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def padding_causal_mask(valid: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """(B, 1, T, L) boolean mask for the queries in slots start..L-1 over keys 0..L-1 (`valid`: (B, L) real tokens).
+
+    Each query sees the valid keys up to its own slot. A padding query also sees itself: its output is ignored, but a
+    fully masked row would fill the attention with NaNs.
+    """
+    slots = torch.arange(valid.shape[1], device=valid.device)
+    query = slots[start:, None]
+    return ((valid.bool()[:, None, :] & (slots <= query)) | (slots == query))[:, None]
+
+
+class KVCache:
+    """A static key/value cache for batched incremental decoding (gpt-fast style: preallocated, written in place).
+
+    Slots fill left to right in lockstep for all rows; `valid` marks real tokens, so left-padded prompts of different
+    lengths share one cache, and `next_pos` keeps each row's own next RoPE position. `select` follows beams.
+    """
+
+    def __init__(self, c: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
+        shape = (c.n_layers, batch, c.n_kv_heads, max_len, c.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
+        self.length = 0
+
+    def extend(self, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Claim slots for T new tokens and return the (B, 1, T, length) boolean attention mask for them."""
+        B, T = attention_mask.shape
+        start, self.length = self.length, self.length + T
+        if self.length > self.valid.shape[1]:
+            raise ValueError(f"KV cache overflow: {self.length} > {self.valid.shape[1]} slots")
+        self.valid[:, start:self.length] = attention_mask.bool()
+        # A row whose new tokens are all padding keeps its next position (a long left pad spans several calls).
+        self.next_pos = torch.maximum(self.next_pos, ((position_ids + 1) * attention_mask).amax(1))
+        return padding_causal_mask(self.valid[:, :self.length], start)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        start = self.length - k.shape[2]
+        self.k[layer, :, :, start:self.length] = k
+        self.v[layer, :, :, start:self.length] = v
+        return self.k[layer, :, :, :self.length], self.v[layer, :, :, :self.length]
+
+    def select(self, rows: torch.Tensor) -> KVCache:
+        """A new cache of the given rows (repeats allowed): beam search's parent pointers, or one prompt fanned out
+        to many candidate items. This cache is left as it was."""
+        out = copy.copy(self)
+        out.k, out.v, out.valid, out.next_pos = self.k[:, rows], self.v[:, rows], self.valid[rows], self.next_pos[rows]
+        return out
+
+
+# --------------------------------------------------------------------------------------------------- decoder
+class Decoder(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin tables; built on first use
+
+    def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of shape (B, 1, T, head_dim) for these positions, from a fp32 table grown on demand."""
+        need = int(position_ids.max()) + 1
+        if self._rope_cache is None or self._rope_cache[0].shape[0] < need or \
+                self._rope_cache[0].device != position_ids.device:
+            n = max(need, 2 * (self._rope_cache[0].shape[0] if self._rope_cache else 256))
+            freqs = torch.outer(torch.arange(n, dtype=torch.float32), rope_frequencies(self.config))
+            angles = torch.cat((freqs, freqs), dim=-1).to(position_ids.device)
+            self._rope_cache = angles.cos(), angles.sin()
+        cos, sin = self._rope_cache
+        return cos[position_ids][:, None], sin[position_ids][:, None]
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None, *,
+                select: torch.Tensor | None = None, hidden: bool = False) -> torch.Tensor:
+        """Logits (B, T, V), or only at `select` (a boolean (B, T) mask or an index) -> (N, V).
+
+        `hidden=True` returns the final normed hidden states instead, for a loss that applies lm_head in chunks.
+        Without a mask or cache attention is causal; `attention_mask` (B, T) marks real tokens (1) vs padding (0).
+        """
+        B, T = input_ids.shape
+        device = input_ids.device
+        if position_ids is None:
+            first = kv_cache.next_pos[:, None] if kv_cache is not None else 0
+            position_ids = first + torch.arange(T, device=device)[None, :].expand(B, T)
+        mask = None
+        if kv_cache is not None:
+            valid = attention_mask if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+            mask = kv_cache.extend(valid, position_ids)
+        elif attention_mask is not None:
+            mask = padding_causal_mask(attention_mask)
+        cos, sin = self.rope(position_ids)
+        x = self.embed_tokens(input_ids)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, mask, kv_cache, i)
+        x = self.norm(x)
+        if select is not None:
+            x = x[select]
+        return x if hidden else self.lm_head(x)
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32,
+                        device: torch.device | str = "cpu") -> Decoder:
+        """Load an HF-layout directory: config.json plus one or many (indexed) *.safetensors files.
+
+        The model is built on the meta device and the loaded tensors are assigned in place, so weights are never
+        allocated twice. Keys are matched strictly and mismatches are reported by name.
+        """
+        path = Path(path)
+        config = ModelConfig.from_hf(read_json(path / "config.json"), source=str(path / "config.json"))
+        with torch.device("meta"):
+            model = cls(config)
+        state = {}
+        for file in safetensors_files(path):
+            for key, tensor in load_file(file, device=str(device)).items():
+                state[hf_to_ours(key)] = tensor
+        if config.tie_embeddings:
+            state.pop("lm_head.weight", None)  # tied checkpoints may or may not store the shared matrix twice
+        expected = {k: v.shape for k, v in model.state_dict().items() if not (config.tie_embeddings and k == "lm_head.weight")}
+        state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}  # old Llama buffers
+        problems = [f"missing {ours_to_hf(k)}" for k in expected if k not in state]
+        problems += [f"unexpected {ours_to_hf(k)}" for k in state if k not in expected]
+        problems += [f"{ours_to_hf(k)} has shape {tuple(v.shape)}, expected {tuple(expected[k])}"
+                     for k, v in state.items() if k in expected and v.shape != expected[k]]
+        if problems:
+            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            raise UserError(f"{path}: weights do not match config.json: {shown}")
+        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+        if config.tie_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight  # assign=True replaced the shared Parameter
+        return model
+
+    def save_pretrained(self, path: str | Path, tokenizer: Tokenizer | None = None,
+                        dtype: torch.dtype | None = None) -> None:
+        """Write config.json + model.safetensors (+ tokenizer files) in HF layout, atomically."""
+        with atomic_dir(path) as tmp:
+            self.write_checkpoint(tmp, tokenizer, dtype)
+
+    def write_checkpoint(self, directory: Path, tokenizer: Tokenizer | None = None,
+                         dtype: torch.dtype | None = None) -> None:
+        """The files of save_pretrained, written into an existing (temporary) directory."""
+        dtype = dtype or self.embed_tokens.weight.dtype
+        state = {ours_to_hf(k): v.detach().to(dtype).contiguous().cpu() for k, v in self.state_dict().items()
+                 if not (self.config.tie_embeddings and k == "lm_head.weight")}
+        save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        write_json(directory / "config.json", self.config.to_hf(dtype))
+        if tokenizer is not None:
+            tokenizer.save(directory)
+
+
+def hf_to_ours(key: str) -> str:
+    return key.removeprefix("model.")
+
+
+def ours_to_hf(key: str) -> str:
+    return key if key.startswith("lm_head.") else "model." + key
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return [path / name for name in sorted(set(read_json(index)["weight_map"].values()))]
+    if (path / "model.safetensors").exists():
+        return [path / "model.safetensors"]
+    if list(path.glob("*.bin")) or list(path.glob("*.pt")):
+        raise UserError(f"{path}: only pickle weights (*.bin/*.pt) found; convert them to safetensors first "
+                        "(loading pickles can run arbitrary code)")
+    raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def read_json(path: str | Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
+def write_json(path: str | Path, obj) -> None:
+    """Write JSON via a temporary file and an atomic rename, so readers never see half a file."""
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path):
+    """Yield a temporary sibling directory; on success it replaces `path`, so a crash never leaves half a checkpoint.
+
+    At every moment either the old or the new complete directory exists under a known name.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = path.with_name(f".{path.name}.old{os.getpid()}")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------- tokenizer
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+class Tokenizer:
+    """SentencePiece `tokenizer.model` (Llama, Mistral, our own) or, via the optional `tokenizers` package,
+    `tokenizer.json` (Qwen2.5). No special tokens are added by encode(): the data code places BOS/EOS itself."""
+
+    def __init__(self, path: Path, encoder, bos_id: int | None, eos_id: int, pad_id: int, vocab_size: int):
+        self.path, self._encoder = path, encoder
+        self.bos_id, self.eos_id, self.pad_id, self.vocab_size = bos_id, eos_id, pad_id, vocab_size
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> Tokenizer:
+        path = Path(path)
+        if (path / "tokenizer.model").exists():
+            import sentencepiece as spm
+            sp = spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+            bos = sp.bos_id() if sp.bos_id() >= 0 else None
+            eos = sp.eos_id() if sp.eos_id() >= 0 else _special_id(path, "eos_token", sp.piece_to_id)
+            pad = sp.pad_id() if sp.pad_id() >= 0 else eos
+            return cls(path, sp, bos, eos, pad, sp.get_piece_size())
+        if (path / "tokenizer.json").exists():
+            try:
+                from tokenizers import Tokenizer as HFTokenizer
+            except ImportError:
+                raise UserError(f"{path}: only tokenizer.json found; it needs the optional package "
+                                "'tokenizers' (pip install tokenizers)") from None
+            tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
+            eos = _special_id(path, "eos_token", tok.token_to_id)
+            if eos is None:
+                raise UserError(f"{path}: cannot tell the EOS token; add eos_token to tokenizer_config.json")
+            bos = _special_id(path, "bos_token", tok.token_to_id)
+            pad = _special_id(path, "pad_token", tok.token_to_id)
+            return cls(path, tok, bos, eos, eos if pad is None else pad, tok.get_vocab_size())
+        raise UserError(f"{path}: no tokenizer.model or tokenizer.json")
+
+    def encode(self, text: str) -> list[int]:
+        if hasattr(self._encoder, "encode_as_ids"):
+            return self._encoder.encode_as_ids(text)
+        return self._encoder.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._encoder.decode(list(ids))
+
+    def save(self, path: Path) -> None:
+        for name in TOKENIZER_FILES:
+            if (self.path / name).exists() and self.path.resolve() != Path(path).resolve():
+                shutil.copyfile(self.path / name, Path(path) / name)
+
+    def fingerprint(self) -> str:
+        import hashlib
+        h = hashlib.sha256()
+        for name in TOKENIZER_FILES:
+            if (self.path / name).exists():
+                h.update(name.encode() + (self.path / name).read_bytes())
+        return h.hexdigest()[:16]
+
+
+def _special_id(path: Path, name: str, to_id) -> int | None:
+    """Find a special token's id from tokenizer_config.json, else from config.json's `<name>_id`."""
+    for file in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (path / file).exists():
+            token = read_json(path / file).get(name)
+            token = token.get("content") if isinstance(token, dict) else token
+            if token is not None and to_id(token) is not None:
+                return to_id(token)
+    if (path / "config.json").exists():
+        return _first(read_json(path / "config.json").get(f"{name}_id"))
+    return None
+
+
+# --------------------------------------------------------------------------------------------------- init
+def train_tokenizer(texts, out_dir: Path, vocab_size: int) -> None:
+    """Train a byte-fallback BPE SentencePiece model on `texts` (Llama's recipe) and write tokenizer.model.
+
+    One thread and a fixed input order make the result reproducible.
+    """
+    import io
+    import sentencepiece as spm
+    buffer = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts), model_writer=buffer, vocab_size=vocab_size, model_type="bpe",
+            character_coverage=1.0, byte_fallback=True, normalization_rule_name="identity",
+            remove_extra_whitespaces=True, split_digits=True, user_defined_symbols=["\n"], num_threads=1,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=3, hard_vocab_limit=False, minloglevel=2)
+    except RuntimeError as e:
+        raise UserError(f"tokenizer training failed: {e}") from None
+    (out_dir / "tokenizer.model").write_bytes(buffer.getvalue())
+
+
+def init_weights(model: Decoder, seed: int) -> None:
+    """GPT-2 style: N(0, std) everywhere, residual output projections scaled by 1/sqrt(2·layers), zero biases."""
+    generator = torch.Generator().manual_seed(seed)
+    std = model.config.init_std
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight") or "layernorm" in name:
+            nn.init.ones_(p)
+        elif name.endswith(".bias"):
+            nn.init.zeros_(p)
+        else:
+            scale = 1 / math.sqrt(2 * model.config.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=generator) * std * scale)
+
+
+def create_model(texts, out_dir: str | Path, config: ModelConfig, seed: int = 0) -> Decoder:
+    """`cprec init`: a new tokenizer for `texts` and a randomly initialised model, saved as an HF checkpoint.
+
+    From then on it is loaded exactly like a downloaded one: there is only one code path.
+    """
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        train_tokenizer(texts, tmp, config.vocab_size)
+        tokenizer = Tokenizer.from_pretrained(tmp)
+        config.vocab_size, config.bos_token_id, config.eos_token_id = tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id
+        model = Decoder(config)
+        init_weights(model, seed)
+        model.write_checkpoint(tmp)
+    return model

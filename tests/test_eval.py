@@ -1,0 +1,127 @@
+"""Metrics against hand-computed ranks, the item trie, beam search against exact scoring, masking, popularity."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from data import Encoder, item_text, load_dataset
+from eval import (beam_search, build_trie, evaluate, exact_scores, metrics, popularity, rank_in_list,
+                  rank_in_scores)
+from model import Decoder, ModelConfig, Tokenizer, UserError, init_weights
+
+
+def test_metrics_match_hand_computed_values():
+    m = metrics([0, 3, 12, math.inf], ks=(5, 10))
+    assert m["recall@5"] == 0.5 and m["recall@10"] == 0.5
+    assert m["ndcg@5"] == pytest.approx((1 + 1 / math.log2(5)) / 4)
+    assert m["mrr"] == pytest.approx((1 + 1 / 4 + 1 / 13) / 4)
+
+
+def test_ranks_count_ties_against_the_target():
+    scores = np.array([0.5, 0.9, 0.5, 0.1, 0.5])
+    assert rank_in_scores(scores, 0) == 3  # 0.9 and the two other 0.5s go first
+    assert rank_in_scores(scores, 1) == 0
+    assert rank_in_scores(scores, 0, excluded=[1, 4]) == 1  # masked items do not count
+    items, top = np.array([7, 3, 9]), np.array([-1.0, -2.0, -2.0])
+    assert rank_in_list(items, top, 9) == 2 and rank_in_list(items, top, 3) == 2 and rank_in_list(items, top, 7) == 0
+    assert rank_in_list(items, top, 5) == math.inf
+
+
+def test_trie_shares_prefixes_and_refuses_prefix_items():
+    trie = build_trie([[5, 6, 1], [5, 7, 1], [8, 1]])
+    assert trie.offsets.tolist()[:2] == [0, 2]  # the root branches on 5 and 8 only
+    tokens, child = trie.children(torch.tensor([0]))
+    assert tokens.tolist() == [[5, 8]]
+    tokens, _ = trie.children(child[:, :1].flatten())
+    assert tokens.tolist() == [[6, 7]] and trie.depth == 3
+    assert sorted(trie.item[trie.item >= 0].tolist()) == [0, 1, 2]
+    with pytest.raises(UserError, match="prefix"):
+        build_trie([[5, 6], [5, 6, 1]])
+    with pytest.raises(UserError, match="prefix"):
+        build_trie([[5, 6, 1], [5, 6]])
+
+
+@pytest.fixture(scope="module")
+def random_model():
+    config = ModelConfig(vocab_size=40, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, intermediate_size=64)
+    model = Decoder(config)
+    init_weights(model, seed=3)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # a peaked next-token distribution, so scores differ clearly
+    return model.eval()
+
+
+ITEMS = [[5, 6, 1], [5, 7, 1], [5, 7, 8, 1], [9, 1], [9, 10, 11, 1], [12, 1], [13, 5, 1], [14, 6, 1]]
+PROMPTS = [[2, 3, 4, 20, 21], [2, 30], [2, 22, 23, 24, 25, 26, 27, 28]]  # different lengths in one batch
+
+
+def test_beam_search_equals_exact_scoring_when_beam_covers_the_catalogue(random_model):
+    trie = build_trie(ITEMS)
+    items, scores = beam_search(random_model, PROMPTS, trie, beams=len(ITEMS), pad_id=0)
+    for row, prompt in enumerate(PROMPTS):
+        exact = exact_scores(random_model, prompt, ITEMS, pad_id=0)
+        order = torch.argsort(exact, descending=True)
+        assert items[row].tolist() == order.tolist()
+        torch.testing.assert_close(scores[row], exact[order], atol=1e-4, rtol=1e-5)
+
+
+def test_exact_scores_are_true_log_likelihoods(random_model):
+    prompt, item = PROMPTS[0], ITEMS[2]
+    with torch.no_grad():
+        logp = torch.log_softmax(random_model(torch.tensor([prompt + item])), -1)[0]
+    expected = sum(logp[len(prompt) - 1 + t, tok] for t, tok in enumerate(item))
+    torch.testing.assert_close(exact_scores(random_model, prompt, ITEMS, pad_id=0, chunk=3)[2], expected)
+
+
+def test_batched_users_equal_one_at_a_time_and_small_beams_are_a_prefix(random_model):
+    trie = build_trie(ITEMS)
+    batched, batched_scores = beam_search(random_model, PROMPTS, trie, beams=3, pad_id=0)
+    for row, prompt in enumerate(PROMPTS):
+        alone, alone_scores = beam_search(random_model, [prompt], trie, beams=3, pad_id=0)
+        assert batched[row].tolist() == alone[0].tolist()
+        torch.testing.assert_close(batched_scores[row], alone_scores[0], atol=1e-5, rtol=1e-5)
+
+
+def test_history_masking_drops_items_from_the_ranking(random_model):
+    trie = build_trie(ITEMS)
+    full, _ = beam_search(random_model, PROMPTS[:1], trie, beams=len(ITEMS), pad_id=0)
+    masked, masked_scores = beam_search(random_model, PROMPTS[:1], trie, beams=len(ITEMS), pad_id=0,
+                                        exclude=[full[0, :2].tolist()])
+    assert masked[0, :len(ITEMS) - 2].tolist() == full[0, 2:].tolist()
+    assert masked[0, -2:].tolist() == [-1, -1] and torch.isinf(masked_scores[0, -2:]).all()
+
+
+def test_popularity_counts_training_interactions(small):
+    counts = popularity(small, "games")  # u2's g1, g2 (g3 valid, g4 test) and u3's g2, g3 (fewer than 3: train)
+    assert counts.tolist() == [1, 2, 1, 0]
+
+
+def test_evaluate_end_to_end_on_a_small_dataset(small, tiny_model):
+    model = Decoder.from_pretrained(tiny_model)
+    encoder = Encoder(Tokenizer.from_pretrained(tiny_model))
+    beam = evaluate(model, encoder, small, "books", beams=20)
+    exact = evaluate(model, encoder, small, "books", exact=True)
+    assert beam["users"] == 1 and beam["items"] == 5 and "all 5 items of Books" in beam["protocol"]
+    assert beam["model"] == exact["model"]  # 5 items < 20 beams: the beam search is exhaustive
+    assert beam["per_user"][0]["target"] == "b5" and beam["per_user"][0]["popularity_rank"] == 4
+    assert beam["popularity"]["recall@5"] == 1.0 and beam["popularity"]["ndcg@5"] == pytest.approx(1 / math.log2(6))
+    with pytest.raises(UserError, match="--beams 5"):
+        evaluate(model, encoder, small, "books", beams=5)
+
+
+def test_world_beam_matches_exact_top10(world, tiny_model):
+    """On a real tokenizer and catalogue, a trained-free model still ranks identically at the top."""
+    ds = load_dataset(world)
+    model = Decoder.from_pretrained(tiny_model).eval()
+    encoder = Encoder(Tokenizer.from_pretrained(tiny_model))
+    beam = evaluate(model, encoder, ds, "games", users=5, beams=ds.catalogue("games").size)
+    exact = evaluate(model, encoder, ds, "games", users=5, exact=True)
+    assert [u["top10"] for u in beam["per_user"]] == [u["top10"] for u in exact["per_user"]]
+    assert beam["model"] == pytest.approx(exact["model"])
+
+
+def test_item_tokens_end_with_the_terminator(tiny_model):
+    tok = Tokenizer.from_pretrained(tiny_model)
+    encoder = Encoder(tok)
+    assert tok.decode(encoder(item_text("Red Dragon Quest"))).endswith("\n")

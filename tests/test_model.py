@@ -1,0 +1,172 @@
+"""Our decoder against transformers on the same safetensors (litgpt-style parity), the KV cache, and error paths."""
+import json
+
+import pytest
+import torch
+
+from model import Decoder, KVCache, ModelConfig, Tokenizer, UserError, create_model
+
+transformers = pytest.importorskip("transformers")
+
+LLAMA = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=128)
+QWEN2 = dict(vocab_size=96, hidden_size=56, intermediate_size=80, num_hidden_layers=2, num_attention_heads=7,
+             num_key_value_heads=1, rms_norm_eps=1e-6, max_position_embeddings=128)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16, "rope_theta": 500000.0}
+
+CASES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(LLAMA)),
+    "llama-tied": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(LLAMA, tie_word_embeddings=True)),
+    "llama-bias": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(LLAMA, attention_bias=True, mlp_bias=True)),
+    "llama3-rope": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(LLAMA, rope_parameters=LLAMA3_ROPE)),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(LLAMA, sliding_window=None)),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(QWEN2)),
+    "qwen2-tied": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(QWEN2, tie_word_embeddings=True)),
+}
+
+
+def hf_model(name, tmp_path):
+    config_cls, model_cls, kwargs = CASES[name]
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**kwargs)).eval()
+    with torch.no_grad():  # random biases, so a dropped bias cannot hide behind transformers' zero init
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.1)
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    return model
+
+
+def batch(padded: bool):
+    torch.manual_seed(1)
+    ids = torch.randint(3, 96, (3, 11))
+    mask = torch.ones_like(ids)
+    if padded:  # left padding of different lengths, the layout beam search uses
+        mask[1, :4] = 0
+        mask[2, :7] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, positions
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("padded", [False, True])
+def test_logits_and_hidden_match_transformers(name, padded, tmp_path):
+    ref = hf_model(name, tmp_path)
+    ours = Decoder.from_pretrained(tmp_path / "hf").eval()
+    ids, mask, positions = batch(padded)
+    with torch.no_grad():
+        out = ref(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True)
+        args = dict(position_ids=positions, attention_mask=mask if padded else None)
+        logits, hidden = ours(ids, **args), ours(ids, **args, hidden=True)
+    real = mask.bool()
+    torch.testing.assert_close(logits[real], out.logits[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hidden[real], out.hidden_states[-1][real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2-tied"])
+def test_our_checkpoint_loads_in_transformers(name, tmp_path):
+    hf_model(name, tmp_path)
+    ours = Decoder.from_pretrained(tmp_path / "hf").eval()
+    ours.save_pretrained(tmp_path / "ours")
+    assert not list(tmp_path.glob(".ours*")), "temporary directories left behind"
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    ids, _, _ = batch(False)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), back(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_sharded_checkpoint_and_selected_positions(tmp_path):
+    ref = hf_model("llama", tmp_path)
+    ref.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    ours = Decoder.from_pretrained(tmp_path / "sharded").eval()
+    ids, _, _ = batch(False)
+    select = torch.zeros_like(ids, dtype=torch.bool)
+    select[0, 3] = select[2, -1] = True
+    with torch.no_grad():
+        full, some = ours(ids), ours(ids, select=select)
+    assert some.shape == (2, 96)
+    torch.testing.assert_close(some, full[select])
+
+
+def test_kv_cache_incremental_decoding_equals_full_forward(tmp_path):
+    hf_model("qwen2", tmp_path)
+    model = Decoder.from_pretrained(tmp_path / "hf").eval()
+    ids, mask, positions = batch(True)
+    with torch.no_grad():
+        full = model(ids, position_ids=positions, attention_mask=mask)
+        cache = KVCache(model.config, batch=3, max_len=16, dtype=torch.float32, device="cpu")
+        steps = [model(ids[:, :6], position_ids=positions[:, :6], attention_mask=mask[:, :6], kv_cache=cache)]
+        for t in range(6, 11):  # positions continue per row from the cache; row 2 is still padding at t=6
+            steps.append(model(ids[:, t:t + 1], attention_mask=mask[:, t:t + 1], kv_cache=cache))
+        # beams: reordering rows (with repeats) must carry each row's keys, validity and position along
+        rows = torch.tensor([2, 2, 0])
+        cache = cache.select(rows)
+        nxt = torch.tensor([[5], [7], [9]])
+        step = model(nxt, kv_cache=cache)
+    incremental = torch.cat(steps, dim=1)
+    real = mask.bool()
+    torch.testing.assert_close(incremental[real], full[real], atol=1e-5, rtol=1e-5)
+    ext = torch.cat([ids[rows], nxt], 1)
+    ext_mask = torch.cat([mask[rows], torch.ones(3, 1, dtype=torch.long)], 1)
+    with torch.no_grad():
+        ref = model(ext, position_ids=(ext_mask.cumsum(-1) - 1).clamp(min=0), attention_mask=ext_mask)
+    torch.testing.assert_close(step[:, 0], ref[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def write_config(path, **overrides):
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = {**LLAMA, "architectures": ["LlamaForCausalLM"], "model_type": "llama", **overrides}
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(architectures=["GPT2LMHeadModel"]), "architectures='GPT2LMHeadModel' is not supported"),
+    (dict(rope_scaling={"type": "yarn", "factor": 4.0}), "rope_scaling type 'yarn'"),
+    (dict(hidden_act="gelu"), "hidden_act='gelu'"),
+])
+def test_unsupported_configs_are_refused_by_name(tmp_path, overrides, message):
+    with pytest.raises(UserError, match=message):
+        Decoder.from_pretrained(write_config(tmp_path / "m", **overrides))
+
+
+def test_qwen2_sliding_window_refused_and_mistral_window_caps_context():
+    with pytest.raises(UserError, match="use_sliding_window"):
+        ModelConfig.from_hf(dict(QWEN2, architectures=["Qwen2ForCausalLM"], use_sliding_window=True))
+    cfg = ModelConfig.from_hf(dict(LLAMA, architectures=["MistralForCausalLM"], sliding_window=64))
+    assert cfg.max_positions == 64
+
+
+def test_missing_files_and_mismatched_weights_are_named(tmp_path):
+    with pytest.raises(UserError, match="config.json: file not found"):
+        Decoder.from_pretrained(tmp_path / "nothing")
+    with pytest.raises(UserError, match="no model.safetensors"):
+        Decoder.from_pretrained(write_config(tmp_path / "noweights"))
+    hf_model("llama", tmp_path)
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg["intermediate_size"] = 128
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match=r"model.layers.0.mlp.gate_proj.weight has shape \(96, 64\), expected \(128, 64\)"):
+        Decoder.from_pretrained(tmp_path / "hf")
+    cfg.update(intermediate_size=96, num_hidden_layers=3)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="missing model.layers.2"):
+        Decoder.from_pretrained(tmp_path / "hf")
+
+
+def test_created_model_round_trips_with_its_tokenizer(tmp_path):
+    texts = [f"Purchase history in Games:\nCrimson Dragon Saga {i}\nBlue Ocean Tales\n" for i in range(200)]
+    config = ModelConfig(vocab_size=300, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16,
+                         intermediate_size=64)
+    created = create_model(texts, tmp_path / "m", config, seed=0)
+    loaded = Decoder.from_pretrained(tmp_path / "m")
+    tok = Tokenizer.from_pretrained(tmp_path / "m")
+    assert tok.decode(tok.encode("Crimson Dragon Saga 7\n")) == "Crimson Dragon Saga 7\n"
+    assert loaded.config.vocab_size == tok.vocab_size and tok.eos_id == loaded.config.eos_token_id
+    for (name, a), b in zip(created.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    again = create_model(texts, tmp_path / "m2", config, seed=0)  # same texts and seed: same files
+    assert (tmp_path / "m" / "tokenizer.model").read_bytes() == (tmp_path / "m2" / "tokenizer.model").read_bytes()
+    assert all(torch.equal(a, b) for a, b in zip(created.state_dict().values(), again.state_dict().values()))

@@ -1,0 +1,206 @@
+"""prepare.py on small hand-written Amazon 2023/2018 and RecBole files: counts, titles, drops, filters, errors."""
+import gzip
+import json
+
+import pytest
+
+from data import TEST, TRAIN, VALID, load_dataset
+from model import UserError
+from prepare import convert_amazon, convert_recbole
+
+
+def write(path, lines, newline="\n"):
+    """Lines are dicts (written as JSON) or raw strings; gzip when the name ends in .gz."""
+    text = "".join((json.dumps(x) if isinstance(x, dict) else x) + newline for x in lines)
+    path.write_bytes(gzip.compress(text.encode()) if path.suffix == ".gz" else text.encode())
+
+
+def review(user, item, ts):
+    return {"rating": 5.0, "text": "great", "asin": item, "parent_asin": item, "user_id": user, "timestamp": ts}
+
+
+def meta(item, title):
+    return {"main_category": "x", "title": title, "parent_asin": item, "details": {}}
+
+
+@pytest.fixture
+def amazon2023(tmp_path):
+    src = tmp_path / "amazon"
+    src.mkdir()
+    write(src / "Video_Games.jsonl", [review("u1", "g1", 1000), review("u1", "g2", 2000), "not json",
+                                      review("u1", "g3", 3000), review("u2", "g1", 1500), review("u1", "g1", 500),
+                                      {"user_id": "u2", "parent_asin": "g2", "timestamp": "1700"}])
+    write(src / "meta_Video_Games.jsonl.gz", [meta("g1", "Zelda &amp; Link"), meta("g2", "Mario\tKart"),
+                                              meta("g3", "Tetris"), meta("g9", "Unused")])
+    write(src / "All_Beauty.jsonl.gz", [review("u1", "b1", 4000), review("u3", "b1", 100), review("u3", "b2", 200),
+                                        review("u3", "b9", 300), review("u3", "g3", 250)])
+    write(src / "meta_All_Beauty.jsonl", [meta("b1", "Soap"), meta("b2", "Soap"), meta("b9", "  "),
+                                          meta("g3", "Tetris Soap")])
+    return src
+
+
+def test_amazon2023_two_categories(amazon2023, tmp_path):
+    m = convert_amazon(2023, amazon2023, ["Video_Games", "All_Beauty"], tmp_path / "out", downstream=["All_Beauty"])
+    assert [(d["key"], d["name"], d["role"], d["items"], d["users"], d["interactions"]) for d in m["domains"]] == [
+        ("Video_Games", "Video Games", "pretrain", 3, 2, 4), ("All_Beauty", "All Beauty", "downstream", 3, 2, 4)]
+    assert (m["users"], m["items"], m["interactions"]) == (3, 6, 8)  # u1 is one user across both categories
+    files = m["report"]["files"]
+    assert files[str(amazon2023 / "Video_Games.jsonl")] == {
+        "lines": 7, "malformed": 2, "first_malformed_line": 3,
+        "expected": "a JSON object with non-empty string 'user_id', 'parent_asin' and an integer 'timestamp'"}
+    assert files[str(amazon2023 / "meta_Video_Games.jsonl.gz")] == {"lines": 4, "malformed": 0, "unused": 1}
+    assert m["report"]["dropped"] == {"no_title_items": 1, "no_title_interactions": 1, "duplicates": 1}
+    assert m["report"]["renamed_items"] == 1  # g3 is in both categories
+
+    ds = load_dataset(tmp_path / "out")
+    assert ds.item_ids == ["g1", "g2", "g3", "b1", "b2", "g3@All_Beauty"]
+    assert ds.titles == ["Zelda & Link", "Mario Kart", "Tetris", "Soap", "Soap (2)", "Tetris Soap"]
+    u1 = ds.user_ids.index("u1")
+    rows = slice(ds.user_start[u1], ds.user_start[u1 + 1])
+    assert [ds.item_ids[i] for i in ds.item[rows]] == ["g1", "g2", "g3", "b1"]
+    assert ds.time[rows].tolist() == [500, 2000, 3000, 4000]  # the earliest of the two (u1, g1) reviews is kept
+    assert ds.split[rows].tolist() == [TRAIN, VALID, TEST, TRAIN]  # 1 beauty item: no evaluation case there
+
+
+def test_amazon_strict_names_file_and_line(amazon2023, tmp_path):
+    with pytest.raises(UserError, match=r"Video_Games\.jsonl:3: malformed line; expected a JSON object"):
+        convert_amazon(2023, amazon2023, ["Video_Games"], tmp_path / "out", strict=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_amazon_errors(amazon2023, tmp_path):
+    with pytest.raises(UserError, match=r"no reviews for category 'Books': expected Books\.jsonl or Books\.jsonl\.gz; "
+                                        r"categories present: All_Beauty, Video_Games$"):
+        convert_amazon(2023, amazon2023, ["Video_Games", "Books"], tmp_path / "out")
+    with pytest.raises(UserError, match=r"--downstream Books: not among the categories Video_Games"):
+        convert_amazon(2023, amazon2023, ["Video_Games"], tmp_path / "out", downstream=["Books"])
+    with pytest.raises(UserError, match="not a directory"):
+        convert_amazon(2023, tmp_path / "nowhere", ["Video_Games"], tmp_path / "out")
+    (amazon2023 / "meta_All_Beauty.jsonl").unlink()
+    with pytest.raises(UserError, match=r"expected meta_All_Beauty\.jsonl or meta_All_Beauty\.jsonl\.gz"):
+        convert_amazon(2023, amazon2023, ["All_Beauty"], tmp_path / "out")
+
+
+def test_amazon_json_edge_cases(tmp_path):
+    """loads()'s verdicts (leading blanks fine, trailing data not), and bytes that are not UTF-8: fatal in an id, no
+    title in a title, harmless elsewhere."""
+    src = tmp_path / "amazon"
+    src.mkdir()
+    (src / "Toys.jsonl").write_bytes(b"\n".join([
+        b'  {"user_id": "u1", "parent_asin": "g1", "timestamp": 1}\r', b'{"user_id": "u1", "parent_asin": "g2", '
+        b'"timestamp": 2} and more', b'{"user_id": "u\xff", "parent_asin": "g1", "timestamp": 3}',
+        b'{"user_id": "u1", "parent_asin": "g3", "timestamp": 4, "text": "\xff"}', b"[1, 2]", b"",
+        b'{"user_id": "u\\tx", "parent_asin": "g1", "timestamp": 5}', b'{"user_id": "u1", "parent_asin": "g4", '
+        b'"timestamp": 6}']) + b"\n")
+    (src / "meta_Toys.jsonl").write_bytes(b'{"parent_asin": "g1", "title": "A"}\n{"parent_asin": "g3", "title": "C"}\n'
+                                          b'{"parent_asin": "g4", "title": "D\xff"}\n')
+    m = convert_amazon(2023, src, ["Toys"], tmp_path / "out")
+    stats = m["report"]["files"][str(src / "Toys.jsonl")]
+    assert (stats["lines"], stats["malformed"], stats["first_malformed_line"]) == (8, 4, 2)
+    assert m["report"]["dropped"] == {"no_title_items": 1, "no_title_interactions": 1, "duplicates": 0}
+    ds = load_dataset(tmp_path / "out")
+    assert ds.titles == ["A", "C"] and ds.time.tolist() == [1, 4]
+
+
+def test_amazon2018_plain_gz_and_dict_literal_meta(tmp_path):
+    src = tmp_path / "amazon"
+    src.mkdir()
+    r = [{"reviewerID": u, "asin": i, "unixReviewTime": t, "overall": 5.0} for u, i, t in
+         [("A", "x1", 30), ("A", "x2", 10), ("B", "x2", 20), ("A", "x3", 20)]]
+    write(src / "Books_5.json.gz", r + [{"reviewerID": "B", "asin": "x3", "unixReviewTime": "40"}])
+    write(src / "meta_Books.json", [{"asin": "x2", "title": "Dune"}, "{'asin': 'x1', 'title': 'Evil'}",
+                                    {"asin": "x3", "title": "Emma", "also_buy": ["x1"]}])
+    write(src / "Toys.json", [{"reviewerID": "B", "asin": "t1", "unixReviewTime": 5}])
+    write(src / "meta_Toys.json.gz", [{"asin": "t1", "title": "Lego"}])
+    m = convert_amazon(2018, src, ["Books", "Toys"], tmp_path / "out")
+    files = m["report"]["files"]
+    assert files[str(src / "Books_5.json.gz")]["malformed"] == 1
+    assert files[str(src / "meta_Books.json")] == {"lines": 3, "malformed": 1, "first_malformed_line": 2, "unused": 0,
+                                                   "expected": "a JSON object with a non-empty string 'asin'"}
+    assert m["report"]["dropped"] == {"no_title_items": 1, "no_title_interactions": 1, "duplicates": 0}
+    ds = load_dataset(tmp_path / "out")
+    assert ds.titles == ["Dune", "Emma", "Lego"] and ds.user_ids == ["A", "B"]
+    assert ds.time.tolist() == [10, 20, 5, 20]
+    with pytest.raises(UserError, match=r"categories present: Books, Toys$"):
+        convert_amazon(2018, src, ["Games"], tmp_path / "out")
+
+
+def recbole(tmp_path, inter, item, name="my-data", newline="\r\n"):
+    src = tmp_path / name
+    src.mkdir()
+    write(src / f"{name}.inter", ["user_id:token\titem_id:token\trating:float\ttimestamp:float"] + inter, newline)
+    write(src / f"{name}.item", ["item_id:token\tmovie_title:token_seq\trelease_year:token"] + item, newline)
+    return src
+
+
+def test_recbole_crlf_titles_and_malformed(tmp_path):
+    src = recbole(tmp_path, ["u1\ti1\t5\t10.0", "u1\ti2\t3\t20", "u1\ti3\t4\t30.0", "u2\ti1\t4\t15", "u2\ti2\t3",
+                             "u2\ti4\t4\t25", "u3\ti1\t1\tsoon"],
+                  ["i1\tToy Story\t1995", "i2\tBeauty &amp; the Beast\t1991", "i3\tHeat\t1995", "i4\t\t1990",
+                   "i5\tUnused\t2000"])
+    m = convert_recbole(src, tmp_path / "out")
+    assert [(d["key"], d["name"], d["role"], d["items"], d["interactions"]) for d in m["domains"]] == [
+        ("my-data", "My Data", "pretrain", 3, 4)]
+    assert m["report"]["files"][str(src / "my-data.inter")] == {
+        "lines": 8, "malformed": 2, "first_malformed_line": 6,
+        "expected": "4 tab-separated columns (user_id:token item_id:token rating:float timestamp:float)"}
+    assert m["report"]["files"][str(src / "my-data.item")] == {"lines": 6, "malformed": 0, "unused": 1}
+    assert m["report"]["dropped"] == {"no_title_items": 1, "no_title_interactions": 1, "duplicates": 0}
+    ds = load_dataset(tmp_path / "out")
+    assert ds.titles == ["Toy Story", "Beauty & the Beast", "Heat"]
+    assert ds.time.tolist() == [10, 20, 30, 15] and ds.split.tolist() == [TRAIN, VALID, TEST, TRAIN]
+    with pytest.raises(UserError, match=r"my-data\.inter:6: malformed line; expected 4 tab-separated columns"):
+        convert_recbole(src, tmp_path / "out", strict=True)
+
+
+def test_recbole_fractional_times_title_field_and_domain(tmp_path):
+    src = recbole(tmp_path, ["u1\ti1\t5\t1.5", "u1\ti2\t5\t1.25", "u1\ti3\t5\t1.21"],  # 1.25, 1.21: same at 1e1
+                  ["i1\tA\t1", "i2\tB\t2", "i3\tC\t3"], name="ml", newline="\n")
+    m = convert_recbole(src, tmp_path / "out", domain="movies", title_field="release_year:token")
+    assert m["domains"][0]["key"] == "movies" and m["domains"][0]["name"] == "Movies"
+    assert m["report"]["timestamps"] == "fractional: scaled by 100 to integers"
+    ds = load_dataset(tmp_path / "out")
+    assert ds.titles == ["1", "2", "3"] and ds.time.tolist() == [121, 125, 150]
+    assert [ds.item_ids[i] for i in ds.item] == ["i3", "i2", "i1"]
+    with pytest.raises(UserError, match=r"ml\.item: no column label; columns: item_id, movie_title, release_year$"):
+        convert_recbole(src, tmp_path / "out", title_field="label")
+    with pytest.raises(UserError, match=r"nope\.inter: not found"):
+        convert_recbole(src, tmp_path / "out", name="nope")
+    (src / "ml.item").write_text("item_id:token\tyear:token\ni1\t1\n")
+    with pytest.raises(UserError, match=r"ml\.item: no title column \(title, movie_title, name, item_name\); "
+                                        r"columns: item_id, year; name one with --title-field$"):
+        convert_recbole(src, tmp_path / "out")
+
+
+# 2-core: c and d have one interaction each; once (u3, c) is gone u3 has one, so (u3, a) goes in a second round.
+K_CORE = [("u1", "a"), ("u1", "b"), ("u2", "a"), ("u2", "b"), ("u3", "a"), ("u3", "c"), ("u4", "d")]
+MIN_LEN = [("u1", "a"), ("u1", "b"), ("u1", "c"), ("u2", "a"), ("u2", "d")]  # min_len 3: u2 and with it d go
+# 2-core holds; min_len 3 drops u3 (a, d), so d is left with u4 alone: k-core drops (u4, d), then min_len u4's b, c.
+BOTH = [("u1", "a"), ("u1", "b"), ("u1", "c"), ("u2", "a"), ("u2", "b"), ("u2", "c"), ("u3", "a"), ("u3", "d"),
+        ("u4", "b"), ("u4", "c"), ("u4", "d")]
+
+
+def filtered(tmp_path, pairs, **options):
+    src = recbole(tmp_path, [f"{u}\t{i}\t1\t{t}" for t, (u, i) in enumerate(pairs)],
+                  [f"{i}\t{i.upper()}\t1" for i in "abcd"])
+    return convert_recbole(src, tmp_path / "out", **options)
+
+
+@pytest.mark.parametrize("options, pairs, kept, counted", [
+    ({"k_core": 2}, K_CORE, (2, 2, 4), {"k_core_interactions": 3, "k_core_users": 2, "k_core_items": 2}),
+    ({"min_len": 3}, MIN_LEN, (1, 3, 3), {"min_len_interactions": 2, "min_len_users": 1, "min_len_items": 1}),
+    ({"k_core": 2, "min_len": 3}, BOTH, (2, 3, 6), {"k_core_interactions": 1, "k_core_users": 0,
+                                                    "k_core_items": 1, "min_len_interactions": 4, "min_len_users": 2,
+                                                    "min_len_items": 0})])
+def test_filters(tmp_path, options, pairs, kept, counted):
+    m = filtered(tmp_path, pairs, **options)
+    assert (m["users"], m["items"], m["interactions"]) == kept
+    assert m["report"]["dropped"] == {"no_title_items": 0, "no_title_interactions": 0, "duplicates": 0, **counted}
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"k_core": 3}, r"--k-core 3 removed its last 7 interactions \(7 before"),
+    ({"min_len": 3, "k_core": 2}, r"--min-len 3 removed its last 4 ")])  # the 2-core leaves u1 and u2 with 2 each
+def test_filter_emptying_a_domain(tmp_path, options, message):
+    with pytest.raises(UserError, match=f"domain 'my-data': {message}"):
+        filtered(tmp_path, K_CORE, **options)

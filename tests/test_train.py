@@ -1,0 +1,159 @@
+"""Exact gradient accumulation, the chunked loss, bitwise resume after Ctrl-C, DDP = one process, failure paths."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from data import Blocks, Encoder, Examples, cpt_stream, load_dataset, sft_examples, train_sequences
+from model import Decoder, Tokenizer, UserError
+from schedule import Schedule
+from train import Interrupted, TrainConfig, accumulate, cross_entropy_sum, open_run, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_chunked_cross_entropy_equals_the_plain_one():
+    torch.manual_seed(0)
+    hidden = torch.randn(50, 16, requires_grad=True)
+    weight = torch.randn(30, 16, requires_grad=True)
+    targets = torch.randint(0, 30, (50,))
+    chunked = cross_entropy_sum(hidden, weight, targets, chunk=7)
+    chunked.backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    plain = F.cross_entropy(hidden @ weight.t(), targets, reduction="sum")
+    plain.backward()
+    torch.testing.assert_close(chunked, plain)
+    torch.testing.assert_close(grads, (hidden.grad, weight.grad))
+
+
+def sft_data(world, tiny_model, tokens):
+    ds = load_dataset(world)
+    encoder = Encoder(Tokenizer.from_pretrained(tiny_model))
+    examples = sft_examples(ds, encoder, train_sequences(ds, "games")[:12], "games")
+    return Examples(examples, tokens, encoder.tokenizer.pad_id, seed=0)
+
+
+def test_accumulated_gradients_equal_one_big_batch(world, tiny_model):
+    """Variable-length masked examples split over micro-batches must give the gradient of one big batch."""
+    small, big = sft_data(world, tiny_model, 160), sft_data(world, tiny_model, 10**6)
+    everything = list(range(len(small.examples)))
+    micro = small.micro_batches(0)
+    assert len(micro) >= 4 and sorted(i for b in micro for i in b) == everything
+    n_targets = small.n_targets(everything)
+    grads = []
+    for data, batches in [(small, micro), (big, [everything])]:
+        model = Decoder.from_pretrained(tiny_model)
+        loss = accumulate(model, model.lm_head.weight, [data.collate(b) for b in batches], n_targets, 1, "fp32",
+                          torch.device("cpu"))
+        grads.append([p.grad for p in model.parameters()])
+    assert loss.item() > 0
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def cpt_setup(world, tiny_model):
+    ds = load_dataset(world)
+    encoder = Encoder(Tokenizer.from_pretrained(tiny_model))
+    return Blocks(cpt_stream(ds, encoder), length=32, rows=2, seed=0), encoder.tokenizer
+
+
+def config(**kw):
+    return TrainConfig(**{**dict(steps=8, accum=2, lr=3e-3, schedule=Schedule(warmup=2, anneal=3), precision="fp32",
+                                 progress=False), **kw})
+
+
+def run_cpt(world, tiny_model, out, resume=False, cfg=None, data=None):
+    blocks, tokenizer = cpt_setup(world, tiny_model)
+    cfg = cfg or config()
+    run = open_run(out, {"test": 1}, resume=resume, overwrite=False)
+    start = run / "checkpoints" / (run / "latest").read_text().strip() if resume else tiny_model
+    return train(Decoder.from_pretrained(start), tokenizer, data or blocks, cfg, run, device=torch.device("cpu"),
+                 resume=resume)
+
+
+class StopAt:
+    """Wraps the data and sends this process SIGINT (a real Ctrl-C) while step `step` is being assembled."""
+
+    def __init__(self, data, step, accum):
+        self.data, self.calls, self.at = data, 0, step * accum
+
+    def __getattr__(self, name):
+        return getattr(self.data, name)
+
+    def collate(self, batch):
+        self.calls += 1
+        if self.calls == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return self.data.collate(batch)
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted_bitwise(world, tiny_model, tmp_path):
+    run_cpt(world, tiny_model, tmp_path / "full")
+    blocks, _ = cpt_setup(world, tiny_model)
+    with pytest.raises(Interrupted, match="interrupted at step 3/8"):
+        run_cpt(world, tiny_model, tmp_path / "cut", data=StopAt(blocks, step=3, accum=2))
+    assert (tmp_path / "cut" / "latest").read_text().strip() == "step-0000003"
+    run_cpt(world, tiny_model, tmp_path / "cut", resume=True)
+    full = load_file(tmp_path / "full" / "final" / "model.safetensors")
+    cut = load_file(tmp_path / "cut" / "final" / "model.safetensors")
+    assert all(torch.equal(full[k], cut[k]) for k in full)
+    logs = [[json.loads(line) for line in open(tmp_path / d / "metrics.jsonl")] for d in ("full", "cut")]
+    strip = lambda rows: [(r["step"], r["loss"], r["lr"]) for r in rows]  # noqa: E731
+    assert strip(logs[0]) == strip(logs[1])  # same steps, losses and learning rates: nothing lost or repeated
+    with pytest.raises(UserError, match="already finished"):
+        run_cpt(world, tiny_model, tmp_path / "cut", resume=True)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(world, tiny_model, tmp_path):
+    with pytest.raises(UserError, match="non-finite loss at step 4.*step-0000002"):
+        run_cpt(world, tiny_model, tmp_path / "nan", cfg=config(lr=1e6, save_every=2, grad_clip=1e9))
+    checkpoint = tmp_path / "nan" / "checkpoints" / "step-0000002"
+    assert all(torch.isfinite(t).all() for t in load_file(checkpoint / "model.safetensors").values())
+
+
+def test_run_directory_rules(tmp_path):
+    open_run(tmp_path / "r", {"lr": 1}, resume=False, overwrite=False)
+    with pytest.raises(UserError, match="already holds a run; pass --resume .* or --overwrite"):
+        open_run(tmp_path / "r", {"lr": 1}, resume=False, overwrite=False)
+    with pytest.raises(UserError, match="nothing to resume"):
+        open_run(tmp_path / "r", {"lr": 1}, resume=True, overwrite=False)
+    (tmp_path / "r" / "latest").write_text("step-0000001\n")
+    with pytest.raises(UserError, match=r"different settings \(lr\)"):
+        open_run(tmp_path / "r", {"lr": 2}, resume=True, overwrite=False)
+    open_run(tmp_path / "r", {"lr": 2}, resume=False, overwrite=True)
+    assert json.loads((tmp_path / "r" / "run_config.json").read_text()) == {"lr": 2}
+    assert not (tmp_path / "r" / "latest").exists()
+
+
+def cli(*args, torchrun=False):
+    prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"] \
+        if torchrun else [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(prefix + [str(ROOT / "cprec.py"), *args], capture_output=True, text=True, env=env,
+                            cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(world, tiny_model, tmp_path):
+    args = ["pretrain", "--data", str(world), "--model", str(tiny_model), "--tokens", "2048", "--block-len", "32",
+            "--micro-batch", "4", "--batch-tokens", "512", "--precision", "fp32", "--no-progress", "--val-users", "5"]
+    cli(*args, "--out", str(tmp_path / "one"))
+    cli(*args, "--out", str(tmp_path / "two"), torchrun=True)
+    one = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    two = load_file(tmp_path / "two" / "final" / "model.safetensors")
+    assert not torch.equal(one["model.norm.weight"], torch.ones_like(one["model.norm.weight"]))  # it trained
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], atol=1e-5, rtol=1e-4)
+    losses = [[json.loads(line)["loss"] for line in open(tmp_path / d / "metrics.jsonl") if '"loss"' in line]
+              for d in ("one", "two")]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
