@@ -348,6 +348,24 @@ def evaluate_command(domain: str = typer.Option(..., help="Domain whose whole ca
     show(result)
 
 
+@app.command("reproduce")
+def reproduce_command(out: Path = typer.Option(Path("runs/reproduce"), help="Directory of all runs and the report."),
+                      data: Path = typer.Option(DEFAULT_DATA, help="Dataset (default: the built-in world)."),
+                      model: Optional[Path] = typer.Option(None, help="Base model (default: models/small)."),
+                      domain: str = typer.Option("games", help="Downstream domain of the comparisons."),
+                      cpt_tokens: int = typer.Option(1_000_000, help="Token budget of each CPT run."),
+                      sft_epochs: float = typer.Option(3.0, help="Epochs of each SFT run."),
+                      seed: int = typer.Option(0, help="One seed for every run."),
+                      overwrite: bool = typer.Option(False, help="Replace an earlier reproduction.")):
+    """Run the comparisons behind CPRec's claims (zero-shot, CPT vs no CPT, limited SFT, sequence kinds, schedules)
+    with one budget and seed, and write runs/reproduce/report.md."""
+    from reproduce import reproduce
+    dataset(data).domain(domain)
+    report = reproduce(out, data, base_model(model, data, 0), domain, cpt_tokens, sft_epochs, seed, overwrite)
+    console.print((out / "report.md").read_text(), highlight=False)
+    say(f"report in {out / 'report.md'} ({report['seconds'] / 60:.1f} min)")
+
+
 def save_result(result: dict, path: Path, extra: dict) -> None:
     """Summary JSON plus a JSONL of per-user ranks beside it (for significance tests)."""
     path.parent.mkdir(parents=True, exist_ok=True)

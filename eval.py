@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from data import Case, Dataset, Encoder, Examples, eval_cases, item_text, target_example, train_sequences
-from model import Decoder, KVCache, UserError
+from model import BeamCache, Decoder, KVCache, UserError
 
 KS = (5, 10, 20)
 
@@ -70,9 +70,8 @@ def build_trie(sequences: list[list[int]], device: torch.device | str = "cpu") -
 
 
 # --------------------------------------------------------------------------------------------------- rankers
-def prompt_cache(model: Decoder, prompts: list[list[int]], extra: int, pad_id: int):
-    """Run left-padded prompts through the model; return the cache (room for `extra` tokens) and next-token
-    log-probabilities (U, V)."""
+def prompt_cache(model: Decoder, prompts: list[list[int]], pad_id: int) -> tuple[KVCache, torch.Tensor]:
+    """Run left-padded prompts through the model; return their cache and next-token log-probabilities (U, V)."""
     width = max(map(len, prompts))
     device = model.embed_tokens.weight.device
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -80,7 +79,7 @@ def prompt_cache(model: Decoder, prompts: list[list[int]], extra: int, pad_id: i
     for row, p in enumerate(prompts):
         ids[row, width - len(p):], mask[row, width - len(p):] = torch.tensor(p), 1
     ids, mask = ids.to(device), mask.to(device)
-    cache = KVCache(model.config, len(prompts), width + extra, model.embed_tokens.weight.dtype, device)
+    cache = KVCache(model.config, len(prompts), width, model.embed_tokens.weight.dtype, device)
     hidden = model(ids, (mask.cumsum(-1) - 1).clamp(min=0), mask, cache, hidden=True)[:, -1]
     return cache, torch.log_softmax(model.lm_head(hidden).float(), -1)
 
@@ -90,41 +89,41 @@ def beam_search(model: Decoder, prompts: list[list[int]], trie: Trie, beams: int
                 exclude: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-`beams` items (U, B) and their scores for each prompt, best first (-1 / -inf where fewer exist).
 
-    Open beams that complete an item move to a pool of finished items (items in `exclude[u]` are dropped there);
-    a user is done once its pool holds `beams` items that no open beam can beat, since log-probabilities only fall.
-    With beams >= the catalogue size nothing is ever pruned and the result is exact.
+    Every user keeps `beams` open prefixes (dead ones score -inf). Candidates that complete an item move to a pool
+    of finished items (items in `exclude[u]` are dropped there); a user is done once its pool holds `beams` items
+    that no open beam can beat, since log-probabilities only fall. With beams >= the catalogue size nothing is ever
+    pruned and the result is exact.
     """
     device = model.embed_tokens.weight.device
     U = len(prompts)
-    cache, logp = prompt_cache(model, prompts, trie.depth, pad_id)
-    banned = torch.full((U, 1), -2, dtype=torch.long, device=device)
-    if exclude is not None and any(map(len, exclude)):
-        banned = torch.full((U, max(map(len, exclude))), -2, dtype=torch.long, device=device)
-        for row, items in enumerate(exclude):
-            banned[row, :len(items)] = torch.as_tensor(items, dtype=torch.long)
-    node = torch.zeros((U, 1), dtype=torch.long, device=device)
-    score = torch.zeros((U, 1), device=device)
+    prompt, logp = prompt_cache(model, prompts, pad_id)
+    cache = BeamCache(prompt, beams, trie.depth)
+    logp = logp.repeat_interleave(beams, 0)  # every beam starts from its prompt
+    banned = torch.full((U, max(1, max(map(len, exclude or [[]])))), -2, dtype=torch.long, device=device)
+    for row, items in enumerate(exclude or []):
+        banned[row, :len(items)] = torch.as_tensor(items, dtype=torch.long)
+    node = torch.zeros((U, beams), dtype=torch.long, device=device)
+    score = torch.full((U, beams), -torch.inf, device=device)
+    score[:, 0] = 0.0
     pool_item = torch.full((U, beams), -1, dtype=torch.long, device=device)
     pool_score = torch.full((U, beams), -torch.inf, device=device)
     for _ in range(trie.depth):
-        width = node.shape[1]
-        tokens, child = trie.children(node.flatten())  # (U·W, F)
+        tokens, child = trie.children(node.flatten())  # (U·B, F)
         fan = tokens.shape[1]
         gained = logp.gather(1, tokens.clamp(min=0)).masked_fill(tokens < 0, -torch.inf)
-        cand = (score.flatten()[:, None] + gained).view(U, width * fan)
-        child, item = child.view(U, width * fan), trie.item[child].view(U, width * fan)
+        cand = (score.flatten()[:, None] + gained).view(U, beams * fan)
+        child, item = child.view(U, beams * fan), trie.item[child].view(U, beams * fan)
         finished = (item >= 0) & ~(item[..., None] == banned[:, None, :]).any(-1)
         merged = torch.cat([pool_score, cand.masked_fill(~finished, -torch.inf)], 1).topk(beams, dim=1)
         pool_score, pool_item = merged.values, torch.cat([pool_item, item], 1).gather(1, merged.indices)
-        open_score, pick = cand.masked_fill(item >= 0, -torch.inf).topk(min(beams, width * fan), dim=1)
-        if not (open_score[:, 0] > pool_score[:, -1]).any():
+        score, pick = cand.masked_fill(item >= 0, -torch.inf).topk(beams, dim=1)
+        if not (score[:, 0] > pool_score[:, -1]).any():
             break
-        rows = (torch.arange(U, device=device)[:, None] * width + pick // fan).flatten()
-        cache = cache.select(rows)
-        token = tokens.view(U, width * fan).gather(1, pick).clamp(min=0)  # dead beams (-inf) feed any token
+        cache = cache.select((torch.arange(U, device=device)[:, None] * beams + pick // fan).flatten())
+        token = tokens.view(U, beams * fan).gather(1, pick).clamp(min=0)  # dead beams (-inf) feed any token
         hidden = model(token.view(-1, 1), kv_cache=cache, hidden=True)[:, -1]
         logp = torch.log_softmax(model.lm_head(hidden).float(), -1)
-        node, score = child.gather(1, pick), open_score
+        node = child.gather(1, pick)
     return pool_item, pool_score
 
 
@@ -132,11 +131,11 @@ def beam_search(model: Decoder, prompts: list[list[int]], trie: Trie, beams: int
 def exact_scores(model: Decoder, prompt: list[int], items: list[list[int]], pad_id: int,
                  chunk: int | None = None) -> torch.Tensor:
     """Log-likelihood (N,) of every item's tokens after one prompt: the prompt runs once, then the items, right-
-    padded, in chunks small enough that their logits stay within ~256 MB, each reading a fan-out of its cache."""
+    padded, as continuations of it, in chunks small enough that their logits stay within ~256 MB."""
     device = model.embed_tokens.weight.device
     longest = max(map(len, items))
     chunk = chunk or max(1, 2**26 // (longest * model.config.vocab_size))
-    cache, first = prompt_cache(model, [prompt], longest, pad_id)
+    prompt_kv, first = prompt_cache(model, [prompt], pad_id)
     scores = []
     for start in range(0, len(items), chunk):
         group = items[start:start + chunk]
@@ -144,13 +143,12 @@ def exact_scores(model: Decoder, prompt: list[int], items: list[list[int]], pad_
         for row, seq in enumerate(group):
             ids[row, :len(seq)] = torch.tensor(seq)
         ids = ids.to(device)
-        real = torch.arange(longest, device=device) < torch.tensor([len(s) for s in group], device=device)[:, None]
         total = first[0, ids[:, 0]]
         if longest > 1:
-            fan = cache.select(torch.zeros(len(group), dtype=torch.long, device=device))
-            hidden = model(ids[:, :-1], attention_mask=real[:, :-1], kv_cache=fan, hidden=True)
+            real = torch.arange(1, longest, device=device) < torch.tensor([len(s) for s in group], device=device)[:, None]
+            hidden = model(ids[:, :-1], kv_cache=BeamCache(prompt_kv, len(group), longest - 1), hidden=True)
             logp = torch.log_softmax(model.lm_head(hidden).float(), -1).gather(2, ids[:, 1:, None])[..., 0]
-            total = total + (logp * real[:, 1:]).sum(1)
+            total = total + (logp * real).sum(1)
         scores.append(total)
     return torch.cat(scores)
 
@@ -193,11 +191,12 @@ def popularity(ds: Dataset, key: str) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------- driver
-def auto_batch_users(model: Decoder, beams: int, prompt_len: int, budget: float = 2**30) -> int:
-    """Users per beam-search batch so that the KV cache and the step's logits each stay within `budget` bytes."""
+def auto_batch_users(model: Decoder, beams: int, prompt_len: int, budget: float = 2**29) -> int:
+    """Users per beam-search batch so that the prompt cache and a step's fp32 logits each stay within `budget`
+    bytes (the prompt part dominates the cache: beams add only a few slots each)."""
     c = model.config
     cache_row = c.n_layers * 2 * c.n_kv_heads * c.head_dim * prompt_len * model.embed_tokens.weight.element_size()
-    return max(1, int(min(budget / (beams * cache_row), budget / (beams * c.vocab_size * 4))))
+    return max(1, int(min(budget / cache_row, budget / (beams * c.vocab_size * 4), 256)))
 
 
 def evaluate(model: Decoder, encoder: Encoder, ds: Dataset, key: str, *, split: str = "test", beams: int = 20,
@@ -235,7 +234,7 @@ def evaluate(model: Decoder, encoder: Encoder, ds: Dataset, key: str, *, split: 
     else:
         trie = build_trie(item_tokens, model.embed_tokens.weight.device)
         order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths share a batch: less padding
-        step = batch_users or auto_batch_users(model, beams, max(map(len, prompts)) + trie.depth)
+        step = batch_users or auto_batch_users(model, beams, max(map(len, prompts)))
         for start in range(0, len(order), step):
             rows = order[start:start + step]
             items, scores = beam_search(model, [prompts[r] for r in rows], trie, beams, pad, [excluded[r] for r in rows])

@@ -173,7 +173,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=c.o_bias)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, cache: KVCache | BeamCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -181,10 +181,10 @@ class Attention(nn.Module):
         q = (q * cos + rotate_half(q) * sin).to(v.dtype)
         k = (k * cos + rotate_half(k) * sin).to(v.dtype)
         if cache is not None:
-            k, v = cache.write(layer, k, v)
-        # No mask means plain causal attention, which lets SDPA pick its flash kernel.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+            y = cache.attend(layer, q, k, v, mask)
+        else:  # no mask means plain causal attention, which lets SDPA pick its flash kernel
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -227,7 +227,7 @@ class KVCache:
     """A static key/value cache for batched incremental decoding (gpt-fast style: preallocated, written in place).
 
     Slots fill left to right in lockstep for all rows; `valid` marks real tokens, so left-padded prompts of different
-    lengths share one cache, and `next_pos` keeps each row's own next RoPE position. `select` follows beams.
+    lengths share one cache, and `next_pos` keeps each row's own next RoPE position.
     """
 
     def __init__(self, c: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
@@ -249,17 +249,66 @@ class KVCache:
         self.next_pos = torch.maximum(self.next_pos, ((position_ids + 1) * attention_mask).amax(1))
         return padding_causal_mask(self.valid[:, :self.length], start)
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor):
+        """Store the new keys/values in their slots, then attend over every slot so far."""
         start = self.length - k.shape[2]
         self.k[layer, :, :, start:self.length] = k
         self.v[layer, :, :, start:self.length] = v
-        return self.k[layer, :, :, :self.length], self.v[layer, :, :, :self.length]
+        return F.scaled_dot_product_attention(q, self.k[layer, :, :, :self.length], self.v[layer, :, :, :self.length],
+                                              attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
-    def select(self, rows: torch.Tensor) -> KVCache:
-        """A new cache of the given rows (repeats allowed): beam search's parent pointers, or one prompt fanned out
-        to many candidate items. This cache is left as it was."""
+
+class BeamCache:
+    """Many continuations of each prompt decoded together: beam search's beams, or exact scoring's candidate items.
+
+    The prompts' keys stay in their KVCache, once per prompt; only each continuation's own keys (at most `steps`)
+    live here. Attention takes one softmax over both parts, so following beams copies a few slots per beam and never
+    a prompt (a per-beam cache copies users x beams x prompt-length slots at every step).
+    """
+
+    def __init__(self, prompt: KVCache, width: int, steps: int):
+        layers, users, heads, _, dim = prompt.k.shape
+        self.prompt, self.width, self.length = prompt, width, 0
+        self.k = torch.zeros(layers, users * width, heads, steps, dim, dtype=prompt.k.dtype, device=prompt.k.device)
+        self.v = torch.zeros_like(self.k)
+        self.next_pos = prompt.next_pos.repeat_interleave(width)
+
+    def extend(self, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Claim T slots in every row; return the (T, length) causal mask over this row's own keys."""
+        T = attention_mask.shape[1]
+        start, self.length = self.length, self.length + T
+        if self.length > self.k.shape[3]:
+            raise ValueError(f"beam cache overflow: {self.length} > {self.k.shape[3]} slots")
+        self.next_pos = position_ids[:, -1] + 1  # continuations are right-padded at most: positions just go on
+        slots = torch.arange(self.length, device=self.k.device)
+        return slots <= start + torch.arange(T, device=self.k.device)[:, None]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: torch.Tensor):
+        rows, n_q, T, dim = q.shape
+        users, width, n_kv = rows // self.width, self.width, k.shape[1]
+        group, prompt_len = n_q // n_kv, self.prompt.length  # query head h reads key head h // group (GQA)
+        self.k[layer, :, :, self.length - T:self.length] = k
+        self.v[layer, :, :, self.length - T:self.length] = v
+        by_user = lambda x: x.view(users, width, n_kv, -1, x.shape[-1]).transpose(1, 2).reshape(  # noqa: E731
+            users, n_kv, -1, x.shape[-1])
+        by_row = lambda x: x.view(users, n_kv, width, -1, x.shape[-1]).transpose(1, 2).reshape(  # noqa: E731
+            rows, n_kv, -1, x.shape[-1])
+        q = q.reshape(rows, n_kv, group * T, dim)
+        prompt_k, prompt_v = self.prompt.k[layer, :, :, :prompt_len], self.prompt.v[layer, :, :, :prompt_len]
+        # A user's continuations are extra queries against its prompt's keys; each row's own keys are per row.
+        to_prompt = (by_user(q) @ prompt_k.transpose(-1, -2)).float().masked_fill(
+            ~self.prompt.valid[:, None, None, :prompt_len], -torch.inf)
+        to_own = (q @ self.k[layer, :, :, :self.length].transpose(-1, -2)).float().masked_fill(
+            ~causal.repeat(group, 1), -torch.inf)
+        probs = torch.softmax(torch.cat([by_row(to_prompt), to_own], -1) * dim ** -0.5, -1).to(v.dtype)
+        from_prompt, from_own = probs.split([prompt_len, self.length], -1)
+        y = by_row(by_user(from_prompt) @ prompt_v) + from_own @ self.v[layer, :, :, :self.length]
+        return y.reshape(rows, n_q, T, dim)
+
+    def select(self, rows: torch.Tensor) -> BeamCache:
+        """A cache of the given continuations (repeats allowed), each staying under its own prompt."""
         out = copy.copy(self)
-        out.k, out.v, out.valid, out.next_pos = self.k[:, rows], self.v[:, rows], self.valid[rows], self.next_pos[rows]
+        out.k, out.v, out.next_pos = self.k[:, rows], self.v[:, rows], self.next_pos[rows]
         return out
 
 
@@ -289,7 +338,7 @@ class Decoder(nn.Module):
         return cos[position_ids][:, None], sin[position_ids][:, None]
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None, *,
+                attention_mask: torch.Tensor | None = None, kv_cache: KVCache | BeamCache | None = None, *,
                 select: torch.Tensor | None = None, hidden: bool = False) -> torch.Tensor:
         """Logits (B, T, V), or only at `select` (a boolean (B, T) mask or an index) -> (N, V).
 

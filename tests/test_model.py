@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from model import Decoder, KVCache, ModelConfig, Tokenizer, UserError, create_model
+from model import BeamCache, Decoder, KVCache, ModelConfig, Tokenizer, UserError, create_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -100,19 +100,35 @@ def test_kv_cache_incremental_decoding_equals_full_forward(tmp_path):
         steps = [model(ids[:, :6], position_ids=positions[:, :6], attention_mask=mask[:, :6], kv_cache=cache)]
         for t in range(6, 11):  # positions continue per row from the cache; row 2 is still padding at t=6
             steps.append(model(ids[:, t:t + 1], attention_mask=mask[:, t:t + 1], kv_cache=cache))
-        # beams: reordering rows (with repeats) must carry each row's keys, validity and position along
-        rows = torch.tensor([2, 2, 0])
-        cache = cache.select(rows)
-        nxt = torch.tensor([[5], [7], [9]])
-        step = model(nxt, kv_cache=cache)
     incremental = torch.cat(steps, dim=1)
     real = mask.bool()
     torch.testing.assert_close(incremental[real], full[real], atol=1e-5, rtol=1e-5)
-    ext = torch.cat([ids[rows], nxt], 1)
-    ext_mask = torch.cat([mask[rows], torch.ones(3, 1, dtype=torch.long)], 1)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])  # 2 and 7 query heads per key head
+def test_beam_cache_continuations_equal_full_forward(name, tmp_path):
+    """Three beams per left-padded prompt: fed tokens, reordered (with repeats), fed more, then several at once."""
+    hf_model(name, tmp_path)
+    model = Decoder.from_pretrained(tmp_path / "hf").eval()
+    ids, mask, positions = batch(True)
+    width = 3
     with torch.no_grad():
-        ref = model(ext, position_ids=(ext_mask.cumsum(-1) - 1).clamp(min=0), attention_mask=ext_mask)
-    torch.testing.assert_close(step[:, 0], ref[:, -1], atol=1e-5, rtol=1e-5)
+        prompt = KVCache(model.config, batch=3, max_len=11, dtype=torch.float32, device="cpu")
+        model(ids, position_ids=positions, attention_mask=mask, kv_cache=prompt)
+        beams = BeamCache(prompt, width, steps=5)
+        first = torch.randint(3, 96, (9, 1))
+        model(first, kv_cache=beams)
+        rows = torch.tensor([2, 2, 0, 3, 5, 4, 6, 6, 6])  # parents, always under the same prompt
+        beams = beams.select(rows)
+        then = torch.randint(3, 96, (9, 3))
+        out = model(then, kv_cache=beams)
+    for row in range(9):
+        user = row // width
+        seq = torch.cat([ids[user], first[rows[row], :], then[row]])[None]
+        seq_mask = torch.cat([mask[user], torch.ones(4, dtype=torch.long)])[None]
+        with torch.no_grad():
+            ref = model(seq, position_ids=(seq_mask.cumsum(-1) - 1).clamp(min=0), attention_mask=seq_mask)
+        torch.testing.assert_close(out[row], ref[0, -3:], atol=1e-5, rtol=1e-5)
 
 
 def write_config(path, **overrides):

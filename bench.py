@@ -1,0 +1,608 @@
+"""The project's one benchmark entry point: `python bench.py --help`.
+
+A section is a function `(Options) -> list[dict]` in SECTIONS, with its table columns in COLUMNS and a legend in NOTES;
+each section prints one table, and --json writes every row. Sections:
+
+- decoder: our Decoder against transformers' LlamaForCausalLM on the same safetensors, inputs and threads.
+- train: optimizer steps as `cprec.py pretrain` runs them, on the default small model (CUDA: also Qwen2.5-0.5B-sized).
+- eval: beam search against exact scoring on the built-in world's games domain: users/s and top-10 agreement.
+- prepare: Amazon Reviews 2023 conversion of a synthetic category: records/s and peak RSS.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import math
+import multiprocessing as mp
+import os
+import re
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Annotated
+from unittest import mock
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cprec import DEFAULT_CPT, DEFAULT_DATA, DEFAULT_MODEL, SMALL, dataset
+from data import TEST, VALID, Blocks, Encoder
+from model import Decoder, ModelConfig, Tokenizer, UserError, init_weights
+from train import accumulate, autocast
+
+H100_BF16_PEAK = 989e12  # dense bf16, SXM datasheet; about 800e12 is reached on an 8k matmul (REFERENCE.md §5)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MATMUL_N = {"cpu": 2048, "cuda": 8192}  # the peak matmul's size
+console = Console(width=None if Console().is_terminal else 120)  # rich falls back to 80 columns in a pipe
+
+
+# --------------------------------------------------------------------------------------------------- options
+# The decoder section's model and batch (seq, batch): the issue's shape, ~1 TFLOP a step (heavy on 2 CPU cores).
+DECODER = dict(vocab_size=32000, dim=512, n_layers=8, n_heads=8, n_kv_heads=8, intermediate_size=1408, seq=512, batch=8)
+QUICK = dict(vocab_size=1024, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=176, seq=64, batch=4)
+
+
+@dataclass
+class Options:
+    """What every section may read; a new section adds its fields here and the matching flags in main()."""
+    device: str
+    threads: int
+    precisions: list[str]
+    reps: int
+    warmup: int
+    seed: int
+    memory: bool
+    quick: bool
+    shape: ModelConfig  # the decoder section's
+    seq: int
+    batch: int
+    compile: bool = False
+    data: Path = DEFAULT_DATA
+    model: Path | None = None
+    eval_users: int = 200
+    exact_users: int = 40
+    prepare_records: int = 1_000_000
+
+
+# --------------------------------------------------------------------------------------------------- machine
+def machine_info(device: str) -> dict:
+    """What a README table must name: the CPU (or GPU), the cores used and the library versions."""
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name, flags = re.search(r"^model name\s*:(.*)$", cpuinfo, re.M), re.search(r"^flags\s*:(.*)$", cpuinfo, re.M)
+    info = {"cpu": name[1].strip() if name else "unknown", "cpu_count": os.cpu_count(),
+            "usable_cpus": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
+            "avx512_bf16": bool(flags) and "avx512_bf16" in flags[1].split(), "torch": torch.__version__}
+    with contextlib.suppress(ImportError):
+        import transformers
+        info["transformers"] = transformers.__version__
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def timed(run: Callable[[], object], device: str) -> float:
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    run()
+    sync()
+    return time.perf_counter() - t
+
+
+def measure_peaks(device: str, precisions: list[str]) -> dict[str, float]:
+    """Best-of-10 FLOP/s of one n³ matmul per precision: the practical peak of this device and thread count."""
+    n, peaks = MATMUL_N[torch.device(device).type], {}
+    for p in precisions:
+        a, b = (torch.randn(n, n, device=device).to(DTYPES[p]) for _ in range(2))
+        a @ b  # warm-up: thread pool, kernel selection, weight packing
+        peaks[p] = 2 * n ** 3 / min(timed(lambda: a @ b, device) for _ in range(10))
+    return peaks
+
+
+def choose_peaks(measured: dict[str, float], device: str, override_tflops: float | None) -> tuple[dict, list[str]]:
+    """The MFU denominator per precision, and a line per precision saying where it comes from."""
+    peaks, notes = {}, []
+    for p, flops in measured.items():
+        if override_tflops is not None:
+            peaks[p], source = override_tflops * 1e12, "--peak-tflops"
+        elif device.startswith("cuda") and p == "bf16":  # the datasheet, so GPU MFU compares with published numbers
+            peaks[p], source = H100_BF16_PEAK, "H100 SXM dense bf16 datasheet, assumed"
+        else:
+            peaks[p], source = flops, f"best {p} matmul, {MATMUL_N[torch.device(device).type]}³"
+        source += f"; measured {flops / 1e12:.3g}" if peaks[p] != flops else ""
+        notes.append(f"{p} {peaks[p] / 1e12:.3g} TFLOP/s ({source})")
+    return peaks, notes
+
+
+# --------------------------------------------------------------------------------------------------- timing
+Step = tuple[Callable[[], None], Callable[[], None]]  # (reset, run): only run is timed
+
+
+def time_interleaved(steps: dict[str, Step], warmup: int, reps: int, device: str) -> dict[str, list[float]]:
+    """Seconds per run of each step, interleaved so noise from the other developers on this box hits all alike."""
+    names = list(steps)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(warmup + reps):
+        # Alternate the order too: whoever runs second inherits the first one's warm caches and clock state.
+        for name in names if i % 2 == 0 else names[::-1]:
+            reset, run = steps[name]
+            reset()
+            seconds = timed(run, device)
+            if i >= warmup:
+                times[name].append(seconds)
+    for reset, _ in steps.values():
+        reset()  # free the last gradients before whatever runs next
+    return times
+
+
+def throughput(times: list[float], tokens: int, flops_per_token: float) -> dict:
+    median = statistics.median(times)
+    return dict(tokens_per_s=tokens / median, flops_per_s=tokens / median * flops_per_token, step_s=median,
+                spread=(max(times) - min(times)) / 2 / median, step_s_all=times, flops_per_token=flops_per_token)
+
+
+def rss_kib(field: str) -> int:
+    return int(re.search(rf"^{field}:\s*(\d+)", Path("/proc/self/status").read_text(), re.M)[1])
+
+
+def step_memory(make: Callable[..., Step], args: tuple, threads: int, device: str) -> dict:
+    """Memory one warmed-up step of `make(*args)` needs on top of what is resident before it (weights, optimizer
+    state, inputs): activations, gradients, temporaries; and the peak in all. CUDA: max_memory_allocated. CPU: peak
+    RSS (VmHWM, reset through /proc/self/clear_refs) against the RSS before the step."""
+    torch.set_num_threads(threads)
+    reset, run = make(*args)
+    reset()
+    run()  # one-time allocations (thread pools, oneDNN primitives, RoPE table, optimizer state) are not the step's
+    reset()
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        timed(run, device)
+        peak = torch.cuda.max_memory_allocated()
+        return {"peak_mem_mib": (peak - before) / 2 ** 20, "peak_total_mib": peak / 2 ** 20}
+    before = rss_kib("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark to the current RSS (Linux >= 4.0)
+    except OSError:
+        return {}  # not Linux, or no permission: no honest number to give
+    run()
+    peak = rss_kib("VmHWM")
+    return {"peak_mem_mib": (peak - before) / 1024, "peak_total_mib": peak / 1024}
+
+
+def add_memory(o: Options, probes: list[tuple[dict, Callable[..., Step], tuple]], preload: tuple = ()) -> None:
+    """With --memory, add step_memory(make, args) to each (row, make, args). On CPU each runs in a fresh child of a
+    fork server that imported everything once (a fresh interpreter costs ~5 s), so no other row's tensors or caches
+    are there. The fixed glibc mmap threshold returns every large tensor to the OS on free: glibc's default raises
+    it as large blocks are freed, and memory cached by the warm-up step would then hide in the baseline."""
+    if not o.memory:
+        return
+    if o.device.startswith("cuda"):
+        for row, make, args in probes:
+            row.update(step_memory(make, args, o.threads, o.device))
+        return
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["__main__", *preload])
+    # The fork server copies os.environ when it starts; its glibc reads these then.
+    with mock.patch.dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072"), \
+            ProcessPoolExecutor(1, mp_context=ctx, max_tasks_per_child=1) as pool:
+        for row, make, args in probes:
+            row.update(pool.submit(step_memory, make, args, o.threads, o.device).result())
+
+
+# --------------------------------------------------------------------------------------------------- decoder
+IMPLS = ("ours", "transformers")
+
+
+def quiet_transformers() -> None:
+    from transformers.utils import logging
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()  # its "Loading weights" bars would bury the table
+
+
+def write_hf_checkpoint(o: Options, path: str) -> None:
+    """A random transformers Llama saved as safetensors: both implementations then load the very same bytes."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    quiet_transformers()
+    torch.manual_seed(o.seed)
+    LlamaForCausalLM(LlamaConfig.from_dict(o.shape.to_hf())).save_pretrained(path)
+
+
+def load_impl(impl: str, path: str, device: str) -> nn.Module:
+    if impl == "ours":
+        return Decoder.from_pretrained(path, device=device)
+    from transformers import LlamaForCausalLM
+    quiet_transformers()
+    model = LlamaForCausalLM.from_pretrained(path, attn_implementation="sdpa").to(device, torch.float32)
+    assert model.config._attn_implementation == "sdpa", model.config._attn_implementation
+    model.config.use_cache = False  # a full-sequence forward needs no KV cache; ours builds none either
+    return model
+
+
+def logits_of(model: nn.Module, impl: str, ids: torch.Tensor) -> torch.Tensor:
+    return model(ids) if impl == "ours" else model(input_ids=ids, use_cache=False).logits
+
+
+def make_inputs(o: Options) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(o.seed + 1)
+    return tuple(torch.randint(0, o.shape.vocab_size, (o.batch, o.seq), generator=g).to(o.device) for _ in range(2))
+
+
+def loss_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    # Outside both models, so neither's built-in loss (HF shifts labels, upcasts) changes the work timed.
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def make_step(model: nn.Module, impl: str, mode: str, precision: str, ids: torch.Tensor, targets: torch.Tensor,
+              device: str) -> Step:
+    model.train(mode == "train")  # no dropout in either; HF's SDPA path reads self.training
+
+    def run():
+        with torch.set_grad_enabled(mode == "train"), autocast(precision, torch.device(device)):
+            logits = logits_of(model, impl, ids)
+            loss = loss_of(logits, targets) if mode == "train" else None
+        if loss is not None:
+            loss.backward()  # outside autocast, as its documentation asks
+    return (lambda: model.zero_grad(set_to_none=True)), run
+
+
+def decoder_step(path: str, impl: str, mode: str, precision: str, o: Options) -> Step:
+    """A row's step on its own freshly loaded model and inputs: what add_memory measures."""
+    return make_step(load_impl(impl, path, o.device), impl, mode, precision, *make_inputs(o), o.device)
+
+
+def check_parity(models: dict[str, nn.Module], ids: torch.Tensor, targets: torch.Tensor, device: str) -> None:
+    """Refuse to time a broken comparison: fp32 logits, loss and a first-layer gradient must agree."""
+    with torch.no_grad():
+        logits = {impl: logits_of(m.eval(), impl, ids) for impl, m in models.items()}
+    diff = (logits["ours"] - logits["transformers"]).abs().max().item()
+    assert diff <= 1e-4, f"logits differ from transformers by {diff:.2e} (> 1e-4): the comparison is broken"
+    losses = {impl: loss_of(x, targets).item() for impl, x in logits.items()}
+    assert abs(losses["ours"] - losses["transformers"]) <= 1e-4, f"losses differ: {losses}"
+    del logits
+    grads = {}
+    for impl, model in models.items():
+        reset, run = make_step(model, impl, "train", "fp32", ids, targets, device)
+        run()
+        layer0 = model.layers[0] if impl == "ours" else model.model.layers[0]
+        grads[impl] = layer0.self_attn.q_proj.weight.grad.clone()
+        reset()
+    rel = ((grads["ours"] - grads["transformers"]).norm() / grads["transformers"].norm()).item()
+    assert rel <= 1e-3, f"layer-0 q_proj gradients differ by {rel:.2e} relative"
+
+
+def bench_decoder(o: Options) -> list[dict]:
+    device, rows, probes = o.device, [], []
+    with tempfile.TemporaryDirectory(prefix="bench-decoder-") as path:
+        write_hf_checkpoint(o, path)
+        models = {impl: load_impl(impl, path, device) for impl in IMPLS}
+        ids, targets = make_inputs(o)
+        check_parity(models, ids, targets, device)
+        for mode in ("train", "infer"):
+            # Forward is a third of forward+backward's FLOPs (2N of 6N; the same share of attention).
+            flops = o.shape.train_flops_per_token(o.seq) / (1 if mode == "train" else 3)
+            for precision in o.precisions:
+                steps = {impl: make_step(m, impl, mode, precision, ids, targets, device) for impl, m in models.items()}
+                times = time_interleaved(steps, o.warmup, o.reps, device)
+                for impl in IMPLS:
+                    rows.append(dict(section="decoder", impl=impl, mode=mode, precision=precision,
+                                     **throughput(times[impl], o.batch * o.seq, flops)))
+                    probes.append((rows[-1], decoder_step, (path, impl, mode, precision, o)))
+                # Ratio of adjacent interleaved reps, then the median: a slow spell hits both runs of a pair.
+                rows[-2]["ratio"] = statistics.median(b / a for a, b in zip(times["ours"], times["transformers"]))
+        del models, steps
+        gc.collect()
+        add_memory(o, probes, ("transformers.models.llama.modeling_llama",))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------- train
+QWEN_05B = ModelConfig(vocab_size=151936, dim=896, n_layers=24, n_heads=14, n_kv_heads=2, head_dim=64,
+                       intermediate_size=4864, norm_eps=1e-6, rope_theta=1e6, qkv_bias=True, tie_embeddings=True,
+                       max_positions=32768, architecture="Qwen2ForCausalLM")
+
+
+def train_step(config: ModelConfig, batch: tuple[int, int, int], precision: str, o: Options) -> Step:
+    """One optimizer step of `cprec.py pretrain` on packed random blocks (block, micro-batch, accumulation): collate,
+    train.accumulate, gradient clipping, AdamW, as train.train does them."""
+    (block, micro, accum), device = batch, o.device
+    model = Decoder(config)
+    init_weights(model, o.seed)
+    model.to(device).train()
+    net = torch.compile(model) if o.compile else model
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+                                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                                  lr=1e-4, betas=(0.9, 0.95), fused=device.startswith("cuda"))
+    stream = np.random.default_rng(o.seed).integers(0, config.vocab_size, micro * accum * block + 1, dtype=np.uint32)
+    blocks = Blocks(stream, block, micro, o.seed)
+    plan = blocks.micro_batches(0)[:accum]
+
+    def run():
+        batches = [blocks.collate(b) for b in plan]
+        loss = accumulate(net, model.lm_head.weight, batches, block * micro * accum, 1, precision,
+                          torch.device(device))
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()  # train.train reads the loss every step: a device sync
+    return (lambda: None), run
+
+
+def bench_train(o: Options) -> list[dict]:
+    runs = [("small", SMALL, (64, 4, 1) if o.quick else (256, 16, 4), o.precisions)]
+    if o.device.startswith("cuda"):
+        runs.append(("qwen2.5-0.5b", QWEN_05B, (2048, 4, 2), ["bf16"]))
+    rows, probes = [], []
+    for name, config, batch, precisions in runs:
+        steps = {p: train_step(config, batch, p, o) for p in precisions}
+        times = time_interleaved(steps, o.warmup, o.reps, o.device)
+        del steps
+        gc.collect()
+        for p in precisions:
+            rows.append(dict(section="train", model=name + " compiled" * o.compile, params=config.n_params,
+                             precision=p, batch="×".join(map(str, batch)), config=asdict(config),
+                             **throughput(times[p], math.prod(batch), config.train_flops_per_token(batch[0]))))
+            probes.append((rows[-1], train_step, (config, batch, p, o)))
+    add_memory(o, probes)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------- eval
+def only_users(ds, users: set[str]):
+    """`ds` with the test items of every other user marked VALID, so evaluate() on the test split sees exactly
+    `users`; their histories and the popularity counts (TRAIN only) are unchanged."""
+    others = ~np.isin(np.asarray(ds.user_ids), list(users))[ds.user]
+    return replace(ds, split=np.where((ds.split == TEST) & others, VALID, ds.split).astype(ds.split.dtype))
+
+
+def bench_eval(o: Options) -> list[dict]:
+    from eval import evaluate
+    ds = dataset(o.data)  # the built-in world is created on first use
+    console.print(f"eval: {o.model} on {o.data}, domain games")
+    model = Decoder.from_pretrained(o.model, device=o.device)
+    encoder = Encoder(Tokenizer.from_pretrained(o.model))
+    rows = []
+    for precision in o.precisions:
+        with autocast(precision, torch.device(o.device)):
+            beam = evaluate(model, encoder, ds, "games", beams=20, users=o.eval_users, seed=o.seed)
+            beam_top = {r["user"]: r["top10"] for r in beam["per_user"]}
+            # Exact scoring is far slower: a seeded subset of the beam run's users, scored again exactly.
+            chosen = np.random.default_rng(o.seed).choice(list(beam_top), min(o.exact_users, len(beam_top)), False)
+            exact = evaluate(model, encoder, only_users(ds, set(chosen)), "games", exact=True)
+        pairs = [(beam_top[r["user"]], r["top10"]) for r in exact["per_user"]]
+        assert len(pairs) == len(chosen), "the exact run did not score the chosen users"
+        common = dict(section="eval", precision=precision, items=beam["items"], model=str(o.model))
+        rows += [dict(common, ranker="beam search, 20 beams", users=beam["users"], users_per_s=beam["users_per_s"],
+                      speedup=beam["users_per_s"] / exact["users_per_s"],
+                      overlap=statistics.mean(len(set(b) & set(e)) / max(len(e), 1) for b, e in pairs),
+                      same_order=statistics.mean(b == e for b, e in pairs)),
+                 dict(common, ranker="exact scoring", users=exact["users"], users_per_s=exact["users_per_s"])]
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------- prepare
+CATEGORY = "Bench_Synthetic"
+WORDS = ("dragon ocean star forest desert frost city jazz robot garden pirate knight ninja safari mystery ghost "
+         "retro spice summit fairy steam viking zen great fun quality price works well love bought gift battery "
+         "easy sturdy small cheap fast nice broke after week return again recommend son daughter").split()
+
+
+def amazon_source(n: int, seed: int = 0, root: Path | None = None) -> Path:
+    """A synthetic Amazon Reviews 2023 category of `n` reviews: the real files' fields and ~500-byte lines, a user
+    per ~8 reviews, an item per ~25 with skewed popularity. Cached under /tmp by `n`: 1M reviews are ~0.5 GB."""
+    out = (root or Path(tempfile.gettempdir())) / f"cprec-bench-amazon2023-v2-{n}-{seed}"
+    if (out / "done").exists():
+        return out
+    rng = np.random.default_rng(seed)
+    n_users, n_items = max(1, n // 8), max(1, n // 25)
+
+    def ids(k: int, width: int) -> list[str]:  # k random upper-case ids, vectorised
+        return rng.integers(65, 91, (k, width), np.uint8).view(f"S{width}")[:, 0].astype(str).tolist()
+    users, items = ids(n_users, 28), ["B0" + s for s in ids(n_items, 8)]
+    texts = [" ".join(rng.choice(WORDS, 45)).capitalize() + "." for _ in range(997)]
+    user, item = rng.integers(0, n_users, n), (n_items * rng.random(n) ** 2).astype(int)  # popular items first
+    stamp = rng.integers(1_300_000_000_000, 1_700_000_000_000, n)  # milliseconds, as in the 2023 files
+    rating, votes = rng.integers(1, 6, n), rng.geometric(0.5, n) - 1
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"{CATEGORY}.jsonl", "w") as f:
+        for k, (u, i, t, r, v) in enumerate(zip(user.tolist(), item.tolist(), stamp.tolist(), rating.tolist(),
+                                                votes.tolist())):
+            f.write(f'{{"rating": {r}.0, "title": "{texts[k % 997][:30]}", "text": "{texts[(k * 7) % 997]}", '
+                    f'"images": [], "asin": "{items[i]}", "parent_asin": "{items[i]}", "user_id": "{users[u]}", '
+                    f'"timestamp": {t}, "helpful_vote": {v}, "verified_purchase": true}}\n')
+    with open(out / f"meta_{CATEGORY}.jsonl", "w") as f:
+        for i, asin in enumerate(items):
+            f.write(f'{{"main_category": "Synthetic", "title": "{texts[i % 997][:40]} {i}", "average_rating": 4.1, '
+                    f'"rating_number": {i % 500}, "features": [], "description": [], "price": null, "images": [], '
+                    f'"videos": [], "store": "Store {i % 97}", "categories": [], "details": {{}}, '
+                    f'"parent_asin": "{asin}", "bought_together": null}}\n')
+    (out / "done").touch()
+    return out
+
+
+def prepare_probe(phase: str, source: Path) -> dict:
+    """Time one phase in this (fresh) process: parse = prepare._read_reviews consumed, convert = convert_amazon."""
+    import prepare
+    before, report = rss_kib("VmRSS"), {"files": {}}
+    path = source / f"{CATEGORY}.jsonl"
+    t = time.perf_counter()
+    if phase == "parse":
+        for _ in prepare._read_reviews(path, prepare.AMAZON[2023][2], report, False):
+            pass
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench-prepare-") as out:
+            report = prepare.convert_amazon(2023, source, [CATEGORY], Path(out) / "data")["report"]
+    seconds = time.perf_counter() - t
+    stats = report["files"][str(path)]
+    assert stats["malformed"] == 0, f"the synthetic reviews have malformed lines: {stats}"
+    records = stats["lines"]
+    return dict(records=records, seconds=seconds, records_per_s=records / seconds, rss_before_mib=before / 1024,
+                peak_rss_mib=rss_kib("VmHWM") / 1024)
+
+
+def bench_prepare(o: Options) -> list[dict]:
+    t = time.perf_counter()
+    source = amazon_source(o.prepare_records, o.seed)
+    console.print(f"prepare: {source} ({sum(f.stat().st_size for f in source.glob('*.jsonl')) / 1e6:,.0f} MB, "
+                  f"ready in {time.perf_counter() - t:.1f} s)")
+    rows = []
+    for phase in ("parse", "convert"):  # spawn: a fresh interpreter, so its peak RSS is this phase's alone
+        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+            rows.append(dict(section="prepare", phase=phase, **pool.submit(prepare_probe, phase, source).result()))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------- sections
+SECTIONS: dict[str, Callable[[Options], list[dict]]] = {
+    "decoder": bench_decoder, "train": bench_train, "eval": bench_eval, "prepare": bench_prepare}
+NOTES = {  # printed under each section's table
+    "decoder": "train = forward+backward with a full-vocabulary cross-entropy, infer = no-grad forward; tokens/s: "
+               "median of interleaved reps; MFU = tokens/s x FLOPs/token (6N + 12·L·d·T, forward a third) / peak; "
+               "step peak mem = memory of a warmed-up step beyond the resident weights and inputs (CPU: VmHWM - VmRSS "
+               "before, a fresh process per row; CUDA: max_memory_allocated); ratio = ours / transformers tokens/s, "
+               "median over adjacent rep pairs.",
+    "train": "`cprec.py pretrain` optimizer steps (collate, train.accumulate, clip, AdamW) on packed random blocks of "
+             "block×micro-batch×accumulation tokens; small = cprec.SMALL, random init; columns as in decoder, resident "
+             "= weights + optimizer state; peak MiB = the process (CUDA: all allocated) at the step's peak.",
+    "eval": "full ranking of the games catalogue (items), test split, one evaluate() run each; exact users = a seeded "
+            "subset of the beam users; speed-up = beam / exact users/s; on the exact users, overlap = mean |beam ∩ "
+            "exact top-10| / 10, same order = share of identical top-10 lists.",
+    "prepare": "synthetic Amazon Reviews 2023 category; parse = prepare._read_reviews consumed, convert = "
+               "convert_amazon end to end (titles, dedup, splits, dataset written); each in a fresh process: RSS "
+               "before = after imports, peak = VmHWM. Target: parse >= 200k records/s.",
+}
+NUM, PCT, SPREAD = "{:,.0f}".format, "{:.1%}".format, ("spread", "spread", "±{:.0%}".format)
+SPEED = [("precision", "precision", str), ("tokens_per_s", "tokens/s", NUM), ("mfu", "MFU", PCT),
+         ("peak_mem_mib", "step peak mem MiB", NUM)]
+COLUMNS = {  # (row key, header, format); format str = a text column
+    "decoder": [("impl", "impl", str), ("mode", "mode", str), *SPEED, SPREAD, ("ratio", "ratio", "{:.2f}x".format)],
+    "train": [("model", "model", str), ("params", "params", lambda n: f"{n / 1e6:,.1f}M"),
+              ("batch", "tokens/step", str), *SPEED, ("peak_total_mib", "peak MiB", NUM), SPREAD],
+    "eval": [("ranker", "ranker", str), ("precision", "precision", str), ("items", "items", NUM),
+             ("users", "users", NUM), ("users_per_s", "users/s", "{:,.1f}".format),
+             ("speedup", "speed-up", "{:.1f}x".format), ("overlap", "top-10 overlap", PCT),
+             ("same_order", "same top-10 order", PCT)],
+    "prepare": [("phase", "phase", str), ("records", "records", NUM), ("seconds", "seconds", "{:.1f}".format),
+                ("records_per_s", "records/s", NUM), ("rss_before_mib", "RSS before MiB", NUM),
+                ("peak_rss_mib", "peak RSS MiB", NUM)],
+}
+
+
+def render(section: str, rows: list[dict]) -> Table:
+    table = Table(title=section, title_justify="left")
+    for _, header, fmt in COLUMNS[section]:
+        table.add_column(header, justify="left" if fmt is str else "right")
+    for row in rows:
+        table.add_row(*(fmt(row[key]) if row.get(key) is not None else "-" for key, _, fmt in COLUMNS[section]))
+    return table
+
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+Opt = typer.Option
+
+
+@app.command(help="Run benchmark sections; print a table per section (all rows also to --json).")
+def main(
+    only: Annotated[str, Opt(help=f"comma-separated sections of: {', '.join(SECTIONS)}")] = ",".join(SECTIONS),
+    device: Annotated[str, Opt(help="cpu or cuda[:i]")] = "cpu",
+    threads: Annotated[int, Opt(help="torch threads; 0 = every core this process may use")] = 0,
+    precisions: Annotated[str | None, Opt(help="fp32,bf16 (bf16 = autocast) [CPU: fp32,bf16; CUDA: bf16]")] = None,
+    quick: Annotated[bool, Opt(help="smoke test: decoder shape d=64 L=2 T=64 B=4, train batch 64×4×1, "
+                                    "20 eval users, 20k prepare records")] = False,
+    shape: Annotated[str, Opt(help="decoder shape changes, e.g. dim=1024,seq=256; fields and defaults: "
+                                   + ",".join(f"{k}={v}" for k, v in DECODER.items()))] = "",
+    reps: Annotated[int | None, Opt(help="timed reps per step [5; quick 20]")] = None,
+    warmup: Annotated[int, Opt(help="untimed reps first")] = 1,
+    seed: Annotated[int, Opt(help="seed of weights, inputs, user subsets and synthetic reviews")] = 0,
+    memory: Annotated[bool, Opt(help="measure each row's step peak memory (CPU: a process per row)")] = True,
+    compile: Annotated[bool, Opt(help="torch.compile the train section's models (CUDA only)")] = False,
+    data: Annotated[Path, Opt(help="eval dataset, with a games domain [the built-in world]")] = DEFAULT_DATA,
+    model: Annotated[Path | None, Opt(help=f"eval checkpoint [{DEFAULT_CPT / 'final'}, else {DEFAULT_MODEL}]")] = None,
+    eval_users: Annotated[int | None, Opt(help="eval users of the beam search [200; quick 20]")] = None,
+    exact_users: Annotated[int, Opt(help="of those, users also scored exactly (slow)")] = 40,
+    prepare_records: Annotated[int | None, Opt(help="synthetic reviews [1,000,000; quick 20,000]")] = None,
+    peak_tflops: Annotated[float | None, Opt(help="MFU denominator for every precision, TFLOP/s "
+                                                  "[CPU: measured matmul; CUDA bf16: 989, H100]")] = None,
+    json_path: Annotated[Path | None, Opt("--json", help="also write machine, peaks and rows here")] = None,
+) -> None:
+    sections = [name.strip() for name in only.split(",") if name.strip()]
+    if unknown := [name for name in sections if name not in SECTIONS]:
+        raise typer.BadParameter(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}", param_hint="--only")
+    cuda = device.startswith("cuda")
+    precision_list = [p.strip() for p in (precisions or ("bf16" if cuda else "fp32,bf16")).split(",")]
+    if bad := [p for p in precision_list if p not in DTYPES]:
+        raise typer.BadParameter(f"unknown precision(s) {bad}; choose fp32, bf16", param_hint="--precisions")
+    try:
+        s = dict(QUICK if quick else DECODER)
+        s.update({k.strip(): int(v) for k, v in (kv.split("=") for kv in shape.split(",") if kv.strip())})
+        seq, batch = s.pop("seq"), s.pop("batch")
+        config = ModelConfig(**s, head_dim=s["dim"] // s["n_heads"], tie_embeddings=False, max_positions=max(2048, seq))
+    except (ValueError, TypeError, ZeroDivisionError):
+        raise typer.BadParameter(f"{shape!r}: want name=int pairs of {list(DECODER)}", param_hint="--shape") from None
+    if config.dim % config.n_heads or config.n_heads % config.n_kv_heads:
+        raise typer.BadParameter("need n_heads | dim and n_kv_heads | n_heads", param_hint="--shape")
+    if compile and not cuda:
+        raise typer.BadParameter("torch.compile is benchmarked on CUDA only: add --device cuda", param_hint="--compile")
+    model = model or next((p for p in (DEFAULT_CPT / "final", DEFAULT_MODEL) if (p / "config.json").exists()), None)
+    if "eval" in sections and not (model and (model / "config.json").exists()):
+        raise typer.BadParameter(f"no checkpoint in {model or DEFAULT_CPT / 'final'}: pass another, or run `python "
+                                 "cprec.py pretrain` first", param_hint="--model")
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+    eval_users = eval_users or (20 if quick else 200)
+    o = Options(device=device, threads=torch.get_num_threads(), precisions=precision_list,
+                reps=reps or (20 if quick else 5), warmup=warmup, seed=seed, memory=memory, quick=quick,
+                shape=config, seq=seq, batch=batch, compile=compile, data=data, model=model, eval_users=eval_users,
+                exact_users=min(exact_users, eval_users),
+                prepare_records=prepare_records or (20_000 if quick else 1_000_000))
+    machine = machine_info(device)
+    console.print("[bold]machine[/]: " + ", ".join(f"{k} {v}" for k, v in machine.items()), highlight=False)
+    if "decoder" in sections:
+        console.print(f"[bold]decoder shape[/]: {s}, seq {seq}, batch {batch}")
+    mfu = {"decoder", "train"} & set(sections)  # only they report FLOP/s: skip the peak matmuls otherwise
+    measured = measure_peaks(device, precision_list) if mfu else {}
+    rows = []
+    for name in sections:
+        t = time.perf_counter()
+        rows += SECTIONS[name](o)
+        console.print(f"section {name}: {time.perf_counter() - t:.0f} s")
+    # Peaks are measured before and after the sections and the best kept: on a shared box one measurement can land
+    # in someone else's busy spell, and an MFU above 100% would follow.
+    again = measure_peaks(device, precision_list) if mfu else {}
+    measured = {p: max(measured[p], again[p]) for p in measured}
+    peaks, peak_notes = choose_peaks(measured, device, peak_tflops)
+    if mfu:
+        console.print("[bold]peak[/]: " + "; ".join(peak_notes))
+    for row in rows:  # sections report achieved FLOP/s; MFU is one division by the peak, done here for all
+        if row.get("flops_per_s") is not None and row.get("precision") in peaks:
+            row["mfu"] = row["flops_per_s"] / peaks[row["precision"]]
+    for name in sections:
+        console.print(render(name, [r for r in rows if r["section"] == name]))
+        console.print(f"{name}: {NOTES[name]}", style="dim")
+    if any(row.get("mfu", 0) > 1 for row in rows):
+        console.print("MFU above 100%: the peak matmuls ran in a busy spell; rerun, or pass --peak-tflops",
+                      style="yellow")
+    if json_path:
+        json_path.write_text(json.dumps({"machine": machine, "peaks": peaks, "measured_peaks": measured,
+                                         "options": asdict(o), "rows": rows}, indent=2, default=str) + "\n")
+        console.print(f"wrote {json_path}")
+
+
+if __name__ == "__main__":
+    try:
+        app()
+    except UserError as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        raise SystemExit(2)

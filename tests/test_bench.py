@@ -1,0 +1,15 @@
+"""bench.py's train, eval and prepare sections on tiny inputs, in-process (the CLI runs the same functions)."""
+import bench
+from model import ModelConfig
+
+
+def test_train_eval_prepare_sections_run_on_tiny_inputs(world, tiny_model, tmp_path):
+    o = bench.Options(device="cpu", threads=1, precisions=["fp32"], reps=1, warmup=0, seed=0, memory=False, quick=True,
+                      shape=ModelConfig(), seq=8, batch=1, data=world, model=tiny_model, eval_users=4, exact_users=2)
+    (train,) = bench.bench_train(o)
+    assert train["tokens_per_s"] > 0 and train["batch"] == "64×4×1"
+    beam, exact = bench.bench_eval(o)
+    assert (beam["users"], exact["users"]) == (4, 2) and 0 <= beam["overlap"] <= 1 and beam["speedup"] > 0
+    source = bench.amazon_source(300, root=tmp_path)
+    for phase in ("parse", "convert"):  # both assert that no synthetic line is malformed
+        assert bench.prepare_probe(phase, source)["records"] == 300
