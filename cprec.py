@@ -23,7 +23,7 @@ import eval as evaluation
 from data import (Encoder, Examples, Blocks, cpt_stream, eval_cases, load_dataset, sft_examples, tokenizer_corpus,
                   train_sequences, VALID)
 from model import Decoder, ModelConfig, Tokenizer, UserError, create_model, write_json
-from schedule import Schedule
+from schedule import Schedule, validate
 from train import (Interrupted, MicroBatches, TrainConfig, autocast, latest_checkpoint, open_run, resolve_precision,
                    setup_distributed, train)
 
@@ -177,7 +177,7 @@ def pretrain(data: Path = typer.Option(DEFAULT_DATA, help="Dataset; the built-in
                                                   "created if missing)."),
              out: Path = typer.Option(DEFAULT_CPT, help="Run directory."),
              kinds: str = typer.Option("domain,mixed", help="CPT sequence kinds: domain, mixed or both."),
-             epochs: float = typer.Option(3.0, help="Passes over the CPT text (ignored if --tokens is given)."),
+             epochs: float = typer.Option(2.0, help="Passes over the CPT text (ignored if --tokens is given)."),
              tokens: Optional[int] = typer.Option(None, help="Training budget in tokens."),
              lr: float = typer.Option(2e-3, help="Peak learning rate."),
              schedule: str = SCHEDULE, warmup: float = WARMUP, anneal: float = ANNEAL, anneal_shape: str = SHAPE,
@@ -213,6 +213,7 @@ def pretrain(data: Path = typer.Option(DEFAULT_DATA, help="Dataset; the built-in
               "tokenizer_fingerprint": tokenizer.fingerprint(), "kinds": split_list(kinds), "cpt_tokens": len(stream),
               "block_len": block_len, "micro_batch": micro_batch, "batch_tokens": batch_tokens,
               "train_tokens": steps * batch_tokens, "val_users": val_users, "train": run_settings(cfg)}
+    check(cfg, device)
     run = open_run(out, config, resume, overwrite, rank)
     net = Decoder.from_pretrained(latest_checkpoint(run) if resume else start)
     pretrain_domains = [k for k, d in ds.domains.items() if d.role == "pretrain"]
@@ -229,6 +230,12 @@ def pretrain(data: Path = typer.Option(DEFAULT_DATA, help="Dataset; the built-in
         write_json(run / "results.json", {"config": config, "training": summary})
         say(f"done: final loss {summary['loss']:.4f}, validation loss {summary['validation']['val_loss']:.4f}, "
             f"{summary['tokens_per_s']:,.0f} tokens/s, model in {run / 'final'}")
+
+
+def check(cfg: TrainConfig, device: torch.device) -> None:
+    """Refuse bad schedule or precision options before a run directory is created for them."""
+    validate(cfg.schedule, cfg.steps)
+    resolve_precision(cfg.precision, device)
 
 
 def run_settings(cfg: TrainConfig) -> dict:
@@ -259,8 +266,8 @@ def finetune(domain: str = typer.Option(..., help="Target domain, e.g. games."),
                                                   "pretrain, runs/pretrain/final; models/small = no-CPT ablation)."),
              out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/finetune-DOMAIN)."),
              users_fraction: float = typer.Option(1.0, help="Fraction of training users (limited-SFT setting)."),
-             epochs: float = typer.Option(4.0, help="Passes over the training examples."),
-             lr: float = typer.Option(1e-3, help="Peak learning rate."),
+             epochs: float = typer.Option(10.0, help="Passes over the training examples."),
+             lr: float = typer.Option(2e-3, help="Peak learning rate."),
              schedule: str = typer.Option("cosine", help="wsa, cosine, linear or constant."),
              warmup: float = WARMUP, anneal: float = ANNEAL, anneal_shape: str = SHAPE, lr_floor: float = FLOOR,
              batch_tokens: int = typer.Option(8192, help="Padded tokens per optimizer step over all processes."),
@@ -302,6 +309,7 @@ def finetune(domain: str = typer.Option(..., help="Target domain, e.g. games."),
               "train_users": len(sequences), "examples": len(examples.examples), "window": window,
               "batch_tokens": batch_tokens, "micro_tokens": micro_tokens, "val_users": val_users, "test_users": test_users, "beams": beams,
               "mask_history": mask_history, "train": run_settings(cfg)}
+    check(cfg, device)
     run = open_run(out, config, resume, overwrite, rank)
     net = Decoder.from_pretrained(latest_checkpoint(run) if resume else start)
     options = dict(beams=beams, seed=seed, mask_history=mask_history, window=window)
@@ -354,7 +362,7 @@ def reproduce_command(out: Path = typer.Option(Path("runs/reproduce"), help="Dir
                       model: Optional[Path] = typer.Option(None, help="Base model (default: models/small)."),
                       domain: str = typer.Option("games", help="Downstream domain of the comparisons."),
                       cpt_tokens: int = typer.Option(1_000_000, help="Token budget of each CPT run."),
-                      sft_epochs: float = typer.Option(3.0, help="Epochs of each SFT run."),
+                      sft_epochs: float = typer.Option(5.0, help="Epochs of each SFT run."),
                       seed: int = typer.Option(0, help="One seed for every run."),
                       overwrite: bool = typer.Option(False, help="Replace an earlier reproduction.")):
     """Run the comparisons behind CPRec's claims (zero-shot, CPT vs no CPT, limited SFT, sequence kinds, schedules)

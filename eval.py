@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from data import Case, Dataset, Encoder, Examples, eval_cases, item_text, target_example, train_sequences
 from model import BeamCache, Decoder, KVCache, UserError
@@ -89,30 +90,31 @@ def beam_search(model: Decoder, prompts: list[list[int]], trie: Trie, beams: int
                 exclude: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-`beams` items (U, B) and their scores for each prompt, best first (-1 / -inf where fewer exist).
 
-    Every user keeps `beams` open prefixes (dead ones score -inf). Candidates that complete an item move to a pool
-    of finished items (items in `exclude[u]` are dropped there); a user is done once its pool holds `beams` items
-    that no open beam can beat, since log-probabilities only fall. With beams >= the catalogue size nothing is ever
-    pruned and the result is exact.
+    Each user starts from one prefix (the prompt) and then keeps `beams` open prefixes (dead ones score -inf).
+    Candidates that complete an item move to a pool of finished items (items in `exclude[u]` are dropped there); a
+    user is done once its pool holds `beams` items that no open beam can beat, since log-probabilities only fall.
+    With beams >= the catalogue size nothing is ever pruned and the result is exact.
     """
     device = model.embed_tokens.weight.device
     U = len(prompts)
     prompt, logp = prompt_cache(model, prompts, pad_id)
     cache = BeamCache(prompt, beams, trie.depth)
-    logp = logp.repeat_interleave(beams, 0)  # every beam starts from its prompt
     banned = torch.full((U, max(1, max(map(len, exclude or [[]])))), -2, dtype=torch.long, device=device)
     for row, items in enumerate(exclude or []):
         banned[row, :len(items)] = torch.as_tensor(items, dtype=torch.long)
-    node = torch.zeros((U, beams), dtype=torch.long, device=device)
-    score = torch.full((U, beams), -torch.inf, device=device)
-    score[:, 0] = 0.0
+    node = torch.zeros((U, 1), dtype=torch.long, device=device)
+    score = torch.zeros((U, 1), device=device)
     pool_item = torch.full((U, beams), -1, dtype=torch.long, device=device)
     pool_score = torch.full((U, beams), -torch.inf, device=device)
     for _ in range(trie.depth):
-        tokens, child = trie.children(node.flatten())  # (U·B, F)
-        fan = tokens.shape[1]
+        width = node.shape[1]
+        tokens, child = trie.children(node.flatten())  # (U·W, F)
+        fan = max(tokens.shape[1], -(-beams // width))  # at least `beams` candidates per user
+        tokens = F.pad(tokens, (0, fan - tokens.shape[1]), value=-1)
+        child = F.pad(child, (0, fan - child.shape[1]))
         gained = logp.gather(1, tokens.clamp(min=0)).masked_fill(tokens < 0, -torch.inf)
-        cand = (score.flatten()[:, None] + gained).view(U, beams * fan)
-        child, item = child.view(U, beams * fan), trie.item[child].view(U, beams * fan)
+        cand = (score.flatten()[:, None] + gained).view(U, width * fan)
+        child, item = child.view(U, width * fan), trie.item[child].view(U, width * fan)
         finished = (item >= 0) & ~(item[..., None] == banned[:, None, :]).any(-1)
         merged = torch.cat([pool_score, cand.masked_fill(~finished, -torch.inf)], 1).topk(beams, dim=1)
         pool_score, pool_item = merged.values, torch.cat([pool_item, item], 1).gather(1, merged.indices)
@@ -120,7 +122,7 @@ def beam_search(model: Decoder, prompts: list[list[int]], trie: Trie, beams: int
         if not (score[:, 0] > pool_score[:, -1]).any():
             break
         cache = cache.select((torch.arange(U, device=device)[:, None] * beams + pick // fan).flatten())
-        token = tokens.view(U, beams * fan).gather(1, pick).clamp(min=0)  # dead beams (-inf) feed any token
+        token = tokens.view(U, width * fan).gather(1, pick).clamp(min=0)  # dead beams (-inf) feed any token
         hidden = model(token.view(-1, 1), kv_cache=cache, hidden=True)[:, -1]
         logp = torch.log_softmax(model.lm_head(hidden).float(), -1)
         node = child.gather(1, pick)

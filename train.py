@@ -172,6 +172,7 @@ def open_run(out_dir: str | Path, config: dict, resume: bool, overwrite: bool, r
     """
     out = Path(out_dir)
     saved = out / "run_config.json"
+    config = json.loads(json.dumps(config))  # as it reads back from disk (tuples become lists)
     if resume:
         if not (out / "latest").exists():
             raise UserError(f"{out}: nothing to resume (no checkpoint); run without --resume")

@@ -186,3 +186,23 @@ def test_created_model_round_trips_with_its_tokenizer(tmp_path):
     again = create_model(texts, tmp_path / "m2", config, seed=0)  # same texts and seed: same files
     assert (tmp_path / "m" / "tokenizer.model").read_bytes() == (tmp_path / "m2" / "tokenizer.model").read_bytes()
     assert all(torch.equal(a, b) for a, b in zip(created.state_dict().values(), again.state_dict().values()))
+
+
+def test_tokenizer_json_through_the_optional_tokenizers_package(tmp_path, monkeypatch):
+    """Qwen2.5-style checkpoints ship only tokenizer.json (byte-level BPE, no BOS)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["User history in Video Games:\nRed Dragon Quest\nBlue Ocean Racer\n"] * 20, trainer)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "bos_token": None}))
+    ours = Tokenizer.from_pretrained(tmp_path)
+    assert ours.bos_id is None and ours.eos_id == tok.token_to_id("<|endoftext|>") == ours.pad_id
+    assert ours.decode(ours.encode("Red Dragon Quest\n")) == "Red Dragon Quest\n"
+    monkeypatch.setitem(__import__("sys").modules, "tokenizers", None)  # as if it were not installed
+    with pytest.raises(UserError, match="only tokenizer.json found; it needs the optional package 'tokenizers'"):
+        Tokenizer.from_pretrained(tmp_path)
