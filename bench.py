@@ -6,6 +6,7 @@ each section prints one table, and --json writes every row. Sections:
 - decoder: our Decoder against transformers' LlamaForCausalLM on the same safetensors, inputs and threads.
 - train: optimizer steps as `cprec.py pretrain` runs them, on the default small model (CUDA: also Qwen2.5-0.5B-sized).
 - eval: beam search against exact scoring on the built-in world's games domain: users/s and top-10 agreement.
+- catalogue: beam search and exact scoring on a synthetic catalogue of 100k items: speed and peak memory.
 - prepare: Amazon Reviews 2023 conversion of a synthetic category: records/s and peak RSS.
 """
 from __future__ import annotations
@@ -72,6 +73,7 @@ class Options:
     eval_users: int = 200
     exact_users: int = 40
     prepare_records: int = 1_000_000
+    catalogue_items: int = 100_000
 
 
 # --------------------------------------------------------------------------------------------------- machine
@@ -155,49 +157,63 @@ def rss_kib(field: str) -> int:
     return int(re.search(rf"^{field}:\s*(\d+)", Path("/proc/self/status").read_text(), re.M)[1])
 
 
+def peak_memory(run: Callable[[], object], device: str) -> tuple[object, dict]:
+    """Run `run()` once; return its result and the memory it needed on top of what was resident before it, and the
+    peak in all. CUDA: max_memory_allocated. CPU: peak RSS (VmHWM, reset through /proc/self/clear_refs) against the
+    RSS before; no numbers where the peak cannot be reset."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        result = run()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        return result, {"peak_mem_mib": (peak - before) / 2 ** 20, "peak_total_mib": peak / 2 ** 20}
+    before = rss_kib("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark to the current RSS (Linux >= 4.0)
+    except OSError:
+        return run(), {}  # not Linux, or no permission: no honest number to give
+    result = run()
+    peak = rss_kib("VmHWM")
+    return result, {"peak_mem_mib": (peak - before) / 1024, "peak_total_mib": peak / 1024}
+
+
 def step_memory(make: Callable[..., Step], args: tuple, threads: int, device: str) -> dict:
     """Memory one warmed-up step of `make(*args)` needs on top of what is resident before it (weights, optimizer
-    state, inputs): activations, gradients, temporaries; and the peak in all. CUDA: max_memory_allocated. CPU: peak
-    RSS (VmHWM, reset through /proc/self/clear_refs) against the RSS before the step."""
+    state, inputs): activations, gradients, temporaries; and the peak in all (see peak_memory)."""
     torch.set_num_threads(threads)
     reset, run = make(*args)
     reset()
     run()  # one-time allocations (thread pools, oneDNN primitives, RoPE table, optimizer state) are not the step's
     reset()
     gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        timed(run, device)
-        peak = torch.cuda.max_memory_allocated()
-        return {"peak_mem_mib": (peak - before) / 2 ** 20, "peak_total_mib": peak / 2 ** 20}
-    before = rss_kib("VmRSS")
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark to the current RSS (Linux >= 4.0)
-    except OSError:
-        return {}  # not Linux, or no permission: no honest number to give
-    run()
-    peak = rss_kib("VmHWM")
-    return {"peak_mem_mib": (peak - before) / 1024, "peak_total_mib": peak / 1024}
+    return peak_memory(run, device)[1]
+
+
+@contextlib.contextmanager
+def fresh_processes(preload: tuple = ()):
+    """A pool whose every task runs in a fresh child of a fork server that imported everything once (a fresh
+    interpreter costs ~5 s), so no other task's tensors or caches are there. The fixed glibc mmap threshold returns
+    every large tensor to the OS on free: glibc's default raises it as large blocks are freed, and memory cached by a
+    warm-up would then hide in the baseline."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["__main__", *preload])
+    # The fork server copies os.environ when it starts; its glibc reads these then.
+    with mock.patch.dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072"), \
+            ProcessPoolExecutor(1, mp_context=ctx, max_tasks_per_child=1) as pool:
+        yield pool
 
 
 def add_memory(o: Options, probes: list[tuple[dict, Callable[..., Step], tuple]], preload: tuple = ()) -> None:
-    """With --memory, add step_memory(make, args) to each (row, make, args). On CPU each runs in a fresh child of a
-    fork server that imported everything once (a fresh interpreter costs ~5 s), so no other row's tensors or caches
-    are there. The fixed glibc mmap threshold returns every large tensor to the OS on free: glibc's default raises
-    it as large blocks are freed, and memory cached by the warm-up step would then hide in the baseline."""
+    """With --memory, add step_memory(make, args) to each (row, make, args); on CPU each in a fresh process."""
     if not o.memory:
         return
     if o.device.startswith("cuda"):
         for row, make, args in probes:
             row.update(step_memory(make, args, o.threads, o.device))
         return
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["__main__", *preload])
-    # The fork server copies os.environ when it starts; its glibc reads these then.
-    with mock.patch.dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072"), \
-            ProcessPoolExecutor(1, mp_context=ctx, max_tasks_per_child=1) as pool:
+    with fresh_processes(preload) as pool:
         for row, make, args in probes:
             row.update(pool.submit(step_memory, make, args, o.threads, o.device).result())
 
@@ -393,6 +409,68 @@ def bench_eval(o: Options) -> list[dict]:
     return rows
 
 
+# --------------------------------------------------------------------------------------------------- catalogue
+CATALOGUE_USERS = {"beam": 16, "exact": 2}  # beam: all in one beam_search batch
+CATALOGUE_BEAMS, PROMPT_TOKENS, PAD, TERMINATOR = 20, 100, 0, 1
+
+
+def synthetic_catalogue(n: int, vocab: int, seed: int) -> list[list[int]]:
+    """`n` distinct items of 3-8 random tokens and then TERMINATOR (like a title's closing newline), which occurs in
+    no item's body: so no item is another's prefix, as with real items."""
+    rng, items = np.random.default_rng(seed), {}
+    while len(items) < n:
+        k = n - len(items)
+        bodies, lengths = rng.integers(TERMINATOR + 1, vocab, (k, 8)).tolist(), rng.integers(3, 9, k).tolist()
+        items.update(dict.fromkeys(tuple(body[:m]) + (TERMINATOR,) for body, m in zip(bodies, lengths)))
+    return [list(item) for item in items]
+
+
+def catalogue_probe(ranker: str, n: int, precision: str, o: Options) -> dict:
+    """One ranker on a synthetic catalogue of `n` items, in this (fresh) process: the trie's build time and peak
+    memory (beam), users/s, and the memory ranking needs beyond the resident model, items and trie, after a warm-up
+    on one user (exact: and 1,000 items)."""
+    from eval import beam_search, build_trie, exact_scores
+    torch.set_num_threads(o.threads)
+    device, users = o.device, CATALOGUE_USERS[ranker]
+    model = Decoder(SMALL)
+    init_weights(model, o.seed)
+    model.to(device).eval()
+    items = synthetic_catalogue(n, SMALL.vocab_size, o.seed)
+    prompts = np.random.default_rng(o.seed + 1).integers(TERMINATOR + 1, SMALL.vocab_size, (users, PROMPT_TOKENS))
+    prompts = prompts.tolist()
+    row = dict(section="catalogue", precision=precision, items=n, users=users)
+    if ranker == "beam":
+        t = time.perf_counter()
+        trie, memory = peak_memory(lambda: build_trie(items, device), device)
+        row.update(ranker=f"beam search, {CATALOGUE_BEAMS} beams", trie_s=time.perf_counter() - t,
+                   trie_peak_mib=memory.get("peak_mem_mib"))
+        rank = lambda some: beam_search(model, some, trie, CATALOGUE_BEAMS, PAD)  # noqa: E731
+        warm_up = lambda: rank(prompts[:1])  # noqa: E731
+    else:
+        row.update(ranker="exact scoring")
+        rank = lambda some: [exact_scores(model, p, items, PAD) for p in some]  # noqa: E731
+        warm_up = lambda: exact_scores(model, prompts[0], items[:1000], PAD)  # noqa: E731
+    with autocast(precision, torch.device(device)):
+        warm_up()  # one-time allocations (thread pools, oneDNN primitives, RoPE table) are not the ranking's
+        gc.collect()
+        t = time.perf_counter()
+        _, memory = peak_memory(lambda: rank(prompts), device)
+        seconds = time.perf_counter() - t
+    if memory:
+        row["resident_mib"] = memory["peak_total_mib"] - memory["peak_mem_mib"]
+    return dict(row, users_per_s=users / seconds, seconds=seconds, **memory)
+
+
+def bench_catalogue(o: Options) -> list[dict]:
+    console.print(f"catalogue: {o.catalogue_items:,} synthetic items, model cprec.SMALL (random init)")
+    rows = []
+    with fresh_processes() as pool:  # a fresh process per probe: no other probe's memory in its peak
+        for precision in o.precisions:
+            for ranker in CATALOGUE_USERS:
+                rows.append(pool.submit(catalogue_probe, ranker, o.catalogue_items, precision, o).result())
+    return rows
+
+
 # --------------------------------------------------------------------------------------------------- prepare
 CATEGORY = "Bench_Synthetic"
 WORDS = ("dragon ocean star forest desert frost city jazz robot garden pirate knight ninja safari mystery ghost "
@@ -467,7 +545,8 @@ def bench_prepare(o: Options) -> list[dict]:
 
 # --------------------------------------------------------------------------------------------------- sections
 SECTIONS: dict[str, Callable[[Options], list[dict]]] = {
-    "decoder": bench_decoder, "train": bench_train, "eval": bench_eval, "prepare": bench_prepare}
+    "decoder": bench_decoder, "train": bench_train, "eval": bench_eval, "catalogue": bench_catalogue,
+    "prepare": bench_prepare}
 NOTES = {  # printed under each section's table
     "decoder": "train = forward+backward with a full-vocabulary cross-entropy, infer = no-grad forward; tokens/s: "
                "median of interleaved reps; MFU = tokens/s x FLOPs/token (6N + 12·L·d·T, forward a third) / peak; "
@@ -480,6 +559,12 @@ NOTES = {  # printed under each section's table
     "eval": "full ranking of the games catalogue (items), test split, one evaluate() run each; exact users = a seeded "
             "subset of the beam users; speed-up = beam / exact users/s; on the exact users, overlap = mean |beam ∩ "
             "exact top-10| / 10, same order = share of identical top-10 lists.",
+    "catalogue": "memory bound of full ranking: random distinct items of 3-8 tokens + a terminator, cprec.SMALL with "
+                 "random weights, 100-token random prompts; beam = one beam_search batch of all users, exact = "
+                 "exact_scores per user with its default chunks; each row in a fresh process; resident = RSS before "
+                 "ranking (model, items, trie), ranking peak = VmHWM growth over it (CUDA: allocated). It shows peak "
+                 "memory independent of users x items: beam's follows users (prompt cache, beams x item-length keys, "
+                 "beams x vocabulary logits), not items; exact's is one chunk (~3.6k items here) at any size.",
     "prepare": "synthetic Amazon Reviews 2023 category; parse = prepare._read_reviews consumed, convert = "
                "convert_amazon end to end (titles, dedup, splits, dataset written); each in a fresh process: RSS "
                "before = after imports, peak = VmHWM. Target: parse >= 200k records/s.",
@@ -495,6 +580,10 @@ COLUMNS = {  # (row key, header, format); format str = a text column
              ("users", "users", NUM), ("users_per_s", "users/s", "{:,.1f}".format),
              ("speedup", "speed-up", "{:.1f}x".format), ("overlap", "top-10 overlap", PCT),
              ("same_order", "same top-10 order", PCT)],
+    "catalogue": [("ranker", "ranker", str), ("precision", "precision", str), ("items", "items", NUM),
+                  ("users", "users", NUM), ("trie_s", "trie build s", "{:.2f}".format),
+                  ("trie_peak_mib", "trie build peak MiB", NUM), ("users_per_s", "users/s", "{:,.2f}".format),
+                  ("resident_mib", "resident MiB", NUM), ("peak_mem_mib", "ranking peak MiB", NUM)],
     "prepare": [("phase", "phase", str), ("records", "records", NUM), ("seconds", "seconds", "{:.1f}".format),
                 ("records_per_s", "records/s", NUM), ("rss_before_mib", "RSS before MiB", NUM),
                 ("peak_rss_mib", "peak RSS MiB", NUM)],
@@ -521,7 +610,7 @@ def main(
     threads: Annotated[int, Opt(help="torch threads; 0 = every core this process may use")] = 0,
     precisions: Annotated[str | None, Opt(help="fp32,bf16 (bf16 = autocast) [CPU: fp32,bf16; CUDA: bf16]")] = None,
     quick: Annotated[bool, Opt(help="smoke test: decoder shape d=64 L=2 T=64 B=4, train batch 64×4×1, "
-                                    "20 eval users, 20k prepare records")] = False,
+                                    "20 eval users, 5k catalogue items, 20k prepare records")] = False,
     shape: Annotated[str, Opt(help="decoder shape changes, e.g. dim=1024,seq=256; fields and defaults: "
                                    + ",".join(f"{k}={v}" for k, v in DECODER.items()))] = "",
     reps: Annotated[int | None, Opt(help="timed reps per step [5; quick 20]")] = None,
@@ -533,6 +622,7 @@ def main(
     model: Annotated[Path | None, Opt(help=f"eval checkpoint [{DEFAULT_CPT / 'final'}, else {DEFAULT_MODEL}]")] = None,
     eval_users: Annotated[int | None, Opt(help="eval users of the beam search [200; quick 20]")] = None,
     exact_users: Annotated[int, Opt(help="of those, users also scored exactly (slow)")] = 40,
+    catalogue_items: Annotated[int | None, Opt(help="synthetic catalogue items [100,000; quick 5,000]")] = None,
     prepare_records: Annotated[int | None, Opt(help="synthetic reviews [1,000,000; quick 20,000]")] = None,
     peak_tflops: Annotated[float | None, Opt(help="MFU denominator for every precision, TFLOP/s "
                                                   "[CPU: measured matmul; CUDA bf16: 989, H100]")] = None,
@@ -566,6 +656,7 @@ def main(
                 reps=reps or (20 if quick else 5), warmup=warmup, seed=seed, memory=memory, quick=quick,
                 shape=config, seq=seq, batch=batch, compile=compile, data=data, model=model, eval_users=eval_users,
                 exact_users=min(exact_users, eval_users),
+                catalogue_items=catalogue_items or (5_000 if quick else 100_000),
                 prepare_records=prepare_records or (20_000 if quick else 1_000_000))
     machine = machine_info(device)
     console.print("[bold]machine[/]: " + ", ".join(f"{k} {v}" for k, v in machine.items()), highlight=False)

@@ -390,7 +390,7 @@ def show(result: dict) -> None:
     for name in ("model", "popularity"):
         table.add_row(name, *[f"{result[name][k]:.4f}" for k in keys])
     console.print(table)
-    console.print(f"protocol: {result['protocol']}", highlight=False)
+    console.print(f"protocol: {result['protocol']}", highlight=False, soft_wrap=True)
     console.print(f"{result['users_per_s']:.1f} users/s", highlight=False)
 
 

@@ -26,21 +26,28 @@ KS = (5, 10, 20)
 # --------------------------------------------------------------------------------------------------- trie
 @dataclass
 class Trie:
-    """A prefix tree of item token sequences in CSR form: node n's edges are offsets[n]:offsets[n+1]."""
+    """A prefix tree of item token sequences in CSR form: node n's edges are offsets[n]:offsets[n+1].
+
+    The last node is a sink with no children and no item: padding and dead beams point there, never at the root,
+    whose fan-out (about the vocabulary) would otherwise widen every step."""
     offsets: torch.Tensor  # (nodes + 1,)
     tokens: torch.Tensor  # (edges,) the token on each edge, sorted within a node
     child: torch.Tensor  # (edges,) the node each edge leads to
     item: torch.Tensor  # (nodes,) the item ending at a node (a leaf), else -1
     depth: int
 
+    @property
+    def sink(self) -> int:
+        return len(self.item) - 1
+
     def children(self, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(tokens, child nodes) of each node, padded to the widest with token -1 and node 0."""
+        """(tokens, child nodes) of each node, padded to the widest with token -1 and the sink."""
         start, count = self.offsets[nodes], self.offsets[nodes + 1] - self.offsets[nodes]
         width = max(int(count.max()), 1)
         edge = start[..., None] + torch.arange(width, device=nodes.device)
         valid = torch.arange(width, device=nodes.device) < count[..., None]
         edge = torch.where(valid, edge, 0).clamp(max=len(self.tokens) - 1)
-        return torch.where(valid, self.tokens[edge], -1), torch.where(valid, self.child[edge], 0)
+        return torch.where(valid, self.tokens[edge], -1), torch.where(valid, self.child[edge], self.sink)
 
 
 def build_trie(sequences: list[list[int]], device: torch.device | str = "cpu") -> Trie:
@@ -63,6 +70,8 @@ def build_trie(sequences: list[list[int]], device: torch.device | str = "cpu") -
             raise UserError(f"item {k}'s tokens are a prefix of (or equal to) item {other}'s; item texts must be "
                             "unique after tokenization")
         item[node] = k
+    edges.append({})  # the sink
+    item.append(-1)
     ordered = [sorted(e.items()) for e in edges]
     offsets = np.cumsum([0] + [len(e) for e in ordered])
     as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
@@ -111,7 +120,7 @@ def beam_search(model: Decoder, prompts: list[list[int]], trie: Trie, beams: int
         tokens, child = trie.children(node.flatten())  # (U·W, F)
         fan = max(tokens.shape[1], -(-beams // width))  # at least `beams` candidates per user
         tokens = F.pad(tokens, (0, fan - tokens.shape[1]), value=-1)
-        child = F.pad(child, (0, fan - child.shape[1]))
+        child = F.pad(child, (0, fan - child.shape[1]), value=trie.sink)
         gained = logp.gather(1, tokens.clamp(min=0)).masked_fill(tokens < 0, -torch.inf)
         cand = (score.flatten()[:, None] + gained).view(U, width * fan)
         child, item = child.view(U, width * fan), trie.item[child].view(U, width * fan)
@@ -133,26 +142,31 @@ def beam_search(model: Decoder, prompts: list[list[int]], trie: Trie, beams: int
 def exact_scores(model: Decoder, prompt: list[int], items: list[list[int]], pad_id: int,
                  chunk: int | None = None) -> torch.Tensor:
     """Log-likelihood (N,) of every item's tokens after one prompt: the prompt runs once, then the items, right-
-    padded, as continuations of it, in chunks small enough that their logits stay within ~256 MB."""
-    device = model.embed_tokens.weight.device
+    padded, as continuations of it, in chunks whose logits, attention scores and caches stay within ~256 MB."""
+    c = model.config
     longest = max(map(len, items))
-    chunk = chunk or max(1, 2**26 // (longest * model.config.vocab_size))
+    per_item = 4 * longest * (2 * c.vocab_size + 3 * c.n_heads * (len(prompt) + longest) + 2 * c.n_layers * c.dim)
+    chunk = chunk or max(1, 2**28 // per_item)
     prompt_kv, first = prompt_cache(model, [prompt], pad_id)
-    scores = []
-    for start in range(0, len(items), chunk):
-        group = items[start:start + chunk]
-        ids = torch.full((len(group), longest), pad_id, dtype=torch.long)
-        for row, seq in enumerate(group):
-            ids[row, :len(seq)] = torch.tensor(seq)
-        ids = ids.to(device)
-        total = first[0, ids[:, 0]]
-        if longest > 1:
-            real = torch.arange(1, longest, device=device) < torch.tensor([len(s) for s in group], device=device)[:, None]
-            hidden = model(ids[:, :-1], kv_cache=BeamCache(prompt_kv, len(group), longest - 1), hidden=True)
-            logp = torch.log_softmax(model.lm_head(hidden).float(), -1).gather(2, ids[:, 1:, None])[..., 0]
-            total = total + (logp * real).sum(1)
-        scores.append(total)
-    return torch.cat(scores)
+    return torch.cat([continuation_scores(model, prompt_kv, first[0], items[i:i + chunk], pad_id)
+                      for i in range(0, len(items), chunk)])
+
+
+def continuation_scores(model: Decoder, prompt_kv: KVCache, first: torch.Tensor, items: list[list[int]],
+                        pad_id: int) -> torch.Tensor:
+    """Log-likelihoods of `items` after a one-prompt cache; `first` holds the log-probabilities after the prompt."""
+    device, longest = first.device, max(map(len, items))
+    ids = torch.full((len(items), longest), pad_id, dtype=torch.long)
+    for row, seq in enumerate(items):
+        ids[row, :len(seq)] = torch.tensor(seq)
+    ids = ids.to(device)
+    total = first[ids[:, 0]]
+    if longest == 1:
+        return total
+    real = torch.arange(1, longest, device=device) < torch.tensor([len(s) for s in items], device=device)[:, None]
+    hidden = model(ids[:, :-1], kv_cache=BeamCache(prompt_kv, len(items), longest - 1), hidden=True)
+    logp = torch.log_softmax(model.lm_head(hidden).float(), -1).gather(2, ids[:, 1:, None])[..., 0]
+    return total + (logp * real).sum(1)
 
 
 # --------------------------------------------------------------------------------------------------- metrics
@@ -193,12 +207,13 @@ def popularity(ds: Dataset, key: str) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------- driver
-def auto_batch_users(model: Decoder, beams: int, prompt_len: int, budget: float = 2**29) -> int:
-    """Users per beam-search batch so that the prompt cache and a step's fp32 logits each stay within `budget`
-    bytes (the prompt part dominates the cache: beams add only a few slots each)."""
+def auto_batch_users(model: Decoder, beams: int, prompt_len: int, depth: int, budget: float = 2**29) -> int:
+    """Users per beam-search batch so that the caches (the prompt once, each beam's own `depth` slots, twice while
+    beams are reordered) and a step's fp32 logits each stay within `budget` bytes."""
     c = model.config
-    cache_row = c.n_layers * 2 * c.n_kv_heads * c.head_dim * prompt_len * model.embed_tokens.weight.element_size()
-    return max(1, int(min(budget / cache_row, budget / (beams * c.vocab_size * 4), 256)))
+    slot = c.n_layers * 2 * c.n_kv_heads * c.head_dim * model.embed_tokens.weight.element_size()
+    return max(1, int(min(budget / (slot * (prompt_len + 2 * beams * depth)), budget / (beams * c.vocab_size * 4),
+                          256)))
 
 
 def evaluate(model: Decoder, encoder: Encoder, ds: Dataset, key: str, *, split: str = "test", beams: int = 20,
@@ -236,7 +251,7 @@ def evaluate(model: Decoder, encoder: Encoder, ds: Dataset, key: str, *, split: 
     else:
         trie = build_trie(item_tokens, model.embed_tokens.weight.device)
         order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths share a batch: less padding
-        step = batch_users or auto_batch_users(model, beams, max(map(len, prompts)))
+        step = batch_users or auto_batch_users(model, beams, max(map(len, prompts)), trie.depth)
         for start in range(0, len(order), step):
             rows = order[start:start + step]
             items, scores = beam_search(model, [prompts[r] for r in rows], trie, beams, pad, [excluded[r] for r in rows])

@@ -1,4 +1,5 @@
-"""bench.py's train, eval and prepare sections on tiny inputs, in-process (the CLI runs the same functions)."""
+"""bench.py's train, eval, catalogue and prepare sections on tiny inputs, in-process (the CLI runs the same
+functions)."""
 import bench
 from model import ModelConfig
 
@@ -10,6 +11,10 @@ def test_train_eval_prepare_sections_run_on_tiny_inputs(world, tiny_model, tmp_p
     assert train["tokens_per_s"] > 0 and train["batch"] == "64×4×1"
     beam, exact = bench.bench_eval(o)
     assert (beam["users"], exact["users"]) == (4, 2) and 0 <= beam["overlap"] <= 1 and beam["speedup"] > 0
+    assert len({tuple(i) for i in bench.synthetic_catalogue(3000, 40, 0)}) == 3000  # forces a redraw of duplicates
+    for ranker in ("beam", "exact"):  # in-process here; build_trie refuses an item that is another's prefix
+        row = bench.catalogue_probe(ranker, 200, "fp32", o)
+        assert row["items"] == 200 and row["users"] == bench.CATALOGUE_USERS[ranker] and row["users_per_s"] > 0
     source = bench.amazon_source(300, root=tmp_path)
     for phase in ("parse", "convert"):  # both assert that no synthetic line is malformed
         assert bench.prepare_probe(phase, source)["records"] == 300
