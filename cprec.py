@@ -179,12 +179,13 @@ def pretrain(data: Path = typer.Option(DEFAULT_DATA, help="Dataset; the built-in
              kinds: str = typer.Option("domain,mixed", help="CPT sequence kinds: domain, mixed or both."),
              epochs: float = typer.Option(2.0, help="Passes over the CPT text (ignored if --tokens is given)."),
              tokens: Optional[int] = typer.Option(None, help="Training budget in tokens."),
-             lr: float = typer.Option(2e-3, help="Peak learning rate."),
+             lr: float = typer.Option(1e-3, help="Peak learning rate."),
              schedule: str = SCHEDULE, warmup: float = WARMUP, anneal: float = ANNEAL, anneal_shape: str = SHAPE,
              lr_floor: float = FLOOR,
-             batch_tokens: int = typer.Option(16384, help="Tokens per optimizer step over all processes."),
+             batch_tokens: int = typer.Option(2048, help="Tokens per optimizer step over all processes (small "
+                                              "batches learn the most per token here; raise it with the model)."),
              block_len: int = typer.Option(256, help="Tokens per packed block."),
-             micro_batch: int = typer.Option(16, help="Blocks per micro-batch and process."),
+             micro_batch: int = typer.Option(8, help="Blocks per micro-batch and process."),
              precision: str = PRECISION, seed: int = typer.Option(0, help="Seed for data order and initialisation."),
              save_every: int = typer.Option(200, help="Steps between resumable checkpoints (0 = at the end)."),
              eval_every: int = typer.Option(0, help="Steps between validation losses (0 = at the end)."),
@@ -266,12 +267,12 @@ def finetune(domain: str = typer.Option(..., help="Target domain, e.g. games."),
                                                   "pretrain, runs/pretrain/final; models/small = no-CPT ablation)."),
              out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/finetune-DOMAIN)."),
              users_fraction: float = typer.Option(1.0, help="Fraction of training users (limited-SFT setting)."),
-             epochs: float = typer.Option(10.0, help="Passes over the training examples."),
-             lr: float = typer.Option(2e-3, help="Peak learning rate."),
+             epochs: float = typer.Option(8.0, help="Passes over the training examples."),
+             lr: float = typer.Option(1e-3, help="Peak learning rate."),
              schedule: str = typer.Option("cosine", help="wsa, cosine, linear or constant."),
              warmup: float = WARMUP, anneal: float = ANNEAL, anneal_shape: str = SHAPE, lr_floor: float = FLOOR,
-             batch_tokens: int = typer.Option(8192, help="Padded tokens per optimizer step over all processes."),
-             micro_tokens: int = typer.Option(4096, help="Padded tokens per micro-batch and process."),
+             batch_tokens: int = typer.Option(2048, help="Padded tokens per optimizer step over all processes."),
+             micro_tokens: int = typer.Option(2048, help="Padded tokens per micro-batch and process."),
              window: int = typer.Option(20, help="History items in a prompt."),
              eval_every: int = typer.Option(0, help="Steps between validations (0 = once per epoch)."),
              val_users: int = typer.Option(500, help="Validation users (0 = all)."),
@@ -364,12 +365,14 @@ def reproduce_command(out: Path = typer.Option(Path("runs/reproduce"), help="Dir
                       cpt_tokens: int = typer.Option(1_000_000, help="Token budget of each CPT run."),
                       sft_epochs: float = typer.Option(5.0, help="Epochs of each SFT run."),
                       seed: int = typer.Option(0, help="One seed for every run."),
+                      resume: bool = typer.Option(False, help="Reuse the finished runs of an earlier reproduction."),
                       overwrite: bool = typer.Option(False, help="Replace an earlier reproduction.")):
     """Run the comparisons behind CPRec's claims (zero-shot, CPT vs no CPT, limited SFT, sequence kinds, schedules)
     with one budget and seed, and write runs/reproduce/report.md."""
     from reproduce import reproduce
     dataset(data).domain(domain)
-    report = reproduce(out, data, base_model(model, data, 0), domain, cpt_tokens, sft_epochs, seed, overwrite)
+    report = reproduce(out, data, base_model(model, data, 0), domain, cpt_tokens, sft_epochs, seed, resume,
+                       overwrite)
     console.print((out / "report.md").read_text(), highlight=False)
     say(f"report in {out / 'report.md'} ({report['seconds'] / 60:.1f} min)")
 

@@ -223,7 +223,8 @@ def cpt_sequences(ds: Dataset, kinds=SEQUENCE_KINDS) -> list[tuple[np.ndarray, D
     domains = list(ds.domains.values())
     pretrain = np.array([d.role == "pretrain" for d in domains])
     if not pretrain.any():
-        raise UserError(f"{ds.path}: no pre-training domain; mark some with --pretrain when preparing")
+        raise UserError(f"{ds.path}: every domain is downstream, so CPT has no text; prepare it with fewer "
+                        "--downstream domains")
     item_domain = ds.item_domain[ds.item]
     keep = (ds.split == TRAIN) & pretrain[item_domain]
     out = []

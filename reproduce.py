@@ -26,41 +26,58 @@ SFT_RUNS = {  # name -> (start: a CPT run or "base", fraction of training users)
     "sft-cpt-cosine": ("cpt-cosine", 1.0), "sft-cpt-constant": ("cpt-constant", 1.0)}
 
 
-def command(args: list[str], log) -> None:
+def command(args: list[str], result: Path, resume: bool, log) -> None:
+    """Run one cprec.py command unless --resume finds its result already written (a finished run)."""
     line = " ".join(["python cprec.py", *args])
+    if resume and result.exists():
+        log.write(f"$ {line}\n# reused {result}\n")
+        return
     log.write(f"$ {line}\n")
     log.flush()
     began = time.time()
-    result = subprocess.run([sys.executable, str(Path(__file__).with_name("cprec.py")), *args, "--no-progress"],
-                            stdout=log, stderr=subprocess.STDOUT)
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("cprec.py")), *args], stdout=log,
+                          stderr=subprocess.STDOUT)
     log.write(f"# {time.time() - began:.0f} s\n")
-    if result.returncode:
-        raise UserError(f"`{line}` failed (exit {result.returncode}); see {log.name}")
+    if done.returncode:
+        raise UserError(f"`{line}` failed (exit {done.returncode}); see {log.name}; fix it and rerun with --resume")
 
 
 def reproduce(out: Path, data: Path, model: Path, domain: str, cpt_tokens: int, sft_epochs: float, seed: int,
-              overwrite: bool) -> dict:
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out}: already holds a reproduction; pass --overwrite to replace it")
+              resume: bool, overwrite: bool) -> dict:
+    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
+        raise UserError(f"{out}: already holds a reproduction; pass --resume to reuse its finished runs or "
+                        "--overwrite to start over")
     out.mkdir(parents=True, exist_ok=True)
-    common = ["--data", str(data), "--seed", str(seed), "--overwrite"]
-    began = time.time()
-    with open(out / "commands.log", "w") as log:
+    train = ["--data", str(data), "--seed", str(seed), "--overwrite", "--no-progress"]
+    with open(out / "commands.log", "a" if resume else "w") as log:
         for name, (kinds, schedule) in CPT_RUNS.items():
-            command(["pretrain", *common, "--model", str(model), "--out", str(out / name), "--kinds", kinds,
-                     "--schedule", schedule, "--tokens", str(cpt_tokens), "--save-every", "0"], log)
+            command(["pretrain", *train, "--model", str(model), "--out", str(out / name), "--kinds", kinds,
+                     "--schedule", schedule, "--tokens", str(cpt_tokens), "--save-every", "0"],
+                    out / name / "results.json", resume, log)
         for name, start in [("zero-shot-base", model), ("zero-shot-cpt", out / "cpt" / "final")]:
             command(["evaluate", "--data", str(data), "--model", str(start), "--domain", domain,
-                     "--out", str(out / f"{name}.json")], log)
+                     "--out", str(out / f"{name}.json")], out / f"{name}.json", resume, log)
         for name, (start, fraction) in SFT_RUNS.items():
             start_model = model if start == "base" else out / start / "final"
-            command(["finetune", *common, "--domain", domain, "--model", str(start_model), "--out", str(out / name),
-                     "--users-fraction", str(fraction), "--epochs", str(sft_epochs)], log)
+            command(["finetune", *train, "--domain", domain, "--model", str(start_model), "--out", str(out / name),
+                     "--users-fraction", str(fraction), "--epochs", str(sft_epochs)],
+                    out / name / "results.json", resume, log)
     report = collect(out, domain)
-    report["seconds"] = time.time() - began
+    report["seconds"] = wall_time(out / "commands.log")
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(markdown(report))
     return report
+
+
+def wall_time(log: Path) -> float:
+    """Seconds of all runs, from commands.log: the latest timing of each command (reused runs keep theirs)."""
+    seconds, line = {}, None
+    for text in log.read_text().splitlines():
+        if text.startswith("$ "):
+            line = text.replace(" --no-progress", "")
+        elif text.startswith("# ") and text.endswith(" s") and line:
+            seconds[line] = float(text[2:-2])
+    return sum(seconds.values())
 
 
 def collect(out: Path, domain: str) -> dict:

@@ -1,0 +1,32 @@
+"""The reproduction report is assembled from the runs' own result files and command log."""
+import json
+
+from reproduce import CPT_RUNS, SFT_RUNS, collect, markdown, wall_time
+
+
+def metrics(r10):
+    return {"recall@10": r10, "ndcg@10": r10 / 2}
+
+
+def test_report_from_result_files(tmp_path):
+    for k, name in enumerate(["zero-shot-base", "zero-shot-cpt"]):
+        (tmp_path / f"{name}.json").write_text(json.dumps(
+            {"model": metrics(0.1 * k), "popularity": metrics(0.08), "protocol": "full ranking over all 9 items"}))
+    for k, name in enumerate(SFT_RUNS):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({"model": metrics(0.2 + k / 100)}))
+    for k, name in enumerate(CPT_RUNS):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({"training": {"validation": {"val_loss": 1 + k}}}))
+    (tmp_path / "commands.log").write_text(
+        "$ python cprec.py pretrain --out a\n# 100 s\n$ python cprec.py evaluate --out b\n# 2 s\n"
+        "$ python cprec.py pretrain --out a --no-progress\n# reused a/results.json\n"
+        "$ python cprec.py evaluate --out b\n# 30 s\n")
+    report = collect(tmp_path, "games")
+    report["seconds"] = wall_time(tmp_path / "commands.log")
+    assert report["seconds"] == 130  # the failed first evaluate (2 s) was superseded; the reused run keeps 100 s
+    assert report["test"]["popularity"] == metrics(0.08) and report["cpt_val_loss"]["cpt-constant"] == 5
+    text = markdown(report)
+    assert "| after all-domain CPT, zero-shot | 0.1000 | 0.0500 |" in text
+    assert "| SFT from CPT, 10% users | 0.2100 | 0.1050 |" in text
+    assert "| constant | 5.0000 | 0.2700 | 0.1350 |" in text and "Wall time: 2.2 min." in text
