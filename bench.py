@@ -39,9 +39,9 @@ from rich.table import Table
 from cprec import DEFAULT_CPT, DEFAULT_DATA, DEFAULT_MODEL, SMALL, dataset
 from data import TEST, VALID, Blocks, Encoder
 from model import Decoder, ModelConfig, Tokenizer, UserError, init_weights
-from train import accumulate, autocast
+from train import accumulate, autocast, cross_entropy_sum
 
-H100_BF16_PEAK = 989e12  # dense bf16, SXM datasheet; about 800e12 is reached on an 8k matmul (REFERENCE.md §5)
+H100_BF16_PEAK = 989e12  # dense bf16, SXM datasheet; an 8k matmul reaches about 800e12
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MATMUL_N = {"cpu": 2048, "cuda": 8192}  # the peak matmul's size
 console = Console(width=None if Console().is_terminal else 120)  # rich falls back to 80 columns in a pipe
@@ -70,7 +70,7 @@ class Options:
     compile: bool = False
     data: Path = DEFAULT_DATA
     model: Path | None = None
-    eval_users: int = 200
+    eval_users: int = 1000
     exact_users: int = 40
     prepare_records: int = 1_000_000
     catalogue_items: int = 100_000
@@ -376,6 +376,45 @@ def bench_train(o: Options) -> list[dict]:
     return rows
 
 
+# --------------------------------------------------------------------------------------------------- loss
+LOSSES = ("chunked (train.py)", "full logits")
+
+
+def loss_step(impl: str, tokens: int, precision: str, o: Options) -> Step:
+    """Forward+backward of the training loss from N supervised hidden states at Qwen2.5-0.5B's vocabulary and width:
+    ours (train.cross_entropy_sum) or the usual N x V logits, upcast to fp32 for the cross-entropy."""
+    gen = torch.Generator().manual_seed(o.seed)
+    config, device = QWEN_05B, o.device
+    hidden = torch.randn(tokens, config.dim, generator=gen).to(device).requires_grad_()
+    weight = (torch.randn(config.vocab_size, config.dim, generator=gen) * 0.02).to(device).requires_grad_()
+    targets = torch.randint(0, config.vocab_size, (tokens,), generator=gen).to(device)
+
+    def reset():
+        hidden.grad = weight.grad = None
+
+    def run():
+        with autocast(precision, torch.device(device)):
+            loss = (cross_entropy_sum(hidden, weight, targets) if impl == LOSSES[0] else
+                    F.cross_entropy((hidden @ weight.t()).float(), targets, reduction="sum"))
+        loss.backward()  # outside autocast, as its documentation asks
+    return reset, run
+
+
+def bench_loss(o: Options) -> list[dict]:
+    tokens = 256 if o.quick else 2048
+    flops = 6 * QWEN_05B.dim * QWEN_05B.vocab_size  # the projection's forward and backward, per token
+    rows, probes = [], []
+    for precision in o.precisions:
+        times = time_interleaved({impl: loss_step(impl, tokens, precision, o) for impl in LOSSES}, o.warmup, o.reps,
+                                 o.device)
+        for impl in LOSSES:
+            rows.append(dict(section="loss", impl=impl, precision=precision, tokens=tokens, vocab=QWEN_05B.vocab_size,
+                             **throughput(times[impl], tokens, flops)))
+            probes.append((rows[-1], loss_step, (impl, tokens, precision, o)))
+    add_memory(o, probes)
+    return rows
+
+
 # --------------------------------------------------------------------------------------------------- eval
 def only_users(ds, users: set[str]):
     """`ds` with the test items of every other user marked VALID, so evaluate() on the test split sees exactly
@@ -545,7 +584,7 @@ def bench_prepare(o: Options) -> list[dict]:
 
 # --------------------------------------------------------------------------------------------------- sections
 SECTIONS: dict[str, Callable[[Options], list[dict]]] = {
-    "decoder": bench_decoder, "train": bench_train, "eval": bench_eval, "catalogue": bench_catalogue,
+    "decoder": bench_decoder, "train": bench_train, "loss": bench_loss, "eval": bench_eval, "catalogue": bench_catalogue,
     "prepare": bench_prepare}
 NOTES = {  # printed under each section's table
     "decoder": "train = forward+backward with a full-vocabulary cross-entropy, infer = no-grad forward; tokens/s: "
@@ -556,6 +595,10 @@ NOTES = {  # printed under each section's table
     "train": "`cprec.py pretrain` optimizer steps (collate, train.accumulate, clip, AdamW) on packed random blocks of "
              "block×micro-batch×accumulation tokens; small = cprec.SMALL, random init; columns as in decoder, resident "
              "= weights + optimizer state; peak MiB = the process (CUDA: all allocated) at the step's peak.",
+    "loss": "the training loss from N supervised hidden states at Qwen2.5-0.5B's vocabulary (151,936) and width "
+            "(896), forward+backward: chunked = train.cross_entropy_sum (256-token chunks of logits, gradients computed "
+            "in forward), full logits = the N x V logits then an fp32 cross-entropy, as a plain training loop does; "
+            "columns as in decoder.",
     "eval": "full ranking of the games catalogue (items), test split, one evaluate() run each; exact users = a seeded "
             "subset of the beam users; speed-up = beam / exact users/s; on the exact users, overlap = mean |beam ∩ "
             "exact top-10| / 10, same order = share of identical top-10 lists.",
@@ -564,7 +607,7 @@ NOTES = {  # printed under each section's table
                  "exact_scores per user with its default chunks; each row in a fresh process; resident = RSS before "
                  "ranking (model, items, trie), ranking peak = VmHWM growth over it (CUDA: allocated). It shows peak "
                  "memory independent of users x items: beam's follows users (prompt cache, beams x item-length keys, "
-                 "beams x vocabulary logits), not items; exact's is one chunk (~3.6k items here) at any size.",
+                 "beams x vocabulary logits), not items; exact's is one chunk (~1k items here) at any size.",
     "prepare": "synthetic Amazon Reviews 2023 category; parse = prepare._read_reviews consumed, convert = "
                "convert_amazon end to end (titles, dedup, splits, dataset written); each in a fresh process: RSS "
                "before = after imports, peak = VmHWM. Target: parse >= 200k records/s.",
@@ -576,6 +619,7 @@ COLUMNS = {  # (row key, header, format); format str = a text column
     "decoder": [("impl", "impl", str), ("mode", "mode", str), *SPEED, SPREAD, ("ratio", "ratio", "{:.2f}x".format)],
     "train": [("model", "model", str), ("params", "params", lambda n: f"{n / 1e6:,.1f}M"),
               ("batch", "tokens/step", str), *SPEED, ("peak_total_mib", "peak MiB", NUM), SPREAD],
+    "loss": [("impl", "loss", str), ("tokens", "tokens", NUM), *[c for c in SPEED if c[0] != "mfu"], SPREAD],
     "eval": [("ranker", "ranker", str), ("precision", "precision", str), ("items", "items", NUM),
              ("users", "users", NUM), ("users_per_s", "users/s", "{:,.1f}".format),
              ("speedup", "speed-up", "{:.1f}x".format), ("overlap", "top-10 overlap", PCT),
@@ -620,7 +664,7 @@ def main(
     compile: Annotated[bool, Opt(help="torch.compile the train section's models (CUDA only)")] = False,
     data: Annotated[Path, Opt(help="eval dataset, with a games domain [the built-in world]")] = DEFAULT_DATA,
     model: Annotated[Path | None, Opt(help=f"eval checkpoint [{DEFAULT_CPT / 'final'}, else {DEFAULT_MODEL}]")] = None,
-    eval_users: Annotated[int | None, Opt(help="eval users of the beam search [200; quick 20]")] = None,
+    eval_users: Annotated[int | None, Opt(help="eval users of the beam search [1,000; quick 20]")] = None,
     exact_users: Annotated[int, Opt(help="of those, users also scored exactly (slow)")] = 40,
     catalogue_items: Annotated[int | None, Opt(help="synthetic catalogue items [100,000; quick 5,000]")] = None,
     prepare_records: Annotated[int | None, Opt(help="synthetic reviews [1,000,000; quick 20,000]")] = None,
@@ -651,7 +695,7 @@ def main(
         raise typer.BadParameter(f"no checkpoint in {model or DEFAULT_CPT / 'final'}: pass another, or run `python "
                                  "cprec.py pretrain` first", param_hint="--model")
     torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
-    eval_users = eval_users or (20 if quick else 200)
+    eval_users = eval_users or (20 if quick else 1000)
     o = Options(device=device, threads=torch.get_num_threads(), precisions=precision_list,
                 reps=reps or (20 if quick else 5), warmup=warmup, seed=seed, memory=memory, quick=quick,
                 shape=config, seq=seq, batch=batch, compile=compile, data=data, model=model, eval_users=eval_users,

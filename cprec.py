@@ -22,7 +22,7 @@ from rich.table import Table
 import eval as evaluation
 from data import (Encoder, Examples, Blocks, cpt_stream, eval_cases, load_dataset, sft_examples, tokenizer_corpus,
                   train_sequences, VALID)
-from model import Decoder, ModelConfig, Tokenizer, UserError, create_model, write_json
+from model import Decoder, ModelConfig, Tokenizer, UserError, create_model, read_json, write_json
 from schedule import Schedule, validate
 from train import (Interrupted, MicroBatches, TrainConfig, autocast, latest_checkpoint, open_run, resolve_precision,
                    setup_distributed, train)
@@ -214,7 +214,7 @@ def pretrain(data: Path = typer.Option(DEFAULT_DATA, help="Dataset; the built-in
               "tokenizer_fingerprint": tokenizer.fingerprint(), "kinds": split_list(kinds), "cpt_tokens": len(stream),
               "block_len": block_len, "micro_batch": micro_batch, "batch_tokens": batch_tokens,
               "train_tokens": steps * batch_tokens, "val_users": val_users, "train": run_settings(cfg)}
-    check(cfg, device)
+    check(cfg, device, world, start, block_len, "--block-len")
     run = open_run(out, config, resume, overwrite, rank)
     net = Decoder.from_pretrained(latest_checkpoint(run) if resume else start)
     pretrain_domains = [k for k, d in ds.domains.items() if d.role == "pretrain"]
@@ -233,10 +233,17 @@ def pretrain(data: Path = typer.Option(DEFAULT_DATA, help="Dataset; the built-in
             f"{summary['tokens_per_s']:,.0f} tokens/s, model in {run / 'final'}")
 
 
-def check(cfg: TrainConfig, device: torch.device) -> None:
-    """Refuse bad schedule or precision options before a run directory is created for them."""
+def check(cfg: TrainConfig, device: torch.device, world: int, start: Path, longest: int, option: str) -> None:
+    """Refuse bad options before a run directory is created for them: schedule, precision, the split of each step's
+    micro-batches over the processes, and sequences longer than the model's context."""
     validate(cfg.schedule, cfg.steps)
     resolve_precision(cfg.precision, device)
+    if cfg.accum % world:
+        raise UserError(f"--batch-tokens: {cfg.accum} micro-batches per step do not split evenly over {world} "
+                        f"processes; use a multiple of {world} micro-batches")
+    context = ModelConfig.from_hf(read_json(start / "config.json"), str(start / "config.json")).context
+    if longest > context:
+        raise UserError(f"{option}: {longest}-token sequences exceed the context of {start} ({context} tokens)")
 
 
 def run_settings(cfg: TrainConfig) -> dict:
@@ -307,14 +314,17 @@ def finetune(domain: str = typer.Option(..., help="Target domain, e.g. games."),
                       progress=progress)
     config = {"command": "finetune", "domain": domain, "data": str(data), "data_fingerprint": ds.fingerprint,
               "model": str(start), "tokenizer_fingerprint": tokenizer.fingerprint(), "users_fraction": users_fraction,
-              "train_users": len(sequences), "examples": len(examples.examples), "window": window,
-              "batch_tokens": batch_tokens, "micro_tokens": micro_tokens, "val_users": val_users, "test_users": test_users, "beams": beams,
+              "train_users": len(sequences), "examples": len(examples.examples), "padding": examples.padding(),
+              "window": window,
+              "batch_tokens": batch_tokens, "micro_tokens": micro_tokens, "val_users": val_users,
+              "test_users": test_users, "beams": beams,
               "mask_history": mask_history, "train": run_settings(cfg)}
-    check(cfg, device)
+    check(cfg, device, world, start, max(map(len, examples.examples)), "--window")
     run = open_run(out, config, resume, overwrite, rank)
     net = Decoder.from_pretrained(latest_checkpoint(run) if resume else start)
     options = dict(beams=beams, seed=seed, mask_history=mask_history, window=window)
-    say(f"SFT on {domain}: {len(sequences):,} users, {len(examples.examples):,} examples, {steps} steps "
+    say(f"SFT on {domain}: {len(sequences):,} users, {len(examples.examples):,} examples ({config['padding']:.1%} "
+        f"padding), {steps} steps "
         f"({accum} micro-batches each), validation every {cfg.eval_every} steps on {val_users or 'all'} users")
     summary = run_training(net, tokenizer, examples, cfg, run, device, rank, world, resume,
                            lambda m: evaluation.evaluate(m, encoder, ds, domain, split="valid", users=val_users,

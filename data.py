@@ -128,6 +128,9 @@ def load_dataset(path: str | Path) -> Dataset:
     if manifest.get("format") != FORMAT_VERSION:
         raise UserError(f"{path / 'manifest.json'}: format {manifest.get('format')!r}, expected {FORMAT_VERSION}; "
                         "run prepare again")
+    for name in ("items.jsonl", "interactions.tsv"):
+        if not (path / name).is_file():
+            raise UserError(f"{path / name}: file not found; run prepare again")
     domains = {d["key"]: Domain(d["key"], d["name"], d["role"]) for d in manifest["domains"]}
     domain_index = {k: i for i, k in enumerate(domains)}
     item_ids, titles, item_domain = [], [], []
@@ -443,6 +446,12 @@ class Examples:
 
     def n_targets(self, batch: list[int]) -> int:
         return int(sum(self.examples[i].supervised[1:].sum() for i in batch))
+
+    def padding(self, epoch: int = 0) -> float:
+        """Share of an epoch's collated positions that are padding (length bucketing keeps it under 10%)."""
+        batches = self.micro_batches(epoch)
+        real = sum(self.n_tokens(b) for b in batches)
+        return 1 - real / sum(len(b) * max(len(self.examples[i]) for i in b) for b in batches)
 
     def n_tokens(self, batch: list[int]) -> int:
         return sum(len(self.examples[i]) for i in batch)

@@ -5,8 +5,8 @@ Two rankers share one scoring rule, the sum of the model's log-probabilities (lo
 not renormalised) over the item's tokens, terminator included:
   - beam search constrained by a trie of all item texts, batched over users with a KV cache: the top-B items;
   - exact scoring of every item for every user: the full ranking, and the reference beam search is tested against.
-Metrics follow REFERENCE.md: for 0-based rank r, Recall@K = [r < K], NDCG@K = [r < K] / log2(r + 2), MRR = 1/(r+1);
-ties count against the target.
+Metrics, as RecBole and the peers define them: for 0-based rank r, Recall@K = [r < K], NDCG@K = [r < K] / log2(r + 2),
+MRR = 1/(r+1); ties count against the target.
 """
 from __future__ import annotations
 
@@ -186,15 +186,30 @@ def rank_in_scores(scores: np.ndarray, target: int, excluded=()) -> float:
     return float((scores[keep] >= scores[target]).sum() - 1)
 
 
+def ndcg_gains(ranks: np.ndarray, k: int) -> np.ndarray:
+    """Each user's NDCG@k: with one relevant item the ideal DCG is 1, so it is 1/log2(rank + 2) inside the top k."""
+    hit = ranks < k
+    return np.where(hit, 1 / np.log2(np.where(hit, ranks, 0) + 2), 0)
+
+
 def metrics(ranks, ks=KS) -> dict:
     ranks = np.asarray(ranks, float)
     out = {}
     for k in ks:
-        hit = ranks < k
-        out[f"recall@{k}"] = float(hit.mean())
-        out[f"ndcg@{k}"] = float(np.where(hit, 1 / np.log2(np.where(hit, ranks, 0) + 2), 0).mean())
+        out[f"recall@{k}"] = float((ranks < k).mean())
+        out[f"ndcg@{k}"] = float(ndcg_gains(ranks, k).mean())
     out["mrr"] = float((1 / (ranks + 1)).mean())
     return out
+
+
+def paired_bootstrap(ranks_a, ranks_b, k: int = 10, samples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """NDCG@k of ranker A minus ranker B on the same users, with a 95% paired-bootstrap interval (resampling users):
+    the interval excludes 0 when the difference is unlikely to be the luck of this particular test set."""
+    diff = ndcg_gains(np.asarray(ranks_a, float), k) - ndcg_gains(np.asarray(ranks_b, float), k)
+    rng = np.random.default_rng(seed)
+    means = [diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(samples)]  # one test set at a time
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(diff.mean()), float(low), float(high)
 
 
 def popularity(ds: Dataset, key: str) -> np.ndarray:

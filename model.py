@@ -72,9 +72,6 @@ class ModelConfig:
         max_positions = hf.get("max_position_embeddings", 2048)
         if ARCHITECTURES[arch] == "qwen2" and hf.get("use_sliding_window"):
             raise UserError(f"{source}: use_sliding_window=true is not supported (Qwen2 windows only some layers)")
-        if ARCHITECTURES[arch] == "mistral" and hf.get("sliding_window"):
-            # Within the window the math is plain causal attention, so the window simply caps the context.
-            max_positions = min(max_positions, hf["sliding_window"])
         n_heads = hf["num_attention_heads"]
         attention_bias = hf.get("attention_bias", False)
         known = {"architectures", "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -93,6 +90,13 @@ class ModelConfig:
             max_positions=max_positions, architecture=arch,
             bos_token_id=_first(hf.get("bos_token_id")), eos_token_id=_first(hf.get("eos_token_id")),
             init_std=hf.get("initializer_range", 0.02), extra={k: v for k, v in hf.items() if k not in known})
+
+    @property
+    def context(self) -> int:
+        """Longest sequence this decoder computes exactly. Mistral's sliding window (kept in `extra`) is plain causal
+        attention within the window, so we cap the context there rather than implement the window."""
+        window = self.extra.get("sliding_window") if ARCHITECTURES[self.architecture] == "mistral" else None
+        return min(self.max_positions, window or self.max_positions)
 
     def to_hf(self, dtype: torch.dtype = torch.float32) -> dict:
         """The transformers v4 layout, which v5, vLLM and older tools all read."""

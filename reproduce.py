@@ -6,6 +6,8 @@ exact command line is recorded in the report, so any row can be re-run by hand:
   2. SFT from the CPT checkpoint vs SFT from the base model (no CPT), with 100% and 10% of the training users;
   3. CPT on domain-specific only vs mixed only vs both sequence kinds, each followed by SFT;
   4. WSA vs cosine vs constant learning-rate schedules for CPT (same tokens), CPT validation loss and SFT NDCG@10.
+Each claim's NDCG@10 difference comes with a paired-bootstrap 95% interval over the test users, so a reader can tell a
+real effect from the luck of one test set.
 """
 from __future__ import annotations
 
@@ -15,11 +17,18 @@ import sys
 import time
 from pathlib import Path
 
+from eval import paired_bootstrap
 from model import UserError, read_json
 
 CPT_RUNS = {  # name -> (sequence kinds, schedule)
     "cpt": ("domain,mixed", "wsa"), "cpt-domain": ("domain", "wsa"), "cpt-mixed": ("mixed", "wsa"),
     "cpt-cosine": ("domain,mixed", "cosine"), "cpt-constant": ("domain,mixed", "constant")}
+PAIRS = [  # (claim, run A, run B): each row reports NDCG@10 of A minus B on the same test users
+    ("CPT helps zero-shot", "zero-shot-cpt", "zero-shot-base"), ("CPT helps SFT, 100% users", "sft-cpt", "sft-base"),
+    ("CPT helps SFT, 10% users", "sft-cpt-10%", "sft-base-10%"),
+    ("both kinds beat domain-only", "sft-cpt", "sft-cpt-domain"),
+    ("both kinds beat mixed-only", "sft-cpt", "sft-cpt-mixed"),
+    ("WSA beats cosine", "sft-cpt", "sft-cpt-cosine"), ("WSA beats constant", "sft-cpt", "sft-cpt-constant")]
 SFT_RUNS = {  # name -> (start: a CPT run or "base", fraction of training users)
     "sft-cpt": ("cpt", 1.0), "sft-cpt-10%": ("cpt", 0.1), "sft-base": ("base", 1.0), "sft-base-10%": ("base", 0.1),
     "sft-cpt-domain": ("cpt-domain", 1.0), "sft-cpt-mixed": ("cpt-mixed", 1.0),
@@ -90,7 +99,24 @@ def collect(out: Path, domain: str) -> dict:
     for name in SFT_RUNS:
         rows[name] = read_json(out / name / "results.json")["model"]
     cpt = {name: read_json(out / name / "results.json")["training"]["validation"]["val_loss"] for name in CPT_RUNS}
-    return {"domain": domain, "protocol": protocol, "test": rows, "cpt_val_loss": cpt}
+    return {"domain": domain, "protocol": protocol, "test": rows, "cpt_val_loss": cpt,
+            "differences": [{"claim": claim, "a": a, "b": b, **difference(out, a, b)} for claim, a, b in PAIRS]}
+
+
+def per_user_ranks(out: Path, name: str) -> dict[str, float]:
+    """Each test user's 0-based rank of the target in run `name` (inf where the target was not retrieved)."""
+    path = out / f"{name}-per_user.jsonl" if name.startswith("zero-shot") else out / name / "results-per_user.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return {r["user"]: float("inf") if r["rank"] is None else r["rank"] for r in rows}
+
+
+def difference(out: Path, a: str, b: str) -> dict:
+    ranks_a, ranks_b = per_user_ranks(out, a), per_user_ranks(out, b)
+    users = sorted(ranks_a)
+    if sorted(ranks_b) != users:
+        raise UserError(f"{out}: runs {a} and {b} were evaluated on different users; rerun with --overwrite")
+    delta, low, high = paired_bootstrap([ranks_a[u] for u in users], [ranks_b[u] for u in users])
+    return {"ndcg@10": delta, "ci95": [low, high]}
 
 
 def markdown(report: dict) -> str:
@@ -111,5 +137,11 @@ def markdown(report: dict) -> str:
     for label, cpt, sft in [("WSA", "cpt", "sft-cpt"), ("cosine", "cpt-cosine", "sft-cpt-cosine"),
                             ("constant", "cpt-constant", "sft-cpt-constant")]:
         lines.append(f"| {label} | {loss[cpt]:.4f} | {t[sft]['recall@10']:.4f} | {t[sft]['ndcg@10']:.4f} |\n")
+    lines.append("\n| claim | NDCG@10 difference | 95% CI (paired bootstrap over users) | holds here |\n"
+                 "|---|---|---|---|\n")
+    for d in report["differences"]:
+        low, high = d["ci95"]
+        verdict = "yes" if low > 0 else "no, reversed" if high < 0 else "inconclusive"
+        lines.append(f"| {d['claim']} | {d['ndcg@10']:+.4f} | [{low:+.4f}, {high:+.4f}] | {verdict} |\n")
     lines.append(f"\nWall time: {report['seconds'] / 60:.1f} min.\n")
     return "".join(lines)

@@ -67,8 +67,10 @@ def validate(s: Schedule, total: int) -> None:
     anneal(1.0, s.shape, s.floor)  # unknown shapes fail here, before training starts
     if s.name == "wsa" and s.shape == "exp" and s.floor <= 0:
         raise UserError("--lr-floor must be > 0 for the exp annealing shape")
-    if not 0 < s.start <= 1 or not 0 <= s.floor <= 1:
-        raise UserError(f"--lr-start {s.start} and --lr-floor {s.floor}: expected 0 < start <= 1 and 0 <= floor <= 1")
+    if not 0 <= s.floor <= 1:
+        raise UserError(f"--lr-floor {s.floor}: expected a fraction of the peak in [0, 1]")
+    if not 0 < s.start <= 1:
+        raise ValueError(f"Schedule.start {s.start}: expected a fraction of the peak in (0, 1]")
     decay = steps(s.anneal, total) if s.name == "wsa" else 0
     if steps(s.warmup, total) + decay > total:
         raise UserError(f"warmup ({steps(s.warmup, total)}) + annealing ({decay}) steps exceed the {total} steps")

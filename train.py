@@ -25,7 +25,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from data import IGNORE
 from model import Decoder, Tokenizer, UserError, atomic_dir, read_json, write_json
@@ -108,18 +107,45 @@ def cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
                       chunk: int | None = None) -> torch.Tensor:
     """Sum of token cross-entropies from hidden states of supervised positions, (N, d), and their targets, (N,).
 
-    The vocabulary projection runs `chunk` tokens at a time, each chunk recomputed in backward, so a 150k-token
-    vocabulary never materialises an N x V logit tensor, let alone one in fp32.
+    Up to `chunk` tokens this is the plain projection and cross-entropy. Beyond, the vocabulary projection runs a
+    chunk at a time and each chunk's gradients are computed right there (ChunkedCrossEntropy), so a 150k-token
+    vocabulary never materialises an N x V logit tensor, and nothing is recomputed in backward.
     """
     chunk = chunk or max(256, 2**25 // weight.shape[0])
-
-    def piece(h, t):
-        return F.cross_entropy((h @ weight.t()).float(), t, reduction="sum")
-
     if len(targets) <= chunk:
-        return piece(hidden, targets)
-    return sum(checkpoint(piece, hidden[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
-               for i in range(0, len(targets), chunk))
+        return F.cross_entropy((hidden @ weight.t()).float(), targets, reduction="sum")
+    dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else None
+    with torch.autocast(hidden.device.type, enabled=False):  # the Function casts by itself, as autocast would
+        return ChunkedCrossEntropy.apply(hidden, weight, targets, chunk, dtype or hidden.dtype)
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Forward computes the loss and both gradients chunk by chunk: d loss / d logits = softmax - one-hot, then
+    d hidden = that @ W and d W += that^T @ hidden. The same three matmuls as plain autograd, with one chunk of
+    logits alive at a time; backward only scales the stored gradients by the incoming one."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk: int, dtype: torch.dtype):
+        w = weight.to(dtype)
+        grad_hidden = torch.empty_like(hidden, dtype=torch.float32)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for i in range(0, len(targets), chunk):
+            h, t = hidden[i:i + chunk].to(dtype), targets[i:i + chunk]
+            logits = (h @ w.t()).float()
+            loss += F.cross_entropy(logits, t, reduction="sum")
+            grad_logits = logits.softmax(-1)
+            grad_logits[torch.arange(len(t), device=t.device), t] -= 1
+            grad_logits = grad_logits.to(dtype)
+            grad_hidden[i:i + chunk] = grad_logits @ w
+            grad_weight += (grad_logits.t() @ h).float()
+        ctx.save_for_backward(grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None
 
 
 def micro_step_loss(model, lm_head: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -385,8 +411,13 @@ def plot_curves(run: Path) -> str:
     records = [json.loads(line) for line in open(run / "metrics.jsonl")]
     steps = [r for r in records if "loss" in r]
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
-    ax_loss.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8)
-    ax_loss.set_ylabel("train loss")
+    ax_loss.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8, label="train")
+    val = [r for r in records if "val_loss" in r.get("validation", {})]  # CPT validates by loss, SFT by NDCG
+    if val:
+        ax_loss.plot([r["step"] for r in val], [r["validation"]["val_loss"] for r in val], "o-", label="validation")
+        ax_loss.legend()
+    ax_loss.set_ylabel("loss")
+    ax_loss.set_yscale("log")
     ax_lr.plot([r["step"] for r in steps], [r["lr"] for r in steps], color="tab:orange")
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("optimizer step")

@@ -1,14 +1,17 @@
-"""bench.py's train, eval, catalogue and prepare sections on tiny inputs, in-process (the CLI runs the same
+"""bench.py's train, loss, eval, catalogue and prepare sections on tiny inputs, in-process (the CLI runs the same
 functions)."""
 import bench
 from model import ModelConfig
 
 
-def test_train_eval_prepare_sections_run_on_tiny_inputs(world, tiny_model, tmp_path):
+def test_train_eval_prepare_sections_run_on_tiny_inputs(world, tiny_model, tmp_path, monkeypatch):
     o = bench.Options(device="cpu", threads=1, precisions=["fp32"], reps=1, warmup=0, seed=0, memory=False, quick=True,
                       shape=ModelConfig(), seq=8, batch=1, data=world, model=tiny_model, eval_users=4, exact_users=2)
     (train,) = bench.bench_train(o)
     assert train["tokens_per_s"] > 0 and train["batch"] == "64×4×1"
+    monkeypatch.setattr(bench, "QWEN_05B", ModelConfig(vocab_size=3000, dim=16))  # the loss section's shape
+    chunked, full = bench.bench_loss(o)
+    assert (chunked["impl"], full["impl"]) == bench.LOSSES and chunked["tokens"] == 256 and full["tokens_per_s"] > 0
     beam, exact = bench.bench_eval(o)
     assert (beam["users"], exact["users"]) == (4, 2) and 0 <= beam["overlap"] <= 1 and beam["speedup"] > 0
     assert len({tuple(i) for i in bench.synthetic_catalogue(3000, 40, 0)}) == 3000  # forces a redraw of duplicates

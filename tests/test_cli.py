@@ -65,10 +65,14 @@ def one_line_error(result, *fragments):
     (["pretrain", "--schedule", "wsd", "--model", "M", "--out", "OUT"], ["--schedule 'wsd'"]),
     (["pretrain", "--batch-tokens", "1000", "--model", "M"], ["--batch-tokens 1000 must be a multiple"]),
     (["finetune", "--domain", "games", "--model", "M", "--users-fraction", "2"], ["--users-fraction 2.0"]),
+    (["pretrain", "--block-len", "1024", "--micro-batch", "2", "--batch-tokens", "2048", "--model", "M",
+      "--out", "OUT"],
+     ["--block-len: 1024-token sequences exceed the context of", "(512 tokens)"]),
 ])
 def test_bad_input_gets_one_line(world, tiny_model, tmp_path, args, fragments):
     args = [{"M": tiny_model, "OUT": tmp_path / "out"}.get(a, a) for a in args]
     one_line_error(cprec(*args, "--data", world), *fragments)
+    assert not (tmp_path / "out").exists()  # refused before a run directory was created
 
 
 def test_bad_files_get_one_line(world, tiny_model, tmp_path):
@@ -82,6 +86,9 @@ def test_bad_files_get_one_line(world, tiny_model, tmp_path):
     (broken / "interactions.tsv").write_text("\n".join(lines[:5] + ["u1\tnot-an-item"] + lines[5:]) + "\n")
     one_line_error(cprec("evaluate", "--domain", "games", "--model", tiny_model, "--data", broken),
                    "interactions.tsv:6: malformed interaction")
+    (broken / "items.jsonl").unlink()
+    one_line_error(cprec("evaluate", "--domain", "games", "--model", tiny_model, "--data", broken),
+                   "items.jsonl: file not found")
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / "config.json").write_text((tiny_model / "config.json").read_text())

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from data import Encoder, item_text, load_dataset
-from eval import (beam_search, build_trie, evaluate, exact_scores, metrics, popularity, rank_in_list,
-                  rank_in_scores)
+from eval import (beam_search, build_trie, evaluate, exact_scores, metrics, paired_bootstrap, popularity,
+                  rank_in_list, rank_in_scores)
 from model import Decoder, ModelConfig, Tokenizer, UserError, init_weights
 
 
@@ -16,6 +16,19 @@ def test_metrics_match_hand_computed_values():
     assert m["recall@5"] == 0.5 and m["recall@10"] == 0.5
     assert m["ndcg@5"] == pytest.approx((1 + 1 / math.log2(5)) / 4)
     assert m["mrr"] == pytest.approx((1 + 1 / 4 + 1 / 13) / 4)
+
+
+def test_paired_bootstrap_difference_and_interval():
+    a, b = [0, 0, 1, math.inf], [math.inf, 0, 3, 2]
+    delta, low, high = paired_bootstrap(a, b, k=10, samples=500)
+    hand = ((1 - 0) + (1 - 1) + (1 / math.log2(3) - 1 / math.log2(5)) + (0 - 0.5)) / 4
+    assert delta == pytest.approx(hand) and low <= delta <= high
+    assert paired_bootstrap(b, a, k=10, samples=500)[0] == pytest.approx(-hand)
+    assert paired_bootstrap(a, a) == (0.0, 0.0, 0.0)  # the same ranker: no difference and no uncertainty
+    ones = paired_bootstrap([0] * 50, [math.inf] * 50)
+    assert ones == (1.0, 1.0, 1.0)
+    wide, narrow = (paired_bootstrap([0, math.inf] * n, [0, 0] * n) for n in (10, 1000))  # half the users lost
+    assert wide[0] == narrow[0] == -0.5 and wide[2] - wide[1] > narrow[2] - narrow[1] > 0  # more users: narrower
 
 
 def test_ranks_count_ties_against_the_target():

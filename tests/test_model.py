@@ -151,8 +151,11 @@ def test_unsupported_configs_are_refused_by_name(tmp_path, overrides, message):
 def test_qwen2_sliding_window_refused_and_mistral_window_caps_context():
     with pytest.raises(UserError, match="use_sliding_window"):
         ModelConfig.from_hf(dict(QWEN2, architectures=["Qwen2ForCausalLM"], use_sliding_window=True))
-    cfg = ModelConfig.from_hf(dict(LLAMA, architectures=["MistralForCausalLM"], sliding_window=64))
-    assert cfg.max_positions == 64
+    hf = dict(LLAMA, architectures=["MistralForCausalLM"], max_position_embeddings=4096, sliding_window=64)
+    cfg = ModelConfig.from_hf(hf)
+    assert cfg.context == 64 and cfg.max_positions == 4096
+    assert cfg.to_hf()["max_position_embeddings"] == 4096 and cfg.to_hf()["sliding_window"] == 64  # saved unchanged
+    assert ModelConfig.from_hf(dict(hf, sliding_window=None)).context == 4096
 
 
 def test_missing_files_and_mismatched_weights_are_named(tmp_path):

@@ -1,20 +1,31 @@
 """The reproduction report is assembled from the runs' own result files and command log."""
 import json
 
-from reproduce import CPT_RUNS, SFT_RUNS, collect, markdown, wall_time
+import pytest
+
+from model import UserError
+from reproduce import CPT_RUNS, SFT_RUNS, collect, difference, markdown, wall_time
 
 
 def metrics(r10):
     return {"recall@10": r10, "ndcg@10": r10 / 2}
 
 
+def per_user(path, hits):
+    """Two hundred users; the first `hits` find the target at rank 0, the rest miss it."""
+    path.write_text("".join(json.dumps({"user": f"u{u:03d}", "rank": 0 if u < hits else None}) + "\n"
+                            for u in reversed(range(200))))  # any order: users are matched by id
+
+
 def test_report_from_result_files(tmp_path):
     for k, name in enumerate(["zero-shot-base", "zero-shot-cpt"]):
         (tmp_path / f"{name}.json").write_text(json.dumps(
             {"model": metrics(0.1 * k), "popularity": metrics(0.08), "protocol": "full ranking over all 9 items"}))
+        per_user(tmp_path / f"{name}-per_user.jsonl", 100 * k)
     for k, name in enumerate(SFT_RUNS):
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps({"model": metrics(0.2 + k / 100)}))
+        per_user(tmp_path / name / "results-per_user.jsonl", {"sft-base": 120, "sft-cpt-constant": 95}.get(name, 100))
     for k, name in enumerate(CPT_RUNS):
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps({"training": {"validation": {"val_loss": 1 + k}}}))
@@ -30,3 +41,16 @@ def test_report_from_result_files(tmp_path):
     assert "| after all-domain CPT, zero-shot | 0.1000 | 0.0500 |" in text
     assert "| SFT from CPT, 10% users | 0.2100 | 0.1050 |" in text
     assert "| constant | 5.0000 | 0.2700 | 0.1350 |" in text and "Wall time: 2.2 min." in text
+    assert "| CPT helps zero-shot | +0.5000 | [+0.4" in text  # half the users gained a perfect hit
+    assert "| CPT helps SFT, 100% users | -0.1000 | [-0.1" in text and "| no, reversed |" in text
+    assert "| both kinds beat domain-only | +0.0000 | [+0.0000, +0.0000] | inconclusive |" in text
+    assert "| WSA beats constant | +0.0250 | [+0.0" in text  # 5 of 200 users; the interval still excludes 0
+
+
+def test_differences_need_the_same_users(tmp_path):
+    for name, users in [("sft-cpt", 3), ("sft-base", 2)]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results-per_user.jsonl").write_text(
+            "".join(json.dumps({"user": f"u{u}", "rank": 1}) + "\n" for u in range(users)))
+    with pytest.raises(UserError, match="different users"):
+        difference(tmp_path, "sft-cpt", "sft-base")

@@ -12,27 +12,32 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from data import Blocks, Encoder, Examples, cpt_stream, load_dataset, sft_examples, train_sequences
-from model import Decoder, Tokenizer, UserError
+from conftest import TINY
+from data import (Blocks, Encoder, Examples, cpt_stream, load_dataset, sft_examples, tokenizer_corpus,
+                  train_sequences)
+from model import Decoder, ModelConfig, Tokenizer, UserError, create_model
 from schedule import Schedule
 from train import Interrupted, TrainConfig, accumulate, cross_entropy_sum, open_run, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_chunked_cross_entropy_equals_the_plain_one():
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_chunked_cross_entropy_equals_the_plain_one(precision):
     torch.manual_seed(0)
     hidden = torch.randn(50, 16, requires_grad=True)
     weight = torch.randn(30, 16, requires_grad=True)
     targets = torch.randint(0, 30, (50,))
-    chunked = cross_entropy_sum(hidden, weight, targets, chunk=7)
-    chunked.backward()
-    grads = hidden.grad.clone(), weight.grad.clone()
-    hidden.grad = weight.grad = None
-    plain = F.cross_entropy(hidden @ weight.t(), targets, reduction="sum")
-    plain.backward()
-    torch.testing.assert_close(chunked, plain)
-    torch.testing.assert_close(grads, (hidden.grad, weight.grad))
+    results = []
+    for chunk in (7, None):  # 8 chunks with their gradients computed in forward; one plain projection
+        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+            loss = cross_entropy_sum(hidden, weight, targets, chunk=chunk)
+        (loss * 3).backward()  # a scaled loss (accumulation, GradScaler) scales the stored gradients
+        results.append((loss, hidden.grad, weight.grad))
+        hidden.grad = weight.grad = None
+    tolerance = dict(atol=1e-5, rtol=1e-5) if precision == "fp32" else dict(atol=0.05, rtol=0.02)
+    torch.testing.assert_close(*results, **tolerance)
+    assert results[0][1].dtype == hidden.dtype and results[0][2].dtype == weight.dtype
 
 
 def sft_data(world, tiny_model, tokens):
@@ -144,14 +149,21 @@ def cli(*args, torchrun=False):
     return result
 
 
-def test_two_processes_equal_one_with_the_same_global_batch(world, tiny_model, tmp_path):
-    args = ["pretrain", "--data", str(world), "--model", str(tiny_model), "--tokens", "2048", "--block-len", "32",
+@pytest.mark.parametrize("tied", [True, False])
+def test_two_processes_equal_one_with_the_same_global_batch(world, tiny_model, tmp_path, tied):
+    model = tiny_model
+    if not tied:  # an untied lm_head is used outside DDP's forward (by the chunked loss): its gradient must sync too
+        model = tmp_path / "untied"
+        untied = ModelConfig(**{**vars(TINY), "tie_embeddings": False})
+        create_model(tokenizer_corpus(load_dataset(world)), model, untied)
+    args = ["pretrain", "--data", str(world), "--model", str(model), "--tokens", "2048", "--block-len", "32",
             "--micro-batch", "4", "--batch-tokens", "512", "--precision", "fp32", "--no-progress", "--val-users", "5"]
     cli(*args, "--out", str(tmp_path / "one"))
     cli(*args, "--out", str(tmp_path / "two"), torchrun=True)
     one = load_file(tmp_path / "one" / "final" / "model.safetensors")
     two = load_file(tmp_path / "two" / "final" / "model.safetensors")
     assert not torch.equal(one["model.norm.weight"], torch.ones_like(one["model.norm.weight"]))  # it trained
+    assert ("lm_head.weight" in one) != tied
     for k in one:
         torch.testing.assert_close(one[k], two[k], atol=1e-5, rtol=1e-4)
     losses = [[json.loads(line)["loss"] for line in open(tmp_path / d / "metrics.jsonl") if '"loss"' in line]
