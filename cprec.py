@@ -24,8 +24,8 @@ from data import (Encoder, Examples, Blocks, cpt_stream, eval_cases, load_datase
                   train_sequences, VALID)
 from model import Decoder, ModelConfig, Tokenizer, UserError, create_model, read_json, write_json
 from schedule import Schedule, validate
-from train import (Interrupted, MicroBatches, TrainConfig, autocast, latest_checkpoint, open_run, resolve_precision,
-                   setup_distributed, train)
+from train import (Interrupted, MicroBatches, TrainConfig, autocast, check_split, latest_checkpoint, open_run,
+                   resolve_precision, setup_distributed, train)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
 prepare_app = typer.Typer(no_args_is_help=True, help="Write a dataset in the canonical format (data/<name>/).")
@@ -238,9 +238,7 @@ def check(cfg: TrainConfig, device: torch.device, world: int, start: Path, longe
     micro-batches over the processes, and sequences longer than the model's context."""
     validate(cfg.schedule, cfg.steps)
     resolve_precision(cfg.precision, device)
-    if cfg.accum % world:
-        raise UserError(f"--batch-tokens: {cfg.accum} micro-batches per step do not split evenly over {world} "
-                        f"processes; use a multiple of {world} micro-batches")
+    check_split(cfg.accum, world)
     context = ModelConfig.from_hf(read_json(start / "config.json"), str(start / "config.json")).context
     if longest > context:
         raise UserError(f"{option}: {longest}-token sequences exceed the context of {start} ({context} tokens)")
@@ -315,11 +313,9 @@ def finetune(domain: str = typer.Option(..., help="Target domain, e.g. games."),
     config = {"command": "finetune", "domain": domain, "data": str(data), "data_fingerprint": ds.fingerprint,
               "model": str(start), "tokenizer_fingerprint": tokenizer.fingerprint(), "users_fraction": users_fraction,
               "train_users": len(sequences), "examples": len(examples.examples), "padding": examples.padding(),
-              "window": window,
-              "batch_tokens": batch_tokens, "micro_tokens": micro_tokens, "val_users": val_users,
-              "test_users": test_users, "beams": beams,
-              "mask_history": mask_history, "train": run_settings(cfg)}
-    check(cfg, device, world, start, max(map(len, examples.examples)), "--window")
+              "window": window, "batch_tokens": batch_tokens, "micro_tokens": micro_tokens, "val_users": val_users,
+              "test_users": test_users, "beams": beams, "mask_history": mask_history, "train": run_settings(cfg)}
+    check(cfg, device, world, start, examples.longest, "--window")
     run = open_run(out, config, resume, overwrite, rank)
     net = Decoder.from_pretrained(latest_checkpoint(run) if resume else start)
     options = dict(beams=beams, seed=seed, mask_history=mask_history, window=window)

@@ -423,11 +423,11 @@ class Examples:
 
     def __init__(self, examples: list[Example], tokens: int, pad_id: int, seed: int):
         self.examples, self.tokens, self.pad_id, self.seed = examples, tokens, pad_id, seed
-        longest = max(map(len, examples), default=0)
         if not examples:
             raise UserError("no training examples (no user has 2 or more training items in this domain)")
-        if longest > tokens:
-            raise UserError(f"--micro-tokens {tokens} is shorter than the longest example ({longest} tokens)")
+        self.longest = max(map(len, examples))
+        if self.longest > tokens:
+            raise UserError(f"--micro-tokens {tokens} is shorter than the longest example ({self.longest} tokens)")
 
     def micro_batches(self, epoch: int) -> list[list[int]]:
         rng = np.random.default_rng([self.seed, epoch])

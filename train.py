@@ -276,12 +276,18 @@ class Interrupted(Exception):
 
 
 # --------------------------------------------------------------------------------------------------- the loop
+def check_split(accum: int, world: int) -> None:
+    """Each process takes an equal share of a step's micro-batches, so the batch plan is the same on any count."""
+    if accum % world:
+        raise UserError(f"--batch-tokens: {accum} micro-batches per step do not split evenly over {world} processes; "
+                        f"use a multiple of {world} micro-batches")
+
+
 def train(model: Decoder, tokenizer: Tokenizer, data, cfg: TrainConfig, run: Path, *, device: torch.device,
           rank: int = 0, world: int = 1, resume: bool = False,
           validate: Callable[[Decoder], dict] | None = None) -> dict:
     """Train `model` on `data` (data.Blocks or data.Examples) for cfg.steps optimizer steps; return a summary."""
-    if cfg.accum % world:
-        raise UserError(f"{cfg.accum} micro-batches per step do not split evenly over {world} processes")
+    check_split(cfg.accum, world)
     precision = resolve_precision(cfg.precision, device)
     raw = model.to(device)
     if world > 1:
