@@ -36,9 +36,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from common import UserError
 from cprec import DEFAULT_CPT, DEFAULT_DATA, DEFAULT_MODEL, SMALL, dataset
 from data import TEST, VALID, Blocks, Encoder
-from model import Decoder, ModelConfig, Tokenizer, UserError, init_weights
+from model import Decoder, ModelConfig, config_to_hf, init_weights
+from tokenizer import Tokenizer
 from train import accumulate, autocast, cross_entropy_sum
 
 H100_BF16_PEAK = 989e12  # dense bf16, SXM datasheet; an 8k matmul reaches about 800e12
@@ -107,7 +109,7 @@ def measure_peaks(device: str, precisions: list[str]) -> dict[str, float]:
     for p in precisions:
         a, b = (torch.randn(n, n, device=device).to(DTYPES[p]) for _ in range(2))
         a @ b  # warm-up: thread pool, kernel selection, weight packing
-        peaks[p] = 2 * n ** 3 / min(timed(lambda: a @ b, device) for _ in range(10))
+        peaks[p] = 2 * n ** 3 / min(timed(lambda a=a, b=b: a @ b, device) for _ in range(10))
     return peaks
 
 
@@ -233,7 +235,7 @@ def write_hf_checkpoint(o: Options, path: str) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
     quiet_transformers()
     torch.manual_seed(o.seed)
-    LlamaForCausalLM(LlamaConfig.from_dict(o.shape.to_hf())).save_pretrained(path)
+    LlamaForCausalLM(LlamaConfig.from_dict(config_to_hf(o.shape))).save_pretrained(path)
 
 
 def load_impl(impl: str, path: str, device: str) -> nn.Module:
@@ -584,8 +586,8 @@ def bench_prepare(o: Options) -> list[dict]:
 
 # --------------------------------------------------------------------------------------------------- sections
 SECTIONS: dict[str, Callable[[Options], list[dict]]] = {
-    "decoder": bench_decoder, "train": bench_train, "loss": bench_loss, "eval": bench_eval, "catalogue": bench_catalogue,
-    "prepare": bench_prepare}
+    "decoder": bench_decoder, "train": bench_train, "loss": bench_loss, "eval": bench_eval,
+    "catalogue": bench_catalogue, "prepare": bench_prepare}
 NOTES = {  # printed under each section's table
     "decoder": "train = forward+backward with a full-vocabulary cross-entropy, infer = no-grad forward; tokens/s: "
                "median of interleaved reps; MFU = tokens/s x FLOPs/token (6N + 12·L·d·T, forward a third) / peak; "
@@ -596,9 +598,9 @@ NOTES = {  # printed under each section's table
              "block×micro-batch×accumulation tokens; small = cprec.SMALL, random init; columns as in decoder, resident "
              "= weights + optimizer state; peak MiB = the process (CUDA: all allocated) at the step's peak.",
     "loss": "the training loss from N supervised hidden states at Qwen2.5-0.5B's vocabulary (151,936) and width "
-            "(896), forward+backward: chunked = train.cross_entropy_sum (256-token chunks of logits, gradients computed "
-            "in forward), full logits = the N x V logits then an fp32 cross-entropy, as a plain training loop does; "
-            "columns as in decoder.",
+            "(896), forward+backward: chunked = train.cross_entropy_sum (256-token chunks of logits, gradients "
+            "computed in forward), full logits = the N x V logits then an fp32 cross-entropy, as a plain training loop "
+            "does; columns as in decoder.",
     "eval": "full ranking of the games catalogue (items), test split, one evaluate() run each; exact users = a seeded "
             "subset of the beam users; speed-up = beam / exact users/s; on the exact users, overlap = mean |beam ∩ "
             "exact top-10| / 10, same order = share of identical top-10 lists.",
@@ -740,4 +742,4 @@ if __name__ == "__main__":
         app()
     except UserError as e:
         console.print(f"[red]error:[/red] {e}", highlight=False)
-        raise SystemExit(2)
+        raise SystemExit(2) from None

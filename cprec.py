@@ -20,12 +20,35 @@ from rich.console import Console
 from rich.table import Table
 
 import eval as evaluation
-from data import (Encoder, Examples, Blocks, cpt_stream, eval_cases, load_dataset, sft_examples, tokenizer_corpus,
-                  train_sequences, VALID)
-from model import Decoder, ModelConfig, Tokenizer, UserError, create_model, read_json, write_json
+from common import UserError, read_json, write_json
+from data import (
+    VALID,
+    Blocks,
+    Encoder,
+    Examples,
+    cpt_stream,
+    eval_cases,
+    load_dataset,
+    sft_examples,
+    tokenizer_corpus,
+    train_sequences,
+)
+from model import Decoder, ModelConfig, config_from_hf, create_model
 from schedule import Schedule, validate
-from train import (Interrupted, MicroBatches, TrainConfig, autocast, check_split, latest_checkpoint, open_run,
-                   resolve_precision, setup_distributed, train)
+from tokenizer import Tokenizer
+from train import (
+    Interrupted,
+    MicroBatches,
+    TrainConfig,
+    autocast,
+    check_split,
+    latest_checkpoint,
+    open_run,
+    resolve_precision,
+    setup_distributed,
+    target_loss,
+    train,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
 prepare_app = typer.Typer(no_args_is_help=True, help="Write a dataset in the canonical format (data/<name>/).")
@@ -33,9 +56,7 @@ app.add_typer(prepare_app, name="prepare")
 console, err = Console(), Console(stderr=True)
 
 DEFAULT_DATA, DEFAULT_MODEL, DEFAULT_CPT = Path("data/world"), Path("models/small"), Path("runs/pretrain")
-# The default small model: sized so CPT on the built-in world fits ~10 minutes on 2 CPU cores (README, "Budget").
-SMALL = ModelConfig(vocab_size=2048, dim=256, n_layers=4, n_heads=4, n_kv_heads=4, head_dim=64, intermediate_size=704,
-                    max_positions=1024)
+SMALL = ModelConfig()  # the default small model (ModelConfig's defaults)
 
 
 def say(message: str) -> None:
@@ -77,7 +98,7 @@ prepare_app.command("amazon2018")(amazon_command(2018))
 
 
 @prepare_app.command("recbole")
-def prepare_recbole(source: Path = typer.Argument(..., help="RecBole dataset directory holding NAME.inter and NAME.item."),
+def prepare_recbole(source: Path = typer.Argument(..., help="RecBole dataset folder with NAME.inter and NAME.item."),
                     out: Path = typer.Option(..., help="Output dataset directory."),
                     domain: Optional[str] = typer.Option(None, help="Domain key (default: the dataset name)."),
                     title_field: Optional[str] = typer.Option(None, help="Item title column (default: auto)."),
@@ -98,7 +119,8 @@ def refuse_existing(out: Path, overwrite: bool) -> None:
 
 
 def report(manifest: dict, out: Path) -> None:
-    table = Table("domain", "name", "role", "users", "items", "interactions", title=f"{out} ({manifest['fingerprint']})")
+    title = f"{out} ({manifest['fingerprint']})"
+    table = Table("domain", "name", "role", "users", "items", "interactions", title=title)
     for d in manifest["domains"]:
         table.add_row(d["key"], d["name"], d["role"], f"{d['users']:,}", f"{d['items']:,}", f"{d['interactions']:,}")
     console.print(table)
@@ -138,8 +160,8 @@ def init(data: Path = typer.Option(DEFAULT_DATA, help="Dataset whose texts train
     """Train a SentencePiece tokenizer on a dataset and write a small random Llama-architecture checkpoint."""
     if (out / "config.json").exists() and not overwrite:
         raise UserError(f"{out}: a model already exists there; pass --overwrite to replace it")
-    config = ModelConfig(**{**asdict(SMALL), "vocab_size": vocab, "dim": dim, "n_layers": layers, "n_heads": heads,
-                            "n_kv_heads": kv_heads, "head_dim": dim // heads, "intermediate_size": ffn})
+    config = ModelConfig(vocab_size=vocab, dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=kv_heads,
+                         head_dim=dim // heads, intermediate_size=ffn)
     model = create_model(tokenizer_corpus(dataset(data)), out, config, seed)
     say(f"wrote {out}: {model.config.n_params / 1e6:.2f}M parameters, vocabulary {model.config.vocab_size}")
 
@@ -151,7 +173,7 @@ def base_model(path: Optional[Path], data: Path, rank: int) -> Path:
     if not (DEFAULT_MODEL / "config.json").exists():
         if rank == 0:
             say(f"creating the default small model in {DEFAULT_MODEL} (once)")
-            create_model(tokenizer_corpus(dataset(data)), DEFAULT_MODEL, ModelConfig(**asdict(SMALL)))
+            create_model(tokenizer_corpus(dataset(data)), DEFAULT_MODEL, ModelConfig())
         barrier()
     return DEFAULT_MODEL
 
@@ -221,7 +243,7 @@ def pretrain(data: Path = typer.Option(DEFAULT_DATA, help="Dataset; the built-in
     cases = {k: sample(eval_cases(ds, k, VALID), val_users, seed) for k in pretrain_domains}
 
     def validate(m):
-        losses = {k: evaluation.target_loss(m, encoder, ds, c, k) for k, c in cases.items() if c}
+        losses = {k: target_loss(m, encoder, ds, c, k) for k, c in cases.items() if c}
         return {"val_loss": float(np.mean(list(losses.values()))), "per_domain": losses}
 
     say(f"CPT on {', '.join(pretrain_domains)}: {len(stream):,} tokens of {'+'.join(split_list(kinds))} sequences, "
@@ -239,7 +261,7 @@ def check(cfg: TrainConfig, device: torch.device, world: int, start: Path, longe
     validate(cfg.schedule, cfg.steps)
     resolve_precision(cfg.precision, device)
     check_split(cfg.accum, world)
-    context = ModelConfig.from_hf(read_json(start / "config.json"), str(start / "config.json")).context
+    context = config_from_hf(read_json(start / "config.json"), str(start / "config.json")).context
     if longest > context:
         raise UserError(f"{option}: {longest}-token sequences exceed the context of {start} ({context} tokens)")
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from model import Tokenizer, UserError, atomic_dir, read_json, write_json
+from common import UserError, atomic_dir, read_json, write_json
+from tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
 TRAIN, VALID, TEST = 0, 1, 2

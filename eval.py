@@ -10,6 +10,7 @@ MRR = 1/(r+1); ties count against the target.
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 
@@ -17,8 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import Case, Dataset, Encoder, Examples, eval_cases, item_text, target_example, train_sequences
-from model import BeamCache, Decoder, KVCache, UserError
+from common import UserError
+from data import Dataset, Encoder, eval_cases, item_text, train_sequences
+from model import Decoder, KVCache
 
 KS = (5, 10, 20)
 
@@ -80,6 +82,60 @@ def build_trie(sequences: list[list[int]], device: torch.device | str = "cpu") -
 
 
 # --------------------------------------------------------------------------------------------------- rankers
+class BeamCache:
+    """Many continuations of each prompt decoded together: beam search's beams, or exact scoring's candidate items.
+
+    The prompts' keys stay in their KVCache, once per prompt; only each continuation's own keys (at most `steps`)
+    live here. Attention takes one softmax over both parts, so following beams copies a few slots per beam and never
+    a prompt (a per-beam cache copies users x beams x prompt-length slots at every step).
+    """
+
+    def __init__(self, prompt: KVCache, width: int, steps: int):
+        layers, users, heads, _, dim = prompt.k.shape
+        self.prompt, self.width, self.length = prompt, width, 0
+        self.k = torch.zeros(layers, users * width, heads, steps, dim, dtype=prompt.k.dtype, device=prompt.k.device)
+        self.v = torch.zeros_like(self.k)
+        self.next_pos = prompt.next_pos.repeat_interleave(width)
+
+    def extend(self, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Claim T slots in every row; return the (T, length) causal mask over this row's own keys."""
+        T = attention_mask.shape[1]
+        start, self.length = self.length, self.length + T
+        if self.length > self.k.shape[3]:
+            raise ValueError(f"beam cache overflow: {self.length} > {self.k.shape[3]} slots")
+        self.next_pos = position_ids[:, -1] + 1  # continuations are right-padded at most: positions just go on
+        slots = torch.arange(self.length, device=self.k.device)
+        return slots <= start + torch.arange(T, device=self.k.device)[:, None]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: torch.Tensor):
+        rows, n_q, T, dim = q.shape
+        users, width, n_kv = rows // self.width, self.width, k.shape[1]
+        group, prompt_len = n_q // n_kv, self.prompt.length  # query head h reads key head h // group (GQA)
+        self.k[layer, :, :, self.length - T:self.length] = k
+        self.v[layer, :, :, self.length - T:self.length] = v
+        by_user = lambda x: x.view(users, width, n_kv, -1, x.shape[-1]).transpose(1, 2).reshape(  # noqa: E731
+            users, n_kv, -1, x.shape[-1])
+        by_row = lambda x: x.view(users, n_kv, width, -1, x.shape[-1]).transpose(1, 2).reshape(  # noqa: E731
+            rows, n_kv, -1, x.shape[-1])
+        q = q.reshape(rows, n_kv, group * T, dim)
+        prompt_k, prompt_v = self.prompt.k[layer, :, :, :prompt_len], self.prompt.v[layer, :, :, :prompt_len]
+        # A user's continuations are extra queries against its prompt's keys; each row's own keys are per row.
+        to_prompt = (by_user(q) @ prompt_k.transpose(-1, -2)).float().masked_fill(
+            ~self.prompt.valid[:, None, None, :prompt_len], -torch.inf)
+        to_own = (q @ self.k[layer, :, :, :self.length].transpose(-1, -2)).float().masked_fill(
+            ~causal.repeat(group, 1), -torch.inf)
+        probs = torch.softmax(torch.cat([by_row(to_prompt), to_own], -1) * dim ** -0.5, -1).to(v.dtype)
+        from_prompt, from_own = probs.split([prompt_len, self.length], -1)
+        y = by_row(by_user(from_prompt) @ prompt_v) + from_own @ self.v[layer, :, :, :self.length]
+        return y.reshape(rows, n_q, T, dim)
+
+    def select(self, rows: torch.Tensor) -> BeamCache:
+        """A cache of the given continuations (repeats allowed), each staying under its own prompt."""
+        out = copy.copy(self)
+        out.k, out.v, out.next_pos = self.k[:, rows], self.v[:, rows], self.next_pos[rows]
+        return out
+
+
 def prompt_cache(model: Decoder, prompts: list[list[int]], pad_id: int) -> tuple[KVCache, torch.Tensor]:
     """Run left-padded prompts through the model; return their cache and next-token log-probabilities (U, V)."""
     width = max(map(len, prompts))
@@ -269,7 +325,8 @@ def evaluate(model: Decoder, encoder: Encoder, ds: Dataset, key: str, *, split: 
         step = batch_users or auto_batch_users(model, beams, max(map(len, prompts)), trie.depth)
         for start in range(0, len(order), step):
             rows = order[start:start + step]
-            items, scores = beam_search(model, [prompts[r] for r in rows], trie, beams, pad, [excluded[r] for r in rows])
+            batch_prompts = [prompts[r] for r in rows]
+            items, scores = beam_search(model, batch_prompts, trie, beams, pad, [excluded[r] for r in rows])
             for r, it, sc in zip(rows, items.cpu().numpy(), scores.cpu().numpy()):
                 ranks[r], tops[r] = rank_in_list(it, sc, targets[r]), it[it >= 0]
     seconds = time.perf_counter() - began
@@ -287,17 +344,3 @@ def evaluate(model: Decoder, encoder: Encoder, ds: Dataset, key: str, *, split: 
                       "rank": None if np.isinf(r) else int(r), "popularity_rank": int(p),
                       "top10": [ds.item_ids[catalogue[i]] for i in top[:10]]}
                      for c, r, p, top in zip(cases, ranks, pop_ranks, tops)]}
-
-
-def target_loss(model: Decoder, encoder: Encoder, ds: Dataset, cases: list[Case], key: str,
-                tokens: int = 8192) -> float:
-    """Mean per-token loss of the held-out items' tokens after their histories (CPT's validation loss)."""
-    from train import micro_step_loss
-    data = Examples([target_example(ds, encoder, c, key) for c in cases], tokens, encoder.tokenizer.pad_id, seed=0)
-    device = model.embed_tokens.weight.device
-    total = n = 0
-    for batch in data.micro_batches(0):
-        inputs, targets = (torch.as_tensor(a, device=device) for a in data.collate(batch))
-        total += float(micro_step_loss(model, model.lm_head.weight, inputs, targets))
-        n += data.n_targets(batch)
-    return total / n

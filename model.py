@@ -1,4 +1,4 @@
-"""The decoder-only LLM behind CPRec, its HF-layout checkpoints and its tokenizer.
+"""The decoder-only LLM behind CPRec and its HF-layout checkpoints.
 
 One hand-written Llama-family decoder (Llama 1/2/3, TinyLlama, Mistral, Qwen2/2.5): RMSNorm, rotate-half RoPE,
 grouped-query attention through F.scaled_dot_product_attention and a SwiGLU MLP. Parameter names are Hugging Face's
@@ -7,13 +7,8 @@ Parity with transformers' logits is proven in tests/test_model.py.
 """
 from __future__ import annotations
 
-import contextlib
-import copy
-import json
 import math
-import os
-import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -21,10 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-
-class UserError(Exception):
-    """Bad input a user can fix (a path, a record, an option). The CLI prints it as one line, no traceback."""
-
+from common import UserError, atomic_dir, read_json, write_json
+from tokenizer import Tokenizer, train_tokenizer
 
 # --------------------------------------------------------------------------------------------------- config
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
@@ -32,7 +25,9 @@ ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 4096
+    """A Llama-family decoder's shape. The defaults are the small model `init` creates: sized so CPT on the built-in
+    world fits about 10 minutes on 2 CPU cores (README, "Budget")."""
+    vocab_size: int = 2048
     dim: int = 256
     n_layers: int = 4
     n_heads: int = 4
@@ -46,50 +41,12 @@ class ModelConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     tie_embeddings: bool = True
-    max_positions: int = 2048
+    max_positions: int = 1024
     architecture: str = "LlamaForCausalLM"
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     init_std: float = 0.02
     extra: dict = field(default_factory=dict)  # the rest of config.json, written back unchanged on save
-
-    @classmethod
-    def from_hf(cls, hf: dict, source: str = "config.json") -> ModelConfig:
-        """Read a transformers config.json (v4 or v5 layout); refuse anything that would change the math."""
-        arch = (hf.get("architectures") or [None])[0]
-        if arch is None:  # transformers v5 omits `architectures` from bare configs
-            arch = {v: k for k, v in ARCHITECTURES.items()}.get(hf.get("model_type"))
-        if arch not in ARCHITECTURES:
-            raise UserError(f"{source}: architectures={arch!r} is not supported; expected one of {sorted(ARCHITECTURES)}")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise UserError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported; expected 'silu'")
-        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})  # v5 nests theta here
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "llama3"):
-            raise UserError(f"{source}: rope_scaling type {rope_type!r} is not supported; expected none or 'llama3'")
-        if hf.get("partial_rotary_factor", 1.0) != 1.0:
-            raise UserError(f"{source}: partial_rotary_factor={hf['partial_rotary_factor']} is not supported")
-        max_positions = hf.get("max_position_embeddings", 2048)
-        if ARCHITECTURES[arch] == "qwen2" and hf.get("use_sliding_window"):
-            raise UserError(f"{source}: use_sliding_window=true is not supported (Qwen2 windows only some layers)")
-        n_heads = hf["num_attention_heads"]
-        attention_bias = hf.get("attention_bias", False)
-        known = {"architectures", "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "head_dim", "intermediate_size", "rms_norm_eps", "rope_theta", "rope_scaling",
-                 "rope_parameters", "attention_bias", "mlp_bias", "tie_word_embeddings", "max_position_embeddings",
-                 "bos_token_id", "eos_token_id", "initializer_range", "torch_dtype", "dtype", "transformers_version"}
-        return cls(
-            vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
-            n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
-            intermediate_size=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-            rope_scaling=rope if rope_type == "llama3" else None,
-            qkv_bias=attention_bias or ARCHITECTURES[arch] == "qwen2", o_bias=attention_bias,
-            mlp_bias=hf.get("mlp_bias", False), tie_embeddings=hf.get("tie_word_embeddings", False),
-            max_positions=max_positions, architecture=arch,
-            bos_token_id=_first(hf.get("bos_token_id")), eos_token_id=_first(hf.get("eos_token_id")),
-            init_std=hf.get("initializer_range", 0.02), extra={k: v for k, v in hf.items() if k not in known})
 
     @property
     def context(self) -> int:
@@ -97,22 +54,6 @@ class ModelConfig:
         attention within the window, so we cap the context there rather than implement the window."""
         window = self.extra.get("sliding_window") if ARCHITECTURES[self.architecture] == "mistral" else None
         return min(self.max_positions, window or self.max_positions)
-
-    def to_hf(self, dtype: torch.dtype = torch.float32) -> dict:
-        """The transformers v4 layout, which v5, vLLM and older tools all read."""
-        hf = dict(self.extra)
-        hf.update(
-            architectures=[self.architecture], model_type=ARCHITECTURES[self.architecture],
-            vocab_size=self.vocab_size, hidden_size=self.dim, num_hidden_layers=self.n_layers,
-            num_attention_heads=self.n_heads, num_key_value_heads=self.n_kv_heads, head_dim=self.head_dim,
-            intermediate_size=self.intermediate_size, rms_norm_eps=self.norm_eps, rope_theta=self.rope_theta,
-            rope_scaling=self.rope_scaling, hidden_act="silu", mlp_bias=self.mlp_bias,
-            tie_word_embeddings=self.tie_embeddings, max_position_embeddings=self.max_positions,
-            bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id, initializer_range=self.init_std,
-            torch_dtype=str(dtype).removeprefix("torch."))
-        if ARCHITECTURES[self.architecture] != "qwen2":
-            hf["attention_bias"] = self.o_bias
-        return hf
 
     @property
     def n_params(self) -> int:
@@ -125,10 +66,6 @@ class ModelConfig:
         """6N for the weights plus 12·L·d·T for attention scores (PaLM appendix B); embeddings do no matmul."""
         n = self.n_params - self.vocab_size * self.dim * (0 if self.tie_embeddings else 1)
         return 6 * n + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
-
-
-def _first(x):
-    return x[0] if isinstance(x, list) else x
 
 
 # --------------------------------------------------------------------------------------------------- modules
@@ -177,7 +114,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=c.o_bias)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | BeamCache | None, layer: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, cache, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -262,60 +199,6 @@ class KVCache:
                                               attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
-class BeamCache:
-    """Many continuations of each prompt decoded together: beam search's beams, or exact scoring's candidate items.
-
-    The prompts' keys stay in their KVCache, once per prompt; only each continuation's own keys (at most `steps`)
-    live here. Attention takes one softmax over both parts, so following beams copies a few slots per beam and never
-    a prompt (a per-beam cache copies users x beams x prompt-length slots at every step).
-    """
-
-    def __init__(self, prompt: KVCache, width: int, steps: int):
-        layers, users, heads, _, dim = prompt.k.shape
-        self.prompt, self.width, self.length = prompt, width, 0
-        self.k = torch.zeros(layers, users * width, heads, steps, dim, dtype=prompt.k.dtype, device=prompt.k.device)
-        self.v = torch.zeros_like(self.k)
-        self.next_pos = prompt.next_pos.repeat_interleave(width)
-
-    def extend(self, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """Claim T slots in every row; return the (T, length) causal mask over this row's own keys."""
-        T = attention_mask.shape[1]
-        start, self.length = self.length, self.length + T
-        if self.length > self.k.shape[3]:
-            raise ValueError(f"beam cache overflow: {self.length} > {self.k.shape[3]} slots")
-        self.next_pos = position_ids[:, -1] + 1  # continuations are right-padded at most: positions just go on
-        slots = torch.arange(self.length, device=self.k.device)
-        return slots <= start + torch.arange(T, device=self.k.device)[:, None]
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: torch.Tensor):
-        rows, n_q, T, dim = q.shape
-        users, width, n_kv = rows // self.width, self.width, k.shape[1]
-        group, prompt_len = n_q // n_kv, self.prompt.length  # query head h reads key head h // group (GQA)
-        self.k[layer, :, :, self.length - T:self.length] = k
-        self.v[layer, :, :, self.length - T:self.length] = v
-        by_user = lambda x: x.view(users, width, n_kv, -1, x.shape[-1]).transpose(1, 2).reshape(  # noqa: E731
-            users, n_kv, -1, x.shape[-1])
-        by_row = lambda x: x.view(users, n_kv, width, -1, x.shape[-1]).transpose(1, 2).reshape(  # noqa: E731
-            rows, n_kv, -1, x.shape[-1])
-        q = q.reshape(rows, n_kv, group * T, dim)
-        prompt_k, prompt_v = self.prompt.k[layer, :, :, :prompt_len], self.prompt.v[layer, :, :, :prompt_len]
-        # A user's continuations are extra queries against its prompt's keys; each row's own keys are per row.
-        to_prompt = (by_user(q) @ prompt_k.transpose(-1, -2)).float().masked_fill(
-            ~self.prompt.valid[:, None, None, :prompt_len], -torch.inf)
-        to_own = (q @ self.k[layer, :, :, :self.length].transpose(-1, -2)).float().masked_fill(
-            ~causal.repeat(group, 1), -torch.inf)
-        probs = torch.softmax(torch.cat([by_row(to_prompt), to_own], -1) * dim ** -0.5, -1).to(v.dtype)
-        from_prompt, from_own = probs.split([prompt_len, self.length], -1)
-        y = by_row(by_user(from_prompt) @ prompt_v) + from_own @ self.v[layer, :, :, :self.length]
-        return y.reshape(rows, n_q, T, dim)
-
-    def select(self, rows: torch.Tensor) -> BeamCache:
-        """A cache of the given continuations (repeats allowed), each staying under its own prompt."""
-        out = copy.copy(self)
-        out.k, out.v, out.next_pos = self.k[:, rows], self.v[:, rows], self.next_pos[rows]
-        return out
-
-
 # --------------------------------------------------------------------------------------------------- decoder
 class Decoder(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -342,7 +225,7 @@ class Decoder(nn.Module):
         return cos[position_ids][:, None], sin[position_ids][:, None]
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, kv_cache: KVCache | BeamCache | None = None, *,
+                attention_mask: torch.Tensor | None = None, kv_cache = None, *,
                 select: torch.Tensor | None = None, hidden: bool = False) -> torch.Tensor:
         """Logits (B, T, V), or only at `select` (a boolean (B, T) mask or an index) -> (N, V).
 
@@ -380,7 +263,7 @@ class Decoder(nn.Module):
         allocated twice. Keys are matched strictly and mismatches are reported by name.
         """
         path = Path(path)
-        config = ModelConfig.from_hf(read_json(path / "config.json"), source=str(path / "config.json"))
+        config = config_from_hf(read_json(path / "config.json"), source=str(path / "config.json"))
         with torch.device("meta"):
             model = cls(config)
         state = {}
@@ -389,7 +272,8 @@ class Decoder(nn.Module):
                 state[hf_to_ours(key)] = tensor
         if config.tie_embeddings:
             state.pop("lm_head.weight", None)  # tied checkpoints may or may not store the shared matrix twice
-        expected = {k: v.shape for k, v in model.state_dict().items() if not (config.tie_embeddings and k == "lm_head.weight")}
+        expected = {k: v.shape for k, v in model.state_dict().items()
+                    if not (config.tie_embeddings and k == "lm_head.weight")}
         state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}  # old Llama buffers
         problems = [f"missing {ours_to_hf(k)}" for k in expected if k not in state]
         problems += [f"unexpected {ours_to_hf(k)}" for k in state if k not in expected]
@@ -416,9 +300,69 @@ class Decoder(nn.Module):
         state = {ours_to_hf(k): v.detach().to(dtype).contiguous().cpu() for k, v in self.state_dict().items()
                  if not (self.config.tie_embeddings and k == "lm_head.weight")}
         save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
-        write_json(directory / "config.json", self.config.to_hf(dtype))
+        write_json(directory / "config.json", config_to_hf(self.config, dtype))
         if tokenizer is not None:
             tokenizer.save(directory)
+
+
+# ------------------------------------------------------------------------------------------------ Hugging Face layout
+def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
+    """Read a transformers config.json (v4 or v5 layout); refuse anything that would change the math."""
+    arch = (hf.get("architectures") or [None])[0]
+    if arch is None:  # transformers v5 omits `architectures` from bare configs
+        arch = {v: k for k, v in ARCHITECTURES.items()}.get(hf.get("model_type"))
+    if arch not in ARCHITECTURES:
+        raise UserError(f"{source}: architectures={arch!r} is not supported; expected one of {sorted(ARCHITECTURES)}")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise UserError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported; expected 'silu'")
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})  # v5 nests theta here
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise UserError(f"{source}: rope_scaling type {rope_type!r} is not supported; expected none or 'llama3'")
+    if hf.get("partial_rotary_factor", 1.0) != 1.0:
+        raise UserError(f"{source}: partial_rotary_factor={hf['partial_rotary_factor']} is not supported")
+    max_positions = hf.get("max_position_embeddings", 2048)
+    if ARCHITECTURES[arch] == "qwen2" and hf.get("use_sliding_window"):
+        raise UserError(f"{source}: use_sliding_window=true is not supported (Qwen2 windows only some layers)")
+    n_heads = hf["num_attention_heads"]
+    attention_bias = hf.get("attention_bias", False)
+    known = {"architectures", "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "head_dim", "intermediate_size", "rms_norm_eps", "rope_theta", "rope_scaling",
+             "rope_parameters", "attention_bias", "mlp_bias", "tie_word_embeddings", "max_position_embeddings",
+             "bos_token_id", "eos_token_id", "initializer_range", "torch_dtype", "dtype", "transformers_version"}
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+        intermediate_size=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        rope_scaling=rope if rope_type == "llama3" else None,
+        qkv_bias=attention_bias or ARCHITECTURES[arch] == "qwen2", o_bias=attention_bias,
+        mlp_bias=hf.get("mlp_bias", False), tie_embeddings=hf.get("tie_word_embeddings", False),
+        max_positions=max_positions, architecture=arch,
+        bos_token_id=_first(hf.get("bos_token_id")), eos_token_id=_first(hf.get("eos_token_id")),
+        init_std=hf.get("initializer_range", 0.02), extra={k: v for k, v in hf.items() if k not in known})
+
+
+def config_to_hf(c: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
+    """The transformers v4 layout, which v5, vLLM and older tools all read."""
+    hf = dict(c.extra)
+    hf.update(
+        architectures=[c.architecture], model_type=ARCHITECTURES[c.architecture],
+        vocab_size=c.vocab_size, hidden_size=c.dim, num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim,
+        intermediate_size=c.intermediate_size, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
+        rope_scaling=c.rope_scaling, hidden_act="silu", mlp_bias=c.mlp_bias,
+        tie_word_embeddings=c.tie_embeddings, max_position_embeddings=c.max_positions,
+        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, initializer_range=c.init_std,
+        torch_dtype=str(dtype).removeprefix("torch."))
+    if ARCHITECTURES[c.architecture] != "qwen2":
+        hf["attention_bias"] = c.o_bias
+    return hf
+
+
+def _first(x):
+    return x[0] if isinstance(x, list) else x
 
 
 def hf_to_ours(key: str) -> str:
@@ -441,137 +385,7 @@ def safetensors_files(path: Path) -> list[Path]:
     raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
-def read_json(path: str | Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-
-
-def write_json(path: str | Path, obj) -> None:
-    """Write JSON via a temporary file and an atomic rename, so readers never see half a file."""
-    tmp = Path(f"{path}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | Path):
-    """Yield a temporary sibling directory; on success it replaces `path`, so a crash never leaves half a checkpoint.
-
-    At every moment either the old or the new complete directory exists under a known name.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = path.with_name(f".{path.name}.old{os.getpid()}")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------------------------------- tokenizer
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-class Tokenizer:
-    """SentencePiece `tokenizer.model` (Llama, Mistral, our own) or, via the optional `tokenizers` package,
-    `tokenizer.json` (Qwen2.5). No special tokens are added by encode(): the data code places BOS/EOS itself."""
-
-    def __init__(self, path: Path, encoder, bos_id: int | None, eos_id: int, pad_id: int, vocab_size: int):
-        self.path, self._encoder = path, encoder
-        self.bos_id, self.eos_id, self.pad_id, self.vocab_size = bos_id, eos_id, pad_id, vocab_size
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> Tokenizer:
-        path = Path(path)
-        if (path / "tokenizer.model").exists():
-            import sentencepiece as spm
-            sp = spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
-            bos = sp.bos_id() if sp.bos_id() >= 0 else None
-            eos = sp.eos_id() if sp.eos_id() >= 0 else _special_id(path, "eos_token", sp.piece_to_id)
-            pad = sp.pad_id() if sp.pad_id() >= 0 else eos
-            return cls(path, sp, bos, eos, pad, sp.get_piece_size())
-        if (path / "tokenizer.json").exists():
-            try:
-                from tokenizers import Tokenizer as HFTokenizer
-            except ImportError:
-                raise UserError(f"{path}: only tokenizer.json found; it needs the optional package "
-                                "'tokenizers' (pip install tokenizers)") from None
-            tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
-            eos = _special_id(path, "eos_token", tok.token_to_id)
-            if eos is None:
-                raise UserError(f"{path}: cannot tell the EOS token; add eos_token to tokenizer_config.json")
-            bos = _special_id(path, "bos_token", tok.token_to_id)
-            pad = _special_id(path, "pad_token", tok.token_to_id)
-            return cls(path, tok, bos, eos, eos if pad is None else pad, tok.get_vocab_size())
-        raise UserError(f"{path}: no tokenizer.model or tokenizer.json")
-
-    def encode(self, text: str) -> list[int]:
-        if hasattr(self._encoder, "encode_as_ids"):
-            return self._encoder.encode_as_ids(text)
-        return self._encoder.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: list[int]) -> str:
-        return self._encoder.decode(list(ids))
-
-    def save(self, path: Path) -> None:
-        for name in TOKENIZER_FILES:
-            if (self.path / name).exists() and self.path.resolve() != Path(path).resolve():
-                shutil.copyfile(self.path / name, Path(path) / name)
-
-    def fingerprint(self) -> str:
-        import hashlib
-        h = hashlib.sha256()
-        for name in TOKENIZER_FILES:
-            if (self.path / name).exists():
-                h.update(name.encode() + (self.path / name).read_bytes())
-        return h.hexdigest()[:16]
-
-
-def _special_id(path: Path, name: str, to_id) -> int | None:
-    """Find a special token's id from tokenizer_config.json, else from config.json's `<name>_id`."""
-    for file in ("tokenizer_config.json", "special_tokens_map.json"):
-        if (path / file).exists():
-            token = read_json(path / file).get(name)
-            token = token.get("content") if isinstance(token, dict) else token
-            if token is not None and to_id(token) is not None:
-                return to_id(token)
-    if (path / "config.json").exists():
-        return _first(read_json(path / "config.json").get(f"{name}_id"))
-    return None
-
-
 # --------------------------------------------------------------------------------------------------- init
-def train_tokenizer(texts, out_dir: Path, vocab_size: int) -> None:
-    """Train a byte-fallback BPE SentencePiece model on `texts` (Llama's recipe) and write tokenizer.model.
-
-    One thread and a fixed input order make the result reproducible.
-    """
-    import io
-    import sentencepiece as spm
-    buffer = io.BytesIO()
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(texts), model_writer=buffer, vocab_size=vocab_size, model_type="bpe",
-            character_coverage=1.0, byte_fallback=True, normalization_rule_name="identity",
-            remove_extra_whitespaces=True, split_digits=True, user_defined_symbols=["\n"], num_threads=1,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=3, hard_vocab_limit=False, minloglevel=2)
-    except RuntimeError as e:
-        raise UserError(f"tokenizer training failed: {e}") from None
-    (out_dir / "tokenizer.model").write_bytes(buffer.getvalue())
-
-
 def init_weights(model: Decoder, seed: int) -> None:
     """GPT-2 style: N(0, std) everywhere, residual output projections scaled by 1/sqrt(2·layers), zero biases."""
     generator = torch.Generator().manual_seed(seed)
@@ -582,7 +396,8 @@ def init_weights(model: Decoder, seed: int) -> None:
         elif name.endswith(".bias"):
             nn.init.zeros_(p)
         else:
-            scale = 1 / math.sqrt(2 * model.config.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1
+            residual = name.endswith(("o_proj.weight", "down_proj.weight"))
+            scale = 1 / math.sqrt(2 * model.config.n_layers) if residual else 1
             with torch.no_grad():
                 p.copy_(torch.randn(p.shape, generator=generator) * std * scale)
 
@@ -596,7 +411,9 @@ def create_model(texts, out_dir: str | Path, config: ModelConfig, seed: int = 0)
     with atomic_dir(out_dir) as tmp:
         train_tokenizer(texts, tmp, config.vocab_size)
         tokenizer = Tokenizer.from_pretrained(tmp)
-        config.vocab_size, config.bos_token_id, config.eos_token_id = tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id
+        # The tokenizer decides the vocabulary and special ids; the caller's config is left as it was.
+        config = replace(config, vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
+                         eos_token_id=tokenizer.eos_id)
         model = Decoder(config)
         init_weights(model, seed)
         model.write_checkpoint(tmp)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common import UserError
 from data import Domain, clean_text, write_dataset
-from model import UserError
 
 # The C scanner that json.loads ends in, called directly: it skips loads()'s two whitespace regexes per line (~10% of
 # the parse time); _json() keeps loads()'s verdict on leading whitespace and trailing garbage.
@@ -115,7 +115,7 @@ def _read_meta(path: Path, item_f: str, index: dict, report: dict, strict: bool)
     titles, stats, n = [""] * len(index), _file_stats(report, path), 0
     stats["unused"] = 0
     key = f'"{item_f}"'
-    ids = re.compile(r'"%s"\s*:\s*"([^"\\]*)"' % re.escape(item_f))
+    ids = re.compile(rf'"{re.escape(item_f)}"\s*:\s*"([^"\\]*)"')
     expected = f"a JSON object with a non-empty string {item_f!r}"
     with _open(path) as f:
         for n, line in enumerate(f, 1):
@@ -150,7 +150,8 @@ def _find(source: Path, patterns: tuple[str, ...], category: str) -> Path | None
 
 def _present(source: Path, patterns: tuple[str, ...]) -> list[str]:
     """Categories whose review file is in `source` (for error messages). Non-greedy, so X_5.json is X, not X_5."""
-    name = re.compile(r"(?!meta_)(.+?)(?:%s)" % "|".join(re.escape(p.replace("{}", "")) for p in patterns))
+    suffixes = "|".join(re.escape(p.replace("{}", "")) for p in patterns)
+    name = re.compile(rf"(?!meta_)(.+?)(?:{suffixes})")
     return sorted({m[1] for f in source.iterdir() if (m := name.fullmatch(f.name))})
 
 
@@ -258,7 +259,7 @@ def convert_recbole(source: Path, out_dir: Path, *, name: str | None = None, dom
     index, titles = log[0], [""] * len(log[0])
     stats = _file_stats(report, item)
     stats["unused"] = 0
-    for n, (item_id, title) in _tsv(item, report, strict, pick_title):
+    for _, (item_id, title) in _tsv(item, report, strict, pick_title):
         i = index.get(item_id)
         if i is None:
             stats["unused"] += 1

@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import UserError, read_json
 from eval import paired_bootstrap
-from model import UserError, read_json
 
 CPT_RUNS = {  # name -> (sequence kinds, schedule)
     "cpt": ("domain,mixed", "wsa"), "cpt-domain": ("domain", "wsa"), "cpt-mixed": ("mixed", "wsa"),

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model import UserError
+from common import UserError
 
 SCHEDULES = ("wsa", "cosine", "linear", "constant")
 SHAPES = ("1-sqrt", "cosine", "linear", "exp")

@@ -17,18 +17,19 @@ import resource
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data import IGNORE
-from model import Decoder, Tokenizer, UserError, atomic_dir, read_json, write_json
+from common import UserError, atomic_dir, read_json, write_json
+from data import IGNORE, Case, Dataset, Encoder, Examples, target_example
+from model import Decoder
 from schedule import Schedule, scheduler
+from tokenizer import Tokenizer
 
 
 @dataclass
@@ -190,6 +191,19 @@ class MicroBatches:
         return self.offsets[1]
 
 
+def target_loss(model: Decoder, encoder: Encoder, ds: Dataset, cases: list[Case], key: str,
+                tokens: int = 8192) -> float:
+    """Mean per-token loss of the held-out items' tokens after their histories (CPT's validation loss)."""
+    data = Examples([target_example(ds, encoder, c, key) for c in cases], tokens, encoder.tokenizer.pad_id, seed=0)
+    device = model.embed_tokens.weight.device
+    total = n = 0
+    for batch in data.micro_batches(0):
+        inputs, targets = (torch.as_tensor(a, device=device) for a in data.collate(batch))
+        total += float(micro_step_loss(model, model.lm_head.weight, inputs, targets))
+        n += data.n_targets(batch)
+    return total / n
+
+
 # --------------------------------------------------------------------------------------------------- run directory
 def open_run(out_dir: str | Path, config: dict, resume: bool, overwrite: bool, rank: int = 0) -> Path:
     """Create the run directory and record its resolved configuration; refuse to mix two runs in one directory.
@@ -242,7 +256,10 @@ def latest_checkpoint(run: Path) -> Path:
 
 def rng_state() -> dict:
     """Data order and initialisation use explicit seeds; the global torch RNGs are saved for anything else."""
-    return {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})}
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def restore_rng(state: dict) -> None:
@@ -291,7 +308,8 @@ def train(model: Decoder, tokenizer: Tokenizer, data, cfg: TrainConfig, run: Pat
     precision = resolve_precision(cfg.precision, device)
     raw = model.to(device)
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
+        device_ids = [device.index] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=device_ids)
     params = [p for p in raw.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(  # no weight decay on norms and biases
         [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
@@ -368,7 +386,8 @@ def train(model: Decoder, tokenizer: Tokenizer, data, cfg: TrainConfig, run: Pat
             tokens = sum(data.n_tokens(b) for b in plan)
             flops = sum(x.size * raw.config.train_flops_per_token(x.shape[1]) for x, _ in batches)
             record = {"step": step + 1, "loss": round(loss, 5), "lr": lr, "grad_norm": round(grad_norm, 4),
-                      "tokens": tokens, "tokens_per_s": round(tokens / seconds), "mfu": round(flops / seconds / peak, 4),
+                      "tokens": tokens, "tokens_per_s": round(tokens / seconds),
+                      "mfu": round(flops / seconds / peak, 4),
                       "mem_gb": round(peak_memory_gb(device), 3), "seconds": round(seconds, 4)}
             summary["tokens"] += tokens
             summary["seconds"] += seconds

@@ -41,5 +41,5 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model(world, tmp_path_factory):
     path = tmp_path_factory.mktemp("models") / "tiny"
-    create_model(tokenizer_corpus(load_dataset(world)), path, ModelConfig(**vars(TINY)), seed=0)
+    create_model(tokenizer_corpus(load_dataset(world)), path, TINY, seed=0)
     return path

@@ -2,9 +2,26 @@
 import numpy as np
 import pytest
 
-from data import (IGNORE, TEST, TRAIN, VALID, Blocks, Encoder, Examples, cpt_sequences, cpt_stream, eval_cases,
-                  load_dataset, render, sft_examples, target_example, train_sequences, windows)
-from model import Tokenizer, UserError
+from common import UserError
+from data import (
+    IGNORE,
+    TEST,
+    TRAIN,
+    VALID,
+    Blocks,
+    Encoder,
+    Examples,
+    cpt_sequences,
+    cpt_stream,
+    eval_cases,
+    load_dataset,
+    render,
+    sft_examples,
+    target_example,
+    train_sequences,
+    windows,
+)
+from tokenizer import Tokenizer
 from world import WorldConfig, write_world
 
 

@@ -5,10 +5,21 @@ import numpy as np
 import pytest
 import torch
 
+from common import UserError
 from data import Encoder, item_text, load_dataset
-from eval import (beam_search, build_trie, evaluate, exact_scores, metrics, paired_bootstrap, popularity,
-                  rank_in_list, rank_in_scores)
-from model import Decoder, ModelConfig, Tokenizer, UserError, init_weights
+from eval import (
+    beam_search,
+    build_trie,
+    evaluate,
+    exact_scores,
+    metrics,
+    paired_bootstrap,
+    popularity,
+    rank_in_list,
+    rank_in_scores,
+)
+from model import Decoder, ModelConfig, init_weights
+from tokenizer import Tokenizer
 
 
 def test_metrics_match_hand_computed_values():

@@ -4,7 +4,10 @@ import json
 import pytest
 import torch
 
-from model import BeamCache, Decoder, KVCache, ModelConfig, Tokenizer, UserError, create_model
+from common import UserError
+from eval import BeamCache
+from model import Decoder, KVCache, ModelConfig, config_from_hf, config_to_hf, create_model
+from tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -18,7 +21,8 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 CASES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(LLAMA)),
     "llama-tied": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(LLAMA, tie_word_embeddings=True)),
-    "llama-bias": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(LLAMA, attention_bias=True, mlp_bias=True)),
+    "llama-bias": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
+                   dict(LLAMA, attention_bias=True, mlp_bias=True)),
     "llama3-rope": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(LLAMA, rope_parameters=LLAMA3_ROPE)),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(LLAMA, sliding_window=None)),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(QWEN2)),
@@ -150,12 +154,13 @@ def test_unsupported_configs_are_refused_by_name(tmp_path, overrides, message):
 
 def test_qwen2_sliding_window_refused_and_mistral_window_caps_context():
     with pytest.raises(UserError, match="use_sliding_window"):
-        ModelConfig.from_hf(dict(QWEN2, architectures=["Qwen2ForCausalLM"], use_sliding_window=True))
+        config_from_hf(dict(QWEN2, architectures=["Qwen2ForCausalLM"], use_sliding_window=True))
     hf = dict(LLAMA, architectures=["MistralForCausalLM"], max_position_embeddings=4096, sliding_window=64)
-    cfg = ModelConfig.from_hf(hf)
+    cfg = config_from_hf(hf)
     assert cfg.context == 64 and cfg.max_positions == 4096
-    assert cfg.to_hf()["max_position_embeddings"] == 4096 and cfg.to_hf()["sliding_window"] == 64  # saved unchanged
-    assert ModelConfig.from_hf(dict(hf, sliding_window=None)).context == 4096
+    saved = config_to_hf(cfg)
+    assert saved["max_position_embeddings"] == 4096 and saved["sliding_window"] == 64  # written back unchanged
+    assert config_from_hf(dict(hf, sliding_window=None)).context == 4096
 
 
 def test_missing_files_and_mismatched_weights_are_named(tmp_path):
@@ -167,7 +172,8 @@ def test_missing_files_and_mismatched_weights_are_named(tmp_path):
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     cfg["intermediate_size"] = 128
     (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UserError, match=r"model.layers.0.mlp.gate_proj.weight has shape \(96, 64\), expected \(128, 64\)"):
+    shape_error = r"model.layers.0.mlp.gate_proj.weight has shape \(96, 64\), expected \(128, 64\)"
+    with pytest.raises(UserError, match=shape_error):
         Decoder.from_pretrained(tmp_path / "hf")
     cfg.update(intermediate_size=96, num_hidden_layers=3)
     (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))

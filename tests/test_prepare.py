@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from common import UserError
 from data import TEST, TRAIN, VALID, load_dataset
-from model import UserError
 from prepare import convert_amazon, convert_recbole
 
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from model import UserError
+from common import UserError
 from reproduce import CPT_RUNS, SFT_RUNS, collect, difference, markdown, wall_time
 
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from model import UserError
+from common import UserError
 from schedule import SHAPES, Schedule, factor, scheduler, steps
 
 TOTAL = 1000

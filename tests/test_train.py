@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from common import UserError
 from conftest import TINY
-from data import (Blocks, Encoder, Examples, cpt_stream, load_dataset, sft_examples, tokenizer_corpus,
-                  train_sequences)
-from model import Decoder, ModelConfig, Tokenizer, UserError, create_model
+from data import Blocks, Encoder, Examples, cpt_stream, load_dataset, sft_examples, tokenizer_corpus, train_sequences
+from model import Decoder, ModelConfig, create_model
 from schedule import Schedule
+from tokenizer import Tokenizer
 from train import Interrupted, TrainConfig, accumulate, cross_entropy_sum, open_run, train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,0 +1,99 @@
+"""The tokenizer: SentencePiece `tokenizer.model` (Llama, Mistral, our own) or, through the optional `tokenizers`
+package, `tokenizer.json` (Qwen2.5, SmolLM2); and `train_tokenizer`, which makes the one `init` models ship with."""
+from __future__ import annotations
+
+import hashlib
+import io
+import shutil
+from pathlib import Path
+
+from common import UserError, read_json
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+class Tokenizer:
+    """SentencePiece `tokenizer.model` (Llama, Mistral, our own) or, via the optional `tokenizers` package,
+    `tokenizer.json` (Qwen2.5). No special tokens are added by encode(): the data code places BOS/EOS itself."""
+
+    def __init__(self, path: Path, encoder, bos_id: int | None, eos_id: int, pad_id: int, vocab_size: int):
+        self.path, self._encoder = path, encoder
+        self.bos_id, self.eos_id, self.pad_id, self.vocab_size = bos_id, eos_id, pad_id, vocab_size
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> Tokenizer:
+        path = Path(path)
+        if (path / "tokenizer.model").exists():
+            import sentencepiece as spm
+            sp = spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+            bos = sp.bos_id() if sp.bos_id() >= 0 else None
+            eos = sp.eos_id() if sp.eos_id() >= 0 else _special_id(path, "eos_token", sp.piece_to_id)
+            pad = sp.pad_id() if sp.pad_id() >= 0 else eos
+            return cls(path, sp, bos, eos, pad, sp.get_piece_size())
+        if (path / "tokenizer.json").exists():
+            try:
+                from tokenizers import Tokenizer as HFTokenizer
+            except ImportError:
+                raise UserError(f"{path}: only tokenizer.json found; it needs the optional package "
+                                "'tokenizers' (pip install tokenizers)") from None
+            tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
+            eos = _special_id(path, "eos_token", tok.token_to_id)
+            if eos is None:
+                raise UserError(f"{path}: cannot tell the EOS token; add eos_token to tokenizer_config.json")
+            bos = _special_id(path, "bos_token", tok.token_to_id)
+            pad = _special_id(path, "pad_token", tok.token_to_id)
+            return cls(path, tok, bos, eos, eos if pad is None else pad, tok.get_vocab_size())
+        raise UserError(f"{path}: no tokenizer.model or tokenizer.json")
+
+    def encode(self, text: str) -> list[int]:
+        if hasattr(self._encoder, "encode_as_ids"):
+            return self._encoder.encode_as_ids(text)
+        return self._encoder.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._encoder.decode(list(ids))
+
+    def save(self, path: Path) -> None:
+        for name in TOKENIZER_FILES:
+            if (self.path / name).exists() and self.path.resolve() != Path(path).resolve():
+                shutil.copyfile(self.path / name, Path(path) / name)
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for name in TOKENIZER_FILES:
+            if (self.path / name).exists():
+                h.update(name.encode() + (self.path / name).read_bytes())
+        return h.hexdigest()[:16]
+
+
+def _special_id(path: Path, name: str, to_id) -> int | None:
+    """Find a special token's id from tokenizer_config.json, else from config.json's `<name>_id`."""
+    for file in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (path / file).exists():
+            token = read_json(path / file).get(name)
+            token = token.get("content") if isinstance(token, dict) else token
+            if token is not None and to_id(token) is not None:
+                return to_id(token)
+    if (path / "config.json").exists():
+        token_id = read_json(path / "config.json").get(f"{name}_id")
+        return token_id[0] if isinstance(token_id, list) else token_id
+    return None
+
+
+# --------------------------------------------------------------------------------------------------- training
+def train_tokenizer(texts, out_dir: Path, vocab_size: int) -> None:
+    """Train a byte-fallback BPE SentencePiece model on `texts` (Llama's recipe) and write tokenizer.model.
+
+    One thread and a fixed input order make the result reproducible.
+    """
+    import sentencepiece as spm
+    buffer = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts), model_writer=buffer, vocab_size=vocab_size, model_type="bpe",
+            character_coverage=1.0, byte_fallback=True, normalization_rule_name="identity",
+            remove_extra_whitespaces=True, split_digits=True, user_defined_symbols=["\n"], num_threads=1,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=3, hard_vocab_limit=False, minloglevel=2)
+    except RuntimeError as e:
+        raise UserError(f"tokenizer training failed: {e}") from None
+    (out_dir / "tokenizer.model").write_bytes(buffer.getvalue())
