@@ -1,5 +1,7 @@
 """Our decoder against transformers on the same safetensors (litgpt-style parity), the KV cache, and error paths."""
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -215,3 +217,28 @@ def test_tokenizer_json_through_the_optional_tokenizers_package(tmp_path, monkey
     monkeypatch.setitem(__import__("sys").modules, "tokenizers", None)  # as if it were not installed
     with pytest.raises(UserError, match="only tokenizer.json found; it needs the optional package 'tokenizers'"):
         Tokenizer.from_pretrained(tmp_path)
+
+
+SMOLLM2 = Path(os.environ.get("CPREC_SMOLLM2", "/tmp/smollm2-135m-hf"))
+
+
+@pytest.mark.skipif(not (SMOLLM2 / "model.safetensors").exists(),
+                    reason="SmolLM2-135M not built (../shared/tools/smollm2/make_smollm2_hf.sh /tmp/smollm2-135m-hf)")
+def test_smollm2_matches_transformers():
+    """A real pretrained LLM (tied embeddings, GQA 9:3, 49k vocabulary, tokenizer.json): same tokens, same logits."""
+    pytest.importorskip("tokenizers")
+    text = "User history in Video Games, oldest first:\nEmber Wyrm Tactics 2\nRune Viking Chronicles\n"
+    ours_tok = Tokenizer.from_pretrained(SMOLLM2)
+    theirs_tok = transformers.AutoTokenizer.from_pretrained(SMOLLM2)
+    ids = ours_tok.encode(text)
+    assert ids == theirs_tok(text, add_special_tokens=False)["input_ids"]
+    assert ours_tok.eos_id == theirs_tok.eos_token_id and ours_tok.vocab_size == 49152
+    ours = Decoder.from_pretrained(SMOLLM2).eval()
+    theirs = transformers.LlamaForCausalLM.from_pretrained(SMOLLM2, torch_dtype=torch.float32).eval()
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        expected = theirs(x).logits
+        got = ours(x)
+    assert ours.config.tie_embeddings and ours.config.n_kv_heads == 3
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert (got.argmax(-1) == expected.argmax(-1)).all()
