@@ -59,7 +59,12 @@ def amazon_command(version: int):
     def command(source: Path = typer.Argument(..., help="Directory with the downloaded review and meta files."),
                 categories: str = typer.Option(..., help="Comma-separated categories, e.g. Books,Video_Games."),
                 out: Path = typer.Option(..., help="Output dataset directory, e.g. data/amazon."),
-                downstream: str = typer.Option("", help="Categories kept out of CPT (comma-separated)."),
+                downstream: str = typer.Option("", help="Categories (or with --domain-field, domains) kept out of CPT "
+                                               "(comma-separated)."),
+                domain_field: Optional[str] = typer.Option(None, help="Meta field whose first value is the item's "
+                                                           "domain, over all categories (2018: main_cat)."),
+                min_domain_items: int = typer.Option(0, help="With --domain-field: merge domains with fewer items "
+                                                     "into 'other' (0 = off)."),
                 k_core: int = typer.Option(0, help="Iterative k-core filter per domain (0 = off)."),
                 min_len: int = typer.Option(0, help="Drop a user's domain history shorter than this (0 = off)."),
                 strict: bool = typer.Option(False, help="Stop at the first malformed line instead of counting it."),
@@ -67,7 +72,8 @@ def amazon_command(version: int):
         from prepare import convert_amazon
         refuse_existing(out, overwrite, source)
         report(convert_amazon(version, source, split_list(categories), out, downstream=split_list(downstream),
-                              k_core=k_core, min_len=min_len, strict=strict), out)
+                              domain_field=domain_field, min_domain_items=min_domain_items, k_core=k_core,
+                              min_len=min_len, strict=strict), out)
     command.__doc__ = f"Convert Amazon Reviews {version} categories (several categories = several domains)."
     return command
 

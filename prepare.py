@@ -21,6 +21,7 @@ import re
 import zlib
 from array import array
 from collections import Counter
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -144,9 +145,10 @@ def _read_reviews(path: Path, fields: tuple[str, str, str], report: dict, strict
             _malformed(stats, path, n, expected, strict)
 
 
-def _read_meta(path: Path, item_f: str, index: dict, report: dict, strict: bool) -> list[str]:
-    """The cleaned title of every item in `index` that has one, "" for the rest."""
-    titles, stats = [""] * len(index), _file_stats(report, path)
+def _read_meta(path: Path, item_f: str, index: dict, report: dict, strict: bool,
+               field: str | None = None) -> tuple[list[str], list[str]]:
+    """The cleaned title of every item in `index` that has one, "" for the rest; and likewise its `field` value."""
+    titles, values, stats = [""] * len(index), [""] * len(index), _file_stats(report, path)
     stats["unused"] = 0
     key = f'"{item_f}"'
     ids = re.compile(r'"%s"\s*:\s*"([^"\\]*)"' % re.escape(item_f))
@@ -160,7 +162,7 @@ def _read_meta(path: Path, item_f: str, index: dict, report: dict, strict: bool)
             continue
         try:
             r = _json(line)
-            item, title = r[item_f], r.get("title")
+            item, title, value = r[item_f], r.get("title"), r.get(field) if field else None
             ok = _valid_id(item)
         except (ValueError, KeyError, TypeError, AttributeError):
             ok = False  # Python-dict-literal lines (some 2018 mirrors) land here: never eval'd
@@ -172,8 +174,20 @@ def _read_meta(path: Path, item_f: str, index: dict, report: dict, strict: bool)
         if i is None:
             stats["unused"] += 1
         elif not titles[i]:
-            titles[i] = _text(title, stats)
-    return titles
+            titles[i], values[i] = _text(title, stats), _first_value(value)
+    return titles, values
+
+
+def _first_value(v) -> str:
+    """An item's domain value in Amazon meta: a string, or the first of a list (a category path). Amazon 2018's
+    main_cat is sometimes an <img> tag; its alt text names the category."""
+    if isinstance(v, list):
+        v = next((x for x in v if isinstance(x, str) and x.strip()), "")
+    if not isinstance(v, str):
+        return ""
+    if v.lstrip().startswith("<"):
+        v = m[1] if (m := re.search(r'alt="([^"]*)"', v)) else ""
+    return clean_text(v)
 
 
 def _find(source: Path, patterns: tuple[str, ...], category: str) -> Path | None:
@@ -187,10 +201,12 @@ def _present(source: Path, patterns: tuple[str, ...]) -> list[str]:
 
 
 def convert_amazon(version: int, source: Path, categories: list[str], out_dir: Path, *, downstream: list[str] = (),
-                   k_core: int = 0, min_len: int = 0, strict: bool = False) -> dict:
+                   domain_field: str | None = None, min_domain_items: int = 0, k_core: int = 0, min_len: int = 0,
+                   strict: bool = False) -> dict:
     """Amazon Reviews `version` (2023 or 2018) categories in `source` -> one domain per category, keyed by the
-    category as given. Users are shared across categories by id. Timestamps are kept in the files' unit (2023: ms,
-    2018: s). Returns the manifest."""
+    category as given, or with `domain_field` one domain per first value of that meta field (2018: main_cat, 2023:
+    main_category) over all the categories' items. Users are shared across categories by id. Timestamps are kept in
+    the files' unit (2023: ms, 2018: s). Returns the manifest."""
     if version not in AMAZON:
         raise UserError(f"Amazon Reviews version {version}: expected one of {', '.join(map(str, AMAZON))}")
     source = Path(source)
@@ -198,7 +214,7 @@ def convert_amazon(version: int, source: Path, categories: list[str], out_dir: P
         raise UserError(f"{source}: not a directory; expected the folder holding the Amazon Reviews {version} files")
     if not categories or len(set(categories)) != len(categories):
         raise UserError(f"--categories {','.join(categories)}: expected one or more distinct Amazon category names")
-    if extra := [c for c in downstream if c not in categories]:
+    if not domain_field and (extra := [c for c in downstream if c not in categories]):
         raise UserError(f"--downstream {', '.join(extra)}: not among the categories {', '.join(categories)}")
     review_names, meta_names, fields = AMAZON[version]
     paths = []
@@ -213,9 +229,19 @@ def convert_amazon(version: int, source: Path, categories: list[str], out_dir: P
                             f"{' or '.join(p.format(c) for p in meta_names)}")
         paths.append((reviews, meta))
     report, users, logs, titles = {"files": {}}, {}, [], []
+    if domain_field:  # all categories' items as one log, then split by the field
+        log = _collect(chain.from_iterable(_read_reviews(r, fields, report, strict) for r, _ in paths), users)
+        titles, values = [""] * len(log[0]), [""] * len(log[0])
+        for _, meta in paths:  # an item listed in several meta files: the first title and value found
+            more = _read_meta(meta, fields[1], log[0], report, strict, domain_field)
+            titles, values = [a or b for a, b in zip(titles, more[0])], [a or b for a, b in zip(values, more[1])]
+        domains, logs, titles, _ = _split_domains(log, values, titles, [""] * len(titles), domain_field, downstream,
+                                                  min_domain_items, report)
+        return _finish(out_dir, f"amazon{version}:{source}, domains from {domain_field}", domains, users, logs,
+                       titles, [(source, source)] * len(domains), report, k_core, min_len)
     for reviews, meta in paths:
         logs.append(_collect(_read_reviews(reviews, fields, report, strict), users))
-        titles.append(_read_meta(meta, fields[1], logs[-1][0], report, strict))
+        titles.append(_read_meta(meta, fields[1], logs[-1][0], report, strict)[0])
     domains = [Domain(c, c.replace("_", " "), "downstream" if c in downstream else "pretrain") for c in categories]
     return _finish(out_dir, f"amazon{version}:{source}", domains, users, logs, titles, paths, report, k_core, min_len)
 

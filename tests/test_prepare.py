@@ -420,3 +420,27 @@ def test_recbole_single_domain_counts_year_renames(tmp_path):
     assert m["report"]["titles"] == {"with_year": 3, "truncated": 0, "numbered": 1}
     ds = load_dataset(tmp_path / "out")
     assert ds.titles[:3] == ["Hamlet (1948)", "Hamlet (1996)", "Hamlet (1996) (2)"]
+
+
+def test_amazon2018_domains_from_main_cat(tmp_path):
+    """main_cat over two category files: a string, an <img> tag (its alt text), a list, missing; one item in both."""
+    src = tmp_path / "amazon"
+    src.mkdir()
+    r = [{"reviewerID": u, "asin": i, "unixReviewTime": t} for u, i, t in
+         [("A", "x1", 1), ("A", "x2", 2), ("B", "x3", 3), ("B", "x4", 4), ("A", "x5", 5)]]
+    write(src / "Books.json", r[:3])
+    write(src / "Toys.json", r[3:] + [{"reviewerID": "C", "asin": "x1", "unixReviewTime": 6}])
+    write(src / "meta_Books.json", [{"asin": "x1", "title": "Dune", "main_cat": "Books"},
+                                    {"asin": "x2", "title": "Emma", "main_cat": "Books"},
+                                    {"asin": "x3", "title": "Scarf", "main_cat": '<img src="a.png" alt="AMAZON '
+                                                                                  'FASHION"/>'}])
+    write(src / "meta_Toys.json", [{"asin": "x4", "title": "Lego", "main_cat": ["Toys & Games", "Building"]},
+                                   {"asin": "x5", "title": "Kite"}, {"asin": "x1", "title": "Dune (toy)"}])
+    m = convert_amazon(2018, src, ["Books", "Toys"], tmp_path / "out", domain_field="main_cat",
+                       downstream=["toys-games"])
+    assert [(d["key"], d["name"], d["role"], d["items"], d["users"], d["interactions"]) for d in m["domains"]] == [
+        ("books", "Books", "pretrain", 2, 2, 3), ("amazon-fashion", "AMAZON FASHION", "pretrain", 1, 1, 1),
+        ("toys-games", "Toys & Games", "downstream", 1, 1, 1)]
+    assert m["report"]["dropped"] == {"no_domain_items": 1, "no_domain_interactions": 1, "no_title_items": 0,
+                                      "no_title_interactions": 0, "duplicates": 0}
+    assert load_dataset(tmp_path / "out").titles == ["Dune", "Emma", "Scarf", "Lego"]  # x1: the first title found
