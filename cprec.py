@@ -80,15 +80,21 @@ def amazon_command(version: int):
     def command(source: Path = typer.Argument(..., help="Directory with the downloaded review and meta files."),
                 categories: str = typer.Option(..., help="Comma-separated categories, e.g. Books,Video_Games."),
                 out: Path = typer.Option(..., help="Output dataset directory, e.g. data/amazon."),
-                downstream: str = typer.Option("", help="Categories kept out of CPT (comma-separated)."),
+                downstream: str = typer.Option("", help="Categories (or with --domain-field, domains) kept out of CPT "
+                                               "(comma-separated)."),
+                domain_field: Optional[str] = typer.Option(None, help="Meta field whose first value is the item's "
+                                                           "domain, over all categories (2018: main_cat)."),
+                min_domain_items: int = typer.Option(0, help="With --domain-field: merge domains with fewer items "
+                                                     "into 'other' (0 = off)."),
                 k_core: int = typer.Option(0, help="Iterative k-core filter per domain (0 = off)."),
                 min_len: int = typer.Option(0, help="Drop a user's domain history shorter than this (0 = off)."),
                 strict: bool = typer.Option(False, help="Stop at the first malformed line instead of counting it."),
                 overwrite: bool = typer.Option(False, help="Replace an existing dataset.")):
         from prepare import convert_amazon
-        refuse_existing(out, overwrite)
+        refuse_existing(out, overwrite, source)
         report(convert_amazon(version, source, split_list(categories), out, downstream=split_list(downstream),
-                              k_core=k_core, min_len=min_len, strict=strict), out)
+                              domain_field=domain_field, min_domain_items=min_domain_items, k_core=k_core,
+                              min_len=min_len, strict=strict), out)
     command.__doc__ = f"Convert Amazon Reviews {version} categories (several categories = several domains)."
     return command
 
@@ -101,21 +107,33 @@ prepare_app.command("amazon2018")(amazon_command(2018))
 def prepare_recbole(source: Path = typer.Argument(..., help="RecBole dataset folder with NAME.inter and NAME.item."),
                     out: Path = typer.Option(..., help="Output dataset directory."),
                     domain: Optional[str] = typer.Option(None, help="Domain key (default: the dataset name)."),
+                    domain_field: Optional[str] = typer.Option(None, help="Item column whose first value is the "
+                                                               "item's domain (e.g. class: genres as domains)."),
+                    downstream: str = typer.Option("", help="Domains kept out of CPT (comma-separated; with "
+                                                   "--domain-field)."),
+                    min_domain_items: int = typer.Option(0, help="Merge domains with fewer items into 'other' "
+                                                         "(0 = off)."),
                     title_field: Optional[str] = typer.Option(None, help="Item title column (default: auto)."),
+                    year_field: Optional[str] = typer.Option(None, help="Year column telling repeated titles apart "
+                                                             "(default: release_year or year if present)."),
+                    title_year: bool = typer.Option(False, help="Append the year to every title: Heat (1995)."),
                     k_core: int = typer.Option(0, help="Iterative k-core filter (0 = off)."),
                     min_len: int = typer.Option(0, help="Drop users with fewer interactions (0 = off)."),
                     strict: bool = typer.Option(False, help="Stop at the first malformed line."),
                     overwrite: bool = typer.Option(False, help="Replace an existing dataset.")):
-    """Convert RecBole atomic files (MovieLens and RecBole's whole collection) into one domain."""
+    """Convert RecBole atomic files (MovieLens and RecBole's whole collection) into one domain, or one per value of
+    an item column (--domain-field class: MovieLens genres)."""
     from prepare import convert_recbole
-    refuse_existing(out, overwrite)
-    report(convert_recbole(source, out, domain=domain, title_field=title_field, k_core=k_core, min_len=min_len,
-                           strict=strict), out)
+    refuse_existing(out, overwrite, source)
+    report(convert_recbole(source, out, domain=domain, domain_field=domain_field, downstream=split_list(downstream),
+                           min_domain_items=min_domain_items, title_field=title_field, year_field=year_field,
+                           title_year=title_year, k_core=k_core, min_len=min_len, strict=strict), out)
 
 
-def refuse_existing(out: Path, overwrite: bool) -> None:
-    if (out / "manifest.json").exists() and not overwrite:
-        raise UserError(f"{out}: a dataset already exists there; pass --overwrite to replace it")
+def refuse_existing(out: Path, overwrite: bool, source: Optional[Path] = None) -> None:
+    """Before any work: --out must be new, empty, or (with --overwrite) a dataset, and must not hold the source."""
+    from data import dataset_out
+    dataset_out(out, overwrite, [source] if source else [])
 
 
 def report(manifest: dict, out: Path) -> None:
@@ -126,6 +144,12 @@ def report(manifest: dict, out: Path) -> None:
     console.print(table)
     if manifest.get("report"):
         console.print_json(data=manifest["report"])
+    for path, stats in manifest.get("report", {}).get("files", {}).items():  # what a reader must not miss
+        if stats.get("malformed"):
+            say(f"warning: {path}: {stats['malformed']:,} malformed lines skipped (first: "
+                f"{', '.join(map(str, stats['malformed_lines']))}); expected {stats['expected']}")
+        if stats.get("ended_early"):
+            say(f"warning: {path}: {stats['ended_early']}")
 
 
 def split_list(text: str) -> list[str]:

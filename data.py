@@ -11,6 +11,7 @@ import hashlib
 import html
 import json
 import re
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,11 @@ from tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
 TRAIN, VALID, TEST = 0, 1, 2
+DATASET_FILES = ("manifest.json", "items.jsonl", "interactions.tsv", "cache")  # everything a dataset dir may hold
+# Titles longer than this are cut (at a word boundary where one is near). 200 characters is Amazon's own limit for
+# product titles, so real titles pass untouched, while a runaway field (a description pasted into the title) cannot
+# turn one item into thousands of tokens: a 20-item history stays within a small model's context.
+MAX_TITLE_CHARS = 200
 
 
 # --------------------------------------------------------------------------------------------------- on disk
@@ -36,23 +42,79 @@ def clean_text(text) -> str:
     return re.sub(r"\s+", " ", html.unescape(str(text))).strip() if text is not None else ""
 
 
+def own_output(out: str | Path, marker: str, *, overwrite: bool, what: str, keys: Collection[str] = (),
+               names: Collection[str] | None = None, inputs: Sequence[str | Path] = ()) -> None:
+    """Refuse, with one line, to write the directory `out` where replacing it could lose what this project did not
+    write. Allowed: `out` is absent or an empty directory, or it is this project's own output and `overwrite` is set.
+    Own output: `out/marker` is a JSON object holding `keys`, and (when `names` is given) every entry of `out` is one of
+    `names`, so files a person put beside ours are never swept away with them. `inputs` (what the command reads) may
+    be neither `out` nor inside it. Reusable for any command that replaces a directory (datasets, models, runs)."""
+    out = Path(out)
+    for source in map(Path, inputs):
+        if source.resolve() == out.resolve() or out.resolve() in source.resolve().parents:
+            raise UserError(f"--out {out}: would replace the input {source}; choose an output directory outside it")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory; choose a new or empty directory")
+    entries = sorted(e.name for e in out.iterdir())
+    if not entries:
+        return
+    try:
+        mark = json.loads((out / marker).read_text(encoding="utf-8"))
+        ours = isinstance(mark, dict) and all(k in mark for k in keys)
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        raise UserError(f"--out {out}: not empty and not a {what} written by this project (no valid {marker}); "
+                        "nothing was changed; choose a new or empty directory")
+    if names is not None and (foreign := [e for e in entries if e not in names]):
+        raise UserError(f"--out {out}: holds {foreign[0]!r}, which this project did not write there; move it away "
+                        "or choose another directory")
+    if not overwrite:
+        raise UserError(f"{out}: a {what} already exists there; pass --overwrite to replace it")
+
+
+def dataset_out(out: str | Path, overwrite: bool, inputs: Sequence[str | Path] = ()) -> None:
+    """own_output() for a dataset directory."""
+    own_output(out, "manifest.json", overwrite=overwrite, what="dataset", keys=("format", "fingerprint"),
+               names=DATASET_FILES, inputs=inputs)
+
+
+def short_title(title: str) -> str:
+    """The title cut to MAX_TITLE_CHARS, at the last space of its second half if there is one."""
+    if len(title) <= MAX_TITLE_CHARS:
+        return title
+    cut = title[:MAX_TITLE_CHARS + 1]
+    space = cut.rfind(" ", MAX_TITLE_CHARS // 2)
+    return (cut[:space] if space > 0 else cut[:MAX_TITLE_CHARS]).rstrip()
+
+
 def write_dataset(out_dir: str | Path, *, source: str, domains: list[Domain], items: dict[str, tuple[str, str]],
                   interactions: list[tuple[str, str, int]], report: dict | None = None) -> dict:
     """Write the canonical dataset atomically and return its manifest.
 
-    items: item id -> (domain key, title); interactions: (user, item id, timestamp). Titles are cleaned and made
-    unique within each domain (later ids get " (2)", " (3)", ...), so a generated title names exactly one item.
+    items: item id -> (domain key, title); interactions: (user, item id, timestamp). Titles are cleaned, cut to
+    MAX_TITLE_CHARS and made unique within each domain (later ids get " (2)", " (3)", ...), so a generated title names
+    exactly one item; report["titles"] counts the cut ("truncated") and the numbered ("numbered") ones. `out_dir` is
+    replaced only if it is empty or a dataset (dataset_out(); the commands ask for --overwrite before this).
     """
+    dataset_out(out_dir, overwrite=True)
     keys = [d.key for d in domains]
     order = {k: i for i, k in enumerate(keys)}
     ordered = sorted(items, key=lambda i: (order[items[i][0]], i))
     titles, seen = {}, set()
+    report = dict(report or {})
+    tally = report["titles"] = {**report.get("titles", {}), "truncated": 0, "numbered": 0}
     for item in ordered:
-        domain, title = items[item][0], clean_text(items[item][1])
+        domain, full = items[item][0], clean_text(items[item][1])
+        title = short_title(full)
+        tally["truncated"] += title != full
         candidate, n = title, 1
         while (domain, candidate) in seen:
             n += 1
             candidate = f"{title} ({n})"
+        tally["numbered"] += n > 1
         seen.add((domain, candidate))
         titles[item] = candidate
     interactions = sorted(interactions)
@@ -81,7 +143,7 @@ def write_dataset(out_dir: str | Path, *, source: str, domains: list[Domain], it
                          "users": len(counts[d.key]["users"]), "interactions": counts[d.key]["interactions"]}
                         for d in domains],
             "users": len({u for u, _, _ in interactions}), "items": len(items), "interactions": len(interactions),
-            "fingerprint": digest.hexdigest()[:16], "report": report or {}}
+            "fingerprint": digest.hexdigest()[:16], "report": report}
         write_json(tmp / "manifest.json", manifest)
     return manifest
 

@@ -1,10 +1,15 @@
 """Real data into the canonical dataset (data.write_dataset): Amazon Reviews 2023 and 2018, RecBole atomic files.
 
 Reviews are streamed first, then only the titles of reviewed items are kept from the meta files, so memory grows with
-the kept interactions, not with the files. Every record that is not kept is counted in the report (manifest["report"]):
-files: {path: {lines, malformed, first_malformed_line, expected, unused (meta rows of items nobody interacted with)}},
-dropped: {no_title_items, no_title_interactions, duplicates, k_core_/min_len_ interactions, users, items}, renamed_items
-(ids in two categories), and timestamps (only when fractional ones were scaled).
+the kept interactions, not with the files. Every record that is not kept or kept changed is counted in the report
+(manifest["report"]):
+files: {path: {lines, malformed, malformed_lines (the first 5), expected, ended_early (a truncated .gz: the lines before
+the cut were used), unused (meta rows of items nobody interacted with), repaired_titles (bytes that are not UTF-8
+replaced by U+FFFD)}},
+dropped: {no_title_items, no_title_interactions, duplicates, no_domain_items, no_domain_interactions (--domain-field),
+k_core_/min_len_ interactions, users, items}, renamed_ids (one id in two categories gets "@domain"), titles:
+{with_year (repeated titles told apart by their year), numbered (" (2)"), truncated (data.MAX_TITLE_CHARS)},
+merged_into_other (--min-domain-items: domain -> items) and timestamps (only when fractional ones were scaled).
 """
 from __future__ import annotations
 
@@ -13,7 +18,10 @@ import json
 import json.scanner
 import math
 import re
+import zlib
 from array import array
+from collections import Counter
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +38,8 @@ AMAZON = {  # version -> review file names (first found wins), meta file names, 
            ("reviewerID", "asin", "unixReviewTime")),
 }
 TITLE_FIELDS = ("title", "movie_title", "name", "item_name")
+YEAR_FIELDS = ("release_year", "year")
+SHOWN_LINES = 5  # malformed line numbers kept per file
 
 
 def _json(s: str):
@@ -44,17 +54,42 @@ def _json(s: str):
 
 def _open(path: Path):
     # Lines end at "\n" only (a stray CR inside a title is no line break). Bytes that are not UTF-8 become lone
-    # surrogates instead of ending the whole read: ids holding one fail isprintable(), titles fail _text().
+    # surrogates instead of ending the whole read: ids holding one fail isprintable(), _text() repairs titles.
     args = dict(encoding="utf-8", errors="surrogateescape", newline="\n")
     return gzip.open(path, "rt", **args) if path.suffix == ".gz" else open(path, **args)
 
 
-def _text(s) -> str | None:
-    """A title as stored (cleaned), or None if it is not a string or not valid UTF-8."""
+def _lines(path: Path, stats: dict, strict: bool):
+    """(line number, line) of a plain or gzip text file. A .gz that stops before its end marker (an interrupted
+    download) keeps the lines before the cut and says so in `stats` (--strict: an error); any other unreadable
+    file is one error line naming it."""
+    n = 0
     try:
-        return clean_text(s) if isinstance(s, str) and s.encode() else None
+        with _open(path) as f:
+            for n, line in enumerate(f, 1):
+                yield n, line
+    except EOFError:  # click would turn it into a bare "Aborted."
+        if strict:
+            raise UserError(f"{path}: truncated: the compressed data ends after line {n:,}; download it again (or "
+                            "drop --strict to use the lines before the cut)") from None
+        stats["ended_early"] = f"truncated: the compressed data ends after line {n:,}; the lines before were used"
+    except (OSError, zlib.error) as e:
+        raise UserError(f"{path}: unreadable after line {n:,} ({e}); expected a complete "
+                        f"{'gzip' if path.suffix == '.gz' else 'text'} file") from None
+    stats["lines"] = n
+
+
+def _text(s, stats: dict) -> str:
+    """A title as stored (cleaned), "" if it is not a string. Bytes that were not UTF-8 (lone surrogates after
+    _open's surrogateescape, or escaped ones in JSON) become U+FFFD, counted in stats["repaired_titles"]."""
+    if not isinstance(s, str):
+        return ""
+    try:
+        s.encode()
     except UnicodeEncodeError:
-        return None
+        s = re.sub("[\ud800-\udfff]", "\ufffd", s)
+        stats["repaired_titles"] = stats.get("repaired_titles", 0) + 1
+    return clean_text(s)
 
 
 def _file_stats(report: dict, path: Path) -> dict:
@@ -66,7 +101,9 @@ def _malformed(stats: dict, path: Path, n: int, expected: str, strict: bool) -> 
         raise UserError(f"{path}:{n}: malformed line; expected {expected} (drop --strict to skip and count such lines)")
     stats["malformed"] += 1
     if stats["malformed"] == 1:
-        stats["first_malformed_line"], stats["expected"] = n, expected
+        stats["malformed_lines"], stats["expected"] = [], expected
+    if len(stats["malformed_lines"]) < SHOWN_LINES:
+        stats["malformed_lines"].append(n)
 
 
 def _valid_id(s) -> bool:
@@ -93,55 +130,64 @@ def _read_reviews(path: Path, fields: tuple[str, str, str], report: dict, strict
     """(user, item, time) of every well-formed review line."""
     user_f, item_f, time_f = fields
     expected = f"a JSON object with non-empty string {user_f!r}, {item_f!r} and an integer {time_f!r}"
-    stats, n = _file_stats(report, path), 0
-    with _open(path) as f:
-        for n, line in enumerate(f, 1):
-            try:
-                r = _json(line)
-                user, item, t = r[user_f], r[item_f], r[time_f]
-                ok = type(t) is int and type(user) is type(item) is str and user.isprintable() and item.isprintable() \
-                    and user != "" != item  # _valid_id() inlined: this is the hottest loop
-            except (ValueError, KeyError, TypeError):
-                ok = False
-            if ok:
-                yield user, item, t
-            elif line.strip():
-                _malformed(stats, path, n, expected, strict)
-        stats["lines"] = n
+    stats = _file_stats(report, path)
+    for n, line in _lines(path, stats, strict):
+        try:
+            r = _json(line)
+            user, item, t = r[user_f], r[item_f], r[time_f]
+            ok = type(t) is int and type(user) is type(item) is str and user.isprintable() and item.isprintable() \
+                and user != "" != item  # _valid_id() inlined: this is the hottest loop
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if ok:
+            yield user, item, t
+        elif line.strip():
+            _malformed(stats, path, n, expected, strict)
 
 
-def _read_meta(path: Path, item_f: str, index: dict, report: dict, strict: bool) -> list[str]:
-    """The cleaned title of every item in `index` that has one, "" for the rest."""
-    titles, stats, n = [""] * len(index), _file_stats(report, path), 0
+def _read_meta(path: Path, item_f: str, index: dict, report: dict, strict: bool,
+               field: str | None = None) -> tuple[list[str], list[str]]:
+    """The cleaned title of every item in `index` that has one, "" for the rest; and likewise its `field` value."""
+    titles, values, stats = [""] * len(index), [""] * len(index), _file_stats(report, path)
     stats["unused"] = 0
     key = f'"{item_f}"'
     ids = re.compile(rf'"{re.escape(item_f)}"\s*:\s*"([^"\\]*)"')
     expected = f"a JSON object with a non-empty string {item_f!r}"
-    with _open(path) as f:
-        for n, line in enumerate(f, 1):
-            # Meta lines are long and most name items nobody reviewed: skip one unparsed when every occurrence of the
-            # id key has a plain (escape-free) value that is not needed. Anything less certain is parsed.
-            found = ids.findall(line)
-            if found and len(found) == line.count(key) and not any(x in index for x in found):
-                stats["unused"] += 1
-                continue
-            try:
-                r = _json(line)
-                item, title = r[item_f], _text(r.get("title"))
-                ok = _valid_id(item)
-            except (ValueError, KeyError, TypeError, AttributeError):
-                ok = False  # Python-dict-literal lines (some 2018 mirrors) land here: never eval'd
-            if not ok:
-                if line.strip():
-                    _malformed(stats, path, n, expected, strict)
-                continue
-            i = index.get(item)
-            if i is None:
-                stats["unused"] += 1
-            elif not titles[i] and title:
-                titles[i] = title
-        stats["lines"] = n
-    return titles
+    for n, line in _lines(path, stats, strict):
+        # Meta lines are long and most name items nobody reviewed: skip one unparsed when every occurrence of the
+        # id key has a plain (escape-free) value that is not needed. Anything less certain is parsed.
+        found = ids.findall(line)
+        if found and len(found) == line.count(key) and not any(x in index for x in found):
+            stats["unused"] += 1
+            continue
+        try:
+            r = _json(line)
+            item, title, value = r[item_f], r.get("title"), r.get(field) if field else None
+            ok = _valid_id(item)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            ok = False  # Python-dict-literal lines (some 2018 mirrors) land here: never eval'd
+        if not ok:
+            if line.strip():
+                _malformed(stats, path, n, expected, strict)
+            continue
+        i = index.get(item)
+        if i is None:
+            stats["unused"] += 1
+        elif not titles[i]:
+            titles[i], values[i] = _text(title, stats), _first_value(value)
+    return titles, values
+
+
+def _first_value(v) -> str:
+    """An item's domain value in Amazon meta: a string, or the first of a list (a category path). Amazon 2018's
+    main_cat is sometimes an <img> tag; its alt text names the category."""
+    if isinstance(v, list):
+        v = next((x for x in v if isinstance(x, str) and x.strip()), "")
+    if not isinstance(v, str):
+        return ""
+    if v.lstrip().startswith("<"):
+        v = m[1] if (m := re.search(r'alt="([^"]*)"', v)) else ""
+    return clean_text(v)
 
 
 def _find(source: Path, patterns: tuple[str, ...], category: str) -> Path | None:
@@ -156,10 +202,12 @@ def _present(source: Path, patterns: tuple[str, ...]) -> list[str]:
 
 
 def convert_amazon(version: int, source: Path, categories: list[str], out_dir: Path, *, downstream: list[str] = (),
-                   k_core: int = 0, min_len: int = 0, strict: bool = False) -> dict:
+                   domain_field: str | None = None, min_domain_items: int = 0, k_core: int = 0, min_len: int = 0,
+                   strict: bool = False) -> dict:
     """Amazon Reviews `version` (2023 or 2018) categories in `source` -> one domain per category, keyed by the
-    category as given. Users are shared across categories by id. Timestamps are kept in the files' unit (2023: ms,
-    2018: s). Returns the manifest."""
+    category as given, or with `domain_field` one domain per first value of that meta field (2018: main_cat, 2023:
+    main_category) over all the categories' items. Users are shared across categories by id. Timestamps are kept in
+    the files' unit (2023: ms, 2018: s). Returns the manifest."""
     if version not in AMAZON:
         raise UserError(f"Amazon Reviews version {version}: expected one of {', '.join(map(str, AMAZON))}")
     source = Path(source)
@@ -167,7 +215,7 @@ def convert_amazon(version: int, source: Path, categories: list[str], out_dir: P
         raise UserError(f"{source}: not a directory; expected the folder holding the Amazon Reviews {version} files")
     if not categories or len(set(categories)) != len(categories):
         raise UserError(f"--categories {','.join(categories)}: expected one or more distinct Amazon category names")
-    if extra := [c for c in downstream if c not in categories]:
+    if not domain_field and (extra := [c for c in downstream if c not in categories]):
         raise UserError(f"--downstream {', '.join(extra)}: not among the categories {', '.join(categories)}")
     review_names, meta_names, fields = AMAZON[version]
     paths = []
@@ -182,9 +230,19 @@ def convert_amazon(version: int, source: Path, categories: list[str], out_dir: P
                             f"{' or '.join(p.format(c) for p in meta_names)}")
         paths.append((reviews, meta))
     report, users, logs, titles = {"files": {}}, {}, [], []
+    if domain_field:  # all categories' items as one log, then split by the field
+        log = _collect(chain.from_iterable(_read_reviews(r, fields, report, strict) for r, _ in paths), users)
+        titles, values = [""] * len(log[0]), [""] * len(log[0])
+        for _, meta in paths:  # an item listed in several meta files: the first title and value found
+            more = _read_meta(meta, fields[1], log[0], report, strict, domain_field)
+            titles, values = [a or b for a, b in zip(titles, more[0])], [a or b for a, b in zip(values, more[1])]
+        domains, logs, titles, _ = _split_domains(log, values, titles, [""] * len(titles), domain_field, downstream,
+                                                  min_domain_items, report)
+        return _finish(out_dir, f"amazon{version}:{source}, domains from {domain_field}", domains, users, logs,
+                       titles, [(source, source)] * len(domains), report, k_core, min_len)
     for reviews, meta in paths:
         logs.append(_collect(_read_reviews(reviews, fields, report, strict), users))
-        titles.append(_read_meta(meta, fields[1], logs[-1][0], report, strict))
+        titles.append(_read_meta(meta, fields[1], logs[-1][0], report, strict)[0])
     domains = [Domain(c, c.replace("_", " "), "downstream" if c in downstream else "pretrain") for c in categories]
     return _finish(out_dir, f"amazon{version}:{source}", domains, users, logs, titles, paths, report, k_core, min_len)
 
@@ -198,28 +256,28 @@ def _display_name(key: str) -> str:
 
 
 def _tsv(path: Path, report: dict, strict: bool, pick):
-    """RecBole atomic file rows as the values of the columns `pick(names)` chose (names without ":type"), tagged with
+    """RecBole atomic file rows as the values of the columns `pick(header)` chose (-1: absent, value ""), tagged with
     their line number; rows with the wrong column count are counted as malformed."""
     stats = _file_stats(report, path)
-    with _open(path) as f:
-        header = f.readline().lstrip("\ufeff").rstrip("\r\n").split("\t")
-        columns = pick([c.split(":")[0] for c in header])
-        expected = f"{len(header)} tab-separated columns ({' '.join(header)})"
-        n = 1
-        for n, line in enumerate(f, 2):
-            row = line.rstrip("\r\n").split("\t")
-            if len(row) == len(header):
-                yield n, [row[j] for j in columns]
-            elif line.strip():
-                _malformed(stats, path, n, expected, strict)
-        stats["lines"] = n
+    lines = _lines(path, stats, strict)
+    header = next(lines, (1, ""))[1].lstrip("\ufeff").rstrip("\r\n").split("\t")
+    columns = pick(header)
+    expected = f"{len(header)} tab-separated columns ({' '.join(header)})"
+    for n, line in lines:
+        row = line.rstrip("\r\n").split("\t")
+        if len(row) == len(header):
+            yield n, [row[j] if j >= 0 else "" for j in columns]
+        elif line.strip():
+            _malformed(stats, path, n, expected, strict)
 
 
-def _columns(path: Path, wanted: list[str]):
-    def pick(names: list[str]) -> list[int]:
-        if missing := [w for w in wanted if w not in names]:
+def _columns(path: Path, wanted: list[str | None]):
+    """A pick() for _tsv: the index of each wanted column (names without ":type"), -1 for None."""
+    def pick(header: list[str]) -> list[int]:
+        names = [c.split(":")[0] for c in header]
+        if missing := [w for w in wanted if w is not None and w not in names]:
             raise UserError(f"{path}: no column {', '.join(missing)}; columns: {', '.join(names)}")
-        return [names.index(w) for w in wanted]
+        return [names.index(w) if w is not None else -1 for w in wanted]
     return pick
 
 
@@ -237,37 +295,107 @@ def _read_inter(path: Path, report: dict, strict: bool):
             _malformed(stats, path, n, "non-empty user_id and item_id and a numeric timestamp", strict)
 
 
+def _slug(value: str) -> str:
+    """A domain key users can type: "Children's" -> childrens, "Sci-Fi" -> sci-fi, "Film Noir" -> film-noir."""
+    return re.sub(r"[\W_]+", "-", re.sub(r"['’]", "", value.lower())).strip("-")
+
+
+def _split_domains(log: tuple, values: list[str], titles: list[str], years: list[str], field: str,
+                   downstream: list[str], min_items: int, report: dict):
+    """One log -> one per domain, the domain of an item being the slug of its `values` entry (items without one are
+    dropped and counted); domains of fewer than `min_items` items are merged into "other". Domains are ordered by
+    item count (ties by key), "other" last. Returns domains, logs, titles and years, each per domain."""
+    index, us, its, ts = log
+    slugs = [_slug(v) for v in values]
+    count = Counter(s for s in slugs if s)
+    small = sorted(s for s, c in count.items() if c < min_items)
+    if small:
+        report["merged_into_other"] = {s: count[s] for s in small}
+    names = {}
+    for v, s in zip(values, slugs):
+        names.setdefault(s, v[:1].upper() + v[1:])
+    slugs = ["other" if s in small else s for s in slugs]
+    names["other"] = "Other"
+    final = Counter(s for s in slugs if s)
+    keys = sorted(final, key=lambda s: (s == "other", -final[s], s))
+    if extra := [k for k in downstream if k not in final]:
+        merged = f" ({', '.join(k for k in extra if k in small)} merged into 'other')" * any(k in small for k in extra)
+        raise UserError(f"--downstream {', '.join(extra)}: not a domain of --domain-field {field}{merged}; domains: "
+                        f"{', '.join(keys)}")
+    position = {k: d for d, k in enumerate(keys)}
+    domain = np.array([position.get(s, -1) for s in slugs], np.int64)
+    u, i, t = np.frombuffer(us, np.int64), np.frombuffer(its, np.int64), np.frombuffer(ts, np.float64)
+    of = domain[i]
+    report["dropped"] = {"no_domain_items": int((domain < 0).sum()), "no_domain_interactions": int((of < 0).sum())}
+    ids, logs, parts = list(index), [], []
+    for d in range(len(keys)):
+        members = np.flatnonzero(domain == d)
+        remap = np.full(len(ids), -1, np.int64)
+        remap[members] = np.arange(len(members))
+        mask = of == d
+        logs.append(({ids[j]: r for r, j in enumerate(members.tolist())}, u[mask], remap[i[mask]], t[mask]))
+        parts.append(([titles[j] for j in members.tolist()], [years[j] for j in members.tolist()]))
+    domains = [Domain(k, names[k], "downstream" if k in downstream else "pretrain") for k in keys]
+    return domains, logs, [p[0] for p in parts], [p[1] for p in parts]
+
+
 def convert_recbole(source: Path, out_dir: Path, *, name: str | None = None, domain: str | None = None,
-                    title_field: str | None = None, k_core: int = 0, min_len: int = 0, strict: bool = False) -> dict:
+                    title_field: str | None = None, year_field: str | None = None, title_year: bool = False,
+                    domain_field: str | None = None, downstream: list[str] = (), min_domain_items: int = 0,
+                    k_core: int = 0, min_len: int = 0, strict: bool = False) -> dict:
     """A RecBole atomic dataset directory (NAME.inter with user_id, item_id, timestamp; NAME.item with item_id and a
-    title column) -> one domain. Fractional timestamps become integers that keep their order. Returns the manifest."""
+    title column) -> one domain, or with `domain_field` one domain per first value of that item column (e.g.
+    MovieLens's `class`: its first genre). Repeated titles within a domain are told apart by the year column
+    (`year_field`, default release_year or year when present) before " (2)"; `title_year` appends the year to every
+    title. Fractional timestamps become integers that keep their order. Returns the manifest."""
     source = Path(source)
     name = name or source.name
     inter, item = source / f"{name}.inter", source / f"{name}.item"
     for p in (inter, item):
         if not p.is_file():
             raise UserError(f"{p}: not found; expected a RecBole dataset folder holding {name}.inter and {name}.item")
+    if domain and domain_field:
+        raise UserError("--domain and --domain-field: give one (the key of the single domain, or the item column "
+                        "whose values are the domains)")
+    if downstream and not domain_field:
+        raise UserError("--downstream needs --domain-field: a single-domain dataset has nothing left for CPT")
     report, users = {"files": {}}, {}
     log = _collect(_read_inter(inter, report, strict), users)
 
-    def pick_title(names: list[str]) -> list[int]:
-        field = title_field.split(":")[0] if title_field else next((f for f in TITLE_FIELDS if f in names), None)
-        if field is None:
+    def pick(header: list[str]) -> list[int]:
+        names = [c.split(":")[0] for c in header]
+        title = title_field.split(":")[0] if title_field else next((f for f in TITLE_FIELDS if f in names), None)
+        if title is None:
             raise UserError(f"{item}: no title column ({', '.join(TITLE_FIELDS)}); columns: {', '.join(names)}; "
                             "name one with --title-field")
-        return _columns(item, ["item_id", field])(names)
-    index, titles = log[0], [""] * len(log[0])
+        year = year_field.split(":")[0] if year_field else next((f for f in YEAR_FIELDS if f in names), None)
+        if title_year and year is None:
+            raise UserError(f"--title-year: {item} has no year column ({', '.join(YEAR_FIELDS)}); columns: "
+                            f"{', '.join(names)}; name one with --year-field")
+        field = domain_field.split(":")[0] if domain_field else None
+        columns = _columns(item, ["item_id", title, year, field])(header)
+        sequence[0] = field is not None and header[columns[3]].endswith(":token_seq")
+        return columns
+    index, n_items, sequence = log[0], len(log[0]), [False]
+    titles, years, values = [""] * n_items, [""] * n_items, [""] * n_items
     stats = _file_stats(report, item)
     stats["unused"] = 0
-    for _, (item_id, title) in _tsv(item, report, strict, pick_title):
+    for _, (item_id, title, year, value) in _tsv(item, report, strict, pick):
         i = index.get(item_id)
         if i is None:
             stats["unused"] += 1
         elif not titles[i]:
-            titles[i] = _text(title) or ""
-    key = domain or name
-    return _finish(out_dir, f"recbole:{source}", [Domain(key, _display_name(key), "pretrain")], users, [log],
-                   [titles], [(inter, item)], report, k_core, min_len)
+            titles[i], years[i] = _text(title, stats), clean_text(year)
+            values[i] = (value.split() or [""])[0] if sequence[0] else clean_text(value)
+    origin = f"recbole:{source}" + f", domains from {domain_field}" * bool(domain_field)
+    if not domain_field:
+        key = domain or name
+        return _finish(out_dir, origin, [Domain(key, _display_name(key), "pretrain")], users, [log], [titles],
+                       [(inter, item)], report, k_core, min_len, [years], title_year)
+    domains, logs, titles, years = _split_domains(log, values, titles, years, domain_field, downstream,
+                                                  min_domain_items, report)
+    return _finish(out_dir, origin, domains, users, logs, titles, [(inter, item)] * len(domains), report, k_core,
+                   min_len, years, title_year)
 
 
 def _integer_times(t: np.ndarray) -> tuple[np.ndarray, int]:
@@ -314,17 +442,20 @@ def _filter(keep: np.ndarray, u: np.ndarray, i: np.ndarray, key: str, k_core: in
 
 
 def _finish(out_dir: Path, source: str, domains: list[Domain], users: dict, logs: list, titles: list[list[str]],
-            paths: list[tuple[Path, Path]], report: dict, k_core: int, min_len: int) -> dict:
-    """Drop untitled items and repeated (user, item) pairs, filter each domain, and write the dataset."""
-    dropped = report["dropped"] = {k: 0 for k in ("no_title_items", "no_title_interactions", "duplicates")}
+            paths: list[tuple[Path, Path]], report: dict, k_core: int, min_len: int,
+            years: list[list[str]] | None = None, all_years: bool = False) -> dict:
+    """Drop untitled items and repeated (user, item) pairs, filter each domain, tell repeated titles of a domain apart
+    by their `years` where given (`all_years`: append it to every title), and write the dataset."""
+    dropped = report["dropped"] = {**report.get("dropped", {}),
+                                   **{k: 0 for k in ("no_title_items", "no_title_interactions", "duplicates")}}
     for what in ["k_core"] * bool(k_core) + ["min_len"] * bool(min_len):
         dropped.update({f"{what}_interactions": 0, f"{what}_users": 0, f"{what}_items": 0})
     times, scale = _integer_times(np.concatenate([np.frombuffer(log[3], np.float64) for log in logs]))
     if scale != 1:
         report["timestamps"] = f"fractional: scaled by {scale} to integers" if scale else "fractional: replaced by rank"
-    report["renamed_items"] = 0
-    user_ids, items, interactions, start = list(users), {}, [], 0
-    for d, (index, us, its, _), title, (reviews, meta) in zip(domains, logs, titles, paths):
+    report["renamed_ids"] = 0
+    user_ids, items, year_of, interactions, start = list(users), {}, {}, [], 0
+    for di, (d, (index, us, its, _), title, (reviews, meta)) in enumerate(zip(domains, logs, titles, paths)):
         u, i, t = np.frombuffer(us, np.int64), np.frombuffer(its, np.int64), times[start:start + len(us)]
         start += len(us)
         if not len(u):
@@ -346,9 +477,18 @@ def _finish(out_dir: Path, source: str, domains: list[Domain], users: dict, logs
         for k in np.unique(i[keep]).tolist():
             if ids[k] in items:  # one product in two categories: one id must name one item of one domain
                 ids[k] = f"{ids[k]}@{d.key}"
-                report["renamed_items"] += 1
+                report["renamed_ids"] += 1
             items[ids[k]] = (d.key, title[k])
+            if years and years[di][k]:
+                year_of[ids[k]] = years[di][k]
         interactions += zip(map(user_ids.__getitem__, u[keep].tolist()), map(ids.__getitem__, i[keep].tolist()),
                             t[keep].tolist())
+    # "Hamlet" three times in one domain: "Hamlet (1948)", "Hamlet (1990)", ... say more than "Hamlet (2)".
+    repeated = Counter(items.values())
+    report["titles"] = {"with_year": 0}
+    for item, (key, title) in list(items.items()):
+        if item in year_of and (all_years or repeated[key, title] > 1):
+            items[item] = (key, f"{title} ({year_of[item]})")
+            report["titles"]["with_year"] += 1
     return write_dataset(out_dir, source=source, domains=domains, items=items, interactions=interactions,
                          report=report)

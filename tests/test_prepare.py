@@ -1,11 +1,14 @@
-"""prepare.py on small hand-written Amazon 2023/2018 and RecBole files: counts, titles, drops, filters, errors."""
+"""prepare.py on small hand-written Amazon 2023/2018 and RecBole files: counts, titles, drops, filters, errors,
+damaged files, genres as domains, and the output directory check (data.own_output)."""
 import gzip
 import json
+import zlib
 
 import pytest
+from test_cli import cprec, ok, one_line_error
 
 from common import UserError
-from data import TEST, TRAIN, VALID, load_dataset
+from data import TEST, TRAIN, VALID, Domain, dataset_out, load_dataset, short_title, write_dataset
 from prepare import convert_amazon, convert_recbole
 
 
@@ -46,11 +49,12 @@ def test_amazon2023_two_categories(amazon2023, tmp_path):
     assert (m["users"], m["items"], m["interactions"]) == (3, 6, 8)  # u1 is one user across both categories
     files = m["report"]["files"]
     assert files[str(amazon2023 / "Video_Games.jsonl")] == {
-        "lines": 7, "malformed": 2, "first_malformed_line": 3,
+        "lines": 7, "malformed": 2, "malformed_lines": [3, 7],
         "expected": "a JSON object with non-empty string 'user_id', 'parent_asin' and an integer 'timestamp'"}
     assert files[str(amazon2023 / "meta_Video_Games.jsonl.gz")] == {"lines": 4, "malformed": 0, "unused": 1}
     assert m["report"]["dropped"] == {"no_title_items": 1, "no_title_interactions": 1, "duplicates": 1}
-    assert m["report"]["renamed_items"] == 1  # g3 is in both categories
+    assert m["report"]["renamed_ids"] == 1  # g3 is in both categories
+    assert m["report"]["titles"] == {"with_year": 0, "truncated": 0, "numbered": 1}  # Soap (2)
 
     ds = load_dataset(tmp_path / "out")
     assert ds.item_ids == ["g1", "g2", "g3", "b1", "b2", "g3@All_Beauty"]
@@ -82,8 +86,8 @@ def test_amazon_errors(amazon2023, tmp_path):
 
 
 def test_amazon_json_edge_cases(tmp_path):
-    """loads()'s verdicts (leading blanks fine, trailing data not), and bytes that are not UTF-8: fatal in an id, no
-    title in a title, harmless elsewhere."""
+    """loads()'s verdicts (leading blanks fine, trailing data not), and bytes that are not UTF-8: fatal in an id,
+    replaced by U+FFFD (and counted) in a title, harmless elsewhere."""
     src = tmp_path / "amazon"
     src.mkdir()
     (src / "Toys.jsonl").write_bytes(b"\n".join([
@@ -96,10 +100,12 @@ def test_amazon_json_edge_cases(tmp_path):
                                           b'{"parent_asin": "g4", "title": "D\xff"}\n')
     m = convert_amazon(2023, src, ["Toys"], tmp_path / "out")
     stats = m["report"]["files"][str(src / "Toys.jsonl")]
-    assert (stats["lines"], stats["malformed"], stats["first_malformed_line"]) == (8, 4, 2)
-    assert m["report"]["dropped"] == {"no_title_items": 1, "no_title_interactions": 1, "duplicates": 0}
+    assert (stats["lines"], stats["malformed"], stats["malformed_lines"]) == (8, 4, [2, 3, 5, 7])
+    assert m["report"]["dropped"] == {"no_title_items": 0, "no_title_interactions": 0, "duplicates": 0}
+    assert m["report"]["files"][str(src / "meta_Toys.jsonl")] == {"lines": 3, "malformed": 0, "unused": 0,
+                                                                  "repaired_titles": 1}
     ds = load_dataset(tmp_path / "out")
-    assert ds.titles == ["A", "C"] and ds.time.tolist() == [1, 4]
+    assert ds.titles == ["A", "C", "D\ufffd"] and ds.time.tolist() == [1, 4, 6]
 
 
 def test_amazon2018_plain_gz_and_dict_literal_meta(tmp_path):
@@ -115,7 +121,7 @@ def test_amazon2018_plain_gz_and_dict_literal_meta(tmp_path):
     m = convert_amazon(2018, src, ["Books", "Toys"], tmp_path / "out")
     files = m["report"]["files"]
     assert files[str(src / "Books_5.json.gz")]["malformed"] == 1
-    assert files[str(src / "meta_Books.json")] == {"lines": 3, "malformed": 1, "first_malformed_line": 2, "unused": 0,
+    assert files[str(src / "meta_Books.json")] == {"lines": 3, "malformed": 1, "malformed_lines": [2], "unused": 0,
                                                    "expected": "a JSON object with a non-empty string 'asin'"}
     assert m["report"]["dropped"] == {"no_title_items": 1, "no_title_interactions": 1, "duplicates": 0}
     ds = load_dataset(tmp_path / "out")
@@ -142,7 +148,7 @@ def test_recbole_crlf_titles_and_malformed(tmp_path):
     assert [(d["key"], d["name"], d["role"], d["items"], d["interactions"]) for d in m["domains"]] == [
         ("my-data", "My Data", "pretrain", 3, 4)]
     assert m["report"]["files"][str(src / "my-data.inter")] == {
-        "lines": 8, "malformed": 2, "first_malformed_line": 6,
+        "lines": 8, "malformed": 2, "malformed_lines": [6, 8],
         "expected": "4 tab-separated columns (user_id:token item_id:token rating:float timestamp:float)"}
     assert m["report"]["files"][str(src / "my-data.item")] == {"lines": 6, "malformed": 0, "unused": 1}
     assert m["report"]["dropped"] == {"no_title_items": 1, "no_title_interactions": 1, "duplicates": 0}
@@ -204,3 +210,237 @@ def test_filters(tmp_path, options, pairs, kept, counted):
 def test_filter_emptying_a_domain(tmp_path, options, message):
     with pytest.raises(UserError, match=f"domain 'my-data': {message}"):
         filtered(tmp_path, K_CORE, **options)
+
+
+# --------------------------------------------------------------------------------------------------- the output dir
+def test_own_output_replaces_only_its_own_dataset(tmp_path, small):
+    dataset_out(tmp_path / "new", overwrite=False)  # absent: fine
+    (tmp_path / "empty").mkdir()
+    dataset_out(tmp_path / "empty", overwrite=False)  # empty: nothing to lose
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "Books.jsonl").write_text("{}\n")
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match=r"raw: not empty and not a dataset written by this project \(no valid "
+                                            r"manifest\.json\); nothing was changed"):
+            dataset_out(raw, overwrite=overwrite)
+    (raw / "manifest.json").write_text('{"name": "someone else\'s"}')  # a manifest, but not ours
+    with pytest.raises(UserError, match="not a dataset written by this project"):
+        dataset_out(raw, overwrite=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="exists and is not a directory"):
+        dataset_out(tmp_path / "file", overwrite=True)
+    with pytest.raises(UserError, match=r"small: a dataset already exists there; pass --overwrite"):
+        dataset_out(small.path, overwrite=False)
+    dataset_out(small.path, overwrite=True)
+    (small.path / "cache").mkdir()  # written by cpt_stream: ours
+    dataset_out(small.path, overwrite=True)
+    (small.path / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"holds 'notes\.txt', which this project did not write there"):
+        dataset_out(small.path, overwrite=True)
+    with pytest.raises(UserError, match=r"would replace the input .*raw; choose an output directory outside it"):
+        dataset_out(tmp_path, overwrite=True, inputs=[raw])  # the source inside --out
+    with pytest.raises(UserError, match="would replace the input"):
+        dataset_out(raw, overwrite=True, inputs=[raw])
+    dataset_out(raw / "prepared", overwrite=False, inputs=[raw])  # a new folder inside the source touches nothing
+
+
+def test_write_dataset_never_replaces_a_foreign_directory(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "photo.jpg").write_bytes(b"\xff\xd8")
+    with pytest.raises(UserError, match="not a dataset written by this project"):
+        write_dataset(tmp_path / "out", source="test", domains=[Domain("a", "A", "pretrain")],
+                      items={"x": ("a", "X")}, interactions=[("u", "x", 1)])
+    assert (tmp_path / "out" / "photo.jpg").read_bytes() == b"\xff\xd8"
+
+
+def test_cli_refuses_out_equal_to_source(amazon2023):
+    """Before: exit 0, and the raw review files were gone."""
+    before = sorted(p.name for p in amazon2023.iterdir())
+    result = cprec("prepare", "amazon2023", amazon2023, "--categories", "Video_Games", "--out", amazon2023,
+                   "--overwrite")
+    one_line_error(result, f"--out {amazon2023}: would replace the input {amazon2023}")
+    assert sorted(p.name for p in amazon2023.iterdir()) == before
+
+
+def test_cli_refuses_a_foreign_out(amazon2023, tmp_path):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    one_line_error(cprec("prepare", "amazon2023", amazon2023, "--categories", "Video_Games", "--out", notes,
+                         "--overwrite"), "not a dataset written by this project")
+    assert [p.name for p in notes.iterdir()] == ["todo.txt"] and (notes / "todo.txt").read_text() == "keep me"
+
+
+# --------------------------------------------------------------------------------------------------- damaged input
+def games(n):
+    return [review(f"u{k % 7}", f"g{k % 11}", k) for k in range(n)]
+
+
+def damaged(tmp_path, cut):
+    """Video_Games reviews as a .gz with its compressed bytes cut by `cut`; meta intact."""
+    src = tmp_path / "amazon"
+    src.mkdir(exist_ok=True)
+    write(src / "Video_Games.jsonl.gz", games(3000))
+    data = (src / "Video_Games.jsonl.gz").read_bytes()
+    (src / "Video_Games.jsonl.gz").write_bytes(cut(data))
+    write(src / "meta_Video_Games.jsonl", [meta(f"g{k}", f"Game {k}") for k in range(11)])
+    return src, data
+
+
+def test_truncated_gzip_keeps_the_lines_before_the_cut(tmp_path):
+    src, data = damaged(tmp_path, lambda data: data[:len(data) // 2])
+    complete = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(data[:len(data) // 2]).count(b"\n")
+    assert 0 < complete < 3000
+    m = convert_amazon(2023, src, ["Video_Games"], tmp_path / "out")
+    path = src / "Video_Games.jsonl.gz"
+    assert m["report"]["files"][str(path)] == {
+        "lines": complete, "malformed": 0,
+        "ended_early": f"truncated: the compressed data ends after line {complete:,}; the lines before were used"}
+    assert m["interactions"] == len({(f"u{k % 7}", f"g{k % 11}") for k in range(complete)})
+    with pytest.raises(UserError, match=rf"Video_Games\.jsonl\.gz: truncated: the compressed data ends after line "
+                                        rf"{complete:,}; download it again"):
+        convert_amazon(2023, src, ["Video_Games"], tmp_path / "out2", strict=True)
+
+
+@pytest.mark.parametrize("cut, message", [
+    (lambda d: d[:-5] + bytes([d[-5] ^ 1]) + d[-4:], r"unreadable after line 3,000 \(CRC check failed"),
+    (lambda d: b"not gzip at all\n", r"unreadable after line 0 \(Not a gzipped file"),
+    (lambda d: d[:10] + b"\xff" * 20 + d[30:], r"unreadable after line 0 \(Error -3 while decompressing")])
+def test_corrupt_gzip_is_one_line(tmp_path, cut, message):
+    src, _ = damaged(tmp_path, cut)
+    with pytest.raises(UserError, match=rf"Video_Games\.jsonl\.gz: {message}.*expected a complete gzip file"):
+        convert_amazon(2023, src, ["Video_Games"], tmp_path / "out")
+
+
+def test_cli_truncated_gzip_is_one_line(tmp_path):
+    """Before: only "Aborted." (click's verdict on the EOFError)."""
+    src, _ = damaged(tmp_path, lambda data: data[:2000])
+    one_line_error(cprec("prepare", "amazon2023", src, "--categories", "Video_Games", "--out", tmp_path / "out",
+                         "--strict"), f"{src / 'Video_Games.jsonl.gz'}: truncated: the compressed data ends after line")
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"Video_Games.jsonl.gz": "", "meta_Video_Games.jsonl": "ok"},
+     r"Video_Games\.jsonl\.gz: no well-formed interaction; domain 'Video_Games' would be empty"),
+    ({"Video_Games.jsonl": "crlf", "meta_Video_Games.jsonl": ""},
+     r"domain 'Video_Games': none of its 3 interactions has an item with a title in"),
+    ({"Video_Games.jsonl": "crlf"}, r"no item titles for category 'Video_Games': expected meta_Video_Games\.jsonl")])
+def test_empty_or_missing_files_are_one_error(tmp_path, files, message):
+    src = tmp_path / "amazon"
+    src.mkdir()
+    for name, kind in files.items():
+        write(src / name, {"": [], "ok": [meta("g1", "Zelda")], "crlf": games(3)}[kind], "\r\n")
+    with pytest.raises(UserError, match=message):
+        convert_amazon(2023, src, ["Video_Games"], tmp_path / "out", strict=True)
+
+
+def test_many_malformed_lines_are_counted_and_the_first_five_named(tmp_path):
+    src = tmp_path / "amazon"
+    src.mkdir()
+    lines = games(4)
+    for n in (2, 4, 5, 7, 8, 9, 12):  # line numbers, 1-based, of 7 bad lines among the 4 good ones
+        lines.insert(n - 1, "{broken")
+    write(src / "Toys.jsonl", lines)
+    write(src / "meta_Toys.jsonl", [meta(f"g{k}", f"Toy {k}") for k in range(4)])
+    m = convert_amazon(2023, src, ["Toys"], tmp_path / "out")
+    stats = m["report"]["files"][str(src / "Toys.jsonl")]
+    assert (stats["lines"], stats["malformed"], stats["malformed_lines"]) == (11, 7, [2, 4, 5, 7, 8])
+    result = ok(cprec("prepare", "amazon2023", src, "--categories", "Toys", "--out", tmp_path / "cli"))
+    assert f"warning: {src / 'Toys.jsonl'}: 7 malformed lines skipped (first: 2, 4, 5, 7, 8); expected a JSON" \
+        in " ".join(result.stderr.split())
+
+
+def test_long_titles_are_cut_and_counted(tmp_path):
+    assert short_title("abcd " * 10000) == " ".join(["abcd"] * 40)  # 199 characters: cut at the last space
+    assert short_title("x" * 300) == "x" * 200 and short_title("y" * 200) == "y" * 200
+    src = tmp_path / "amazon"
+    src.mkdir()
+    write(src / "Toys.jsonl", games(4))
+    write(src / "meta_Toys.jsonl", [meta("g0", "word " * 1_000_000), meta("g1", "z" * 250), meta("g2", "z" * 250),
+                                    meta("g3", "Short")])  # a 5 MB title
+    m = convert_amazon(2023, src, ["Toys"], tmp_path / "out")
+    assert m["report"]["titles"] == {"with_year": 0, "truncated": 3, "numbered": 1}
+    assert load_dataset(tmp_path / "out").titles == [" ".join(["word"] * 40), "z" * 200, "z" * 200 + " (2)", "Short"]
+
+
+# --------------------------------------------------------------------------------------------------- genres as domains
+GENRES = ["i1\tHamlet\t1948\tDrama", "i2\tHamlet\t1996\tDrama Romance", "i3\tHamlet\t1996\tDrama",
+          "i4\tToy Story\t1995\tChildren's Comedy", "i5\tAlien\t1979\tSci-Fi Horror", "i6\tHeat\t1995\t",
+          "i7\tBabe\t1995\tChildren's", "i8\tFargo\t1996\tCrime", "i9\tAliens\t\tSci-Fi"]
+# u1 watches drama and sci-fi, u2 children's and crime, u3 a bit of everything; i6 (no genre) twice.
+WATCHED = [("u1", "i1"), ("u1", "i2"), ("u1", "i3"), ("u1", "i5"), ("u1", "i9"), ("u1", "i6"),
+           ("u2", "i4"), ("u2", "i7"), ("u2", "i8"), ("u2", "i6"), ("u3", "i2"), ("u3", "i4"), ("u3", "i5")]
+
+
+def genres(tmp_path):
+    src = tmp_path / "ml"
+    src.mkdir()
+    write(src / "ml.inter", ["user_id:token\titem_id:token\trating:float\ttimestamp:float"] +
+          [f"{u}\t{i}\t4\t{t}" for t, (u, i) in enumerate(WATCHED, 100)])
+    write(src / "ml.item", ["item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq"] + GENRES)
+    return src
+
+
+def test_recbole_domains_from_a_genre_field(tmp_path):
+    m = convert_recbole(genres(tmp_path), tmp_path / "out", domain_field="class", downstream=["sci-fi"],
+                        min_domain_items=2)
+    assert [(d["key"], d["name"], d["role"], d["items"], d["users"], d["interactions"]) for d in m["domains"]] == [
+        ("drama", "Drama", "pretrain", 3, 2, 4), ("childrens", "Children's", "pretrain", 2, 2, 3),
+        ("sci-fi", "Sci-Fi", "downstream", 2, 2, 3), ("other", "Other", "pretrain", 1, 1, 1)]
+    assert m["report"]["dropped"] == {"no_domain_items": 1, "no_domain_interactions": 2, "no_title_items": 0,
+                                      "no_title_interactions": 0, "duplicates": 0}
+    assert m["report"]["merged_into_other"] == {"crime": 1}
+    assert m["report"]["titles"] == {"with_year": 3, "truncated": 0, "numbered": 1}
+    assert m["source"].endswith(", domains from class")
+    ds = load_dataset(tmp_path / "out")
+    assert ds.item_ids == ["i1", "i2", "i3", "i4", "i7", "i5", "i9", "i8"]
+    assert ds.titles == ["Hamlet (1948)", "Hamlet (1996)", "Hamlet (1996) (2)", "Toy Story", "Babe", "Alien",
+                         "Aliens", "Fargo"]
+
+
+def test_recbole_title_year_and_domain_errors(tmp_path):
+    src = genres(tmp_path)
+    m = convert_recbole(src, tmp_path / "out", domain_field="class", title_year=True)
+    assert m["report"]["titles"] == {"with_year": 7, "truncated": 0, "numbered": 1}  # i6 has no domain, i9 no year
+    assert [d["key"] for d in m["domains"]] == ["drama", "childrens", "sci-fi", "crime"]
+    assert load_dataset(tmp_path / "out").titles[:3] == ["Hamlet (1948)", "Hamlet (1996)", "Hamlet (1996) (2)"]
+    with pytest.raises(UserError, match=r"--downstream crime: not a domain of --domain-field class \(crime merged "
+                                        r"into 'other'\); domains: drama, childrens, sci-fi, other$"):
+        convert_recbole(src, tmp_path / "o", domain_field="class", min_domain_items=2, downstream=["crime"])
+    with pytest.raises(UserError, match="--domain and --domain-field: give one"):
+        convert_recbole(src, tmp_path / "o", domain_field="class", domain="movies")
+    with pytest.raises(UserError, match=r"ml\.item: no column genre; columns: item_id, movie_title, release_year"):
+        convert_recbole(src, tmp_path / "o", domain_field="genre")
+
+
+def test_recbole_single_domain_counts_year_renames(tmp_path):
+    """Before: four "Hamlet"s renamed, report said renamed_items 0."""
+    m = convert_recbole(genres(tmp_path), tmp_path / "out", domain="movies")
+    assert m["report"]["titles"] == {"with_year": 3, "truncated": 0, "numbered": 1}
+    ds = load_dataset(tmp_path / "out")
+    assert ds.titles[:3] == ["Hamlet (1948)", "Hamlet (1996)", "Hamlet (1996) (2)"]
+
+
+def test_amazon2018_domains_from_main_cat(tmp_path):
+    """main_cat over two category files: a string, an <img> tag (its alt text), a list, missing; one item in both."""
+    src = tmp_path / "amazon"
+    src.mkdir()
+    r = [{"reviewerID": u, "asin": i, "unixReviewTime": t} for u, i, t in
+         [("A", "x1", 1), ("A", "x2", 2), ("B", "x3", 3), ("B", "x4", 4), ("A", "x5", 5)]]
+    write(src / "Books.json", r[:3])
+    write(src / "Toys.json", r[3:] + [{"reviewerID": "C", "asin": "x1", "unixReviewTime": 6}])
+    write(src / "meta_Books.json", [{"asin": "x1", "title": "Dune", "main_cat": "Books"},
+                                    {"asin": "x2", "title": "Emma", "main_cat": "Books"},
+                                    {"asin": "x3", "title": "Scarf", "main_cat": '<img src="a.png" alt="AMAZON '
+                                                                                  'FASHION"/>'}])
+    write(src / "meta_Toys.json", [{"asin": "x4", "title": "Lego", "main_cat": ["Toys & Games", "Building"]},
+                                   {"asin": "x5", "title": "Kite"}, {"asin": "x1", "title": "Dune (toy)"}])
+    m = convert_amazon(2018, src, ["Books", "Toys"], tmp_path / "out", domain_field="main_cat",
+                       downstream=["toys-games"])
+    assert [(d["key"], d["name"], d["role"], d["items"], d["users"], d["interactions"]) for d in m["domains"]] == [
+        ("books", "Books", "pretrain", 2, 2, 3), ("amazon-fashion", "AMAZON FASHION", "pretrain", 1, 1, 1),
+        ("toys-games", "Toys & Games", "downstream", 1, 1, 1)]
+    assert m["report"]["dropped"] == {"no_domain_items": 1, "no_domain_interactions": 1, "no_title_items": 0,
+                                      "no_title_interactions": 0, "duplicates": 0}
+    assert load_dataset(tmp_path / "out").titles == ["Dune", "Emma", "Scarf", "Lego"]  # x1: the first title found
