@@ -400,7 +400,7 @@ def recommend_command(model: Path = typer.Option(..., help="Checkpoint: fine-tun
                                                                 '"titles" or "items" (ids): [...]} a line.'),
                       output_file: Optional[Path] = typer.Option(None, "--output",
                                                                  help="JSONL of recommendations (with --input)."),
-                      batch_size: int = typer.Option(64, help="Histories per beam-search batch (--input)."),
+                      batch_size: int = typer.Option(256, help="Histories read and ranked at a time (--input)."),
                       overwrite: bool = typer.Option(False, help="Replace an existing --output."),
                       json_output: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
                       precision: str = PRECISION,
@@ -414,8 +414,9 @@ def recommend_command(model: Path = typer.Option(..., help="Checkpoint: fine-tun
         raise UserError("--input replaces --history and --user; give one of them")
     if input_file is None and bool(history) == (user is not None):
         raise UserError("give the history: --history TITLE (repeatable), --user ID, or --input FILE --output FILE")
-    if output_file is not None and output_file.exists() and not overwrite:
-        raise UserError(f"{output_file}: already exists; pass --overwrite to replace it")
+    if output_file is not None and output_file.exists() and (output_file.is_dir() or not overwrite):
+        raise UserError(f"{output_file}: already exists" + ("" if output_file.is_dir() else
+                                                            "; pass --overwrite to replace it"))
     if batch_size < 1 or k < 1:
         raise UserError(f"--k {k} and --batch-size {batch_size}: expected at least 1")
     _, _, device = setup_distributed()

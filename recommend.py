@@ -178,7 +178,7 @@ def parse_request(rec: Recommender, line: str, key: str) -> tuple[object, list[i
 
 
 def recommend_file(rec: Recommender, source: Path, target: Path, key: str, k: int = 10,
-                   exclude_history: bool = False, batch: int = 64, progress: bool = False) -> dict:
+                   exclude_history: bool = False, batch: int = 256, progress: bool = False) -> dict:
     """Recommendations for every line of `source` (JSONL), written to `target` in input order, one object per line:
     {"id", "recommendations": [{"item_id", "title", "logprob", "share"}, ...]}. Histories are ranked `batch` at a
     time; malformed lines are counted and the first few quoted. `target` appears complete or not at all."""
