@@ -130,16 +130,16 @@ class Recommender:
         """The top-`k` items of `domain` after each history of dataset item indices, best first. Beam search keeps
         max(k, beams) beams; `exclude_history` drops the domain's items that appear anywhere in the history."""
         if k < 1:
-            raise UserError(f"--k {k}: expected at least 1")
+            raise UserError(f"k = {k}: expected at least 1")
         catalogue, position, trie = self.catalogue(domain)
         beams = max(k, self.beams)
         prompts = [self.prompt(h, domain)[0] for h in histories]
         exclude = [[position[int(i)] for i in h if int(i) in position] if exclude_history else [] for h in histories]
-        order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths share a batch: less padding
-        device = self.model.embed_tokens.weight.device
         out: list[list[Recommendation]] = [[] for _ in histories]
         if not histories:
             return out
+        order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths share a batch: less padding
+        device = self.model.embed_tokens.weight.device
         step = evaluation.auto_batch_users(self.model, beams, max(map(len, prompts)), trie.depth)
         with autocast(self.precision, device):
             for start in range(0, len(order), step):
@@ -152,9 +152,12 @@ class Recommender:
         return out
 
     def ranked(self, catalogue: np.ndarray, positions: np.ndarray, logprobs: np.ndarray) -> list[Recommendation]:
+        """Catalogue positions as recommendations, each with its share of the list's probability (a softmax)."""
+        if not len(positions):
+            return []
         logprobs = logprobs.astype(np.float64)
-        share = np.exp(logprobs - logprobs.max()) if len(logprobs) else logprobs  # shifted: no underflow to 0/0
-        share = share / share.sum() if len(share) else share
+        share = np.exp(logprobs - logprobs.max())  # shifted first: scores of -60 would underflow to 0/0
+        share /= share.sum()
         return [Recommendation(self.ds.item_ids[catalogue[p]], self.ds.titles[catalogue[p]], float(lp), float(s))
                 for p, lp, s in zip(positions, logprobs, share)]
 
