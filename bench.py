@@ -6,6 +6,7 @@ each section prints one table, and --json writes every row. Sections:
 - decoder: our Decoder against transformers' LlamaForCausalLM on the same safetensors, inputs and threads.
 - train: optimizer steps as `cprec.py pretrain` runs them, on the default small model (CUDA: also Qwen2.5-0.5B-sized).
 - eval: beam search against exact scoring on the built-in world's games domain: users/s and top-10 agreement.
+- recommend: `cprec.py recommend` on the world's games: one history's latency (p50/p95), JSONL batch users/s.
 - catalogue: beam search and exact scoring on a synthetic catalogue of 100k items: speed and peak memory.
 - prepare: Amazon Reviews 2023 conversion of a synthetic category: records/s and peak RSS.
 """
@@ -450,6 +451,41 @@ def bench_eval(o: Options) -> list[dict]:
     return rows
 
 
+def bench_recommend(o: Options) -> list[dict]:
+    """One recommendation at a time (latency, as `cprec.py recommend --history ...` spends it after loading) and
+    the JSONL batch mode (`--input`, 256 histories a batch): the test histories of the world's games users as titles."""
+    from data import eval_cases
+    from recommend import Recommender
+    ds = dataset(o.data)
+    console.print(f"recommend: {o.model} on {o.data}, domain games")
+    model = Decoder.from_pretrained(o.model, device=o.device)
+    cases = eval_cases(ds, "games", TEST)
+    chosen = np.random.default_rng(o.seed).choice(len(cases), min(o.eval_users, len(cases)), replace=False)
+    histories = [[ds.titles[i] for i in cases[c].history] for c in chosen]
+    rows = []
+    for precision in o.precisions:
+        rec = Recommender(model, Encoder(Tokenizer.from_pretrained(o.model)), ds, precision=precision)
+        rows.append(dict(section="recommend", precision=precision, items=len(ds.catalogue("games")),
+                         **recommend_probe(rec, histories, o.device)))
+    return rows
+
+
+def recommend_probe(rec, histories: list[list[str]], device: str) -> dict:
+    from recommend import recommend_file
+    rec.recommend(histories[:1], "games")  # the trie and title index are built once, on first use
+    singles = histories[:RECOMMEND_LATENCY_CALLS]
+    times = [timed(lambda h=h: rec.recommend([h], "games", k=10), device) for h in singles]
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "users.jsonl"
+        source.write_text("".join(json.dumps({"id": n, "titles": h}) + "\n" for n, h in enumerate(histories)))
+        seconds = timed(lambda: recommend_file(rec, source, Path(tmp) / "out.jsonl", "games", 10), device)
+    p50, p95 = np.percentile(times, [50, 95]) * 1000
+    return dict(calls=len(singles), p50_ms=p50, p95_ms=p95, users=len(histories), users_per_s=len(histories) / seconds)
+
+
+RECOMMEND_LATENCY_CALLS = 50
+
+
 # --------------------------------------------------------------------------------------------------- catalogue
 CATALOGUE_USERS = {"beam": 16, "exact": 2}  # beam: all in one beam_search batch
 CATALOGUE_BEAMS, PROMPT_TOKENS, PAD, TERMINATOR = 20, 100, 0, 1
@@ -587,7 +623,7 @@ def bench_prepare(o: Options) -> list[dict]:
 # --------------------------------------------------------------------------------------------------- sections
 SECTIONS: dict[str, Callable[[Options], list[dict]]] = {
     "decoder": bench_decoder, "train": bench_train, "loss": bench_loss, "eval": bench_eval,
-    "catalogue": bench_catalogue, "prepare": bench_prepare}
+    "recommend": bench_recommend, "catalogue": bench_catalogue, "prepare": bench_prepare}
 NOTES = {  # printed under each section's table
     "decoder": "train = forward+backward with a full-vocabulary cross-entropy, infer = no-grad forward; tokens/s: "
                "median of interleaved reps; MFU = tokens/s x FLOPs/token (6N + 12·L·d·T, forward a third) / peak; "
@@ -604,6 +640,9 @@ NOTES = {  # printed under each section's table
     "eval": "full ranking of the games catalogue (items), test split, one evaluate() run each; exact users = a seeded "
             "subset of the beam users; speed-up = beam / exact users/s; on the exact users, overlap = mean |beam ∩ "
             "exact top-10| / 10, same order = share of identical top-10 lists.",
+    "recommend": "top-10 of the games catalogue (items), 20 beams, history = a test user's (window 20) as titles; "
+                 "latency over `calls` single histories (Recommender.recommend, model loaded, trie built); batch = "
+                 "recommend_file over `users` histories of a JSONL file, 256 a batch, output written.",
     "catalogue": "memory bound of full ranking: random distinct items of 3-8 tokens + a terminator, cprec.SMALL with "
                  "random weights, 100-token random prompts; beam = one beam_search batch of all users, exact = "
                  "exact_scores per user with its default chunks; each row in a fresh process; resident = RSS before "
@@ -626,6 +665,9 @@ COLUMNS = {  # (row key, header, format); format str = a text column
              ("users", "users", NUM), ("users_per_s", "users/s", "{:,.1f}".format),
              ("speedup", "speed-up", "{:.1f}x".format), ("overlap", "top-10 overlap", PCT),
              ("same_order", "same top-10 order", PCT)],
+    "recommend": [("precision", "precision", str), ("items", "items", NUM), ("calls", "calls", NUM),
+                  ("p50_ms", "p50 ms", "{:,.1f}".format), ("p95_ms", "p95 ms", "{:,.1f}".format),
+                  ("users", "batch users", NUM), ("users_per_s", "batch users/s", "{:,.1f}".format)],
     "catalogue": [("ranker", "ranker", str), ("precision", "precision", str), ("items", "items", NUM),
                   ("users", "users", NUM), ("trie_s", "trie build s", "{:.2f}".format),
                   ("trie_peak_mib", "trie build peak MiB", NUM), ("users_per_s", "users/s", "{:,.2f}".format),
@@ -664,9 +706,9 @@ def main(
     seed: Annotated[int, Opt(help="seed of weights, inputs, user subsets and synthetic reviews")] = 0,
     memory: Annotated[bool, Opt(help="measure each row's step peak memory (CPU: a process per row)")] = True,
     compile: Annotated[bool, Opt(help="torch.compile the train section's models (CUDA only)")] = False,
-    data: Annotated[Path, Opt(help="eval dataset, with a games domain [the built-in world]")] = DEFAULT_DATA,
+    data: Annotated[Path, Opt(help="eval/recommend dataset, with a games domain [the built-in world]")] = DEFAULT_DATA,
     model: Annotated[Path | None, Opt(help=f"eval checkpoint [{DEFAULT_CPT / 'final'}, else {DEFAULT_MODEL}]")] = None,
-    eval_users: Annotated[int | None, Opt(help="eval users of the beam search [1,000; quick 20]")] = None,
+    eval_users: Annotated[int | None, Opt(help="eval beam-search and recommend users [1,000; quick 20]")] = None,
     exact_users: Annotated[int, Opt(help="of those, users also scored exactly (slow)")] = 40,
     catalogue_items: Annotated[int | None, Opt(help="synthetic catalogue items [100,000; quick 5,000]")] = None,
     prepare_records: Annotated[int | None, Opt(help="synthetic reviews [1,000,000; quick 20,000]")] = None,
@@ -693,7 +735,7 @@ def main(
     if compile and not cuda:
         raise typer.BadParameter("torch.compile is benchmarked on CUDA only: add --device cuda", param_hint="--compile")
     model = model or next((p for p in (DEFAULT_CPT / "final", DEFAULT_MODEL) if (p / "config.json").exists()), None)
-    if "eval" in sections and not (model and (model / "config.json").exists()):
+    if {"eval", "recommend"} & set(sections) and not (model and (model / "config.json").exists()):
         raise typer.BadParameter(f"no checkpoint in {model or DEFAULT_CPT / 'final'}: pass another, or run `python "
                                  "cprec.py pretrain` first", param_hint="--model")
     torch.set_num_threads(threads or len(os.sched_getaffinity(0)))

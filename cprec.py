@@ -409,6 +409,76 @@ def evaluate_command(domain: str = typer.Option(..., help="Domain whose whole ca
     show(result)
 
 
+@app.command("recommend")
+def recommend_command(model: Path = typer.Option(..., help="Checkpoint: fine-tuned, or CPT for zero-shot."),
+                      domain: str = typer.Option(..., help="Domain whose catalogue is recommended from."),
+                      data: Path = typer.Option(DEFAULT_DATA, help="Dataset (its titles, users and catalogues)."),
+                      history: Optional[list[str]] = typer.Option(None, help="A title in the user's history, oldest "
+                                                                  "first; repeat the option. Any domain's titles."),
+                      user: Optional[str] = typer.Option(None, help="Use this dataset user's history instead."),
+                      k: int = typer.Option(10, "--k", "-k", help="Items to recommend."),
+                      exclude_history: bool = typer.Option(False, help="Never recommend an item of the history."),
+                      window: int = typer.Option(20, help="History items in a prompt (the last ones)."),
+                      beams: int = typer.Option(20, help="Beam width; max(k, beams) is used."),
+                      input_file: Optional[Path] = typer.Option(None, "--input", help='JSONL of histories: {"id": ..., '
+                                                                '"titles" or "items" (ids): [...]} a line.'),
+                      output_file: Optional[Path] = typer.Option(None, "--output",
+                                                                 help="JSONL of recommendations (with --input)."),
+                      batch_size: int = typer.Option(256, help="Histories read and ranked at a time (--input)."),
+                      overwrite: bool = typer.Option(False, help="Replace an existing --output."),
+                      json_output: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+                      precision: str = PRECISION,
+                      progress: bool = typer.Option(True, help="Show a progress bar (--input, on a terminal).")):
+    """Recommend the top-K items of a domain after a history of titles, a dataset user's history, or each history
+    of a JSONL file, by the same prompt and trie-constrained beam search as evaluation."""
+    from recommend import Recommender, recommend_file
+    if (input_file is None) != (output_file is None):
+        raise UserError("--input and --output go together: histories in, recommendations out")
+    if input_file is not None and (history or user):
+        raise UserError("--input replaces --history and --user; give one of them")
+    if input_file is None and bool(history) == (user is not None):
+        raise UserError("give the history: --history TITLE (repeatable), --user ID, or --input FILE --output FILE")
+    if output_file is not None and output_file.exists() and (output_file.is_dir() or not overwrite):
+        raise UserError(f"{output_file}: already exists" + ("" if output_file.is_dir() else
+                                                            "; pass --overwrite to replace it"))
+    if batch_size < 1 or k < 1:
+        raise UserError(f"--k {k} and --batch-size {batch_size}: expected at least 1")
+    _, _, device = setup_distributed()
+    ds = load_dataset(data)
+    ds.domain(domain)
+    rec = Recommender(Decoder.from_pretrained(model, device=device), Encoder(Tokenizer.from_pretrained(model)), ds,
+                      window=window, beams=beams, precision=precision)
+    if input_file is not None:
+        output_file.parent.mkdir(parents=True, exist_ok=True)
+        stats = recommend_file(rec, input_file, output_file, domain, k, exclude_history, batch_size, progress)
+        say(f"wrote {stats['users']:,} users' top {k} to {output_file}")
+        if stats["malformed"]:
+            more = stats["malformed"] - len(stats["first_malformed"])
+            say(f"[yellow]skipped {stats['malformed']:,} malformed line(s) of {stats['lines']:,}: "
+                + "; ".join(stats["first_malformed"]) + (f"; and {more:,} more" if more else ""))
+        return
+    items = rec.user_history(user, domain) if user is not None else [rec.find(t, domain) for t in history]
+    kind = rec.prompt(items, domain)[1]
+    top = rec.recommend_items([items], domain, k, exclude_history)[0]
+    shown = items[-window:] if window else items[:0]
+    if json_output:
+        print(json.dumps({"domain": domain, "model": str(model), "prompt": kind, "beams": max(k, beams),
+                          "history": [{"item_id": ds.item_ids[i], "title": ds.titles[i],
+                                       "domain": list(ds.domains)[ds.item_domain[i]]} for i in shown],
+                          "recommendations": [{"rank": r + 1, **asdict(x)} for r, x in enumerate(top)]},
+                         ensure_ascii=False, indent=2))
+        return
+    table = Table("#", "item", "title", "log-prob", "share", title=f"top {len(top)} of {ds.domain(domain).name}")
+    for r, x in enumerate(top, 1):
+        table.add_row(str(r), x.item_id, x.title, f"{x.logprob:.3f}", f"{x.share:.1%}")
+    console.print(table)
+    console.print(f"after {len(shown)} history items ({kind} prompt: "
+                  + ("the domain's, as in evaluation" if kind == "domain" else "items of other domains, tagged")
+                  + f"); trie-constrained beam search, {max(k, beams)} beams over all {len(rec.catalogue(domain)[0]):,}"
+                  f" items; history {'excluded' if exclude_history else 'not excluded'}", highlight=False,
+                  soft_wrap=True)
+
+
 @app.command("reproduce")
 def reproduce_command(out: Path = typer.Option(Path("runs/reproduce"), help="Directory of all runs and the report."),
                       data: Path = typer.Option(DEFAULT_DATA, help="Dataset (default: the built-in world)."),

@@ -287,6 +287,17 @@ def auto_batch_users(model: Decoder, beams: int, prompt_len: int, depth: int, bu
                           256)))
 
 
+def catalogue_tokens(encoder: Encoder, ds: Dataset, key: str) -> list[list[int]]:
+    """Every item of the domain's catalogue as the template writes it (title and terminator): the trie's paths."""
+    return [encoder(item_text(ds.titles[i])) for i in ds.catalogue(key)]
+
+
+def user_prompts(encoder: Encoder, ds: Dataset, histories, key: str) -> list[list[int]]:
+    """The template's prompt for each history of items of domain `key`: its next item is what the model writes."""
+    domain = ds.domain(key)
+    return [encoder.sequence(ds, history, domain)[0] for history in histories]
+
+
 def evaluate(model: Decoder, encoder: Encoder, ds: Dataset, key: str, *, split: str = "test", beams: int = 20,
              exact: bool = False, users: int | None = None, seed: int = 0, mask_history: bool = False,
              window: int = 20, batch_users: int | None = None, ks=KS) -> dict:
@@ -303,10 +314,10 @@ def evaluate(model: Decoder, encoder: Encoder, ds: Dataset, key: str, *, split: 
         raise UserError(f"domain {key!r} has no {split} cases (users need 3+ interactions there)")
     catalogue = ds.catalogue(key)
     position = {item: k for k, item in enumerate(catalogue)}
-    item_tokens = [encoder(item_text(ds.titles[i])) for i in catalogue]
+    item_tokens = catalogue_tokens(encoder, ds, key)
     targets = [position[c.target] for c in cases]
     excluded = [[position[i] for i in c.history] if mask_history else [] for c in cases]
-    prompts = [encoder.sequence(ds, c.history, domain)[0] for c in cases]
+    prompts = user_prompts(encoder, ds, [c.history for c in cases], key)
     pad = encoder.tokenizer.pad_id
     counts = popularity(ds, key)
     pop_ranks = [rank_in_scores(counts, t, ex) for t, ex in zip(targets, excluded)]

@@ -1,5 +1,5 @@
-"""bench.py's train, loss, eval, catalogue and prepare sections on tiny inputs, in-process (the CLI runs the same
-functions)."""
+"""bench.py's train, loss, eval, recommend, catalogue and prepare sections on tiny inputs, in-process (the CLI runs
+the same functions)."""
 import bench
 from model import ModelConfig
 
@@ -21,3 +21,11 @@ def test_train_eval_prepare_sections_run_on_tiny_inputs(world, tiny_model, tmp_p
     source = bench.amazon_source(300, root=tmp_path)
     for phase in ("parse", "convert"):  # both assert that no synthetic line is malformed
         assert bench.prepare_probe(phase, source)["records"] == 300
+
+
+def test_recommend_section_runs_on_tiny_inputs(world, tiny_model):
+    o = bench.Options(device="cpu", threads=1, precisions=["fp32"], reps=1, warmup=0, seed=0, memory=False, quick=True,
+                      shape=ModelConfig(), seq=8, batch=1, data=world, model=tiny_model, eval_users=4)
+    (row,) = bench.bench_recommend(o)
+    assert (row["calls"], row["users"], row["items"]) == (4, 4, 100) and 0 < row["p50_ms"] <= row["p95_ms"]
+    assert row["users_per_s"] > 0

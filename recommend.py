@@ -1,0 +1,243 @@
+"""Using the trained recommender: the top-K items of a domain's catalogue after a user's history, from the same
+prompt and trie-constrained beam search as evaluation (eval.py), for one history or a JSONL file of many.
+
+    rec = Recommender.load("runs/finetune-games/best", "data/world")
+    for r in rec.recommend([["Title A", "Title B"]], "games", k=10)[0]:
+        print(r.item_id, r.title, r.logprob, r.share)
+
+A history of items of the target domain gets evaluation's own prompt; a history with items of other domains gets the
+template's all-domain mixed prompt (each item tagged with its domain), closed by the target domain's tag, so that
+what the model writes next is a target-domain title. A pre-trained (CPT) checkpoint recommends zero-shot the same way.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import eval as evaluation
+from common import UserError
+from data import TAG, Dataset, Encoder, load_dataset
+from model import Decoder
+from tokenizer import Tokenizer
+from train import autocast, resolve_precision
+
+BEAMS = 20  # evaluation's default width: for K <= 20 the top-K are exactly evaluation's
+SHOWN_ERRORS = 5  # malformed input lines quoted in the report; the rest are only counted
+
+
+@dataclass
+class Recommendation:
+    item_id: str
+    title: str
+    logprob: float  # log-likelihood of the item's text after the prompt (log-softmax summed, terminator included)
+    share: float  # its probability as a fraction of the top-K's total
+
+
+class Recommender:
+    """A checkpoint, its tokenizer and the dataset whose catalogues it recommends from; tries are built per domain
+    on first use and kept."""
+
+    def __init__(self, model: Decoder, encoder: Encoder, ds: Dataset, *, window: int = 20, beams: int = BEAMS,
+                 precision: str = "fp32"):
+        self.model, self.encoder, self.ds = model.eval(), encoder, ds
+        self.window, self.beams = window, beams
+        self.precision = resolve_precision(precision, model.embed_tokens.weight.device)
+        self._domains: dict[str, tuple[np.ndarray, dict[int, int], evaluation.Trie]] = {}
+        self._titles: tuple[dict[str, list[int]], dict[str, list[int]]] | None = None
+        self._items: dict[str, int] | None = None
+        self._users: dict[str, int] | None = None
+
+    @classmethod
+    def load(cls, model_dir: str | Path, data_dir: str | Path, *, device: str | torch.device = "cpu",
+             window: int = 20, beams: int = BEAMS, precision: str = "fp32") -> Recommender:
+        model = Decoder.from_pretrained(model_dir, device=torch.device(device))
+        return cls(model, Encoder(Tokenizer.from_pretrained(model_dir)), load_dataset(data_dir), window=window,
+                   beams=beams, precision=precision)
+
+    # ------------------------------------------------------------------ histories
+    def find(self, title: str, key: str) -> int:
+        """The dataset item called `title`: the exact title, else the same title ignoring case. An item of domain
+        `key` wins over other domains' items of that title, then the dataset's order (domains, then ids) decides."""
+        if self._titles is None:
+            exact: dict[str, list[int]] = {}
+            folded: dict[str, list[int]] = {}
+            for i, t in enumerate(self.ds.titles):
+                exact.setdefault(t, []).append(i)
+                folded.setdefault(t.casefold(), []).append(i)
+            self._titles = (exact, folded)
+        target = self.ds.domain_index(key)
+        for index, text in zip(self._titles, (title, title.casefold())):
+            if index.get(text):
+                return min(index[text], key=lambda i: (self.ds.item_domain[i] != target, i))
+        close = difflib.get_close_matches(title.casefold(), list(self._titles[1]), n=3, cutoff=0.5)
+        shown = ", ".join(repr(self.ds.titles[self._titles[1][c][0]]) for c in close) or "none near it"
+        raise UserError(f"title {title!r} is not in {self.ds.path}; closest: {shown}")
+
+    def item(self, item_id: str) -> int:
+        if self._items is None:
+            self._items = {item: i for i, item in enumerate(self.ds.item_ids)}
+        if item_id not in self._items:
+            raise UserError(f"item id {item_id!r} is not in {self.ds.path}")
+        return self._items[item_id]
+
+    def user_history(self, user_id: str, key: str) -> np.ndarray:
+        """All of a dataset user's items in domain `key` (every split), oldest first; a user with none there gets
+        all of their items (a mixed prompt). The window is applied when the prompt is made."""
+        if self._users is None:
+            self._users = {u: k for k, u in enumerate(self.ds.user_ids)}
+        if user_id not in self._users:
+            raise UserError(f"user {user_id!r} is not in {self.ds.path}")
+        u = self._users[user_id]
+        items = self.ds.item[self.ds.user_start[u]:self.ds.user_start[u + 1]]
+        in_domain = items[self.ds.item_domain[items] == self.ds.domain_index(key)]
+        return in_domain if len(in_domain) else items
+
+    def prompt(self, history, key: str) -> tuple[list[int], str]:
+        """The prompt's token ids for the last `window` items of `history` (dataset item indices), and its kind."""
+        history = np.asarray(history, np.int64)
+        history = history[-self.window:] if self.window else history[:0]  # window 0 = no history, as in eval_cases
+        if (self.ds.item_domain[history] == self.ds.domain_index(key)).all():
+            return evaluation.user_prompts(self.encoder, self.ds, [history], key)[0], "domain"
+        tag = self.encoder(TAG.format(name=self.ds.domain(key).name))
+        return self.encoder.sequence(self.ds, history, None)[0] + tag, "mixed"
+
+    # ------------------------------------------------------------------ ranking
+    def catalogue(self, key: str) -> tuple[np.ndarray, dict[int, int], evaluation.Trie]:
+        """Domain `key`'s items, each item's catalogue position, and the trie of their texts, as evaluation has them."""
+        if key not in self._domains:
+            catalogue = self.ds.catalogue(key)
+            trie = evaluation.build_trie(evaluation.catalogue_tokens(self.encoder, self.ds, key),
+                                         self.model.embed_tokens.weight.device)
+            self._domains[key] = (catalogue, {int(item): p for p, item in enumerate(catalogue)}, trie)
+        return self._domains[key]
+
+    def recommend(self, histories: list[list[str]], domain: str, k: int = 10,
+                  exclude_history: bool = False) -> list[list[Recommendation]]:
+        """The top-`k` items of `domain` after each history of titles (oldest first; any domain's titles)."""
+        return self.recommend_items([[self.find(t, domain) for t in h] for h in histories], domain, k,
+                                    exclude_history)
+
+    @torch.no_grad()
+    def recommend_items(self, histories: list, domain: str, k: int = 10,
+                        exclude_history: bool = False) -> list[list[Recommendation]]:
+        """The top-`k` items of `domain` after each history of dataset item indices, best first. Beam search keeps
+        max(k, beams) beams; `exclude_history` drops the domain's items that appear anywhere in the history."""
+        if k < 1:
+            raise UserError(f"k = {k}: expected at least 1")
+        catalogue, position, trie = self.catalogue(domain)
+        beams = max(k, self.beams)
+        prompts = [self.prompt(h, domain)[0] for h in histories]
+        exclude = [[position[int(i)] for i in h if int(i) in position] if exclude_history else [] for h in histories]
+        out: list[list[Recommendation]] = [[] for _ in histories]
+        if not histories:
+            return out
+        order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths share a batch: less padding
+        device = self.model.embed_tokens.weight.device
+        step = evaluation.auto_batch_users(self.model, beams, max(map(len, prompts)), trie.depth)
+        with autocast(self.precision, device):
+            for start in range(0, len(order), step):
+                rows = order[start:start + step]
+                items, scores = evaluation.beam_search(self.model, [prompts[r] for r in rows], trie, beams,
+                                                       self.encoder.tokenizer.pad_id, [exclude[r] for r in rows])
+                for r, it, sc in zip(rows, items.cpu().numpy(), scores.cpu().numpy()):
+                    found = (it >= 0) & np.isfinite(sc)  # beam_search may pad with an excluded item at -inf
+                    out[r] = self.ranked(catalogue, it[found][:k], sc[found][:k])
+        return out
+
+    def ranked(self, catalogue: np.ndarray, positions: np.ndarray, logprobs: np.ndarray) -> list[Recommendation]:
+        """Catalogue positions as recommendations, each with its share of the list's probability (a softmax)."""
+        if not len(positions):
+            return []
+        logprobs = logprobs.astype(np.float64)
+        share = np.exp(logprobs - logprobs.max())  # shifted first: scores of -60 would underflow to 0/0
+        share /= share.sum()
+        return [Recommendation(self.ds.item_ids[catalogue[p]], self.ds.titles[catalogue[p]], float(lp), float(s))
+                for p, lp, s in zip(positions, logprobs, share)]
+
+
+# --------------------------------------------------------------------------------------------------- files
+def parse_request(rec: Recommender, line: str, key: str) -> tuple[object, list[int]]:
+    """One input line, {"id": ..., "titles": [...]} or {"id": ..., "items": [...]}, as (id, history); a ValueError
+    or UserError says what is wrong with it."""
+    record = json.loads(line)
+    if not isinstance(record, dict) or "id" not in record:
+        raise ValueError('expected a JSON object with an "id"')
+    fields = [f for f in ("titles", "items") if f in record]
+    if len(fields) != 1:
+        raise ValueError('expected exactly one of "titles" (item titles) or "items" (item ids)')
+    values = record[fields[0]]
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise ValueError(f'"{fields[0]}" must be a list of strings')
+    if fields[0] == "titles":
+        return record["id"], [rec.find(t, key) for t in values]
+    return record["id"], [rec.item(i) for i in values]
+
+
+def recommend_file(rec: Recommender, source: Path, target: Path, key: str, k: int = 10,
+                   exclude_history: bool = False, batch: int = 256, progress: bool = False) -> dict:
+    """Recommendations for every line of `source` (JSONL), written to `target` in input order, one object per line:
+    {"id", "recommendations": [{"item_id", "title", "logprob", "share"}, ...]}. Histories are ranked `batch` at a
+    time; malformed lines are counted and the first few quoted. `target` appears complete or not at all."""
+    try:
+        with open(source, encoding="utf-8") as f:
+            total = sum(1 for line in f if line.strip())
+    except FileNotFoundError:
+        raise UserError(f"{source}: file not found") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{source}: not UTF-8 text ({e})") from None
+    stats = {"lines": total, "users": 0, "malformed": 0, "first_malformed": []}
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    pending: list[tuple[object, list[int]]] = []
+
+    def flush(out, advance):
+        ranked = rec.recommend_items([h for _, h in pending], key, k, exclude_history)
+        for (user, _), recs in zip(pending, ranked):
+            out.write(json.dumps({"id": user, "recommendations": [asdict(r) for r in recs]}, ensure_ascii=False)
+                      + "\n")
+        advance(len(pending))
+        stats["users"] += len(pending)
+        pending.clear()
+
+    try:
+        with progress_bar(total, progress) as advance, open(source, encoding="utf-8") as f, \
+                open(tmp, "w", encoding="utf-8") as out:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    pending.append(parse_request(rec, line, key))
+                except (ValueError, UserError) as e:  # json.JSONDecodeError is a ValueError
+                    stats["malformed"] += 1
+                    advance(1)
+                    if len(stats["first_malformed"]) < SHOWN_ERRORS:
+                        stats["first_malformed"].append(f"{source}:{n}: {e}")
+                if len(pending) == batch:
+                    flush(out, advance)
+            if pending:
+                flush(out, advance)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return stats
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, enabled: bool):
+    """Yield advance(n): a rich bar on stderr, silent unless enabled and stderr is a terminal."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    console = Console(stderr=True)
+    if not (enabled and console.is_terminal):
+        yield lambda n: None
+        return
+    with Progress(TextColumn("users"), MofNCompleteColumn(), BarColumn(), TimeRemainingColumn(),
+                  console=console) as bar:
+        task = bar.add_task("recommend", total=total)
+        yield lambda n: bar.advance(task, n)
