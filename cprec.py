@@ -466,7 +466,9 @@ def main() -> None:
     except clicks.ClickException as e:
         command = e.ctx.command_path if getattr(e, "ctx", None) else Path(sys.argv[0]).name
         fail(f"{e.format_message()} (see `{command} --help`)")
-    except typer.Abort:  # Ctrl-C outside training (which saves and exits 130 itself)
+    except typer.Abort as e:  # Ctrl-C outside training (which saves and exits 130 itself)
+        if isinstance(e.__cause__, EOFError):
+            raise e.__cause__ from None  # click takes any EOFError for a closed prompt; here a file was cut short
         say("[yellow]interrupted")
         sys.exit(130)
     except UserError as e:
