@@ -60,6 +60,8 @@ def atomic_dir(path: str | Path):
     except BaseException:
         if old is not None and not path.exists():
             os.replace(old, path)
+        elif old is not None:
+            old.rmdir()  # `path` never moved: this is still the empty directory made above
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if old is not None:
@@ -88,6 +90,8 @@ def _remove_stale(path: Path) -> None:
 
 
 def _alive(pid: int) -> bool:
+    if os.name != "posix":  # Windows' os.kill(pid, 0) would send Ctrl-C, not ask
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -442,6 +442,14 @@ def test_atomic_dir_restores_the_old_directory_when_the_swap_fails(tmp_path, mon
     assert (target / "v").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
+def test_atomic_dir_leaves_nothing_when_path_cannot_be_moved(tmp_path):
+    """Outside its contract (a file at `path`) it fails, and leaves neither temporary directory behind."""
+    (tmp_path / "ckpt").write_text("a file")
+    with pytest.raises(OSError), atomic_dir(tmp_path / "ckpt") as tmp:
+        (tmp / "v").write_text("x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"] and (tmp_path / "ckpt").read_text() == "a file"
+
+
 def test_config_from_hf_names_its_source():
     with pytest.raises(UserError, match="^x/config.json: no hidden_size, intermediate_size; expected"):
         config_from_hf({"architectures": ["LlamaForCausalLM"], "vocab_size": 8, "num_hidden_layers": 1,
