@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import secrets
 import shutil
 from pathlib import Path
 
@@ -19,6 +21,8 @@ def read_json(path: str | Path) -> dict:
             return json.load(f)
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
+    except OSError as e:  # a directory, no permission, a folder on the path that is a file
+        raise UserError(f"{path}: cannot read it ({e.strerror}); expected a JSON file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
 
@@ -32,21 +36,66 @@ def write_json(path: str | Path, obj) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path):
-    """Yield a temporary sibling directory; on success it replaces `path`, so a crash never leaves half a checkpoint.
+    """Yield a new temporary sibling directory; on success it replaces `path`, so a crash never leaves half a
+    checkpoint: at every moment either the old or the new complete directory exists under a known name.
 
-    At every moment either the old or the new complete directory exists under a known name.
+    Contract: `path` must be absent or a directory the caller has recognised as its own output (this function cannot
+    tell). The temporary directories are fresh names, so nothing else is ever deleted; a failure inside the block
+    removes the new one, a failed swap puts the old one back, and leftovers of processes that died (killed, power
+    loss) are removed on the next successful write of the same path.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _fresh(path, "tmp")
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = path.with_name(f".{path.name}.old{os.getpid()}")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    old = _fresh(path, "old") if path.exists() else None
+    try:
+        if old is not None:
+            os.replace(path, old)  # a rename onto the fresh, empty `old` directory
+        os.replace(tmp, path)
+    except BaseException:
+        if old is not None and not path.exists():
+            os.replace(old, path)
+        elif old is not None:
+            old.rmdir()  # `path` never moved: this is still the empty directory made above
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    _remove_stale(path)
+
+
+def _fresh(path: Path, kind: str) -> Path:
+    """A new, empty hidden sibling `.NAME.KIND<pid>-<random>`: created here, so never someone else's."""
+    while True:
+        candidate = path.with_name(f".{path.name}.{kind}{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove `.NAME.tmp<pid>-*` / `.NAME.old<pid>-*` siblings left by processes of this machine that no longer run."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:tmp|old)(\d+)-[0-9a-f]{{8}}")
+    for sibling in path.parent.iterdir():
+        match = pattern.fullmatch(sibling.name)
+        if match and sibling.is_dir() and not _alive(int(match[1])):
+            shutil.rmtree(sibling, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if os.name != "posix":  # Windows' os.kill(pid, 0) would send Ctrl-C, not ask
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but belongs to another user
+        return True
+    return True

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import eval as evaluation
@@ -33,7 +34,7 @@ from data import (
     tokenizer_corpus,
     train_sequences,
 )
-from model import Decoder, ModelConfig, config_from_hf, create_model
+from model import Decoder, ModelConfig, config_from_hf, create_model, written_by_init
 from schedule import Schedule, validate
 from tokenizer import Tokenizer
 from train import (
@@ -54,6 +55,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split
 prepare_app = typer.Typer(no_args_is_help=True, help="Write a dataset in the canonical format (data/<name>/).")
 app.add_typer(prepare_app, name="prepare")
 console, err = Console(), Console(stderr=True)
+clicks = sys.modules[typer.BadParameter.__module__]  # click's exceptions, or the copy newer typers vendor
 
 DEFAULT_DATA, DEFAULT_MODEL, DEFAULT_CPT = Path("data/world"), Path("models/small"), Path("runs/pretrain")
 SMALL = ModelConfig()  # the default small model (ModelConfig's defaults)
@@ -182,12 +184,22 @@ def init(data: Path = typer.Option(DEFAULT_DATA, help="Dataset whose texts train
          ffn: int = typer.Option(SMALL.intermediate_size, help="MLP intermediate size."),
          seed: int = typer.Option(0), overwrite: bool = typer.Option(False, help="Replace an existing model.")):
     """Train a SentencePiece tokenizer on a dataset and write a small random Llama-architecture checkpoint."""
-    if (out / "config.json").exists() and not overwrite:
-        raise UserError(f"{out}: a model already exists there; pass --overwrite to replace it")
+    refuse_foreign_model(out, overwrite)
     config = ModelConfig(vocab_size=vocab, dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=kv_heads,
                          head_dim=dim // heads, intermediate_size=ffn)
     model = create_model(tokenizer_corpus(dataset(data)), out, config, seed)
     say(f"wrote {out}: {model.config.n_params / 1e6:.2f}M parameters, vocabulary {model.config.vocab_size}")
+
+
+def refuse_foreign_model(out: Path, overwrite: bool) -> None:
+    """init replaces only a model init wrote (marker in config.json, no other files there), and only on --overwrite;
+    a missing or empty directory is simply filled."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not written_by_init(out):
+        raise UserError(f"{out}: exists and is not a model written by init; choose another --out (it was left as is)")
+    if not overwrite:
+        raise UserError(f"{out}: a model already exists there; pass --overwrite to replace it")
 
 
 def base_model(path: Optional[Path], data: Path, rank: int) -> Path:
@@ -195,6 +207,7 @@ def base_model(path: Optional[Path], data: Path, rank: int) -> Path:
     if path is not None:
         return path
     if not (DEFAULT_MODEL / "config.json").exists():
+        refuse_foreign_model(DEFAULT_MODEL, overwrite=False)
         if rank == 0:
             say(f"creating the default small model in {DEFAULT_MODEL} (once)")
             create_model(tokenizer_corpus(dataset(data)), DEFAULT_MODEL, ModelConfig())
@@ -396,6 +409,13 @@ def evaluate_command(domain: str = typer.Option(..., help="Domain whose whole ca
                      out: Optional[Path] = typer.Option(None, help="Results JSON (default: "
                                                         "runs/eval/MODEL-DOMAIN-SPLIT.json).")):
     """Full-ranking evaluation of a checkpoint on a domain, beside the popularity baseline."""
+    if users < 0:  # --beams and --split are checked by the evaluation itself
+        raise UserError(f"--users {users}: expected 0 (all users) or a positive number")
+    if window < 1:
+        raise UserError(f"--window {window}: expected a positive number of history items")
+    out = out or Path("runs/eval") / f"{model.name}-{domain}-{split}{'-exact' if exact else ''}.json"
+    if out.exists() and not (out.is_file() and is_result(out)):
+        raise UserError(f"{out}: exists and is not an evaluation result; choose another --out (it was left as is)")
     _, _, device = setup_distributed()
     ds = load_dataset(data)
     ds.domain(domain)
@@ -404,7 +424,6 @@ def evaluate_command(domain: str = typer.Option(..., help="Domain whose whole ca
     with autocast(resolve_precision(precision, device), device):
         result = evaluation.evaluate(net, encoder, ds, domain, split=split, beams=beams, exact=exact, users=users,
                                      seed=seed, mask_history=mask_history, window=window)
-    out = out or Path("runs/eval") / f"{model.name}-{domain}-{split}{'-exact' if exact else ''}.json"
     save_result(result, out, {"model": str(model), "data_fingerprint": ds.fingerprint})
     show(result)
 
@@ -493,10 +512,21 @@ def reproduce_command(out: Path = typer.Option(Path("runs/reproduce"), help="Dir
     with one budget and seed, and write runs/reproduce/report.md."""
     from reproduce import reproduce
     dataset(data).domain(domain)
-    report = reproduce(out, data, base_model(model, data, 0), domain, cpt_tokens, sft_epochs, seed, resume,
-                       overwrite)
+    start = base_model(model, data, 0)
+    Tokenizer.from_pretrained(start)  # a broken model is refused here rather than as the first of many failed runs
+    Decoder.from_pretrained(start)
+    report = reproduce(out, data, start, domain, cpt_tokens, sft_epochs, seed, resume, overwrite)
     console.print((out / "report.md").read_text(), highlight=False)
     say(f"report in {out / 'report.md'} ({report['seconds'] / 60:.1f} min)")
+
+
+def is_result(path: Path) -> bool:
+    """An earlier result of save_result (a JSON object with a protocol), which a new evaluation may replace."""
+    try:
+        result = read_json(path)
+    except UserError:
+        return False
+    return isinstance(result, dict) and "protocol" in result
 
 
 def save_result(result: dict, path: Path, extra: dict) -> None:
@@ -520,11 +550,28 @@ def show(result: dict) -> None:
 
 
 def main() -> None:
+    """Run a command; bad input of any kind (a file, a record, an option, a misspelt option) ends as one line on
+    stderr and exit status 2, never a traceback or a usage box."""
     try:
-        app()
+        sys.exit(app(standalone_mode=False) or 0)  # --help returns 0 here; click's own error boxes are ours below
+    except getattr(clicks, "NoArgsIsHelpError", ()) as e:  # click >= 8.2
+        e.show()  # `cprec.py` or `cprec.py prepare` alone: the help text, as before
+        sys.exit(e.exit_code)
+    except clicks.ClickException as e:
+        command = e.ctx.command_path if getattr(e, "ctx", None) else Path(sys.argv[0]).name
+        fail(f"{e.format_message()} (see `{command} --help`)")
+    except typer.Abort as e:  # Ctrl-C outside training (which saves and exits 130 itself)
+        if isinstance(e.__cause__, EOFError):
+            raise e.__cause__ from None  # click takes any EOFError for a closed prompt; here a file was cut short
+        say("[yellow]interrupted")
+        sys.exit(130)
     except UserError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        fail(str(e))
+
+
+def fail(message: str) -> None:
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)  # [brackets] are text
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -186,39 +186,56 @@ class Dataset:
 
 
 def load_dataset(path: str | Path) -> Dataset:
+    """Read a dataset; a malformed record is refused by file and line, and files that parse but are not the ones
+    prepare wrote (cut short, edited) by the content fingerprint in manifest.json."""
     path = Path(path)
     manifest = read_json(path / "manifest.json")
-    if manifest.get("format") != FORMAT_VERSION:
-        raise UserError(f"{path / 'manifest.json'}: format {manifest.get('format')!r}, expected {FORMAT_VERSION}; "
-                        "run prepare again")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise UserError(f"{path / 'manifest.json'}: format {found!r}, expected {FORMAT_VERSION}; run prepare again")
+    try:
+        domains = {d["key"]: Domain(d["key"], d["name"], d["role"]) for d in manifest["domains"]}
+        fingerprint = manifest["fingerprint"]
+    except (KeyError, TypeError):
+        raise UserError(f"{path / 'manifest.json'}: malformed; expected domains [{{key, name, role}}, ...] and a "
+                        "fingerprint; run prepare again") from None
     for name in ("items.jsonl", "interactions.tsv"):
         if not (path / name).is_file():
-            raise UserError(f"{path / name}: file not found; run prepare again")
-    domains = {d["key"]: Domain(d["key"], d["name"], d["role"]) for d in manifest["domains"]}
+            raise UserError(f"{path / name}: {'not a file' if (path / name).exists() else 'file not found'}; "
+                            "run prepare again")
     domain_index = {k: i for i, k in enumerate(domains)}
+    digest = hashlib.sha256()  # of the bytes as read, the way write_dataset computed the fingerprint
     item_ids, titles, item_domain = [], [], []
-    with open(path / "items.jsonl", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path / "items.jsonl", "rb") as f:
+        for n, raw in enumerate(f, 1):
+            digest.update(raw)
             try:
-                record = json.loads(line)
+                record = json.loads(raw.decode("utf-8"))
+                if not (isinstance(record["item"], str) and isinstance(record["title"], str)):
+                    raise TypeError
                 item_domain.append(domain_index[record["domain"]])
                 item_ids.append(record["item"])
                 titles.append(record["title"])
-            except (ValueError, KeyError):
-                raise UserError(f"{path / 'items.jsonl'}:{n}: malformed item record; run prepare again") from None
+            except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
+                raise UserError(f"{path / 'items.jsonl'}:{n}: malformed item record; expected "
+                                '{"item", "domain", "title"} with a known domain; run prepare again') from None
     item_index = {item: i for i, item in enumerate(item_ids)}
     user_index: dict[str, int] = {}
     users, items, times = [], [], []
-    with open(path / "interactions.tsv", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path / "interactions.tsv", "rb") as f:
+        for n, raw in enumerate(f, 1):
+            digest.update(raw)
             try:
-                user, item, ts = line.rstrip("\n").split("\t")
+                user, item, ts = raw.decode("utf-8").rstrip("\n").split("\t")
                 items.append(item_index[item])
                 times.append(int(ts))
             except (ValueError, KeyError):
                 raise UserError(f"{path / 'interactions.tsv'}:{n}: malformed interaction; expected "
-                                "user<TAB>known item<TAB>integer timestamp") from None
+                                "user<TAB>item of items.jsonl<TAB>integer timestamp") from None
             users.append(user_index.setdefault(user, len(user_index)))
+    if digest.hexdigest()[:16] != fingerprint:
+        raise UserError(f"{path}: items.jsonl and interactions.tsv do not match the fingerprint in manifest.json "
+                        "(cut short or edited after prepare); expected the files prepare wrote; run prepare again")
     user, item, time = np.array(users, np.int32), np.array(items, np.int32), np.array(times, np.int64)
     order = np.lexsort((item, time, user))
     user, item, time = user[order], item[order], time[order]
@@ -394,7 +411,10 @@ def cpt_stream(ds: Dataset, encoder: Encoder, kinds=SEQUENCE_KINDS, seed: int = 
                                      TEMPLATE_FINGERPRINT]).encode()).hexdigest()[:16]
     cache = ds.path / "cache" / f"cpt-{key}.npy"
     if cache.exists():
-        return np.load(cache, allow_pickle=False)
+        try:
+            return np.load(cache, allow_pickle=False)
+        except (ValueError, OSError, EOFError):
+            pass  # damaged outside our atomic write (disk, a copy cut short): it is ours to rebuild
     sequences = cpt_sequences(ds, kinds)
     if not sequences:
         raise UserError(f"{ds.path}: no CPT sequences (each needs 2 or more training items); check the dataset")

@@ -8,12 +8,14 @@ Parity with transformers' logits is proven in tests/test_model.py.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from common import UserError, atomic_dir, read_json, write_json
@@ -21,6 +23,9 @@ from tokenizer import Tokenizer, train_tokenizer
 
 # --------------------------------------------------------------------------------------------------- config
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+INIT_MARKER = "cprec_init"  # in config.json of a checkpoint `init` wrote; saving any model drops it (config_to_hf)
+INIT_FILES = {"config.json", "model.safetensors", "tokenizer.model"}
 
 
 @dataclass
@@ -260,15 +265,17 @@ class Decoder(nn.Module):
         """Load an HF-layout directory: config.json plus one or many (indexed) *.safetensors files.
 
         The model is built on the meta device and the loaded tensors are assigned in place, so weights are never
-        allocated twice. Keys are matched strictly and mismatches are reported by name.
+        allocated twice. Keys are matched strictly and mismatches are reported by name. A broken folder (config,
+        tokenizer, weight files, non-finite weights) is refused here with a UserError naming the file.
         """
         path = Path(path)
         config = config_from_hf(read_json(path / "config.json"), source=str(path / "config.json"))
+        check_tokenizer(path, config)
         with torch.device("meta"):
             model = cls(config)
         state = {}
         for file in safetensors_files(path):
-            for key, tensor in load_file(file, device=str(device)).items():
+            for key, tensor in read_safetensors(file, device).items():
                 state[hf_to_ours(key)] = tensor
         if config.tie_embeddings:
             state.pop("lm_head.weight", None)  # tied checkpoints may or may not store the shared matrix twice
@@ -308,6 +315,8 @@ class Decoder(nn.Module):
 # ------------------------------------------------------------------------------------------------ Hugging Face layout
 def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     """Read a transformers config.json (v4 or v5 layout); refuse anything that would change the math."""
+    if not isinstance(hf, dict):
+        raise UserError(f"{source}: expected a JSON object (a transformers config.json), found {type(hf).__name__}")
     arch = (hf.get("architectures") or [None])[0]
     if arch is None:  # transformers v5 omits `architectures` from bare configs
         arch = {v: k for k, v in ARCHITECTURES.items()}.get(hf.get("model_type"))
@@ -321,6 +330,20 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
         raise UserError(f"{source}: rope_scaling type {rope_type!r} is not supported; expected none or 'llama3'")
     if hf.get("partial_rotary_factor", 1.0) != 1.0:
         raise UserError(f"{source}: partial_rotary_factor={hf['partial_rotary_factor']} is not supported")
+    if rope_type == "llama3":
+        _check_numbers(rope, ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+                       f"{source}: rope_scaling")
+    if missing := [k for k in REQUIRED if k not in hf]:
+        raise UserError(f"{source}: no {', '.join(missing)}; expected a transformers config.json with "
+                        f"{', '.join(REQUIRED)}")
+    for key in (*REQUIRED, "num_key_value_heads", "head_dim", "max_position_embeddings"):
+        value = hf.get(key)
+        if value is not None and (type(value) is not int or value < 1):
+            raise UserError(f"{source}: {key}={value!r}; expected a positive integer")
+    _check_numbers(hf, [k for k in ("rms_norm_eps", "rope_theta") if hf.get(k) is not None], source)
+    if hf["num_attention_heads"] % (hf.get("num_key_value_heads") or hf["num_attention_heads"]):
+        raise UserError(f"{source}: num_attention_heads={hf['num_attention_heads']} is not a multiple of "
+                        f"num_key_value_heads={hf['num_key_value_heads']}")
     max_positions = hf.get("max_position_embeddings", 2048)
     if ARCHITECTURES[arch] == "qwen2" and hf.get("use_sliding_window"):
         raise UserError(f"{source}: use_sliding_window=true is not supported (Qwen2 windows only some layers)")
@@ -344,9 +367,17 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
         init_std=hf.get("initializer_range", 0.02), extra={k: v for k, v in hf.items() if k not in known})
 
 
+def _check_numbers(d: dict, keys, where: str) -> None:
+    for key in keys:
+        value = d.get(key)
+        if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
+            raise UserError(f"{where}: {key}={value!r}; expected a positive number")
+
+
 def config_to_hf(c: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
-    """The transformers v4 layout, which v5, vLLM and older tools all read."""
-    hf = dict(c.extra)
+    """The transformers v4 layout, which v5, vLLM and older tools all read. Without init's marker: a model saved
+    from here on (trained, converted) is no longer what `init` wrote."""
+    hf = {k: v for k, v in c.extra.items() if k != INIT_MARKER}
     hf.update(
         architectures=[c.architecture], model_type=ARCHITECTURES[c.architecture],
         vocab_size=c.vocab_size, hidden_size=c.dim, num_hidden_layers=c.n_layers,
@@ -376,13 +407,50 @@ def ours_to_hf(key: str) -> str:
 def safetensors_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
-        return [path / name for name in sorted(set(read_json(index)["weight_map"].values()))]
+        weight_map = read_json(index)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise UserError(f"{index}: no weight_map; expected {{\"weight_map\": {{tensor name: file name}}}}")
+        return [path / name for name in sorted(set(weight_map.values()))]
     if (path / "model.safetensors").exists():
         return [path / "model.safetensors"]
-    if list(path.glob("*.bin")) or list(path.glob("*.pt")):
+    if [p for p in (*path.glob("*.bin"), *path.glob("*.pt")) if p.name != "state.pt"]:  # state.pt: training state
         raise UserError(f"{path}: only pickle weights (*.bin/*.pt) found; convert them to safetensors first "
                         "(loading pickles can run arbitrary code)")
     raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def read_safetensors(file: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file; an unreadable file or a non-finite weight is refused by name (a NaN
+    checkpoint would otherwise evaluate to all-zero metrics without a word)."""
+    try:
+        tensors = load_file(file, device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{file}: not a readable safetensors file ({e}); expected complete weights as "
+                        "save_pretrained or transformers write them") from None
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UserError(f"{file}: tensor {key} holds NaN or infinite values; expected finite weights")
+    return tensors
+
+
+def check_tokenizer(path: Path, config: ModelConfig) -> None:
+    """Refuse a tokenizer whose ids do not all fit the embedding (an IndexError mid-run otherwise)."""
+    if not any((path / name).exists() for name in ("tokenizer.model", "tokenizer.json")):
+        return  # weights alone (a conversion, a test); the commands load the tokenizer from the same folder
+    tokenizer = Tokenizer.from_pretrained(path)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise UserError(f"{tokenizer.file}: {tokenizer.vocab_size} tokens but config.json has vocab_size "
+                        f"{config.vocab_size}; expected the tokenizer the model was trained with")
+
+
+def written_by_init(path: str | Path) -> bool:
+    """True if `path` holds exactly what `init` writes, with init's marker in config.json, so init may replace it."""
+    path = Path(path)
+    try:
+        return set(os.listdir(path)) <= INIT_FILES and INIT_MARKER in read_json(path / "config.json")
+    except (UserError, OSError):
+        return False
 
 
 # --------------------------------------------------------------------------------------------------- init
@@ -413,8 +481,9 @@ def create_model(texts, out_dir: str | Path, config: ModelConfig, seed: int = 0)
         tokenizer = Tokenizer.from_pretrained(tmp)
         # The tokenizer decides the vocabulary and special ids; the caller's config is left as it was.
         config = replace(config, vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
-                         eos_token_id=tokenizer.eos_id)
+                         eos_token_id=tokenizer.eos_id, extra={**config.extra, INIT_MARKER: {"seed": seed}})
         model = Decoder(config)
         init_weights(model, seed)
         model.write_checkpoint(tmp)
+        write_json(tmp / "config.json", {**read_json(tmp / "config.json"), INIT_MARKER: {"seed": seed}})
     return model

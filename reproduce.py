@@ -53,6 +53,9 @@ def command(args: list[str], result: Path, resume: bool, log) -> None:
 
 def reproduce(out: Path, data: Path, model: Path, domain: str, cpt_tokens: int, sft_epochs: float, seed: int,
               resume: bool, overwrite: bool) -> dict:
+    if out.exists() and any(out.iterdir()) and not (out / "commands.log").is_file():
+        raise UserError(f"{out}: exists and is not a reproduction (no commands.log); choose another --out "
+                        "(it was left as is)")
     if out.exists() and any(out.iterdir()) and not (resume or overwrite):
         raise UserError(f"{out}: already holds a reproduction; pass --resume to reuse its finished runs or "
                         "--overwrite to start over")

@@ -16,8 +16,12 @@ class Tokenizer:
     """SentencePiece `tokenizer.model` (Llama, Mistral, our own) or, via the optional `tokenizers` package,
     `tokenizer.json` (Qwen2.5). No special tokens are added by encode(): the data code places BOS/EOS itself."""
 
-    def __init__(self, path: Path, encoder, bos_id: int | None, eos_id: int, pad_id: int, vocab_size: int):
+    def __init__(self, path: Path, encoder, bos_id: int | None, eos_id: int | None, pad_id: int | None,
+                 vocab_size: int):
         self.path, self._encoder = path, encoder
+        self.file = path / ("tokenizer.model" if hasattr(encoder, "encode_as_ids") else "tokenizer.json")
+        if eos_id is None:
+            raise UserError(f"{self.file}: cannot tell the EOS token; add eos_token to tokenizer_config.json")
         self.bos_id, self.eos_id, self.pad_id, self.vocab_size = bos_id, eos_id, pad_id, vocab_size
 
     @classmethod
@@ -25,7 +29,11 @@ class Tokenizer:
         path = Path(path)
         if (path / "tokenizer.model").exists():
             import sentencepiece as spm
-            sp = spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+            try:
+                sp = spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+            except (RuntimeError, OSError) as e:  # the C++ library reports a bad or unreadable file as RuntimeError
+                raise UserError(f"{path / 'tokenizer.model'}: not a SentencePiece model ({e}); expected the "
+                                "tokenizer.model written by init or shipped with the model") from None
             bos = sp.bos_id() if sp.bos_id() >= 0 else None
             eos = sp.eos_id() if sp.eos_id() >= 0 else _special_id(path, "eos_token", sp.piece_to_id)
             pad = sp.pad_id() if sp.pad_id() >= 0 else eos
@@ -36,10 +44,12 @@ class Tokenizer:
             except ImportError:
                 raise UserError(f"{path}: only tokenizer.json found; it needs the optional package "
                                 "'tokenizers' (pip install tokenizers)") from None
-            tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
+            try:
+                tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
+            except Exception as e:  # tokenizers raises a bare Exception for any unreadable file
+                raise UserError(f"{path / 'tokenizer.json'}: not a Hugging Face tokenizer ({e}); expected the "
+                                "tokenizer.json shipped with the model") from None
             eos = _special_id(path, "eos_token", tok.token_to_id)
-            if eos is None:
-                raise UserError(f"{path}: cannot tell the EOS token; add eos_token to tokenizer_config.json")
             bos = _special_id(path, "bos_token", tok.token_to_id)
             pad = _special_id(path, "pad_token", tok.token_to_id)
             return cls(path, tok, bos, eos, eos if pad is None else pad, tok.get_vocab_size())
@@ -70,13 +80,15 @@ def _special_id(path: Path, name: str, to_id) -> int | None:
     """Find a special token's id from tokenizer_config.json, else from config.json's `<name>_id`."""
     for file in ("tokenizer_config.json", "special_tokens_map.json"):
         if (path / file).exists():
-            token = read_json(path / file).get(name)
+            settings = read_json(path / file)
+            token = settings.get(name) if isinstance(settings, dict) else None
             token = token.get("content") if isinstance(token, dict) else token
             if token is not None and to_id(token) is not None:
                 return to_id(token)
     if (path / "config.json").exists():
-        token_id = read_json(path / "config.json").get(f"{name}_id")
-        return token_id[0] if isinstance(token_id, list) else token_id
+        config = read_json(path / "config.json")
+        token_id = config.get(f"{name}_id") if isinstance(config, dict) else None
+        return token_id[0] if isinstance(token_id, list) and token_id else token_id
     return None
 
 

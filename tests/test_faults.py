@@ -1,0 +1,458 @@
+"""Fault injection, systematically: every command that reads files, given a missing, empty, truncated, corrupted or
+wrong-type input, ends with exit status 2 and one line naming the file, never a traceback; every command that writes
+never deletes a directory it did not write. The CLI runs in-process (cprec.main with sys.argv patched) to stay fast."""
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+from unittest import mock
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+import cprec
+from common import UserError, atomic_dir
+from data import Encoder, cpt_stream, load_dataset
+from model import Decoder, config_from_hf, written_by_init
+from tokenizer import Tokenizer
+
+TRAINING = "fixed on branch prep/trainloop"
+
+
+def maybe_xfail(reason):
+    return [pytest.mark.xfail(strict=False, reason=reason)] if reason else []
+
+
+def cli(*args) -> tuple[int | str, str]:
+    """Run `cprec.py ARGS` in this process: (exit status, stdout and stderr together); "crash" for an exception."""
+    output = io.StringIO()
+    with mock.patch.object(sys, "argv", ["cprec.py", *map(str, args)]), \
+            contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+        try:
+            cprec.main()
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        except Exception:
+            code = "crash"
+            output.write(traceback.format_exc())
+    return code, output.getvalue()
+
+
+def refused(result, *fragments) -> str:
+    code, output = result
+    lines = output.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, output[-3000:])
+    assert "Traceback" not in output and all(f in lines[0] for f in fragments), (fragments, lines[0])
+    return lines[0]
+
+
+# --------------------------------------------------------------------------------------------------- the faults
+def truncate(data: bytes) -> bytes:
+    return data[:len(data) // 2 + 1]  # +1: an empty file is a fault of its own
+
+
+def corrupt(data: bytes) -> bytes:
+    """16 bytes of 0xff in the middle: not UTF-8, not JSON, not protobuf, NaN as float32 whatever the alignment."""
+    middle = len(data) // 2
+    return data[:middle] + b"\xff" * 16 + data[middle + 16:]
+
+
+def inject(path: Path, fault: str) -> None:
+    if fault == "missing":
+        path.unlink()
+    elif fault == "wrong-type":  # a directory where a file belongs
+        path.unlink()
+        path.mkdir()
+        (path / "x").write_text("x")
+    else:
+        path.write_bytes({"empty": lambda d: b"", "truncated": truncate, "corrupted": corrupt}[fault](
+            path.read_bytes()))
+
+
+FAULTS = ["missing", "empty", "truncated", "corrupted", "wrong-type"]
+MODEL_FILES = ["config.json", "model.safetensors", "tokenizer.model"]
+DATA_FILES = ["manifest.json", "items.jsonl", "interactions.tsv"]
+
+
+def command(name: str, model: Path, data: Path, out: Path, overwrite: bool = False) -> list:
+    """The command line of `name` on a model and a dataset, with the smallest settings, writing under `out`."""
+    args = {
+        "evaluate": ["evaluate", "--domain", "games", "--model", model, "--data", data, "--users", 3,
+                     "--out", out / "eval.json"],
+        "pretrain": ["pretrain", "--model", model, "--data", data, "--out", out / "run", "--tokens", 512,
+                     "--block-len", 32, "--micro-batch", 4, "--batch-tokens", 128, "--no-progress",
+                     "--val-users", 1, "--save-every", 0],
+        "finetune": ["finetune", "--domain", "games", "--model", model, "--data", data, "--out", out / "run",
+                     "--epochs", 1, "--users-fraction", 0.1, "--val-users", 2, "--test-users", 2, "--no-progress"],
+        "reproduce": ["reproduce", "--model", model, "--data", data, "--out", out / "run", "--cpt-tokens", 512,
+                      "--sft-epochs", 1],
+        "init": ["init", "--data", data, "--out", out / "model", "--vocab", 512, "--dim", 32, "--layers", 1,
+                 "--heads", 2, "--kv-heads", 2, "--ffn", 64],
+    }[name]
+    return args + ["--overwrite"] * overwrite
+
+
+@pytest.fixture
+def model_copy(tiny_model, tmp_path):
+    return Path(shutil.copytree(tiny_model, tmp_path / "model"))
+
+
+@pytest.fixture
+def data_copy(world, tmp_path):
+    return Path(shutil.copytree(world, tmp_path / "data", ignore=shutil.ignore_patterns("cache")))
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+@pytest.mark.parametrize("file", MODEL_FILES)
+@pytest.mark.parametrize("name", ["evaluate", "pretrain", "finetune", "reproduce"])
+def test_broken_model_file(name, file, fault, model_copy, world, tmp_path):
+    inject(model_copy / file, fault)
+    expected = "no checkpoint" if (name, file, fault) == ("finetune", "config.json", "missing") else file
+    refused(cli(*command(name, model_copy, world, tmp_path)), expected)
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+@pytest.mark.parametrize("file", DATA_FILES)
+@pytest.mark.parametrize("name", ["evaluate", "pretrain", "finetune", "reproduce", "init"])
+def test_broken_dataset_file(name, file, fault, tiny_model, data_copy, tmp_path):
+    inject(data_copy / file, fault)
+    refused(cli(*command(name, tiny_model, data_copy, tmp_path)), file)
+    assert not (tmp_path / "model").exists()  # init wrote nothing
+
+
+def edit_json(path: Path, change) -> None:
+    obj = json.loads(path.read_text())
+    path.write_text(json.dumps(change(obj)))
+
+
+@pytest.mark.parametrize("change, fragments", [
+    (lambda c: [c], ["config.json: expected a JSON object", "found list"]),
+    (lambda c: {k: v for k, v in c.items() if k != "hidden_size"}, ["config.json: no hidden_size", "expected"]),
+    (lambda c: {k: v for k, v in c.items() if k != "vocab_size"}, ["config.json: no vocab_size"]),
+    (lambda c: {**c, "hidden_size": "64"}, ["config.json: hidden_size='64'; expected a positive integer"]),
+    (lambda c: {**c, "num_hidden_layers": 0}, ["config.json: num_hidden_layers=0; expected a positive integer"]),
+    (lambda c: {**c, "num_key_value_heads": 3}, ["config.json: num_attention_heads=4 is not a multiple of"]),
+    (lambda c: {**c, "rms_norm_eps": "small"}, ["config.json: rms_norm_eps='small'; expected a positive number"]),
+    (lambda c: {**c, "rope_scaling": {"rope_type": "llama3"}}, ["config.json: rope_scaling: factor=None"]),
+    (lambda c: {**c, "hidden_size": 128}, ["weights do not match config.json"]),
+])
+def test_wrong_config_values(change, fragments, model_copy, world, tmp_path):
+    edit_json(model_copy / "config.json", change)
+    refused(cli(*command("evaluate", model_copy, world, tmp_path)), *fragments)
+
+
+def test_non_finite_weights_are_refused_at_load(model_copy, world, tmp_path):
+    """Issue 3: a NaN checkpoint evaluated to all-zero metrics with exit 0."""
+    weights = load_file(model_copy / "model.safetensors")
+    weights["model.layers.1.mlp.up_proj.weight"][3, 5] = float("inf")
+    save_file(weights, model_copy / "model.safetensors")
+    refused(cli(*command("evaluate", model_copy, world, tmp_path)), "model.safetensors: tensor "
+            "model.layers.1.mlp.up_proj.weight holds NaN or infinite values")
+    assert not (tmp_path / "eval.json").exists()
+
+
+def test_tokenizer_larger_than_the_vocabulary(model_copy, world, tmp_path):
+    """A tokenizer whose ids do not fit the embedding used to fail with an IndexError mid-run."""
+    edit_json(model_copy / "config.json", lambda c: {**c, "vocab_size": 300})
+    weights = load_file(model_copy / "model.safetensors")
+    weights["model.embed_tokens.weight"] = weights["model.embed_tokens.weight"][:300].clone()
+    save_file(weights, model_copy / "model.safetensors")
+    for name in ("evaluate", "pretrain", "finetune"):
+        refused(cli(*command(name, model_copy, world, tmp_path / name)),
+                "tokenizer.model: 512 tokens but config.json has vocab_size 300")
+
+
+@pytest.mark.parametrize("file, content, fragments", [
+    ("manifest.json", "[]", ["manifest.json: format 'list', expected 1"]),
+    ("manifest.json", '{"format": 1}', ["manifest.json: malformed; expected domains"]),
+    ("manifest.json", '{"format": 1, "domains": [{"key": "a"}], "fingerprint": "x"}', ["manifest.json: malformed"]),
+    ("items.jsonl", "[1, 2]\n", ["items.jsonl:1: malformed item record"]),
+    ("items.jsonl", '{"item": 7, "domain": "games", "title": "x"}\n', ["items.jsonl:1: malformed item record"]),
+    ("interactions.tsv", "u1\tno-such-item\t5\n", ["interactions.tsv:1: malformed interaction"]),
+])
+def test_wrong_dataset_records(file, content, fragments, tiny_model, data_copy, tmp_path):
+    (data_copy / file).write_text(content)
+    refused(cli(*command("evaluate", tiny_model, data_copy, tmp_path)), *fragments)
+
+
+def test_dataset_cut_at_a_line_boundary_is_caught_by_the_fingerprint(tiny_model, data_copy, tmp_path):
+    lines = (data_copy / "interactions.tsv").read_text().splitlines(keepends=True)
+    (data_copy / "interactions.tsv").write_text("".join(lines[:-10]))  # parses: only the fingerprint can tell
+    refused(cli(*command("evaluate", tiny_model, data_copy, tmp_path)),
+            "items.jsonl and interactions.tsv do not match the fingerprint in manifest.json")
+
+
+def test_corrupted_token_cache_is_rebuilt(tiny_model, data_copy):
+    """The CPT token cache is ours: damaged, it is rebuilt rather than crashing pretrain."""
+    ds, encoder = load_dataset(data_copy), Encoder(Tokenizer.from_pretrained(tiny_model))
+    stream = cpt_stream(ds, encoder)
+    cache = next((data_copy / "cache").glob("cpt-*.npy"))
+    good = cache.read_bytes()
+    cache.write_bytes(truncate(good))
+    assert (cpt_stream(ds, encoder) == stream).all() and cache.read_bytes() == good
+
+
+@pytest.fixture(scope="session")
+def resumable(world, tiny_model, tmp_path_factory):
+    """A pretrain run of 4 steps with checkpoints at steps 2 and 4, `latest` set back to step 2: resumable."""
+    root = tmp_path_factory.mktemp("resumable")
+    code, output = cli(*command("pretrain", tiny_model, world, root), "--save-every", 2)
+    assert code == 0, output
+    (root / "run" / "latest").write_text("step-0000002\n")
+    return root / "run"
+
+
+CHECKPOINT_FILES = ["latest", "run_config.json", "checkpoints/step-0000002/config.json",
+                    "checkpoints/step-0000002/model.safetensors", "checkpoints/step-0000002/state.pt"]
+
+
+def resume_case(file: str, fault: str):
+    """latest and state.pt are read by train.py (another branch); the model files by Decoder.from_pretrained."""
+    training = file.endswith("state.pt") or (file == "latest" and fault != "missing")
+    return pytest.param(file, fault, marks=maybe_xfail(TRAINING if training else None))
+
+
+@pytest.mark.parametrize("file, fault", [resume_case(file, fault) for file in CHECKPOINT_FILES for fault in FAULTS])
+def test_broken_checkpoint_on_resume(file, fault, resumable, world, tiny_model, tmp_path):
+    run = Path(shutil.copytree(resumable, tmp_path / "run"))
+    inject(run / file, fault)
+    expected = "nothing to resume" if (file, fault) == ("latest", "missing") else Path(file).name
+    refused(cli(*command("pretrain", tiny_model, world, tmp_path), "--save-every", 2, "--resume"), expected)
+
+
+def test_broken_hf_tokenizer_json(model_copy, world, tmp_path):
+    pytest.importorskip("tokenizers")
+    (model_copy / "tokenizer.model").unlink()
+    (model_copy / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "Nothing"')
+    refused(cli(*command("evaluate", model_copy, world, tmp_path)), "tokenizer.json: not a Hugging Face tokenizer")
+
+
+@pytest.mark.parametrize("index, fragments", [
+    ('{"weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors"}}',
+     ["model-00001-of-00002.safetensors: not a readable safetensors file"]),
+    ("[]", ["model.safetensors.index.json: no weight_map"]),
+    ("{", ["model.safetensors.index.json: not valid JSON"]),
+])
+def test_broken_sharded_index(index, fragments, model_copy, world, tmp_path):
+    (model_copy / "model.safetensors").unlink()
+    (model_copy / "model.safetensors.index.json").write_text(index)
+    refused(cli(*command("evaluate", model_copy, world, tmp_path)), *fragments)
+
+
+def test_model_folder_that_is_a_file(tmp_path, world):
+    (tmp_path / "file").write_text("x")
+    refused(cli(*command("evaluate", tmp_path / "file", world, tmp_path)), "config.json: cannot read it")
+
+
+# --------------------------------------------------------------------------------------------------- options
+@pytest.mark.parametrize("args, fragments", [
+    (["--users", -3], ["--users -3: expected 0 (all users) or a positive number"]),
+    (["--beams", 0], ["--beams 0: must be at least the largest K (20)"]),
+    (["--window", 0], ["--window 0: expected a positive number"]),
+    (["--split", "train"], ["--split 'train': expected test or valid"]),
+    (["--k", 5], ["No such option: --k", "evaluate --help"]),
+    (["--users", "abc"], ["Invalid value for '--users'"]),
+    (["--domain", "gamez"], ["unknown domain 'gamez'", "known: books, movies"]),
+])
+def test_evaluate_options(args, fragments, tiny_model, world, tmp_path):
+    refused(cli(*command("evaluate", tiny_model, world, tmp_path), *args), *fragments)
+    assert not (tmp_path / "eval.json").exists()
+
+
+def test_usage_errors_are_one_line(tmp_path):
+    refused(cli("frobnicate"), "No such command 'frobnicate'")
+    refused(cli("evaluate", "--domain", "games"), "Missing option '--model'")
+    assert cli("evaluate", "--help")[0] == 0
+
+
+# --------------------------------------------------------------------------------------------------- prepare sources
+def recbole_source(root: Path) -> Path:
+    source = root / "tiny"
+    source.mkdir()
+    rows = [f"u{u}\ti{(u + k) % 6}\t{k}.0" for u in range(5) for k in range(4)]
+    (source / "tiny.inter").write_text("user_id:token\titem_id:token\ttimestamp:float\n" + "\n".join(rows) + "\n")
+    (source / "tiny.item").write_text("item_id:token\ttitle:token_seq\n" +
+                                      "".join(f"i{i}\tMovie number {i}\n" for i in range(6)))
+    return source
+
+
+def amazon_source(root: Path) -> Path:
+    source = root / "amazon"
+    source.mkdir()
+    reviews = [{"user_id": f"u{u}", "parent_asin": f"A{(u + k) % 6}", "timestamp": 1000 * k}
+               for u in range(5) for k in range(4)]
+    (source / "Toys.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reviews))
+    (source / "meta_Toys.jsonl").write_text("".join(json.dumps({"parent_asin": f"A{i}", "title": f"Toy {i}"}) + "\n"
+                                                    for i in range(6)))
+    return source
+
+
+PREPARE = {  # name -> (source maker, its files, command line without --out)
+    "recbole": (recbole_source, ["tiny.inter", "tiny.item"], lambda s: ["prepare", "recbole", s]),
+    "amazon2023": (amazon_source, ["Toys.jsonl", "meta_Toys.jsonl"],
+                   lambda s: ["prepare", "amazon2023", s, "--categories", "Toys"]),
+}
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+@pytest.mark.parametrize("name, file", [(n, f) for n, (_, files, _) in PREPARE.items() for f in files])
+def test_broken_prepare_source(name, file, fault, tmp_path):
+    """Lenient by design (malformed lines are counted), so cut and damaged lines are errors only with --strict. A
+    TSV row cut short is still a row (RecBole): only the JSON sources can tell a truncated file."""
+    if (name, fault) == ("recbole", "truncated"):
+        pytest.skip("a RecBole row cut after its last tab is well-formed")
+    make, _, args = PREPARE[name]
+    source = make(tmp_path)
+    inject(source / file, fault)
+    strict = ["--strict"] if fault in ("truncated", "corrupted") else []
+    refused(cli(*args(source), "--out", tmp_path / "out", *strict), file)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.xfail(strict=False, reason="fixed on branch prep (prepare reads gzip)")
+def test_truncated_gzip_source(tmp_path):
+    """A .gz cut short raises EOFError, which click would report as "Aborted!" (a Ctrl-C), naming no file."""
+    import gzip
+    source = amazon_source(tmp_path)
+    data = gzip.compress((source / "Toys.jsonl").read_bytes())
+    (source / "Toys.jsonl").unlink()
+    (source / "Toys.jsonl.gz").write_bytes(truncate(data))
+    refused(cli(*PREPARE["amazon2023"][2](source), "--out", tmp_path / "out"), "Toys.jsonl.gz")
+
+
+def test_prepare_sources_are_valid(tmp_path):
+    """The sources above convert cleanly, so each fault is what the test above refuses."""
+    for name, (make, _, args) in PREPARE.items():
+        (tmp_path / name).mkdir()
+        code, output = cli(*args(make(tmp_path / name)), "--out", tmp_path / name / "out", "--strict")
+        assert code == 0 and (tmp_path / name / "out" / "manifest.json").exists(), output
+
+
+# --------------------------------------------------------------------------------------------------- foreign --out
+def foreign(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "keep.txt").write_text("not yours")
+    return path
+
+
+FOREIGN = [  # command -> where its --out is under tmp_path (see command()); xfail: fixed on another branch
+    ("init", False, None), ("init", True, None), ("evaluate", False, None),
+    ("reproduce", False, None), ("reproduce", True, None),
+    ("pretrain", False, None), ("pretrain", True, TRAINING), ("finetune", False, None), ("finetune", True, TRAINING),
+]
+
+
+@pytest.mark.parametrize("name, overwrite", [pytest.param(n, o, marks=maybe_xfail(r)) for n, o, r in FOREIGN])
+def test_foreign_out_is_never_deleted(name, overwrite, tiny_model, world, tmp_path):
+    out = {"init": "model", "evaluate": "eval.json"}.get(name, "run")
+    foreign(tmp_path / out)
+    why = {"init": "is not a model written by init", "evaluate": "is not an evaluation result",
+           "reproduce": "is not a reproduction"}.get(name, "")
+    refused(cli(*command(name, tiny_model, world, tmp_path, overwrite)), f"{tmp_path / out}: ", why)
+    assert (tmp_path / out / "keep.txt").read_text() == "not yours"
+
+
+PREPARE_OUT = "fixed on branch prep (prepare refuses foreign --out)"
+
+
+@pytest.mark.parametrize("name", ["synthetic", "recbole", "amazon2023"])
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.xfail(strict=False, reason=PREPARE_OUT)
+def test_prepare_foreign_out_is_never_deleted(name, overwrite, tmp_path):
+    out = foreign(tmp_path / "out")
+    args = ["prepare", "synthetic", "--users", 30] if name == "synthetic" else PREPARE[name][2](
+        PREPARE[name][0](tmp_path))
+    refused(cli(*args, "--out", out, *["--overwrite"] * overwrite), str(out))
+    assert (out / "keep.txt").read_text() == "not yours"
+
+
+def test_init_replaces_only_its_own_model(world, tmp_path):
+    """Issue 1: init --out replaced a non-empty foreign directory (exit 0)."""
+    args = command("init", None, world, tmp_path)
+    assert cli(*args)[0] == 0
+    model = tmp_path / "model"
+    config = json.loads((model / "config.json").read_text())
+    assert config["cprec_init"] == {"seed": 0} and written_by_init(model)
+    refused(cli(*args), "a model already exists there; pass --overwrite")
+    before = (model / "model.safetensors").read_bytes()
+    assert cli(*args, "--overwrite", "--seed", 1)[0] == 0
+    assert (model / "model.safetensors").read_bytes() != before and sorted(os.listdir(tmp_path)) == ["model"]
+    (model / "notes.txt").write_text("mine")  # a user's file in it: no longer only init's output
+    refused(cli(*args, "--overwrite"), "is not a model written by init")
+    assert (model / "notes.txt").exists()
+
+
+def test_trained_models_lose_the_init_marker(tiny_model, tmp_path):
+    """The marker tells init's output apart: a model saved after training is no longer init's to replace."""
+    net = Decoder.from_pretrained(tiny_model)
+    assert "cprec_init" in net.config.extra
+    net.save_pretrained(tmp_path / "trained")
+    assert "cprec_init" not in json.loads((tmp_path / "trained" / "config.json").read_text())
+    assert not written_by_init(tmp_path / "trained") and written_by_init(tiny_model)
+
+
+# --------------------------------------------------------------------------------------------------- atomic_dir
+def test_atomic_dir_deletes_nothing_foreign_and_leaves_nothing(tmp_path):
+    target = tmp_path / "ckpt"
+    lookalike = tmp_path / f".ckpt.tmp{os.getpid()}"  # the old fixed temporary name: it was rmtree'd first
+    foreign(lookalike)
+    for version in ("one", "two"):
+        with atomic_dir(target) as tmp:
+            (tmp / "v").write_text(version)
+    assert (target / "v").read_text() == "two" and (lookalike / "keep.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [lookalike.name, "ckpt"]
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "v").write_text("three")
+        raise RuntimeError("crash while writing")
+    assert (target / "v").read_text() == "two"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [lookalike.name, "ckpt"]
+
+
+def test_atomic_dir_removes_leftovers_of_dead_processes_only(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    stale = foreign(tmp_path / f".ckpt.tmp{dead_pid}-0123abcd")
+    stale_old = foreign(tmp_path / f".ckpt.old{dead_pid}-89abcdef")
+    live = foreign(tmp_path / f".ckpt.tmp{os.getpid()}-deadbeef")  # this process may still be writing it
+    other = foreign(tmp_path / f".other.tmp{dead_pid}-0123abcd")  # another path's
+    with atomic_dir(tmp_path / "ckpt") as tmp:
+        (tmp / "v").write_text("x")
+    assert not stale.exists() and not stale_old.exists() and live.exists() and other.exists()
+
+
+def test_atomic_dir_restores_the_old_directory_when_the_swap_fails(tmp_path, monkeypatch):
+    target = tmp_path / "ckpt"
+    with atomic_dir(target) as tmp:
+        (tmp / "v").write_text("old")
+    real = os.replace
+
+    def failing(src, dst):
+        if Path(src).name.startswith(".ckpt.tmp"):  # the new version cannot be moved in; the old one can move back
+            raise OSError(28, "No space left on device")
+        real(src, dst)
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError), atomic_dir(target) as tmp:
+        (tmp / "v").write_text("new")
+    assert (target / "v").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_atomic_dir_leaves_nothing_when_path_cannot_be_moved(tmp_path):
+    """Outside its contract (a file at `path`) it fails, and leaves neither temporary directory behind."""
+    (tmp_path / "ckpt").write_text("a file")
+    with pytest.raises(OSError), atomic_dir(tmp_path / "ckpt") as tmp:
+        (tmp / "v").write_text("x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"] and (tmp_path / "ckpt").read_text() == "a file"
+
+
+def test_config_from_hf_names_its_source():
+    with pytest.raises(UserError, match="^x/config.json: no hidden_size, intermediate_size; expected"):
+        config_from_hf({"architectures": ["LlamaForCausalLM"], "vocab_size": 8, "num_hidden_layers": 1,
+                        "num_attention_heads": 2}, "x/config.json")
+    assert config_from_hf({"architectures": ["LlamaForCausalLM"], "vocab_size": 8, "hidden_size": 4,
+                           "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 8}).head_dim == 2
