@@ -315,7 +315,6 @@ def test_broken_prepare_source(name, file, fault, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.xfail(strict=False, reason="fixed on branch prep (prepare reads gzip)")
 def test_truncated_gzip_source(tmp_path):
     """A .gz cut short raises EOFError, which click would report as "Aborted!" (a Ctrl-C), naming no file."""
     import gzip
@@ -358,12 +357,8 @@ def test_foreign_out_is_never_deleted(name, overwrite, tiny_model, world, tmp_pa
     assert (tmp_path / out / "keep.txt").read_text() == "not yours"
 
 
-PREPARE_OUT = "fixed on branch prep (prepare refuses foreign --out)"
-
-
 @pytest.mark.parametrize("name", ["synthetic", "recbole", "amazon2023"])
 @pytest.mark.parametrize("overwrite", [False, True])
-@pytest.mark.xfail(strict=False, reason=PREPARE_OUT)
 def test_prepare_foreign_out_is_never_deleted(name, overwrite, tmp_path):
     out = foreign(tmp_path / "out")
     args = ["prepare", "synthetic", "--users", 30] if name == "synthetic" else PREPARE[name][2](
