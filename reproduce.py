@@ -5,7 +5,8 @@ exact command line is recorded in the report, so any row can be re-run by hand:
   1. zero-shot on the target domain after all-domain CPT vs the untrained model vs popularity;
   2. SFT from the CPT checkpoint vs SFT from the base model (no CPT), with 100% and 10% of the training users;
   3. CPT on domain-specific only vs mixed only vs both sequence kinds, each followed by SFT;
-  4. WSA vs cosine vs constant learning-rate schedules for CPT (same tokens), CPT validation loss and SFT NDCG@10.
+  4. WSA vs cosine vs constant learning-rate schedules for CPT (same tokens), CPT validation loss and SFT NDCG@10;
+  5. an item-ID baseline trained on the same split (SASRec, `cprec.py baseline`) beside popularity.
 Each claim's NDCG@10 difference comes with a paired-bootstrap 95% interval over the test users, so a reader can tell a
 real effect from the luck of one test set.
 """
@@ -28,7 +29,8 @@ PAIRS = [  # (claim, run A, run B): each row reports NDCG@10 of A minus B on the
     ("CPT helps SFT, 10% users", "sft-cpt-10%", "sft-base-10%"),
     ("both kinds beat domain-only", "sft-cpt", "sft-cpt-domain"),
     ("both kinds beat mixed-only", "sft-cpt", "sft-cpt-mixed"),
-    ("WSA beats cosine", "sft-cpt", "sft-cpt-cosine"), ("WSA beats constant", "sft-cpt", "sft-cpt-constant")]
+    ("WSA beats cosine", "sft-cpt", "sft-cpt-cosine"), ("WSA beats constant", "sft-cpt", "sft-cpt-constant"),
+    ("CPT+SFT beats SASRec (item IDs)", "sft-cpt", "baseline")]
 SFT_RUNS = {  # name -> (start: a CPT run or "base", fraction of training users)
     "sft-cpt": ("cpt", 1.0), "sft-cpt-10%": ("cpt", 0.1), "sft-base": ("base", 1.0), "sft-base-10%": ("base", 0.1),
     "sft-cpt-domain": ("cpt-domain", 1.0), "sft-cpt-mixed": ("cpt-mixed", 1.0),
@@ -74,6 +76,8 @@ def reproduce(out: Path, data: Path, model: Path, domain: str, cpt_tokens: int, 
             command(["finetune", *train, "--domain", domain, "--model", str(start_model), "--out", str(out / name),
                      "--users-fraction", str(fraction), "--epochs", str(sft_epochs)],
                     out / name / "results.json", resume, log)
+        command(["baseline", "--data", str(data), "--domain", domain, "--seed", str(seed), "--out",
+                 str(out / "baseline"), "--overwrite"], out / "baseline" / "results.json", resume, log)
     report = collect(out, domain)
     report["seconds"] = wall_time(out / "commands.log")
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -101,8 +105,11 @@ def collect(out: Path, domain: str) -> dict:
         rows["popularity"], protocol = result["popularity"], result["protocol"]
     for name in SFT_RUNS:
         rows[name] = read_json(out / name / "results.json")["model"]
+    baseline = read_json(out / "baseline" / "results.json")
+    rows["baseline"] = baseline["model"]
     cpt = {name: read_json(out / name / "results.json")["training"]["validation"]["val_loss"] for name in CPT_RUNS}
-    return {"domain": domain, "protocol": protocol, "test": rows, "cpt_val_loss": cpt,
+    return {"domain": domain, "protocol": protocol, "baseline_protocol": baseline["protocol"], "test": rows,
+            "cpt_val_loss": cpt,
             "differences": [{"claim": claim, "a": a, "b": b, **difference(out, a, b)} for claim, a, b in PAIRS]}
 
 
@@ -128,10 +135,12 @@ def markdown(report: dict) -> str:
         f"| {label} | {t[name]['recall@10']:.4f} | {t[name]['ndcg@10']:.4f} |{extra}\n")
     lines = [f"Test split of `{report['domain']}`; {report['protocol']}.\n\n",
              "| setting | Recall@10 | NDCG@10 |\n|---|---|---|\n",
-             row("popularity", "popularity"), row("untrained model, zero-shot", "zero-shot-base"),
+             row("popularity", "popularity"), row("SASRec on item IDs, same split", "baseline"),
+             row("untrained model, zero-shot", "zero-shot-base"),
              row("after all-domain CPT, zero-shot", "zero-shot-cpt"),
              row("SFT from base (no CPT), 100% users", "sft-base"), row("SFT from CPT, 100% users", "sft-cpt"),
              row("SFT from base (no CPT), 10% users", "sft-base-10%"), row("SFT from CPT, 10% users", "sft-cpt-10%"),
+             f"\nSASRec: {report['baseline_protocol']}.\n",
              "\n| CPT sequences | CPT val loss | Recall@10 after SFT | NDCG@10 after SFT |\n|---|---|---|---|\n"]
     for label, cpt, sft in [("domain-specific only", "cpt-domain", "sft-cpt-domain"),
                             ("mixed only", "cpt-mixed", "sft-cpt-mixed"), ("both", "cpt", "sft-cpt")]:

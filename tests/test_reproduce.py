@@ -26,6 +26,10 @@ def test_report_from_result_files(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps({"model": metrics(0.2 + k / 100)}))
         per_user(tmp_path / name / "results-per_user.jsonl", {"sft-base": 120, "sft-cpt-constant": 95}.get(name, 100))
+    (tmp_path / "baseline").mkdir()  # the SASRec baseline: results and per-user ranks like any SFT run
+    (tmp_path / "baseline" / "results.json").write_text(json.dumps(
+        {"model": metrics(0.15), "protocol": "full ranking over all 9 items; SASRec-style; history window 200"}))
+    per_user(tmp_path / "baseline" / "results-per_user.jsonl", 60)
     for k, name in enumerate(CPT_RUNS):
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps({"training": {"validation": {"val_loss": 1 + k}}}))
@@ -44,7 +48,10 @@ def test_report_from_result_files(tmp_path):
     assert "| CPT helps zero-shot | +0.5000 | [+0.4" in text  # half the users gained a perfect hit
     assert "| CPT helps SFT, 100% users | -0.1000 | [-0.1" in text and "| no, reversed |" in text
     assert "| both kinds beat domain-only | +0.0000 | [+0.0000, +0.0000] | inconclusive |" in text
-    assert "| WSA beats constant | +0.0250 | [+0.0" in text  # 5 of 200 users; the interval still excludes 0
+    assert "| WSA beats constant | +0.0250 | [+0.0" in text
+    assert "| popularity | 0.0800 | 0.0400 |\n| SASRec on item IDs, same split | 0.1500 | 0.0750 |" in text
+    assert "SASRec: full ranking over all 9 items; SASRec-style; history window 200." in text
+    assert "| CPT+SFT beats SASRec (item IDs) | +0.2000 | [+0.1" in text  # 100 vs 60 of 200 users at rank 0
 
 
 def test_differences_need_the_same_users(tmp_path):
