@@ -34,14 +34,14 @@ from data import (
     train_sequences,
 )
 from model import Decoder, ModelConfig, config_from_hf, create_model
-from schedule import Schedule, validate
+from schedule import Schedule
 from tokenizer import Tokenizer
 from train import (
     Interrupted,
     MicroBatches,
     TrainConfig,
     autocast,
-    check_split,
+    check,
     latest_checkpoint,
     open_run,
     resolve_precision,
@@ -236,7 +236,7 @@ def pretrain(data: Path = typer.Option(DEFAULT_DATA, help="Dataset; the built-in
               "tokenizer_fingerprint": tokenizer.fingerprint(), "kinds": split_list(kinds), "cpt_tokens": len(stream),
               "block_len": block_len, "micro_batch": micro_batch, "batch_tokens": batch_tokens,
               "train_tokens": steps * batch_tokens, "val_users": val_users, "train": run_settings(cfg)}
-    check(cfg, device, world, start, block_len, "--block-len")
+    check(cfg, device, world, context_of(start), block_len, "--block-len", str(start))
     run = open_run(out, config, resume, overwrite, rank)
     net = Decoder.from_pretrained(latest_checkpoint(run) if resume else start)
     pretrain_domains = [k for k, d in ds.domains.items() if d.role == "pretrain"]
@@ -255,15 +255,9 @@ def pretrain(data: Path = typer.Option(DEFAULT_DATA, help="Dataset; the built-in
             f"{summary['tokens_per_s']:,.0f} tokens/s, model in {run / 'final'}")
 
 
-def check(cfg: TrainConfig, device: torch.device, world: int, start: Path, longest: int, option: str) -> None:
-    """Refuse bad options before a run directory is created for them: schedule, precision, the split of each step's
-    micro-batches over the processes, and sequences longer than the model's context."""
-    validate(cfg.schedule, cfg.steps)
-    resolve_precision(cfg.precision, device)
-    check_split(cfg.accum, world)
-    context = config_from_hf(read_json(start / "config.json"), str(start / "config.json")).context
-    if longest > context:
-        raise UserError(f"{option}: {longest}-token sequences exceed the context of {start} ({context} tokens)")
+def context_of(start: Path) -> int:
+    """The longest sequence the checkpoint at `start` computes exactly."""
+    return config_from_hf(read_json(start / "config.json"), str(start / "config.json")).context
 
 
 def run_settings(cfg: TrainConfig) -> dict:
@@ -337,7 +331,7 @@ def finetune(domain: str = typer.Option(..., help="Target domain, e.g. games."),
               "train_users": len(sequences), "examples": len(examples.examples), "padding": examples.padding(),
               "window": window, "batch_tokens": batch_tokens, "micro_tokens": micro_tokens, "val_users": val_users,
               "test_users": test_users, "beams": beams, "mask_history": mask_history, "train": run_settings(cfg)}
-    check(cfg, device, world, start, examples.longest, "--window")
+    check(cfg, device, world, context_of(start), examples.longest, "--window", str(start))
     run = open_run(out, config, resume, overwrite, rank)
     net = Decoder.from_pretrained(latest_checkpoint(run) if resume else start)
     options = dict(beams=beams, seed=seed, mask_history=mask_history, window=window)

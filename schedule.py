@@ -62,6 +62,7 @@ def factor(step: int, total: int, s: Schedule) -> float:
 
 
 def validate(s: Schedule, total: int) -> None:
+    """Refuse settings the schedule cannot follow (called by train.check before a run starts)."""
     if s.name not in SCHEDULES:
         raise UserError(f"--schedule {s.name!r}: expected one of {', '.join(SCHEDULES)}")
     anneal(1.0, s.shape, s.floor)  # unknown shapes fail here, before training starts
@@ -77,5 +78,5 @@ def validate(s: Schedule, total: int) -> None:
 
 
 def scheduler(optimizer: torch.optim.Optimizer, s: Schedule, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    validate(s, total)
+    """Settings are checked before a run starts (train.check calls `validate`)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(step, total, s))

@@ -29,6 +29,7 @@ from common import UserError, atomic_dir, read_json, write_json
 from data import IGNORE, Case, Dataset, Encoder, Examples, target_example
 from model import Decoder
 from schedule import Schedule, scheduler
+from schedule import validate as validate_schedule  # noqa: I001 (one name, two meanings)
 from tokenizer import Tokenizer
 
 
@@ -80,21 +81,41 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
+MATMUL_N = {"cpu": 2048, "cuda": 8192}  # the peak probe's matmul size per device type
+DATASHEET = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}  # dense bf16 FLOP/s
+
+
+def matmul_flops(device: torch.device, precision: str, n: int | None = None, reps: int = 10) -> float:
+    """Best-of-`reps` FLOP/s of one n x n matmul after a warm-up: the practical peak of this device and thread count
+    (the best repetition, because a busy machine only ever makes a repetition slower)."""
+    n = n or MATMUL_N[device.type]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b  # warm-up: thread pool, kernel selection, weight packing
+    best = math.inf
+    for _ in range(reps):
+        sync()
+        start = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
+
+
 def peak_flops(device: torch.device, precision: str) -> float:
     """The device's peak FLOP/s for MFU: datasheet dense numbers on known GPUs, a measured matmul on CPU."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        table = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
-        return next((v for k, v in table.items() if k in name), 312e12) / (2 if precision == "fp32" else 1)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    n = 2048
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    best = math.inf
-    for _ in range(3):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best
+        return next((v for k, v in DATASHEET.items() if k in name), 312e12) / (2 if precision == "fp32" else 1)
+    return matmul_flops(device, precision)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW's parameter groups: weight decay on matrices, none on norms and biases."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -292,121 +313,189 @@ class Interrupted(Exception):
     """Raised after Ctrl-C/SIGTERM once a resumable checkpoint is on disk."""
 
 
+# --------------------------------------------------------------------------------------------------- checks
+def check(cfg: TrainConfig, device: torch.device, world: int, context: int | None = None, longest: int = 0,
+          option: str = "", model: str = "the model") -> None:
+    """Every check of a run's settings, made before a run directory is created for them: schedule, precision, the
+    split of each step's micro-batches over the processes and, given the model's context, the longest sequence."""
+    validate_schedule(cfg.schedule, cfg.steps)
+    resolve_precision(cfg.precision, device)
+    if cfg.accum % world:  # each process takes an equal share of a step, so the batch plan is the same on any count
+        raise UserError(f"--batch-tokens: {cfg.accum} micro-batches per step do not split evenly over {world} "
+                        f"processes; use a multiple of {world} micro-batches")
+    if context is not None and longest > context:
+        raise UserError(f"{option}: {longest}-token sequences exceed the context of {model} ({context} tokens)")
+
+
 # --------------------------------------------------------------------------------------------------- the loop
-def check_split(accum: int, world: int) -> None:
-    """Each process takes an equal share of a step's micro-batches, so the batch plan is the same on any count."""
-    if accum % world:
-        raise UserError(f"--batch-tokens: {accum} micro-batches per step do not split evenly over {world} processes; "
-                        f"use a multiple of {world} micro-batches")
+@dataclass
+class Loop:
+    """What the phases of a step read and update, made once by `setup`."""
+    cfg: TrainConfig
+    raw: Decoder  # the model itself
+    model: torch.nn.Module  # `raw`, or `raw` under DDP
+    tokenizer: Tokenizer
+    optimizer: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    run: Path
+    device: torch.device
+    precision: str
+    rank: int
+    world: int
+    validate: Callable[[Decoder], dict] | None
+    best: dict | None = None  # the selected checkpoint so far: {"step": .., cfg.select: ..}
+
+
+def setup(model: Decoder, tokenizer: Tokenizer, cfg: TrainConfig, run: Path, device: torch.device, rank: int,
+          world: int, validate: Callable[[Decoder], dict] | None) -> Loop:
+    """Model on its device (under DDP for several processes), AdamW, the schedule and the loss scaler."""
+    check(cfg, device, world)
+    precision = resolve_precision(cfg.precision, device)
+    raw = model.to(device)
+    wrapped = raw
+    if world > 1:
+        wrapped = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda"
+                                                            else None)
+    optimizer = torch.optim.AdamW(param_groups(raw, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
+                                  fused=device.type == "cuda")
+    best = read_json(run / "best.json") if (run / "best.json").exists() else None
+    return Loop(cfg, raw, wrapped, tokenizer, optimizer, scheduler(optimizer, cfg.schedule, cfg.steps),
+                torch.amp.GradScaler(device.type, enabled=precision == "fp16"), run, device, precision, rank, world,
+                validate, best)
+
+
+def restore(loop: Loop) -> int:
+    """Load the latest checkpoint's optimizer, schedule, scaler and RNG state; return its step."""
+    state = torch.load(latest_checkpoint(loop.run) / "state.pt", map_location=loop.device, weights_only=True)
+    loop.optimizer.load_state_dict(state["optimizer"])
+    loop.sched.load_state_dict(state["scheduler"])
+    loop.scaler.load_state_dict(state["scaler"])
+    restore_rng(state["rng"])
+    if state["step"] >= loop.cfg.steps:
+        raise UserError(f"{loop.run}: the run already finished its {loop.cfg.steps} steps; nothing to resume")
+    return state["step"]
+
+
+def gather(loop: Loop, loss_sum: torch.Tensor, n_targets: int, stop: bool) -> tuple[float, bool]:
+    """The step's mean token loss over all processes, and whether any process was asked to stop."""
+    stats = torch.stack([loss_sum, torch.tensor(float(stop), device=loop.device)])
+    if loop.world > 1:
+        dist.all_reduce(stats)
+    return stats[0].item() / n_targets, bool(stats[1] > 0)
+
+
+def clip(loop: Loop) -> float:
+    """Unscale (fp16) and clip the gradients; return their norm before clipping."""
+    loop.scaler.unscale_(loop.optimizer)
+    return torch.nn.utils.clip_grad_norm_(loop.raw.parameters(), loop.cfg.grad_clip).item()
+
+
+def update(loop: Loop, step: int, loss: float) -> None:
+    """Apply the gradients, unless the loss is not finite: then stop with the last checkpoint intact."""
+    if not math.isfinite(loss):
+        latest = (loop.run / "latest").read_text().strip() if (loop.run / "latest").exists() else "none"
+        raise UserError(f"non-finite loss at step {step}; nothing was updated and the last checkpoint ({latest}) "
+                        "is intact; lower --lr or use --precision fp32")
+    loop.scaler.step(loop.optimizer)
+    loop.scaler.update()
+    loop.optimizer.zero_grad(set_to_none=True)
+
+
+def schedule_step(loop: Loop) -> float:
+    """Advance the schedule by one optimizer step; return the learning rate the step used."""
+    lr = loop.optimizer.param_groups[0]["lr"]
+    loop.sched.step()
+    return lr
+
+
+def log_step(loop: Loop, log, record: dict, began: float, flops: float, peak: float) -> dict:
+    """Complete the step's record with its timing, throughput and memory, and append it to metrics.jsonl."""
+    if loop.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - began
+    record.update(tokens_per_s=round(record["tokens"] / seconds), mfu=round(flops / seconds / peak, 4),
+                  mem_gb=round(peak_memory_gb(loop.device), 3), seconds=round(seconds, 4))
+    if log:
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+    return record
+
+
+def checkpoint(loop: Loop, step: int) -> None:
+    if loop.rank == 0:
+        save_checkpoint(loop.run, step, loop.raw, loop.tokenizer, loop.optimizer, loop.sched, loop.scaler,
+                        loop.cfg.keep)
+    if loop.world > 1:
+        dist.barrier()
+
+
+def validation(loop: Loop, log, step: int) -> dict | None:
+    """Validate on rank 0, log the result, and keep the checkpoint that maximises cfg.select in best/."""
+    result = None
+    if loop.rank == 0 and loop.validate is not None:
+        loop.raw.eval()
+        with torch.no_grad(), autocast(loop.precision, loop.device):
+            result = loop.validate(loop.raw)
+        loop.raw.train()
+        log.write(json.dumps({"step": step, "validation": result}) + "\n")
+        log.flush()
+        select = loop.cfg.select
+        if select and (loop.best is None or result[select] > loop.best[select]):
+            loop.best = {"step": step, select: result[select]}
+            loop.raw.save_pretrained(loop.run / "best", loop.tokenizer)
+            write_json(loop.run / "best.json", loop.best)
+    if loop.world > 1:
+        dist.barrier()
+    return result
+
+
+def due(step: int, every: int, total: int) -> bool:
+    return step == total or bool(every) and step % every == 0
 
 
 def train(model: Decoder, tokenizer: Tokenizer, data, cfg: TrainConfig, run: Path, *, device: torch.device,
           rank: int = 0, world: int = 1, resume: bool = False,
           validate: Callable[[Decoder], dict] | None = None) -> dict:
     """Train `model` on `data` (data.Blocks or data.Examples) for cfg.steps optimizer steps; return a summary."""
-    check_split(cfg.accum, world)
-    precision = resolve_precision(cfg.precision, device)
-    raw = model.to(device)
-    if world > 1:
-        device_ids = [device.index] if device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=device_ids)
-    params = [p for p in raw.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(  # no weight decay on norms and biases
-        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-        lr=cfg.lr, betas=cfg.betas, fused=device.type == "cuda")
-    sched = scheduler(optimizer, cfg.schedule, cfg.steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    start, best = 0, read_json(run / "best.json") if (run / "best.json").exists() else None
-    if resume:
-        state = torch.load(latest_checkpoint(run) / "state.pt", map_location=device, weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        restore_rng(state["rng"])
-        start = state["step"]
-        if start >= cfg.steps:
-            raise UserError(f"{run}: the run already finished its {cfg.steps} steps; nothing to resume")
-    else:
+    loop = setup(model, tokenizer, cfg, run, device, rank, world, validate)
+    start = restore(loop) if resume else 0
+    if not resume:
         torch.manual_seed(cfg.seed)
-    micro, peak = MicroBatches(data), peak_flops(device, precision)
-    log = open(run / "metrics.jsonl", "a") if rank == 0 else None
-    summary = {"steps": cfg.steps, "precision": precision, "world_size": world, "tokens": 0, "seconds": 0.0}
-
-    def checkpoint_now(step):
-        if rank == 0:
-            save_checkpoint(run, step, raw, tokenizer, optimizer, sched, scaler, cfg.keep)
-        if world > 1:
-            dist.barrier()
-
-    def validation(step):
-        result = None
-        if rank == 0 and validate is not None:
-            raw.eval()
-            with torch.no_grad(), autocast(precision, device):
-                result = validate(raw)
-            raw.train()
-            log.write(json.dumps({"step": step, "validation": result}) + "\n")
-            log.flush()
-            nonlocal best
-            if cfg.select and (best is None or result[cfg.select] > best[cfg.select]):
-                best = {"step": step, cfg.select: result[cfg.select]}
-                raw.save_pretrained(run / "best", tokenizer)
-                write_json(run / "best.json", best)
-        if world > 1:
-            dist.barrier()
-        return result
-
-    raw.train()
-    with StopRequest() as stop, progress_bar(cfg.steps, start, enabled=rank == 0 and cfg.progress) as bar:
+    micro, peak = MicroBatches(data), peak_flops(device, loop.precision)
+    summary = {"steps": cfg.steps, "precision": loop.precision, "world_size": world, "tokens": 0, "seconds": 0.0}
+    loop.raw.train()
+    with (open(run / "metrics.jsonl", "a") if rank == 0 else contextlib.nullcontext()) as log, StopRequest() as stop, \
+            progress_bar(cfg.steps, start, enabled=rank == 0 and cfg.progress) as bar:
         for step in range(start, cfg.steps):
             began = time.perf_counter()
             plan = [micro[step * cfg.accum + j] for j in range(cfg.accum)]
             n_targets = sum(data.n_targets(b) for b in plan)
             batches = [data.collate(b) for b in plan[rank::world]]
-            loss_sum = accumulate(model, raw.lm_head.weight, batches, n_targets, world, precision, device, scaler)
-            stats = torch.stack([loss_sum, torch.tensor(float(stop.requested), device=device)])
-            if world > 1:
-                dist.all_reduce(stats)  # the step's loss for the log, and whether any rank was asked to stop
-            loss = stats[0].item() / n_targets
-            if not math.isfinite(loss):
-                raise UserError(f"non-finite loss at step {step + 1}; nothing was updated and the last checkpoint "
-                                f"({(run / 'latest').read_text().strip() if (run / 'latest').exists() else 'none'}) "
-                                "is intact; lower --lr or use --precision fp32")
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
-            scaler.step(optimizer)
-            scaler.update()
-            lr = optimizer.param_groups[0]["lr"]
-            sched.step()
-            optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - began
-            tokens = sum(data.n_tokens(b) for b in plan)
-            flops = sum(x.size * raw.config.train_flops_per_token(x.shape[1]) for x, _ in batches)
+            loss_sum = accumulate(loop.model, loop.raw.lm_head.weight, batches, n_targets, world, loop.precision,
+                                  device, loop.scaler)
+            loss, stopping = gather(loop, loss_sum, n_targets, stop.requested)
+            grad_norm = clip(loop)
+            update(loop, step + 1, loss)
+            lr = schedule_step(loop)
             record = {"step": step + 1, "loss": round(loss, 5), "lr": lr, "grad_norm": round(grad_norm, 4),
-                      "tokens": tokens, "tokens_per_s": round(tokens / seconds),
-                      "mfu": round(flops / seconds / peak, 4),
-                      "mem_gb": round(peak_memory_gb(device), 3), "seconds": round(seconds, 4)}
-            summary["tokens"] += tokens
-            summary["seconds"] += seconds
-            if log:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
+                      "tokens": sum(data.n_tokens(b) for b in plan)}
+            flops = sum(x.size * loop.raw.config.train_flops_per_token(x.shape[1]) for x, _ in batches)
+            log_step(loop, log, record, began, flops, peak)
+            summary["tokens"] += record["tokens"]
+            summary["seconds"] += record["seconds"]
             bar(step + 1, record)
-            done = step + 1 == cfg.steps
-            if stats[1] > 0 or done or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-                checkpoint_now(step + 1)
-            if stats[1] > 0:
+            if stopping or due(step + 1, cfg.save_every, cfg.steps):
+                checkpoint(loop, step + 1)
+            if stopping:
                 raise Interrupted(f"interrupted at step {step + 1}/{cfg.steps}; checkpoint saved in {run}; "
                                   "continue with the same command plus --resume")
-            if done or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
-                summary["validation"] = validation(step + 1)
+            if due(step + 1, cfg.eval_every, cfg.steps):
+                summary["validation"] = validation(loop, log, step + 1)
     if rank == 0:
-        raw.save_pretrained(run / "final", tokenizer)
+        loop.raw.save_pretrained(run / "final", tokenizer)
         summary.update(loss=loss, tokens_per_s=summary["tokens"] / max(summary["seconds"], 1e-9),
-                       peak_mem_gb=peak_memory_gb(device), best=best)
+                       peak_mem_gb=peak_memory_gb(device), best=loop.best)
         summary["curves"] = plot_curves(run)
     return summary
 

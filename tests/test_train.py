@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -9,15 +10,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from common import UserError
 from conftest import TINY
-from data import Blocks, Encoder, Examples, cpt_stream, load_dataset, sft_examples, tokenizer_corpus, train_sequences
+from data import (
+    IGNORE,
+    VALID,
+    Blocks,
+    Encoder,
+    Examples,
+    cpt_stream,
+    eval_cases,
+    load_dataset,
+    sft_examples,
+    target_example,
+    tokenizer_corpus,
+    train_sequences,
+)
 from model import Decoder, ModelConfig, create_model
 from schedule import Schedule
 from tokenizer import Tokenizer
-from train import Interrupted, TrainConfig, accumulate, cross_entropy_sum, open_run, train
+from train import Interrupted, TrainConfig, accumulate, cross_entropy_sum, open_run, target_loss, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,15 +69,37 @@ def test_accumulated_gradients_equal_one_big_batch(world, tiny_model):
     micro = small.micro_batches(0)
     assert len(micro) >= 4 and sorted(i for b in micro for i in b) == everything
     n_targets = small.n_targets(everything)
-    grads = []
+    grads, losses = [], []
     for data, batches in [(small, micro), (big, [everything])]:
         model = Decoder.from_pretrained(tiny_model)
-        loss = accumulate(model, model.lm_head.weight, [data.collate(b) for b in batches], n_targets, 1, "fp32",
-                          torch.device("cpu"))
+        losses.append(accumulate(model, model.lm_head.weight, [data.collate(b) for b in batches], n_targets, 1,
+                                 "fp32", torch.device("cpu")))
         grads.append([p.grad for p in model.parameters()])
-    assert loss.item() > 0
+    inputs, targets = (torch.as_tensor(a) for a in big.collate(everything))  # the summed loss, from full logits
+    with torch.no_grad():
+        direct = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    torch.testing.assert_close(losses[0], direct, atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(losses[1], direct, atol=1e-3, rtol=1e-5)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_target_loss_is_the_mean_cross_entropy_of_the_held_out_items(world, tiny_model):
+    ds = load_dataset(world)
+    encoder = Encoder(Tokenizer.from_pretrained(tiny_model))
+    model = Decoder.from_pretrained(tiny_model)
+    cases = eval_cases(ds, "books", VALID)[:7]
+    total = n = 0
+    with torch.no_grad():
+        for case in cases:  # one case at a time, full logits, plain cross-entropy over the target item's tokens
+            e = target_example(ds, encoder, case, "books")
+            ids = torch.as_tensor(e.ids)
+            logits = model(ids[None, :-1])[0]
+            supervised = torch.as_tensor(e.supervised[1:])
+            total += F.cross_entropy(logits[supervised], ids[1:][supervised], reduction="sum").item()
+            n += int(supervised.sum())
+        got = target_loss(model, encoder, ds, cases, "books", tokens=96)  # several padded micro-batches
+    assert n > len(cases) and got == pytest.approx(total / n, rel=1e-5)
 
 
 def cpt_setup(world, tiny_model):
@@ -139,9 +176,15 @@ def test_run_directory_rules(tmp_path):
     assert not (tmp_path / "r" / "latest").exists()
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def cli(*args, torchrun=False):
-    prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"] \
-        if torchrun else [sys.executable]
+    prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+              str(free_port())] if torchrun else [sys.executable]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(prefix + [str(ROOT / "cprec.py"), *args], capture_output=True, text=True, env=env,
                             cwd=ROOT)
