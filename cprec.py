@@ -42,7 +42,6 @@ from train import (
     TrainConfig,
     autocast,
     check,
-    latest_checkpoint,
     open_run,
     resolve_precision,
     setup_distributed,
@@ -215,6 +214,7 @@ def pretrain(data: Path = typer.Option(DEFAULT_DATA, help="Dataset; the built-in
              resume: bool = RESUME, overwrite: bool = OVERWRITE,
              progress: bool = typer.Option(True, help="Show a progress bar.")):
     """All-domain continual pre-training (CPT) on the pre-training domains' behaviour text."""
+    positive(epochs=epochs, tokens=tokens, batch_tokens=batch_tokens, block_len=block_len, micro_batch=micro_batch)
     rank, world, device = setup_distributed()
     ds = dataset(data, rank)
     start = base_model(model, data, rank)
@@ -229,7 +229,7 @@ def pretrain(data: Path = typer.Option(DEFAULT_DATA, help="Dataset; the built-in
     if accum < 1 or accum * micro_batch * block_len != batch_tokens:
         raise UserError(f"--batch-tokens {batch_tokens} must be a multiple of --micro-batch × --block-len "
                         f"({micro_batch * block_len})")
-    steps = max(1, math.ceil((tokens or epochs * blocks.n * block_len) / batch_tokens))
+    steps = math.ceil((tokens or epochs * blocks.n * block_len) / batch_tokens)
     cfg = TrainConfig(steps, accum, lr, schedule=schedule_options(schedule, warmup, anneal, anneal_shape, lr_floor),
                       precision=precision, seed=seed, save_every=save_every, eval_every=eval_every, progress=progress)
     config = {"command": "pretrain", "data": str(data), "data_fingerprint": ds.fingerprint, "model": str(start),
@@ -237,8 +237,7 @@ def pretrain(data: Path = typer.Option(DEFAULT_DATA, help="Dataset; the built-in
               "block_len": block_len, "micro_batch": micro_batch, "batch_tokens": batch_tokens,
               "train_tokens": steps * batch_tokens, "val_users": val_users, "train": run_settings(cfg)}
     check(cfg, device, world, context_of(start), block_len, "--block-len", str(start))
-    run = open_run(out, config, resume, overwrite, rank)
-    net = Decoder.from_pretrained(latest_checkpoint(run) if resume else start)
+    net = Decoder.from_pretrained(start)  # on --resume, train() loads the checkpoint's weights into it
     pretrain_domains = [k for k, d in ds.domains.items() if d.role == "pretrain"]
     cases = {k: sample(eval_cases(ds, k, VALID), val_users, seed) for k in pretrain_domains}
 
@@ -248,11 +247,19 @@ def pretrain(data: Path = typer.Option(DEFAULT_DATA, help="Dataset; the built-in
 
     say(f"CPT on {', '.join(pretrain_domains)}: {len(stream):,} tokens of {'+'.join(split_list(kinds))} sequences, "
         f"{steps} steps of {batch_tokens:,} tokens ({accum} micro-batches), {net.config.n_params / 1e6:.1f}M params")
+    run = open_run(out, config, resume, overwrite, rank)  # only now: a start that fails before leaves nothing behind
     summary = run_training(net, tokenizer, blocks, cfg, run, device, rank, world, resume, validate)
     if rank == 0:
         write_json(run / "results.json", {"config": config, "training": summary})
         say(f"done: final loss {summary['loss']:.4f}, validation loss {summary['validation']['val_loss']:.4f}, "
             f"{summary['tokens_per_s']:,.0f} tokens/s, model in {run / 'final'}")
+
+
+def positive(**options) -> None:
+    """Refuse counts and amounts that must be > 0 (None = not given), naming the option."""
+    for name, value in options.items():
+        if value is not None and not value > 0:
+            raise UserError(f"--{name.replace('_', '-')} {value}: expected a value > 0")
 
 
 def context_of(start: Path) -> int:
@@ -305,6 +312,9 @@ def finetune(domain: str = typer.Option(..., help="Target domain, e.g. games."),
              resume: bool = RESUME, overwrite: bool = OVERWRITE,
              progress: bool = typer.Option(True, help="Show a progress bar.")):
     """Supervised fine-tuning on one domain, validation-selected, then the full-ranking test evaluation."""
+    positive(epochs=epochs, batch_tokens=batch_tokens, micro_tokens=micro_tokens, window=window)
+    if batch_tokens % micro_tokens:
+        raise UserError(f"--batch-tokens {batch_tokens} must be a multiple of --micro-tokens ({micro_tokens})")
     rank, world, device = setup_distributed()
     ds = dataset(data, rank)
     ds.domain(domain)
@@ -319,9 +329,9 @@ def finetune(domain: str = typer.Option(..., help="Target domain, e.g. games."),
         raise UserError(f"--users-fraction {users_fraction}: expected a value in (0, 1]")
     sequences = sample(sequences, max(1, round(users_fraction * len(sequences))), seed)
     examples = Examples(sft_examples(ds, encoder, sequences, domain, window), micro_tokens, tokenizer.pad_id, seed)
-    accum = max(1, batch_tokens // micro_tokens)
+    accum = batch_tokens // micro_tokens
     per_epoch = MicroBatches(examples).epoch_size()
-    steps = max(1, math.ceil(epochs * per_epoch / accum))
+    steps = math.ceil(epochs * per_epoch / accum)
     cfg = TrainConfig(steps, accum, lr, schedule=schedule_options(schedule, warmup, anneal, anneal_shape, lr_floor),
                       precision=precision, seed=seed, save_every=save_every,
                       eval_every=eval_every or max(1, math.ceil(per_epoch / accum)), select="ndcg@10",
@@ -332,12 +342,12 @@ def finetune(domain: str = typer.Option(..., help="Target domain, e.g. games."),
               "window": window, "batch_tokens": batch_tokens, "micro_tokens": micro_tokens, "val_users": val_users,
               "test_users": test_users, "beams": beams, "mask_history": mask_history, "train": run_settings(cfg)}
     check(cfg, device, world, context_of(start), examples.longest, "--window", str(start))
-    run = open_run(out, config, resume, overwrite, rank)
-    net = Decoder.from_pretrained(latest_checkpoint(run) if resume else start)
+    net = Decoder.from_pretrained(start)  # on --resume, train() loads the checkpoint's weights into it
     options = dict(beams=beams, seed=seed, mask_history=mask_history, window=window)
     say(f"SFT on {domain}: {len(sequences):,} users, {len(examples.examples):,} examples ({config['padding']:.1%} "
         f"padding), {steps} steps "
         f"({accum} micro-batches each), validation every {cfg.eval_every} steps on {val_users or 'all'} users")
+    run = open_run(out, config, resume, overwrite, rank)  # only now: a start that fails before leaves nothing behind
     summary = run_training(net, tokenizer, examples, cfg, run, device, rank, world, resume,
                            lambda m: evaluation.evaluate(m, encoder, ds, domain, split="valid", users=val_users,
                                                          **options)["model"])
