@@ -33,8 +33,9 @@ from data import (
     tokenizer_corpus,
     train_sequences,
 )
-from model import Decoder, ModelConfig, config_from_hf, create_model
+from model import INIT_MARKER, Decoder, ModelConfig, config_from_hf, create_model
 from schedule import Schedule
+from schedule import steps as schedule_steps
 from tokenizer import Tokenizer
 from train import (
     Interrupted,
@@ -182,8 +183,32 @@ def schedule_options(schedule, warmup, anneal, anneal_shape, lr_floor) -> Schedu
     return Schedule(name=schedule, warmup=warmup, anneal=anneal, shape=anneal_shape, floor=lr_floor)
 
 
+def fitting_defaults(start: Path, lr: float | None, warmup: float | None, steps: int, schedule: str,
+                     anneal: float) -> tuple[float, float]:
+    """--lr and --warmup where not given, fitted to the checkpoint at `start`.
+
+    A model `cprec init` made (config.json carries model.INIT_MARKER, kept through training) starts from random
+    weights: peak 1e-3 and 2% warmup, tuned on the small model. Any other checkpoint is a pretrained LLM, whose
+    knowledge a large step would wash out: continual pre-training re-warms it to a fraction of its original peak
+    (Gupta et al. 2023, "Continual Pre-Training of Large Language Models: How to (re)warm your model?"; Ibrahim et al.
+    2024) with a WSD-style warmup (MiniCPM): peak 1e-4 and warmup max(2% of steps, 100 steps), at most half the
+    steps before annealing. Explicit values always win."""
+    if INIT_MARKER in read_json(start / "config.json"):
+        return (1e-3 if lr is None else lr), (0.02 if warmup is None else warmup)
+    decay = schedule_steps(anneal, steps) if schedule == "wsa" and anneal >= 0 else 0
+    fitted_lr = 1e-4 if lr is None else lr
+    fitted_warmup = min(max(math.ceil(0.02 * steps), 100), (steps - decay) // 2) if warmup is None else warmup
+    if lr is None or warmup is None:
+        say(f"{start} is a pretrained checkpoint (no {INIT_MARKER} in its config.json): peak --lr {fitted_lr:g}, "
+            f"--warmup {fitted_warmup:g} steps (continual pre-training defaults; pass either to override)")
+    return fitted_lr, fitted_warmup
+
+
 SCHEDULE = typer.Option("wsa", help="wsa (Warmup-Stable-Annealing), cosine, linear or constant.")
-WARMUP = typer.Option(0.02, help="Warmup steps: a count, or a fraction of all steps if < 1.")
+WARMUP = typer.Option(None, help="Warmup steps: a count, or a fraction of all steps if < 1 (default: 0.02; for a "
+                      "pretrained LLM checkpoint max(2%, 100 steps), at most half the steps before annealing).")
+LR = typer.Option(None, help="Peak learning rate (default: 1e-3 for a model `init` made; 1e-4 for a pretrained LLM "
+                  "checkpoint, a fraction of its original peak).")
 ANNEAL = typer.Option(0.2, help="WSA annealing steps: a count, or a fraction if < 1; 0 = warmup-stable only.")
 SHAPE = typer.Option("1-sqrt", help="WSA annealing shape: 1-sqrt, cosine, linear or exp.")
 FLOOR = typer.Option(0.1, help="Learning-rate factor reached at the last step.")
@@ -200,9 +225,9 @@ def pretrain(data: Path = typer.Option(DEFAULT_DATA, help="Dataset; the built-in
              kinds: str = typer.Option("domain,mixed", help="CPT sequence kinds: domain, mixed or both."),
              epochs: float = typer.Option(2.0, help="Passes over the CPT text (ignored if --tokens is given)."),
              tokens: Optional[int] = typer.Option(None, help="Training budget in tokens."),
-             lr: float = typer.Option(1e-3, help="Peak learning rate."),
-             schedule: str = SCHEDULE, warmup: float = WARMUP, anneal: float = ANNEAL, anneal_shape: str = SHAPE,
-             lr_floor: float = FLOOR,
+             lr: Optional[float] = LR,
+             schedule: str = SCHEDULE, warmup: Optional[float] = WARMUP, anneal: float = ANNEAL,
+             anneal_shape: str = SHAPE, lr_floor: float = FLOOR,
              batch_tokens: int = typer.Option(2048, help="Tokens per optimizer step over all processes (small "
                                               "batches learn the most per token here; raise it with the model)."),
              block_len: int = typer.Option(256, help="Tokens per packed block."),
@@ -230,6 +255,7 @@ def pretrain(data: Path = typer.Option(DEFAULT_DATA, help="Dataset; the built-in
         raise UserError(f"--batch-tokens {batch_tokens} must be a multiple of --micro-batch × --block-len "
                         f"({micro_batch * block_len})")
     steps = math.ceil((tokens or epochs * blocks.n * block_len) / batch_tokens)
+    lr, warmup = fitting_defaults(start, lr, warmup, steps, schedule, anneal)
     cfg = TrainConfig(steps, accum, lr, schedule=schedule_options(schedule, warmup, anneal, anneal_shape, lr_floor),
                       precision=precision, seed=seed, save_every=save_every, eval_every=eval_every, progress=progress)
     config = {"command": "pretrain", "data": str(data), "data_fingerprint": ds.fingerprint, "model": str(start),
@@ -296,9 +322,10 @@ def finetune(domain: str = typer.Option(..., help="Target domain, e.g. games."),
              out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/finetune-DOMAIN)."),
              users_fraction: float = typer.Option(1.0, help="Fraction of training users (limited-SFT setting)."),
              epochs: float = typer.Option(8.0, help="Passes over the training examples."),
-             lr: float = typer.Option(1e-3, help="Peak learning rate."),
+             lr: Optional[float] = LR,
              schedule: str = typer.Option("cosine", help="wsa, cosine, linear or constant."),
-             warmup: float = WARMUP, anneal: float = ANNEAL, anneal_shape: str = SHAPE, lr_floor: float = FLOOR,
+             warmup: Optional[float] = WARMUP, anneal: float = ANNEAL, anneal_shape: str = SHAPE,
+             lr_floor: float = FLOOR,
              batch_tokens: int = typer.Option(2048, help="Padded tokens per optimizer step over all processes."),
              micro_tokens: int = typer.Option(2048, help="Padded tokens per micro-batch and process."),
              window: int = typer.Option(20, help="History items in a prompt."),
@@ -332,6 +359,7 @@ def finetune(domain: str = typer.Option(..., help="Target domain, e.g. games."),
     accum = batch_tokens // micro_tokens
     per_epoch = MicroBatches(examples).epoch_size()
     steps = math.ceil(epochs * per_epoch / accum)
+    lr, warmup = fitting_defaults(start, lr, warmup, steps, schedule, anneal)
     cfg = TrainConfig(steps, accum, lr, schedule=schedule_options(schedule, warmup, anneal, anneal_shape, lr_floor),
                       precision=precision, seed=seed, save_every=save_every,
                       eval_every=eval_every or max(1, math.ceil(per_epoch / accum)), select="ndcg@10",

@@ -402,6 +402,9 @@ def init_weights(model: Decoder, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=generator) * std * scale)
 
 
+INIT_MARKER = "cprec_init"  # in config.json: weights that began as `cprec init` made them (see cprec.fitting_defaults)
+
+
 def create_model(texts, out_dir: str | Path, config: ModelConfig, seed: int = 0) -> Decoder:
     """`cprec init`: a new tokenizer for `texts` and a randomly initialised model, saved as an HF checkpoint.
 
@@ -413,7 +416,7 @@ def create_model(texts, out_dir: str | Path, config: ModelConfig, seed: int = 0)
         tokenizer = Tokenizer.from_pretrained(tmp)
         # The tokenizer decides the vocabulary and special ids; the caller's config is left as it was.
         config = replace(config, vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
-                         eos_token_id=tokenizer.eos_id)
+                         eos_token_id=tokenizer.eos_id, extra={**config.extra, INIT_MARKER: {"seed": seed}})
         model = Decoder(config)
         init_weights(model, seed)
         model.write_checkpoint(tmp)

@@ -306,7 +306,7 @@ def open_run(out_dir: str | Path, config: dict, resume: bool, overwrite: bool, r
     out = Path(out_dir)
     saved = out / "run_config.json"
     config = json.loads(json.dumps(config))  # as it reads back from disk (tuples become lists)
-    if rank == 0:
+    if rank == 0 and saved.exists():  # a run directory of ours: never touch another kind of folder
         for note in clean_leftovers(out):
             warn(f"{note} (left by an interrupted save)")
     if resume:
@@ -391,7 +391,10 @@ def load_checkpoint(path: Path, model: Decoder) -> dict:
         state = torch.load(state_file, map_location="cpu", weights_only=True)
     except Exception as e:
         raise Corrupt(f"{state_file} is unreadable ({type(e).__name__}: {e})") from None
-    missing, unexpected = model.load_state_dict({hf_to_ours(k): v for k, v in tensors.items()}, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict({hf_to_ours(k): v for k, v in tensors.items()}, strict=False)
+    except RuntimeError as e:  # a tensor of the wrong shape
+        raise Corrupt(f"{weights} does not match the model ({e})") from None
     if model.config.tie_embeddings and "lm_head.weight" in missing:
         missing.remove("lm_head.weight")
     if missing or unexpected:
@@ -667,10 +670,11 @@ def validated(records: list[dict], step: int) -> bool:
 def summarize(loop: Loop) -> dict:
     """The whole run's totals from its log, so a resumed run counts the steps before the resume too."""
     steps = [r for r in loop.records if "tokens" in r]
+    losses = [r["loss"] for r in steps if r["loss"] is not None]
     checks = [r["validation"] for r in loop.records if "validation" in r]
     tokens, seconds = sum(r["tokens"] for r in steps), sum(r["seconds"] for r in steps)
     return {"steps": loop.cfg.steps, "precision": loop.precision, "world_size": loop.world, "tokens": tokens,
-            "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9), "loss": steps[-1]["loss"],
+            "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9), "loss": losses[-1] if losses else None,
             "skipped_steps": sum(r.get("skipped", False) for r in steps), "validation": checks[-1] if checks else None,
             "peak_mem_gb": peak_memory_gb(loop.device), "best": loop.best}
 

@@ -512,3 +512,28 @@ def test_two_processes_equal_one_with_the_same_global_batch(world, tiny_model, t
     losses = [[json.loads(line)["loss"] for line in open(tmp_path / d / "metrics.jsonl") if '"loss"' in line]
               for d in ("one", "two")]
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+
+
+def test_defaults_fit_the_checkpoint_init_models_keep_todays_and_pretrained_llms_get_cpt_ones(world, tiny_model,
+                                                                                            tmp_path):
+    assert json.loads((tiny_model / "config.json").read_text())["cprec_init"] == {"seed": 0}  # init's mark
+    assert cprec.fitting_defaults(tiny_model, None, None, 10_000, "wsa", 0.2) == (1e-3, 0.02)
+    llm = tmp_path / "llm"  # the same weights without the mark: a downloaded checkpoint
+    shutil.copytree(tiny_model, llm)
+    config = json.loads((llm / "config.json").read_text())
+    del config["cprec_init"]
+    (llm / "config.json").write_text(json.dumps(config))
+    for steps, expected in [(10_000, 200), (3000, 100), (50, 20)]:  # 2%; at least 100; at most half of 50 - 10
+        assert cprec.fitting_defaults(llm, None, None, steps, "wsa", 0.2) == (1e-4, expected)
+    assert cprec.fitting_defaults(llm, 3e-4, 7, 10_000, "wsa", 0.2) == (3e-4, 7)  # explicit values win
+    assert cprec.fitting_defaults(llm, None, 0.1, 10_000, "cosine", 0.2) == (1e-4, 0.1)
+    args = ["pretrain", "--data", str(world), "--tokens", "256", "--block-len", "32", "--micro-batch", "4",
+            "--batch-tokens", "128", "--val-users", "2", "--no-progress"]
+    for model, lr, warmup in [(llm, 1e-4, 1), (tiny_model, 1e-3, 0.02)]:  # 2 steps: warmup capped at 1
+        out = tmp_path / f"run-{model.name}"
+        result = CliRunner().invoke(cprec.app, [*args, "--model", str(model), "--out", str(out)])
+        assert result.exit_code == 0, result.exception
+        settings = json.loads((out / "run_config.json").read_text())["train"]
+        assert (settings["lr"], settings["schedule"]["warmup"]) == (lr, warmup)
+    assert "cprec_init" in json.loads((tmp_path / "run-tiny" / "final" / "config.json").read_text())  # kept
+    assert "cprec_init" not in json.loads((tmp_path / "run-llm" / "final" / "config.json").read_text())
