@@ -42,11 +42,10 @@ from cprec import DEFAULT_CPT, DEFAULT_DATA, DEFAULT_MODEL, SMALL, dataset
 from data import TEST, VALID, Blocks, Encoder
 from model import Decoder, ModelConfig, config_to_hf, init_weights
 from tokenizer import Tokenizer
-from train import accumulate, autocast, cross_entropy_sum
+from train import MATMUL_N, accumulate, autocast, cross_entropy_sum, matmul_flops, param_groups
 
 H100_BF16_PEAK = 989e12  # dense bf16, SXM datasheet; an 8k matmul reaches about 800e12
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-MATMUL_N = {"cpu": 2048, "cuda": 8192}  # the peak matmul's size
 console = Console(width=None if Console().is_terminal else 120)  # rich falls back to 80 columns in a pipe
 
 
@@ -105,13 +104,8 @@ def timed(run: Callable[[], object], device: str) -> float:
 
 
 def measure_peaks(device: str, precisions: list[str]) -> dict[str, float]:
-    """Best-of-10 FLOP/s of one n³ matmul per precision: the practical peak of this device and thread count."""
-    n, peaks = MATMUL_N[torch.device(device).type], {}
-    for p in precisions:
-        a, b = (torch.randn(n, n, device=device).to(DTYPES[p]) for _ in range(2))
-        a @ b  # warm-up: thread pool, kernel selection, weight packing
-        peaks[p] = 2 * n ** 3 / min(timed(lambda a=a, b=b: a @ b, device) for _ in range(10))
-    return peaks
+    """Best-of-10 FLOP/s of one n³ matmul per precision (train.matmul_flops, the probe behind the training MFU)."""
+    return {p: matmul_flops(torch.device(device), p, MATMUL_N[torch.device(device).type]) for p in precisions}
 
 
 def choose_peaks(measured: dict[str, float], device: str, override_tflops: float | None) -> tuple[dict, list[str]]:
@@ -342,9 +336,7 @@ def train_step(config: ModelConfig, batch: tuple[int, int, int], precision: str,
     model.to(device).train()
     net = torch.compile(model) if o.compile else model
     params = list(model.parameters())
-    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-                                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                                  lr=1e-4, betas=(0.9, 0.95), fused=device.startswith("cuda"))
+    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95), fused=device.startswith("cuda"))
     stream = np.random.default_rng(o.seed).integers(0, config.vocab_size, micro * accum * block + 1, dtype=np.uint32)
     blocks = Blocks(stream, block, micro, o.seed)
     plan = blocks.micro_batches(0)[:accum]

@@ -34,16 +34,16 @@ from data import (
     tokenizer_corpus,
     train_sequences,
 )
-from model import Decoder, ModelConfig, config_from_hf, create_model, written_by_init
-from schedule import Schedule, validate
+from model import INIT_MARKER, Decoder, ModelConfig, config_from_hf, create_model, written_by_init
+from schedule import Schedule
+from schedule import steps as schedule_steps
 from tokenizer import Tokenizer
 from train import (
     Interrupted,
     MicroBatches,
     TrainConfig,
     autocast,
-    check_split,
-    latest_checkpoint,
+    check,
     open_run,
     resolve_precision,
     setup_distributed,
@@ -220,8 +220,32 @@ def schedule_options(schedule, warmup, anneal, anneal_shape, lr_floor) -> Schedu
     return Schedule(name=schedule, warmup=warmup, anneal=anneal, shape=anneal_shape, floor=lr_floor)
 
 
+def fitting_defaults(start: Path, lr: float | None, warmup: float | None, steps: int, schedule: str,
+                     anneal: float) -> tuple[float, float]:
+    """--lr and --warmup where not given, fitted to the checkpoint at `start`.
+
+    A model `cprec init` made (config.json carries model.INIT_MARKER, kept through training) starts from random
+    weights: peak 1e-3 and 2% warmup, tuned on the small model. Any other checkpoint is a pretrained LLM, whose
+    knowledge a large step would wash out: continual pre-training re-warms it to a fraction of its original peak
+    (Gupta et al. 2023, "Continual Pre-Training of Large Language Models: How to (re)warm your model?"; Ibrahim et al.
+    2024) with a WSD-style warmup (MiniCPM): peak 1e-4 and warmup max(2% of steps, 100 steps), at most half the
+    steps before annealing. Explicit values always win."""
+    if INIT_MARKER in read_json(start / "config.json"):
+        return (1e-3 if lr is None else lr), (0.02 if warmup is None else warmup)
+    decay = schedule_steps(anneal, steps) if schedule == "wsa" and anneal >= 0 else 0
+    fitted_lr = 1e-4 if lr is None else lr
+    fitted_warmup = min(max(math.ceil(0.02 * steps), 100), (steps - decay) // 2) if warmup is None else warmup
+    if lr is None or warmup is None:
+        say(f"{start} is a pretrained checkpoint (no {INIT_MARKER} in its config.json): peak --lr {fitted_lr:g}, "
+            f"--warmup {fitted_warmup:g} steps (continual pre-training defaults; pass either to override)")
+    return fitted_lr, fitted_warmup
+
+
 SCHEDULE = typer.Option("wsa", help="wsa (Warmup-Stable-Annealing), cosine, linear or constant.")
-WARMUP = typer.Option(0.02, help="Warmup steps: a count, or a fraction of all steps if < 1.")
+WARMUP = typer.Option(None, help="Warmup steps: a count, or a fraction of all steps if < 1 (default: 0.02; for a "
+                      "pretrained LLM checkpoint max(2%, 100 steps), at most half the steps before annealing).")
+LR = typer.Option(None, help="Peak learning rate (default: 1e-3 for a model `init` made; 1e-4 for a pretrained LLM "
+                  "checkpoint, a fraction of its original peak).")
 ANNEAL = typer.Option(0.2, help="WSA annealing steps: a count, or a fraction if < 1; 0 = warmup-stable only.")
 SHAPE = typer.Option("1-sqrt", help="WSA annealing shape: 1-sqrt, cosine, linear or exp.")
 FLOOR = typer.Option(0.1, help="Learning-rate factor reached at the last step.")
@@ -238,9 +262,9 @@ def pretrain(data: Path = typer.Option(DEFAULT_DATA, help="Dataset; the built-in
              kinds: str = typer.Option("domain,mixed", help="CPT sequence kinds: domain, mixed or both."),
              epochs: float = typer.Option(2.0, help="Passes over the CPT text (ignored if --tokens is given)."),
              tokens: Optional[int] = typer.Option(None, help="Training budget in tokens."),
-             lr: float = typer.Option(1e-3, help="Peak learning rate."),
-             schedule: str = SCHEDULE, warmup: float = WARMUP, anneal: float = ANNEAL, anneal_shape: str = SHAPE,
-             lr_floor: float = FLOOR,
+             lr: Optional[float] = LR,
+             schedule: str = SCHEDULE, warmup: Optional[float] = WARMUP, anneal: float = ANNEAL,
+             anneal_shape: str = SHAPE, lr_floor: float = FLOOR,
              batch_tokens: int = typer.Option(2048, help="Tokens per optimizer step over all processes (small "
                                               "batches learn the most per token here; raise it with the model)."),
              block_len: int = typer.Option(256, help="Tokens per packed block."),
@@ -252,6 +276,7 @@ def pretrain(data: Path = typer.Option(DEFAULT_DATA, help="Dataset; the built-in
              resume: bool = RESUME, overwrite: bool = OVERWRITE,
              progress: bool = typer.Option(True, help="Show a progress bar.")):
     """All-domain continual pre-training (CPT) on the pre-training domains' behaviour text."""
+    positive(epochs=epochs, tokens=tokens, batch_tokens=batch_tokens, block_len=block_len, micro_batch=micro_batch)
     rank, world, device = setup_distributed()
     ds = dataset(data, rank)
     start = base_model(model, data, rank)
@@ -266,16 +291,16 @@ def pretrain(data: Path = typer.Option(DEFAULT_DATA, help="Dataset; the built-in
     if accum < 1 or accum * micro_batch * block_len != batch_tokens:
         raise UserError(f"--batch-tokens {batch_tokens} must be a multiple of --micro-batch × --block-len "
                         f"({micro_batch * block_len})")
-    steps = max(1, math.ceil((tokens or epochs * blocks.n * block_len) / batch_tokens))
+    steps = math.ceil((tokens or epochs * blocks.n * block_len) / batch_tokens)
+    lr, warmup = fitting_defaults(start, lr, warmup, steps, schedule, anneal)
     cfg = TrainConfig(steps, accum, lr, schedule=schedule_options(schedule, warmup, anneal, anneal_shape, lr_floor),
                       precision=precision, seed=seed, save_every=save_every, eval_every=eval_every, progress=progress)
     config = {"command": "pretrain", "data": str(data), "data_fingerprint": ds.fingerprint, "model": str(start),
               "tokenizer_fingerprint": tokenizer.fingerprint(), "kinds": split_list(kinds), "cpt_tokens": len(stream),
               "block_len": block_len, "micro_batch": micro_batch, "batch_tokens": batch_tokens,
               "train_tokens": steps * batch_tokens, "val_users": val_users, "train": run_settings(cfg)}
-    check(cfg, device, world, start, block_len, "--block-len")
-    run = open_run(out, config, resume, overwrite, rank)
-    net = Decoder.from_pretrained(latest_checkpoint(run) if resume else start)
+    check(cfg, device, world, context_of(start), block_len, "--block-len", str(start))
+    net = Decoder.from_pretrained(start)  # on --resume, train() loads the checkpoint's weights into it
     pretrain_domains = [k for k, d in ds.domains.items() if d.role == "pretrain"]
     cases = {k: sample(eval_cases(ds, k, VALID), val_users, seed) for k in pretrain_domains}
 
@@ -283,6 +308,7 @@ def pretrain(data: Path = typer.Option(DEFAULT_DATA, help="Dataset; the built-in
         losses = {k: target_loss(m, encoder, ds, c, k) for k, c in cases.items() if c}
         return {"val_loss": float(np.mean(list(losses.values()))), "per_domain": losses}
 
+    run = open_run(out, config, resume, overwrite, rank)  # only now: a start that fails before leaves nothing behind
     say(f"CPT on {', '.join(pretrain_domains)}: {len(stream):,} tokens of {'+'.join(split_list(kinds))} sequences, "
         f"{steps} steps of {batch_tokens:,} tokens ({accum} micro-batches), {net.config.n_params / 1e6:.1f}M params")
     summary = run_training(net, tokenizer, blocks, cfg, run, device, rank, world, resume, validate)
@@ -292,15 +318,16 @@ def pretrain(data: Path = typer.Option(DEFAULT_DATA, help="Dataset; the built-in
             f"{summary['tokens_per_s']:,.0f} tokens/s, model in {run / 'final'}")
 
 
-def check(cfg: TrainConfig, device: torch.device, world: int, start: Path, longest: int, option: str) -> None:
-    """Refuse bad options before a run directory is created for them: schedule, precision, the split of each step's
-    micro-batches over the processes, and sequences longer than the model's context."""
-    validate(cfg.schedule, cfg.steps)
-    resolve_precision(cfg.precision, device)
-    check_split(cfg.accum, world)
-    context = config_from_hf(read_json(start / "config.json"), str(start / "config.json")).context
-    if longest > context:
-        raise UserError(f"{option}: {longest}-token sequences exceed the context of {start} ({context} tokens)")
+def positive(**options) -> None:
+    """Refuse counts and amounts that must be > 0 (None = not given), naming the option."""
+    for name, value in options.items():
+        if value is not None and not value > 0:
+            raise UserError(f"--{name.replace('_', '-')} {value}: expected a value > 0")
+
+
+def context_of(start: Path) -> int:
+    """The longest sequence the checkpoint at `start` computes exactly."""
+    return config_from_hf(read_json(start / "config.json"), str(start / "config.json")).context
 
 
 def run_settings(cfg: TrainConfig) -> dict:
@@ -332,9 +359,10 @@ def finetune(domain: str = typer.Option(..., help="Target domain, e.g. games."),
              out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/finetune-DOMAIN)."),
              users_fraction: float = typer.Option(1.0, help="Fraction of training users (limited-SFT setting)."),
              epochs: float = typer.Option(8.0, help="Passes over the training examples."),
-             lr: float = typer.Option(1e-3, help="Peak learning rate."),
+             lr: Optional[float] = LR,
              schedule: str = typer.Option("cosine", help="wsa, cosine, linear or constant."),
-             warmup: float = WARMUP, anneal: float = ANNEAL, anneal_shape: str = SHAPE, lr_floor: float = FLOOR,
+             warmup: Optional[float] = WARMUP, anneal: float = ANNEAL, anneal_shape: str = SHAPE,
+             lr_floor: float = FLOOR,
              batch_tokens: int = typer.Option(2048, help="Padded tokens per optimizer step over all processes."),
              micro_tokens: int = typer.Option(2048, help="Padded tokens per micro-batch and process."),
              window: int = typer.Option(20, help="History items in a prompt."),
@@ -348,6 +376,9 @@ def finetune(domain: str = typer.Option(..., help="Target domain, e.g. games."),
              resume: bool = RESUME, overwrite: bool = OVERWRITE,
              progress: bool = typer.Option(True, help="Show a progress bar.")):
     """Supervised fine-tuning on one domain, validation-selected, then the full-ranking test evaluation."""
+    positive(epochs=epochs, batch_tokens=batch_tokens, micro_tokens=micro_tokens, window=window)
+    if batch_tokens % micro_tokens:
+        raise UserError(f"--batch-tokens {batch_tokens} must be a multiple of --micro-tokens ({micro_tokens})")
     rank, world, device = setup_distributed()
     ds = dataset(data, rank)
     ds.domain(domain)
@@ -362,9 +393,10 @@ def finetune(domain: str = typer.Option(..., help="Target domain, e.g. games."),
         raise UserError(f"--users-fraction {users_fraction}: expected a value in (0, 1]")
     sequences = sample(sequences, max(1, round(users_fraction * len(sequences))), seed)
     examples = Examples(sft_examples(ds, encoder, sequences, domain, window), micro_tokens, tokenizer.pad_id, seed)
-    accum = max(1, batch_tokens // micro_tokens)
+    accum = batch_tokens // micro_tokens
     per_epoch = MicroBatches(examples).epoch_size()
-    steps = max(1, math.ceil(epochs * per_epoch / accum))
+    steps = math.ceil(epochs * per_epoch / accum)
+    lr, warmup = fitting_defaults(start, lr, warmup, steps, schedule, anneal)
     cfg = TrainConfig(steps, accum, lr, schedule=schedule_options(schedule, warmup, anneal, anneal_shape, lr_floor),
                       precision=precision, seed=seed, save_every=save_every,
                       eval_every=eval_every or max(1, math.ceil(per_epoch / accum)), select="ndcg@10",
@@ -374,13 +406,13 @@ def finetune(domain: str = typer.Option(..., help="Target domain, e.g. games."),
               "train_users": len(sequences), "examples": len(examples.examples), "padding": examples.padding(),
               "window": window, "batch_tokens": batch_tokens, "micro_tokens": micro_tokens, "val_users": val_users,
               "test_users": test_users, "beams": beams, "mask_history": mask_history, "train": run_settings(cfg)}
-    check(cfg, device, world, start, examples.longest, "--window")
-    run = open_run(out, config, resume, overwrite, rank)
-    net = Decoder.from_pretrained(latest_checkpoint(run) if resume else start)
+    check(cfg, device, world, context_of(start), examples.longest, "--window", str(start))
+    net = Decoder.from_pretrained(start)  # on --resume, train() loads the checkpoint's weights into it
     options = dict(beams=beams, seed=seed, mask_history=mask_history, window=window)
+    run = open_run(out, config, resume, overwrite, rank)  # only now: a start that fails before leaves nothing behind
     say(f"SFT on {domain}: {len(sequences):,} users, {len(examples.examples):,} examples ({config['padding']:.1%} "
-        f"padding), {steps} steps "
-        f"({accum} micro-batches each), validation every {cfg.eval_every} steps on {val_users or 'all'} users")
+        f"padding), {steps} steps ({accum} micro-batches each), validation every {cfg.eval_every} steps on "
+        f"{val_users or 'all'} users")
     summary = run_training(net, tokenizer, examples, cfg, run, device, rank, world, resume,
                            lambda m: evaluation.evaluate(m, encoder, ds, domain, split="valid", users=val_users,
                                                          **options)["model"])

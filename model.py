@@ -24,7 +24,9 @@ from tokenizer import Tokenizer, train_tokenizer
 # --------------------------------------------------------------------------------------------------- config
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
-INIT_MARKER = "cprec_init"  # in config.json of a checkpoint `init` wrote; saving any model drops it (config_to_hf)
+# In config.json: {"seed": N} marks weights that began as `init` made them, kept through training (the lineage that
+# cprec.fitting_defaults reads); "fresh": true is only in what init itself wrote, the one folder init may replace.
+INIT_MARKER = "cprec_init"
 INIT_FILES = {"config.json", "model.safetensors", "tokenizer.model"}
 
 
@@ -375,9 +377,10 @@ def _check_numbers(d: dict, keys, where: str) -> None:
 
 
 def config_to_hf(c: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
-    """The transformers v4 layout, which v5, vLLM and older tools all read. Without init's marker: a model saved
-    from here on (trained, converted) is no longer what `init` wrote."""
-    hf = {k: v for k, v in c.extra.items() if k != INIT_MARKER}
+    """The transformers v4 layout, which v5, vLLM and older tools all read. A saved model is never init's fresh one."""
+    hf = dict(c.extra)
+    if INIT_MARKER in hf:
+        hf[INIT_MARKER] = {k: v for k, v in hf[INIT_MARKER].items() if k != "fresh"}
     hf.update(
         architectures=[c.architecture], model_type=ARCHITECTURES[c.architecture],
         vocab_size=c.vocab_size, hidden_size=c.dim, num_hidden_layers=c.n_layers,
@@ -448,7 +451,8 @@ def written_by_init(path: str | Path) -> bool:
     """True if `path` holds exactly what `init` writes, with init's marker in config.json, so init may replace it."""
     path = Path(path)
     try:
-        return set(os.listdir(path)) <= INIT_FILES and INIT_MARKER in read_json(path / "config.json")
+        marker = read_json(path / "config.json").get(INIT_MARKER)
+        return set(os.listdir(path)) <= INIT_FILES and isinstance(marker, dict) and marker.get("fresh") is True
     except (UserError, OSError):
         return False
 
@@ -470,6 +474,7 @@ def init_weights(model: Decoder, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=generator) * std * scale)
 
 
+
 def create_model(texts, out_dir: str | Path, config: ModelConfig, seed: int = 0) -> Decoder:
     """`cprec init`: a new tokenizer for `texts` and a randomly initialised model, saved as an HF checkpoint.
 
@@ -485,5 +490,5 @@ def create_model(texts, out_dir: str | Path, config: ModelConfig, seed: int = 0)
         model = Decoder(config)
         init_weights(model, seed)
         model.write_checkpoint(tmp)
-        write_json(tmp / "config.json", {**read_json(tmp / "config.json"), INIT_MARKER: {"seed": seed}})
+        write_json(tmp / "config.json", {**read_json(tmp / "config.json"), INIT_MARKER: {"seed": seed, "fresh": True}})
     return model

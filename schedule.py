@@ -46,7 +46,10 @@ def anneal(progress: float, shape: str, floor: float) -> float:
 
 
 def factor(step: int, total: int, s: Schedule) -> float:
-    """The learning-rate multiplier for 0-based optimizer step `step` of `total`."""
+    """The learning-rate multiplier for 0-based optimizer step `step` of `total`.
+
+    LambdaLR also asks for step `total` (after the last step, and on resume): it gets the last step's factor."""
+    step = min(step, total - 1)
     warmup = steps(s.warmup, total)
     if step < warmup:  # linear from `start` towards 1; the peak itself is reached at step `warmup`
         return s.start + (1 - s.start) * step / warmup
@@ -54,7 +57,7 @@ def factor(step: int, total: int, s: Schedule) -> float:
         return 1.0
     decay_steps = steps(s.anneal, total) if s.name == "wsa" else total - warmup
     first_decay = total - decay_steps
-    if step < first_decay:
+    if step < first_decay or decay_steps == 0:
         return 1.0
     progress = (step - first_decay + 1) / decay_steps  # reaches 1 exactly at the last step
     shape = {"wsa": s.shape, "cosine": "cosine", "linear": "linear"}[s.name]
@@ -62,11 +65,15 @@ def factor(step: int, total: int, s: Schedule) -> float:
 
 
 def validate(s: Schedule, total: int) -> None:
+    """Refuse settings the schedule cannot follow (called by train.check before a run starts)."""
     if s.name not in SCHEDULES:
         raise UserError(f"--schedule {s.name!r}: expected one of {', '.join(SCHEDULES)}")
     anneal(1.0, s.shape, s.floor)  # unknown shapes fail here, before training starts
     if s.name == "wsa" and s.shape == "exp" and s.floor <= 0:
         raise UserError("--lr-floor must be > 0 for the exp annealing shape")
+    for option, amount in (("--warmup", s.warmup), ("--anneal", s.anneal)):
+        if not amount >= 0:
+            raise UserError(f"{option} {amount}: expected a step count, or a fraction of all steps, >= 0")
     if not 0 <= s.floor <= 1:
         raise UserError(f"--lr-floor {s.floor}: expected a fraction of the peak in [0, 1]")
     if not 0 < s.start <= 1:
@@ -77,5 +84,5 @@ def validate(s: Schedule, total: int) -> None:
 
 
 def scheduler(optimizer: torch.optim.Optimizer, s: Schedule, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    validate(s, total)
+    """Settings are checked before a run starts (train.check calls `validate`)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(step, total, s))

@@ -13,9 +13,12 @@ import contextlib
 import json
 import math
 import os
+import platform
+import re
 import resource
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,11 +27,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from common import UserError, atomic_dir, read_json, write_json
-from data import IGNORE, Case, Dataset, Encoder, Examples, target_example
-from model import Decoder
+from data import IGNORE, Case, Dataset, Encoder, Examples, own_output, target_example
+from model import Decoder, hf_to_ours
 from schedule import Schedule, scheduler
+from schedule import validate as validate_schedule  # noqa: I001 (one name, two meanings)
 from tokenizer import Tokenizer
 
 
@@ -46,7 +51,8 @@ class TrainConfig:
     save_every: int = 0  # steps between resumable checkpoints; 0 = only at the end (and on interrupt)
     eval_every: int = 0  # steps between validations; 0 = only at the end
     select: str | None = None  # keep the checkpoint that maximises this validation metric in best/
-    keep: int = 2  # resumable checkpoints kept on disk
+    keep: int = 2  # resumable checkpoints kept on disk (>= 2: resume falls back when the latest is unreadable)
+    max_skips: int = 3  # stop after this many consecutive steps with a non-finite loss or gradient (skipped)
     progress: bool = True
 
 
@@ -80,21 +86,62 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def peak_flops(device: torch.device, precision: str) -> float:
-    """The device's peak FLOP/s for MFU: datasheet dense numbers on known GPUs, a measured matmul on CPU."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        table = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
-        return next((v for k, v in table.items() if k in name), 312e12) / (2 if precision == "fp32" else 1)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    n = 2048
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+MATMUL_N = {"cpu": 2048, "cuda": 8192}  # the peak probe's matmul size per device type
+DATASHEET = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}  # dense bf16 FLOP/s
+
+
+def matmul_flops(device: torch.device, precision: str, n: int | None = None, reps: int = 10) -> float:
+    """Best-of-`reps` FLOP/s of one n x n matmul after a warm-up: the practical peak of this device and thread count
+    (the best repetition, because a busy machine only ever makes a repetition slower)."""
+    n = n or MATMUL_N[device.type]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b  # warm-up: thread pool, kernel selection, weight packing
     best = math.inf
-    for _ in range(3):
+    for _ in range(reps):
+        sync()
         start = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - start)
     return 2 * n ** 3 / best
+
+
+def peak_flops(device: torch.device, precision: str, remeasure: bool = False) -> float:
+    """The device's peak FLOP/s for MFU: datasheet dense numbers on known GPUs; on CPU the best matmul probe ever
+    seen on this machine (cached in ~/.cache/cprec), since one probe on a busy machine under-measures the peak."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in DATASHEET.items() if k in name), 312e12) / (2 if precision == "fp32" else 1)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cprec" / "peak_flops.json"
+    key = f"{cpu_name()} | {torch.get_num_threads()} threads | {precision} | torch {torch.__version__}"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known and not remeasure:
+        return known[key]
+    known[key] = max(matmul_flops(device, precision, reps=10), known.get(key, 0.0))
+    with contextlib.suppress(OSError):  # a read-only home only costs the next run a probe
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        write_json(cache, known)
+    return known[key]
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown cpu"
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW's parameter groups: weight decay on matrices, none on norms and biases."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -205,26 +252,97 @@ def target_loss(model: Decoder, encoder: Encoder, ds: Dataset, cases: list[Case]
 
 
 # --------------------------------------------------------------------------------------------------- run directory
-def open_run(out_dir: str | Path, config: dict, resume: bool, overwrite: bool, rank: int = 0) -> Path:
-    """Create the run directory and record its resolved configuration; refuse to mix two runs in one directory.
+# What a crashed save leaves behind: atomic_dir's `.NAME.tmpPID` / `.NAME.oldPID` siblings, write_json's
+# `FILE.tmpPID`, `latest.tmp` and the log's rewrite. Only these names are ever removed.
+LEFTOVER_DIR = re.compile(r"\.(?P<name>step-\d{7}|best|final)\.(?P<kind>tmp|old)\d+")
+LEFTOVER_FILE = re.compile(r"latest\.tmp|(run_config|best|results)\.json\.tmp\d+|metrics\.jsonl\.tmp\d+")
+RUN_FILES = {"run_config.json", "metrics.jsonl", "checkpoints", "latest", "final", "best", "best.json", "results.json",
+             "results-per_user.jsonl", "curves.png"}
+REUSABLE = {"run_config.json", "metrics.jsonl", "checkpoints", "curves.png"}  # a start that got to no checkpoint
+RESUMABLE = ("train.lr", "train.save_every", "train.eval_every", "train.keep")  # cannot change the batch plan
 
-    On --resume the saved configuration must equal the new one, or the resumed run could not equal the original.
+
+def warn(message: str, rank: int = 0) -> None:
+    if rank == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def clean_leftovers(run: Path) -> list[str]:
+    """Remove what interrupted saves left in this run directory; put back a directory that was renamed aside just
+    before its replacement could be renamed in. Returns what was done, for a note."""
+    done = []
+    for folder in (run, run / "checkpoints"):
+        for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+            match = LEFTOVER_DIR.fullmatch(path.name)
+            if match and match["kind"] == "old" and not (folder / match["name"]).exists():
+                os.replace(path, folder / match["name"])
+                done.append(f"restored {folder / match['name']} from {path.name}")
+            elif match and path.is_dir():
+                shutil.rmtree(path)
+                done.append(f"removed {path}")
+            elif LEFTOVER_FILE.fullmatch(path.name) and path.is_file():
+                path.unlink()
+                done.append(f"removed {path}")
+    return done
+
+
+def has_checkpoint(run: Path) -> bool:
+    return (run / "latest").exists() or any((run / "checkpoints").glob("step-*"))
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in config.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def open_run(out_dir: str | Path, config: dict, resume: bool, overwrite: bool, rank: int = 0) -> Path:
+    """Create (or reuse) the run directory and record its resolved configuration; refuse to mix two runs in one.
+
+    On --resume the saved configuration must equal the new one, or the resumed run could not equal the original;
+    only settings that leave the batch plan alone (RESUMABLE: the learning rate, intervals) may change, with a
+    warning recorded in run_config.json. A directory that holds no checkpoint (a start that failed or was stopped
+    early) is reused by a plain rerun.
     """
     out = Path(out_dir)
     saved = out / "run_config.json"
     config = json.loads(json.dumps(config))  # as it reads back from disk (tuples become lists)
+    if rank == 0 and saved.exists():  # a run directory of ours: never touch another kind of folder
+        for note in clean_leftovers(out):
+            warn(f"{note} (left by an interrupted save)")
     if resume:
-        if not (out / "latest").exists():
+        if (out / "results.json").exists():
+            raise UserError(f"{out}: the run already finished (results.json is written); nothing to resume")
+        if not has_checkpoint(out):
             raise UserError(f"{out}: nothing to resume (no checkpoint); run without --resume")
-        differ = sorted(k for k in set(config) | set(read_json(saved)) if read_json(saved).get(k) != config.get(k))
-        if differ:
-            raise UserError(f"{out}: --resume with different settings ({', '.join(differ)}); use the original ones")
+        old = read_json(saved)
+        history = old.pop("resumed_with_changes", [])
+        new, before = flatten(config), flatten(old)
+        differ = sorted(k for k in set(new) | set(before) if before.get(k) != new.get(k))
+        if refused := [k for k in differ if k not in RESUMABLE]:
+            raise UserError(f"{out}: --resume with different settings ({', '.join(refused)}); use the original ones "
+                            f"(only {', '.join(o.removeprefix('train.') for o in RESUMABLE)} may change)")
+        if differ and rank == 0:
+            changes = {k: [before.get(k), new.get(k)] for k in differ}
+            warn(f"{out}: resuming with changed settings " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in
+                                                                       changes.items()))
+            latest = (out / "latest").read_text().strip() if (out / "latest").exists() else None
+            write_json(saved, {**config, "resumed_with_changes": [*history, {"from": latest, "changed": changes}]})
         return out
     if out.exists() and any(out.iterdir()):
-        if not overwrite:
+        reusable = not has_checkpoint(out) and {p.name for p in out.iterdir()} <= REUSABLE
+        if overwrite:  # only a run directory of ours, holding nothing else, is ever replaced
+            leftovers = {p.name for p in out.iterdir() if re.fullmatch(r"\.\w+\.(tmp|old)\d+(-\w+)?", p.name)}
+            own_output(out, "run_config.json", overwrite=True, what="run", names=RUN_FILES | leftovers)
+        if not (overwrite or reusable):
             raise UserError(f"{out}: already holds a run; pass --resume to continue it or --overwrite to replace it")
-        if rank == 0:
+        if rank == 0 and overwrite:
             shutil.rmtree(out)
+        elif rank == 0:
+            warn(f"{out}: reusing the directory of a start that saved no checkpoint")
+            for name in ("metrics.jsonl", "curves.png"):
+                (out / name).unlink(missing_ok=True)
     if dist.is_initialized():
         dist.barrier()  # no rank may create files before rank 0 has cleared the directory
     if rank == 0:
@@ -237,21 +355,117 @@ def save_checkpoint(run: Path, step: int, model: Decoder, tokenizer: Tokenizer, 
                     keep: int) -> None:
     """A resumable checkpoint: HF-layout weights (fp32, as trained) plus optimizer, schedule, step and RNG state.
 
-    Written to a temporary directory then renamed; `latest` is switched only once the checkpoint is complete."""
+    Never of non-finite weights. Written to a temporary directory then renamed; `latest` is switched only once the
+    checkpoint is complete, and the older ones are removed only after that."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise UserError(f"non-finite weights at step {step} ({bad[0]}{' and more' if len(bad) > 1 else ''}); not "
+                        f"saved; the last intact checkpoint is {latest_name(run)}; lower --lr and use --resume")
     name = f"step-{step:07d}"
     with atomic_dir(run / "checkpoints" / name) as tmp:
         model.write_checkpoint(tmp, tokenizer)
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(),
                     "scaler": scaler.state_dict(), "rng": rng_state()}, tmp / "state.pt")
-    latest = run / "latest.tmp"
-    latest.write_text(name + "\n")
-    os.replace(latest, run / "latest")
+    point_latest(run, name)
     for old in sorted((run / "checkpoints").glob("step-*"))[:-keep]:
         shutil.rmtree(old)
 
 
-def latest_checkpoint(run: Path) -> Path:
-    return run / "checkpoints" / (run / "latest").read_text().strip()
+def point_latest(run: Path, name: str) -> None:
+    latest = run / "latest.tmp"
+    latest.write_text(name + "\n")
+    os.replace(latest, run / "latest")
+
+
+def latest_name(run: Path) -> str:
+    return f"{run / 'checkpoints' / (run / 'latest').read_text().strip()}" if (run / "latest").exists() else "none"
+
+
+class Corrupt(Exception):
+    """A checkpoint file that cannot be read back; the message names it."""
+
+
+def load_checkpoint(path: Path, model: Decoder) -> dict:
+    """Copy a checkpoint's weights into `model` (on CPU, before it moves) and return its training state."""
+    weights, state_file = path / "model.safetensors", path / "state.pt"
+    try:
+        tensors = load_file(weights)
+    except Exception as e:  # truncated, missing or foreign: whatever safetensors says, name the file
+        raise Corrupt(f"{weights} is unreadable ({type(e).__name__}: {e})") from None
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise Corrupt(f"{state_file} is unreadable ({type(e).__name__}: {e})") from None
+    try:
+        missing, unexpected = model.load_state_dict({hf_to_ours(k): v for k, v in tensors.items()}, strict=False)
+    except RuntimeError as e:  # a tensor of the wrong shape
+        raise Corrupt(f"{weights} does not match the model ({e})") from None
+    if model.config.tie_embeddings and "lm_head.weight" in missing:
+        missing.remove("lm_head.weight")
+    if missing or unexpected:
+        raise Corrupt(f"{weights} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return state
+
+
+def read_latest(run: Path, rank: int) -> str:
+    """The checkpoint `latest` names; if it is missing or names none that exists, every checkpoint is a candidate
+    (`latest` is switched last, so it only lags behind a complete save or was damaged)."""
+    try:
+        name = (run / "latest").read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return "step-9999999"
+    except IsADirectoryError:  # not ours to replace
+        raise UserError(f"{run / 'latest'}: is a directory; expected the file naming the latest checkpoint") from None
+    except (OSError, UnicodeDecodeError) as e:
+        name = f"unreadable ({type(e).__name__})"
+    if not name.startswith("step-") or not (run / "checkpoints" / name).is_dir():
+        warn(f"{run / 'latest'}: names no checkpoint ({name[:40]!r}); resuming from the newest complete one", rank)
+        return "step-9999999"
+    return name
+
+
+def resume_state(run: Path, model: Decoder, rank: int) -> dict:
+    """Load the latest checkpoint into `model`; if it is unreadable, the newest earlier one, with a warning (the
+    unreadable ones are set aside as corrupt-step-N, `latest` is pointed at the one used)."""
+    latest = read_latest(run, rank)
+    problems = []
+    for path in sorted((run / "checkpoints").glob("step-*"), reverse=True):
+        if path.name > latest:
+            continue  # renamed in, but `latest` never switched to it: a save that did not finish
+        try:
+            state = load_checkpoint(path, model)
+        except Corrupt as e:
+            problems.append((path, str(e)))
+            continue
+        if problems:
+            warn(f"{'; '.join(p for _, p in problems)}; resuming from the previous complete checkpoint {path}", rank)
+            if dist.is_initialized():
+                dist.barrier()  # every rank has read its checkpoint before rank 0 moves anything
+            if rank == 0:
+                for bad, _ in problems:
+                    os.replace(bad, bad.with_name(f"corrupt-{bad.name}"))
+                point_latest(run, path.name)
+        return state
+    raise UserError(f"{run}: no readable checkpoint to resume from"
+                    f"{' (' + '; '.join(p for _, p in problems) + ')' if problems else ''}")
+
+
+def read_log(path: Path, upto: int) -> list[dict]:
+    """The records of metrics.jsonl up to step `upto`: what a resumed run keeps (it repeats whatever came after)."""
+    records = []
+    with contextlib.suppress(FileNotFoundError), open(path) as f:
+        for line in f:
+            with contextlib.suppress(ValueError):  # a line cut by a kill
+                record = json.loads(line)
+                if record["step"] <= upto:
+                    records.append(record)
+    return records
+
+
+def write_log(path: Path, records: list[dict]) -> None:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in records))
+    os.replace(tmp, path)
 
 
 def rng_state() -> dict:
@@ -271,8 +485,8 @@ def restore_rng(state: dict) -> None:
 class StopRequest:
     """Ctrl-C / SIGTERM set a flag; the loop checks it between steps and saves a resumable checkpoint first."""
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, announce: bool = True):
+        self.requested, self.announce = False, announce
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -282,6 +496,9 @@ class StopRequest:
         if self.requested:  # a second Ctrl-C means "now"
             raise KeyboardInterrupt
         self.requested = True
+        if self.announce:
+            print("\nstopping after this step, with a checkpoint to --resume from (Ctrl-C again to stop now)",
+                  file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
@@ -292,123 +509,244 @@ class Interrupted(Exception):
     """Raised after Ctrl-C/SIGTERM once a resumable checkpoint is on disk."""
 
 
+# --------------------------------------------------------------------------------------------------- checks
+def check(cfg: TrainConfig, device: torch.device, world: int, context: int | None = None, longest: int = 0,
+          option: str = "", model: str = "the model") -> None:
+    """Every check of a run's settings, made before a run directory is created for them: schedule, precision, the
+    split of each step's micro-batches over the processes and, given the model's context, the longest sequence."""
+    if not cfg.lr > 0:
+        raise UserError(f"--lr {cfg.lr}: expected a learning rate > 0")
+    for name, every in (("--save-every", cfg.save_every), ("--eval-every", cfg.eval_every)):
+        if every < 0:
+            raise UserError(f"{name} {every}: expected a step count >= 0 (0 = at the end)")
+    if cfg.steps < 1 or cfg.accum < 1 or cfg.keep < 1 or cfg.max_skips < 1:
+        raise ValueError(f"TrainConfig: steps, accum, keep and max_skips must be >= 1 ({cfg})")
+    validate_schedule(cfg.schedule, cfg.steps)
+    resolve_precision(cfg.precision, device)
+    if cfg.accum % world:  # each process takes an equal share of a step, so the batch plan is the same on any count
+        raise UserError(f"--batch-tokens: {cfg.accum} micro-batches per step do not split evenly over {world} "
+                        f"processes; use a multiple of {world} micro-batches")
+    if context is not None and longest > context:
+        raise UserError(f"{option}: {longest}-token sequences exceed the context of {model} ({context} tokens)")
+
+
 # --------------------------------------------------------------------------------------------------- the loop
-def check_split(accum: int, world: int) -> None:
-    """Each process takes an equal share of a step's micro-batches, so the batch plan is the same on any count."""
-    if accum % world:
-        raise UserError(f"--batch-tokens: {accum} micro-batches per step do not split evenly over {world} processes; "
-                        f"use a multiple of {world} micro-batches")
+@dataclass
+class Loop:
+    """What the phases of a step read and update, made once by `setup`."""
+    cfg: TrainConfig
+    raw: Decoder  # the model itself
+    model: torch.nn.Module  # `raw`, or `raw` under DDP
+    tokenizer: Tokenizer
+    optimizer: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    run: Path
+    device: torch.device
+    precision: str
+    rank: int
+    world: int
+    validate: Callable[[Decoder], dict] | None
+    peak: float  # FLOP/s, the MFU denominator
+    best: dict | None = None  # the selected checkpoint so far: {"step": .., cfg.select: ..}
+    records: list[dict] = field(default_factory=list)  # metrics.jsonl of the whole run (rank 0)
+    skipped: int = 0  # consecutive steps whose update was skipped
+
+
+def setup(model: Decoder, tokenizer: Tokenizer, cfg: TrainConfig, run: Path, device: torch.device, rank: int,
+          world: int, validate: Callable[[Decoder], dict] | None) -> Loop:
+    """Model on its device (under DDP for several processes), AdamW, the schedule and the loss scaler."""
+    check(cfg, device, world)
+    precision = resolve_precision(cfg.precision, device)
+    raw = model.to(device)
+    wrapped = raw
+    if world > 1:
+        wrapped = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda"
+                                                            else None)
+    optimizer = torch.optim.AdamW(param_groups(raw, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
+                                  fused=device.type == "cuda")
+    best = read_json(run / "best.json") if (run / "best.json").exists() else None
+    return Loop(cfg, raw, wrapped, tokenizer, optimizer, scheduler(optimizer, cfg.schedule, cfg.steps),
+                torch.amp.GradScaler(device.type, enabled=precision == "fp16"), run, device, precision, rank, world,
+                validate, peak_flops(device, precision), best)
+
+
+def restore(loop: Loop, state: dict) -> int:
+    """Load a checkpoint's optimizer, schedule, scaler and RNG state and the log up to it; return its step.
+
+    A learning rate changed on --resume replaces the saved one from here on (the schedule's shape is kept)."""
+    loop.optimizer.load_state_dict(state["optimizer"])
+    loop.sched.load_state_dict(state["scheduler"])
+    loop.scaler.load_state_dict(state["scaler"])
+    restore_rng(state["rng"])
+    if loop.sched.base_lrs[0] != loop.cfg.lr:
+        loop.sched.base_lrs = [loop.cfg.lr for _ in loop.optimizer.param_groups]
+        for group, rule in zip(loop.optimizer.param_groups, loop.sched.lr_lambdas):
+            group["initial_lr"], group["lr"] = loop.cfg.lr, loop.cfg.lr * rule(loop.sched.last_epoch)
+    loop.records = read_log(loop.run / "metrics.jsonl", state["step"])
+    if loop.rank == 0:
+        write_log(loop.run / "metrics.jsonl", loop.records)  # whatever came after the checkpoint is redone
+    return state["step"]
+
+
+def gather(loop: Loop, loss_sum: torch.Tensor, n_targets: int, stop: bool) -> tuple[float, bool]:
+    """The step's mean token loss over all processes, and whether any process was asked to stop."""
+    stats = torch.stack([loss_sum, torch.tensor(float(stop), device=loop.device)])
+    if loop.world > 1:
+        dist.all_reduce(stats)
+    return stats[0].item() / n_targets, bool(stats[1] > 0)
+
+
+def clip(loop: Loop) -> float:
+    """Unscale (fp16) and clip the gradients; return their norm before clipping."""
+    loop.scaler.unscale_(loop.optimizer)
+    return torch.nn.utils.clip_grad_norm_(loop.raw.parameters(), loop.cfg.grad_clip).item()
+
+
+def update(loop: Loop, loss: float, grad_norm: float) -> bool:
+    """Apply the gradients if the loss and their norm are finite; else skip the update, leaving weights and AdamW's
+    state as they were. Returns whether it was applied. (fp16: the GradScaler skips overflowing steps itself.)"""
+    applied = math.isfinite(loss) and math.isfinite(grad_norm)
+    if applied or loop.scaler.is_enabled() and math.isfinite(loss):
+        loop.scaler.step(loop.optimizer)
+        loop.scaler.update()
+    loop.optimizer.zero_grad(set_to_none=True)
+    loop.skipped = 0 if applied or loop.scaler.is_enabled() and math.isfinite(loss) else loop.skipped + 1
+    return applied
+
+
+def schedule_step(loop: Loop) -> float:
+    """Advance the schedule by one optimizer step; return the learning rate the step used."""
+    lr = loop.optimizer.param_groups[0]["lr"]
+    loop.sched.step()
+    return lr
+
+
+def finite(x: float, digits: int) -> float | None:
+    return round(x, digits) if math.isfinite(x) else None  # JSON has no NaN: metrics.jsonl stays valid JSON
+
+
+def log_step(loop: Loop, log, record: dict, began: float, flops: float) -> dict:
+    """Complete the step's record with its timing, throughput and memory, and append it to metrics.jsonl."""
+    if loop.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - began
+    record.update(tokens_per_s=round(record["tokens"] / seconds), mfu=round(flops / seconds / loop.peak, 4),
+                  mem_gb=round(peak_memory_gb(loop.device), 3), seconds=round(seconds, 4))
+    if record["mfu"] > 1 and loop.device.type == "cpu":  # the cached peak was measured on a busy machine
+        loop.peak = peak_flops(loop.device, loop.precision, remeasure=True)
+        warn(f"step {record['step']}: MFU {record['mfu']:.0%} exceeds 100%, so the peak matmul probe had "
+             f"under-measured; measured again: {loop.peak / 1e9:.1f} GFLOP/s from here on", loop.rank)
+    write_record(loop, log, record)
+    return record
+
+
+def write_record(loop: Loop, log, record: dict) -> None:
+    if log:
+        log.write(json.dumps(record, allow_nan=False) + "\n")
+        log.flush()
+        loop.records.append(record)
+
+
+def stop_if_diverged(loop: Loop, step: int) -> None:
+    if loop.skipped >= loop.cfg.max_skips:
+        raise UserError(f"non-finite loss or gradients in {loop.skipped} consecutive steps "
+                        f"({step - loop.skipped + 1}-{step}), none applied; the last intact checkpoint is "
+                        f"{latest_name(loop.run)}; lower --lr and continue with the same command plus --resume")
+
+
+def checkpoint(loop: Loop, step: int) -> None:
+    if loop.rank == 0:
+        save_checkpoint(loop.run, step, loop.raw, loop.tokenizer, loop.optimizer, loop.sched, loop.scaler,
+                        loop.cfg.keep)
+    if loop.world > 1:
+        dist.barrier()
+
+
+def validation(loop: Loop, log, step: int) -> None:
+    """Validate on rank 0, keep the checkpoint that maximises cfg.select in best/, then log the result (so a logged
+    validation always has its best/ on disk)."""
+    if loop.rank == 0 and loop.validate is not None:
+        loop.raw.eval()
+        with torch.no_grad(), autocast(loop.precision, loop.device):
+            result = loop.validate(loop.raw)
+        loop.raw.train()
+        select = loop.cfg.select
+        if select and (loop.best is None or result[select] > loop.best[select]):
+            loop.best = {"step": step, select: result[select]}
+            loop.raw.save_pretrained(loop.run / "best", loop.tokenizer)
+            write_json(loop.run / "best.json", loop.best)
+        write_record(loop, log, {"step": step, "validation": result})
+    if loop.world > 1:
+        dist.barrier()
+
+
+def due(step: int, every: int, total: int) -> bool:
+    return step == total or bool(every) and step % every == 0
+
+
+def validated(records: list[dict], step: int) -> bool:
+    return any(r["step"] == step and "validation" in r for r in records)
+
+
+def summarize(loop: Loop) -> dict:
+    """The whole run's totals from its log, so a resumed run counts the steps before the resume too."""
+    steps = [r for r in loop.records if "tokens" in r]
+    losses = [r["loss"] for r in steps if r["loss"] is not None]
+    checks = [r["validation"] for r in loop.records if "validation" in r]
+    tokens, seconds = sum(r["tokens"] for r in steps), sum(r["seconds"] for r in steps)
+    return {"steps": loop.cfg.steps, "precision": loop.precision, "world_size": loop.world, "tokens": tokens,
+            "seconds": seconds, "tokens_per_s": tokens / max(seconds, 1e-9), "loss": losses[-1] if losses else None,
+            "skipped_steps": sum(r.get("skipped", False) for r in steps), "validation": checks[-1] if checks else None,
+            "peak_mem_gb": peak_memory_gb(loop.device), "best": loop.best}
 
 
 def train(model: Decoder, tokenizer: Tokenizer, data, cfg: TrainConfig, run: Path, *, device: torch.device,
           rank: int = 0, world: int = 1, resume: bool = False,
           validate: Callable[[Decoder], dict] | None = None) -> dict:
-    """Train `model` on `data` (data.Blocks or data.Examples) for cfg.steps optimizer steps; return a summary."""
-    check_split(cfg.accum, world)
-    precision = resolve_precision(cfg.precision, device)
-    raw = model.to(device)
-    if world > 1:
-        device_ids = [device.index] if device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=device_ids)
-    params = [p for p in raw.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(  # no weight decay on norms and biases
-        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-        lr=cfg.lr, betas=cfg.betas, fused=device.type == "cuda")
-    sched = scheduler(optimizer, cfg.schedule, cfg.steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    start, best = 0, read_json(run / "best.json") if (run / "best.json").exists() else None
-    if resume:
-        state = torch.load(latest_checkpoint(run) / "state.pt", map_location=device, weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        restore_rng(state["rng"])
-        start = state["step"]
-        if start >= cfg.steps:
-            raise UserError(f"{run}: the run already finished its {cfg.steps} steps; nothing to resume")
-    else:
+    """Train `model` on `data` (data.Blocks or data.Examples) for cfg.steps optimizer steps; return a summary.
+
+    --resume continues from the latest readable checkpoint; if the steps were all done (a run stopped during its
+    final validation), it writes what is missing."""
+    state = resume_state(run, model, rank) if resume else None
+    loop = setup(model, tokenizer, cfg, run, device, rank, world, validate)
+    start = restore(loop, state) if resume else 0
+    if not resume:
         torch.manual_seed(cfg.seed)
-    micro, peak = MicroBatches(data), peak_flops(device, precision)
-    log = open(run / "metrics.jsonl", "a") if rank == 0 else None
-    summary = {"steps": cfg.steps, "precision": precision, "world_size": world, "tokens": 0, "seconds": 0.0}
-
-    def checkpoint_now(step):
-        if rank == 0:
-            save_checkpoint(run, step, raw, tokenizer, optimizer, sched, scaler, cfg.keep)
-        if world > 1:
-            dist.barrier()
-
-    def validation(step):
-        result = None
-        if rank == 0 and validate is not None:
-            raw.eval()
-            with torch.no_grad(), autocast(precision, device):
-                result = validate(raw)
-            raw.train()
-            log.write(json.dumps({"step": step, "validation": result}) + "\n")
-            log.flush()
-            nonlocal best
-            if cfg.select and (best is None or result[cfg.select] > best[cfg.select]):
-                best = {"step": step, cfg.select: result[cfg.select]}
-                raw.save_pretrained(run / "best", tokenizer)
-                write_json(run / "best.json", best)
-        if world > 1:
-            dist.barrier()
-        return result
-
-    raw.train()
-    with StopRequest() as stop, progress_bar(cfg.steps, start, enabled=rank == 0 and cfg.progress) as bar:
+    micro = MicroBatches(data)
+    loop.raw.train()
+    with (open(run / "metrics.jsonl", "a" if resume else "w") if rank == 0 else contextlib.nullcontext()) as log, \
+            StopRequest(announce=rank == 0) as stop, \
+            progress_bar(cfg.steps, start, enabled=rank == 0 and cfg.progress) as bar:
+        if resume and due(start, cfg.eval_every, cfg.steps) and not validated(loop.records, start):
+            validation(loop, log, start)  # stopped between its checkpoint and its validation
         for step in range(start, cfg.steps):
             began = time.perf_counter()
             plan = [micro[step * cfg.accum + j] for j in range(cfg.accum)]
             n_targets = sum(data.n_targets(b) for b in plan)
             batches = [data.collate(b) for b in plan[rank::world]]
-            loss_sum = accumulate(model, raw.lm_head.weight, batches, n_targets, world, precision, device, scaler)
-            stats = torch.stack([loss_sum, torch.tensor(float(stop.requested), device=device)])
-            if world > 1:
-                dist.all_reduce(stats)  # the step's loss for the log, and whether any rank was asked to stop
-            loss = stats[0].item() / n_targets
-            if not math.isfinite(loss):
-                raise UserError(f"non-finite loss at step {step + 1}; nothing was updated and the last checkpoint "
-                                f"({(run / 'latest').read_text().strip() if (run / 'latest').exists() else 'none'}) "
-                                "is intact; lower --lr or use --precision fp32")
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
-            scaler.step(optimizer)
-            scaler.update()
-            lr = optimizer.param_groups[0]["lr"]
-            sched.step()
-            optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - began
-            tokens = sum(data.n_tokens(b) for b in plan)
-            flops = sum(x.size * raw.config.train_flops_per_token(x.shape[1]) for x, _ in batches)
-            record = {"step": step + 1, "loss": round(loss, 5), "lr": lr, "grad_norm": round(grad_norm, 4),
-                      "tokens": tokens, "tokens_per_s": round(tokens / seconds),
-                      "mfu": round(flops / seconds / peak, 4),
-                      "mem_gb": round(peak_memory_gb(device), 3), "seconds": round(seconds, 4)}
-            summary["tokens"] += tokens
-            summary["seconds"] += seconds
-            if log:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-            bar(step + 1, record)
-            done = step + 1 == cfg.steps
-            if stats[1] > 0 or done or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-                checkpoint_now(step + 1)
-            if stats[1] > 0:
+            loss_sum = accumulate(loop.model, loop.raw.lm_head.weight, batches, n_targets, world, loop.precision,
+                                  device, loop.scaler)
+            loss, stopping = gather(loop, loss_sum, n_targets, stop.requested)
+            grad_norm = clip(loop)
+            applied = update(loop, loss, grad_norm)
+            lr = schedule_step(loop)
+            record = {"step": step + 1, "loss": finite(loss, 5), "lr": lr, "grad_norm": finite(grad_norm, 4),
+                      "tokens": sum(data.n_tokens(b) for b in plan), **({} if applied else {"skipped": True})}
+            flops = sum(x.size * loop.raw.config.train_flops_per_token(x.shape[1]) for x, _ in batches)
+            bar(step + 1, log_step(loop, log, record, began, flops))
+            stop_if_diverged(loop, step + 1)
+            if stopping or due(step + 1, cfg.save_every, cfg.steps):
+                checkpoint(loop, step + 1)
+            if stopping:
                 raise Interrupted(f"interrupted at step {step + 1}/{cfg.steps}; checkpoint saved in {run}; "
                                   "continue with the same command plus --resume")
-            if done or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
-                summary["validation"] = validation(step + 1)
-    if rank == 0:
-        raw.save_pretrained(run / "final", tokenizer)
-        summary.update(loss=loss, tokens_per_s=summary["tokens"] / max(summary["seconds"], 1e-9),
-                       peak_mem_gb=peak_memory_gb(device), best=best)
-        summary["curves"] = plot_curves(run)
-    return summary
+            if due(step + 1, cfg.eval_every, cfg.steps):
+                validation(loop, log, step + 1)
+    if rank != 0:
+        return {"steps": cfg.steps, "precision": loop.precision, "world_size": world}
+    loop.raw.save_pretrained(run / "final", tokenizer)
+    return {**summarize(loop), "curves": plot_curves(run)}
 
 
 @contextlib.contextmanager
@@ -422,7 +760,8 @@ def progress_bar(total: int, start: int, enabled: bool):
                   TextColumn("{task.fields[info]}")) as progress:
         task = progress.add_task("train", total=total, completed=start, info="")
         yield lambda step, r: progress.update(task, completed=step, info=(
-            f"loss {r['loss']:.4f}  lr {r['lr']:.2e}  {r['tokens_per_s']:,} tok/s  MFU {r['mfu']:.1%}"))
+            f"loss {'non-finite' if r['loss'] is None else format(r['loss'], '.4f')}  lr {r['lr']:.2e}  "
+            f"{r['tokens_per_s']:,} tok/s  MFU {r['mfu']:.1%}"))
 
 
 def plot_curves(run: Path) -> str:
@@ -434,7 +773,7 @@ def plot_curves(run: Path) -> str:
     except ImportError:
         return "skipped curves.png: matplotlib is not installed (optional: pip install matplotlib)"
     records = [json.loads(line) for line in open(run / "metrics.jsonl")]
-    steps = [r for r in records if "loss" in r]
+    steps = [r for r in records if "tokens" in r and r["loss"] is not None]
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
     ax_loss.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8, label="train")
     val = [r for r in records if "val_loss" in r.get("validation", {})]  # CPT validates by loss, SFT by NDCG

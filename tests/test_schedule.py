@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from common import UserError
-from schedule import SHAPES, Schedule, factor, scheduler, steps
+from schedule import SHAPES, Schedule, factor, scheduler, steps, validate
 
 TOTAL = 1000
 
@@ -53,12 +53,32 @@ def test_constant():
 
 
 def test_invalid_settings_are_refused():
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     for s, message in [(Schedule("wsd"), "--schedule 'wsd'"), (Schedule(shape="sqrt"), "--anneal-shape 'sqrt'"),
                        (Schedule(shape="exp", floor=0.0), "must be > 0"),
-                       (Schedule(warmup=0.6, anneal=0.6), "exceed")]:
+                       (Schedule(warmup=0.6, anneal=0.6), "exceed"), (Schedule(warmup=-5), "--warmup -5"),
+                       (Schedule(anneal=-0.1), "--anneal -0.1")]:
         with pytest.raises(UserError, match=message):
-            scheduler(opt, s, TOTAL)
+            validate(s, TOTAL)
+
+
+@pytest.mark.parametrize("s, total, expected", [
+    (Schedule(warmup=2, anneal=0), 5, [0.01, 0.505, 1, 1, 1]),  # warmup-stable only
+    (Schedule(warmup=0, anneal=0.2), 1, [1]),  # annealing rounds to 0 steps in 1- and 2-step runs
+    (Schedule(warmup=0, anneal=0.2), 2, [1, 1]),
+    (Schedule("cosine", warmup=1), 1, [0.01]),  # nothing left to decay
+])
+def test_the_factor_after_the_last_step_exists(s, total, expected):
+    """LambdaLR evaluates step `total` after the last step and when a finished run is resumed: no division by 0."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = scheduler(opt, s, total)
+    lrs = []
+    for _ in range(total):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx(expected)
+    assert factor(total, total, s) == factor(total - 1, total, s)
+    scheduler(opt, s, total).load_state_dict(sched.state_dict())
 
 
 def test_lambda_lr_state_restores_on_resume():

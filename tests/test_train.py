@@ -1,7 +1,10 @@
 """Exact gradient accumulation, the chunked loss, bitwise resume after Ctrl-C, DDP = one process, failure paths."""
 import json
+import math
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -9,17 +12,51 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
+import cprec
+import train as train_module
 from common import UserError
 from conftest import TINY
-from data import Blocks, Encoder, Examples, cpt_stream, load_dataset, sft_examples, tokenizer_corpus, train_sequences
+from data import (
+    IGNORE,
+    VALID,
+    Blocks,
+    Encoder,
+    Examples,
+    cpt_stream,
+    eval_cases,
+    load_dataset,
+    sft_examples,
+    target_example,
+    tokenizer_corpus,
+    train_sequences,
+)
 from model import Decoder, ModelConfig, create_model
-from schedule import Schedule
+from schedule import Schedule, factor
 from tokenizer import Tokenizer
-from train import Interrupted, TrainConfig, accumulate, cross_entropy_sum, open_run, train
+from train import (
+    Interrupted,
+    TrainConfig,
+    accumulate,
+    cross_entropy_sum,
+    open_run,
+    peak_flops,
+    save_checkpoint,
+    target_loss,
+    train,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def fixed_peak(request, monkeypatch):
+    """MFU's peak probe costs seconds of a busy CPU: in-process runs use a fixed peak (its own test aside)."""
+    if "peak_probe" not in request.node.name:
+        monkeypatch.setattr(train_module, "peak_flops", lambda device, precision, remeasure=False: 1e12)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -54,15 +91,37 @@ def test_accumulated_gradients_equal_one_big_batch(world, tiny_model):
     micro = small.micro_batches(0)
     assert len(micro) >= 4 and sorted(i for b in micro for i in b) == everything
     n_targets = small.n_targets(everything)
-    grads = []
+    grads, losses = [], []
     for data, batches in [(small, micro), (big, [everything])]:
         model = Decoder.from_pretrained(tiny_model)
-        loss = accumulate(model, model.lm_head.weight, [data.collate(b) for b in batches], n_targets, 1, "fp32",
-                          torch.device("cpu"))
+        losses.append(accumulate(model, model.lm_head.weight, [data.collate(b) for b in batches], n_targets, 1,
+                                 "fp32", torch.device("cpu")))
         grads.append([p.grad for p in model.parameters()])
-    assert loss.item() > 0
+    inputs, targets = (torch.as_tensor(a) for a in big.collate(everything))  # the summed loss, from full logits
+    with torch.no_grad():
+        direct = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    torch.testing.assert_close(losses[0], direct, atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(losses[1], direct, atol=1e-3, rtol=1e-5)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_target_loss_is_the_mean_cross_entropy_of_the_held_out_items(world, tiny_model):
+    ds = load_dataset(world)
+    encoder = Encoder(Tokenizer.from_pretrained(tiny_model))
+    model = Decoder.from_pretrained(tiny_model)
+    cases = eval_cases(ds, "books", VALID)[:7]
+    total = n = 0
+    with torch.no_grad():
+        for case in cases:  # one case at a time, full logits, plain cross-entropy over the target item's tokens
+            e = target_example(ds, encoder, case, "books")
+            ids = torch.as_tensor(e.ids)
+            logits = model(ids[None, :-1])[0]
+            supervised = torch.as_tensor(e.supervised[1:])
+            total += F.cross_entropy(logits[supervised], ids[1:][supervised], reduction="sum").item()
+            n += int(supervised.sum())
+        got = target_loss(model, encoder, ds, cases, "books", tokens=96)  # several padded micro-batches
+    assert n > len(cases) and got == pytest.approx(total / n, rel=1e-5)
 
 
 def cpt_setup(world, tiny_model):
@@ -76,72 +135,356 @@ def config(**kw):
                                  progress=False), **kw})
 
 
-def run_cpt(world, tiny_model, out, resume=False, cfg=None, data=None):
+def run_cpt(world, tiny_model, out, resume=False, cfg=None, data=None, validate=None, settings=None):
+    """`cprec.py pretrain` in miniature: the run directory, then train() from the base model (--resume loads the
+    checkpoint's weights into it)."""
     blocks, tokenizer = cpt_setup(world, tiny_model)
     cfg = cfg or config()
-    run = open_run(out, {"test": 1}, resume=resume, overwrite=False)
-    start = run / "checkpoints" / (run / "latest").read_text().strip() if resume else tiny_model
-    return train(Decoder.from_pretrained(start), tokenizer, data or blocks, cfg, run, device=torch.device("cpu"),
-                 resume=resume)
+    run = open_run(out, settings or {"test": 1}, resume=resume, overwrite=False)
+    return train(Decoder.from_pretrained(tiny_model), tokenizer, data or blocks, cfg, run, device=torch.device("cpu"),
+                 resume=resume, validate=validate)
+
+
+@pytest.fixture(scope="module")
+def full_run(world, tiny_model, tmp_path_factory):
+    """The uninterrupted run every interrupted-and-resumed one must equal bit for bit, and its summary."""
+    out = tmp_path_factory.mktemp("full") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_module, "peak_flops", lambda device, precision, remeasure=False: 1e12)
+        summary = run_cpt(world, tiny_model, out)
+    return load_file(out / "final" / "model.safetensors"), summary, read_records(out)
+
+
+def read_records(run):
+    def refuse(constant):  # metrics.jsonl must be strict JSON: no bare NaN or Infinity
+        raise ValueError(f"bare {constant} in metrics.jsonl")
+    return [json.loads(line, parse_constant=refuse) for line in open(run / "metrics.jsonl")]
+
+
+def assert_same_weights(run, full_run):
+    final = load_file(run / "final" / "model.safetensors")
+    assert final.keys() == full_run[0].keys() and all(torch.equal(full_run[0][k], final[k]) for k in final)
+
+
+class Fault(Exception):
+    """A crash injected by a test."""
 
 
 class StopAt:
-    """Wraps the data and sends this process SIGINT (a real Ctrl-C) while step `step` is being assembled."""
+    """Wraps the data and, while step `step` is being assembled, sends this process SIGINT (a real Ctrl-C) or,
+    with crash=True, raises Fault (a kill)."""
 
-    def __init__(self, data, step, accum):
-        self.data, self.calls, self.at = data, 0, step * accum
+    def __init__(self, data, step, accum, crash=False):
+        self.data, self.calls, self.at, self.crash = data, 0, (step - 1) * accum + 1, crash
 
     def __getattr__(self, name):
         return getattr(self.data, name)
 
     def collate(self, batch):
         self.calls += 1
+        if self.calls == self.at and self.crash:
+            raise Fault("killed")
         if self.calls == self.at:
             os.kill(os.getpid(), signal.SIGINT)
         return self.data.collate(batch)
 
 
-def test_interrupted_and_resumed_run_equals_uninterrupted_bitwise(world, tiny_model, tmp_path):
-    run_cpt(world, tiny_model, tmp_path / "full")
+def test_interrupted_and_resumed_run_equals_uninterrupted_bitwise(world, tiny_model, tmp_path, full_run, capsys):
     blocks, _ = cpt_setup(world, tiny_model)
     with pytest.raises(Interrupted, match="interrupted at step 3/8"):
         run_cpt(world, tiny_model, tmp_path / "cut", data=StopAt(blocks, step=3, accum=2))
+    assert "stopping after this step, with a checkpoint" in capsys.readouterr().err  # the first Ctrl-C says so
     assert (tmp_path / "cut" / "latest").read_text().strip() == "step-0000003"
     run_cpt(world, tiny_model, tmp_path / "cut", resume=True)
-    full = load_file(tmp_path / "full" / "final" / "model.safetensors")
-    cut = load_file(tmp_path / "cut" / "final" / "model.safetensors")
-    assert all(torch.equal(full[k], cut[k]) for k in full)
-    logs = [[json.loads(line) for line in open(tmp_path / d / "metrics.jsonl")] for d in ("full", "cut")]
+    assert_same_weights(tmp_path / "cut", full_run)
     strip = lambda rows: [(r["step"], r["loss"], r["lr"]) for r in rows]  # noqa: E731
-    assert strip(logs[0]) == strip(logs[1])  # same steps, losses and learning rates: nothing lost or repeated
+    assert strip(full_run[2]) == strip(read_records(tmp_path / "cut"))  # same steps, losses and learning rates
+    (tmp_path / "cut" / "results.json").write_text("{}")  # what the CLI writes last
     with pytest.raises(UserError, match="already finished"):
         run_cpt(world, tiny_model, tmp_path / "cut", resume=True)
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(world, tiny_model, tmp_path):
-    with pytest.raises(UserError, match="non-finite loss at step 4.*step-0000002"):
-        run_cpt(world, tiny_model, tmp_path / "nan", cfg=config(lr=1e6, save_every=2, grad_clip=1e9))
-    checkpoint = tmp_path / "nan" / "checkpoints" / "step-0000002"
-    assert all(torch.isfinite(t).all() for t in load_file(checkpoint / "model.safetensors").values())
+def test_resume_truncates_the_log_to_the_checkpoint_and_sums_the_whole_run(world, tiny_model, tmp_path, full_run):
+    """Killed after step 5 was logged, with the checkpoint at step 4: the resumed run logs step 5 once, and its
+    summary counts every step's tokens and seconds, not only the resumed ones."""
+    blocks, _ = cpt_setup(world, tiny_model)
+    with pytest.raises(Fault):
+        run_cpt(world, tiny_model, tmp_path / "r", cfg=config(save_every=4), data=StopAt(blocks, 6, 2, crash=True))
+    assert [r["step"] for r in read_records(tmp_path / "r")] == [1, 2, 3, 4, 5]
+    summary = run_cpt(world, tiny_model, tmp_path / "r", cfg=config(save_every=4), resume=True)
+    records = read_records(tmp_path / "r")
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert summary["tokens"] == full_run[1]["tokens"] == 8 * 2 * 2 * 32
+    assert summary["seconds"] == pytest.approx(sum(r["seconds"] for r in records))
+    assert_same_weights(tmp_path / "r", full_run)
+
+
+class NaNGradients:
+    """Wraps the data and makes the gradients of the steps in `bad` NaN while the loss stays finite (as with
+    --lr 1e6): a hook on the final norm's weight, switched on while those steps are assembled."""
+
+    def __init__(self, data, bad, accum):
+        self.data, self.calls, self.bad, self.accum, self.on = data, 0, set(bad), accum, False
+
+    def __getattr__(self, name):
+        return getattr(self.data, name)
+
+    def collate(self, batch):
+        self.calls += 1
+        self.on = (self.calls - 1) // self.accum + 1 in self.bad
+        return self.data.collate(batch)
+
+    def attach(self, model):
+        model.norm.weight.register_hook(lambda g: g * math.nan if self.on else g)
+        return model
+
+
+def run_with_nan(world, tiny_model, out, bad, cfg):
+    blocks, tokenizer = cpt_setup(world, tiny_model)
+    data = NaNGradients(blocks, bad, cfg.accum)
+    run = open_run(out, {"test": 1}, resume=False, overwrite=False)
+    return train(data.attach(Decoder.from_pretrained(tiny_model)), tokenizer, data, cfg, run,
+                 device=torch.device("cpu"))
+
+
+def test_a_step_with_non_finite_gradients_is_skipped_and_logged(world, tiny_model, tmp_path):
+    summary = run_with_nan(world, tiny_model, tmp_path / "r", bad=[3], cfg=config(save_every=1))
+    records = read_records(tmp_path / "r")  # strict JSON: the NaN norm is written as null
+    assert records[2]["step"] == 3 and records[2]["skipped"] is True and records[2]["grad_norm"] is None
+    assert math.isfinite(records[2]["loss"]) and not any("skipped" in r for r in records[:2] + records[3:])
+    assert summary["skipped_steps"] == 1
+    for checkpoint in (tmp_path / "r" / "checkpoints").iterdir():  # step 3's update was never applied or saved
+        assert all(torch.isfinite(t).all() for t in load_file(checkpoint / "model.safetensors").values())
+
+
+def test_consecutive_non_finite_steps_stop_naming_the_last_intact_checkpoint(world, tiny_model, tmp_path):
+    with pytest.raises(UserError, match=r"3 consecutive steps \(4-6\), none applied; the last intact checkpoint is "
+                                        r".*step-0000003; lower --lr"):
+        run_with_nan(world, tiny_model, tmp_path / "r", bad=[4, 5, 6, 7, 8], cfg=config(save_every=3))
+    assert [r.get("skipped", False) for r in read_records(tmp_path / "r")] == [False] * 3 + [True] * 3
+    assert (tmp_path / "r" / "latest").read_text().strip() == "step-0000003"
+
+
+def test_non_finite_weights_are_never_saved(world, tiny_model, tmp_path):
+    model = Decoder.from_pretrained(tiny_model)
+    with torch.no_grad():
+        model.norm.weight[0] = math.inf
+    optimizer = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    with pytest.raises(UserError, match="non-finite weights at step 5 .*norm.weight.*not saved"):
+        save_checkpoint(tmp_path, 5, model, None, optimizer, sched, torch.amp.GradScaler("cpu", enabled=False), 2)
+    assert not (tmp_path / "checkpoints" / "step-0000005").exists() and not (tmp_path / "latest").exists()
+
+
+def test_resume_accepts_a_changed_learning_rate_with_a_recorded_warning(world, tiny_model, tmp_path, capsys):
+    blocks, _ = cpt_setup(world, tiny_model)
+    settings = {"train": {"lr": 3e-3, "accum": 2}}
+    with pytest.raises(Interrupted):
+        run_cpt(world, tiny_model, tmp_path / "r", data=StopAt(blocks, 3, 2), settings=settings)
+    with pytest.raises(UserError, match=r"different settings \(train.accum\)"):  # the batch plan may not change
+        run_cpt(world, tiny_model, tmp_path / "r", resume=True, settings={"train": {"lr": 3e-3, "accum": 4}})
+    lowered = {"train": {"lr": 1e-3, "accum": 2}}
+    run_cpt(world, tiny_model, tmp_path / "r", resume=True, cfg=config(lr=1e-3), settings=lowered)
+    assert "resuming with changed settings train.lr 0.003 -> 0.001" in capsys.readouterr().err
+    saved = json.loads((tmp_path / "r" / "run_config.json").read_text())
+    assert saved["train"]["lr"] == 1e-3
+    assert saved["resumed_with_changes"] == [{"from": "step-0000003", "changed": {"train.lr": [3e-3, 1e-3]}}]
+    lrs = [r["lr"] for r in read_records(tmp_path / "r")]
+    s = config().schedule
+    assert lrs[:3] == pytest.approx([3e-3 * factor(t, 8, s) for t in range(3)])
+    assert lrs[3:] == pytest.approx([1e-3 * factor(t, 8, s) for t in range(3, 8)])
+
+
+def test_resume_finishes_a_run_stopped_during_its_final_validation(world, tiny_model, tmp_path, full_run):
+    def broken(model):
+        raise Fault("killed while validating")
+
+    with pytest.raises(Fault):
+        run_cpt(world, tiny_model, tmp_path / "r", validate=broken)
+    assert (tmp_path / "r" / "latest").read_text().strip() == "step-0000008" and not (tmp_path / "r" / "final").exists()
+    summary = run_cpt(world, tiny_model, tmp_path / "r", resume=True, validate=lambda m: {"val_loss": 1.5})
+    assert summary["validation"] == {"val_loss": 1.5} and summary["tokens"] == full_run[1]["tokens"]
+    assert read_records(tmp_path / "r")[-1] == {"step": 8, "validation": {"val_loss": 1.5}}
+    assert_same_weights(tmp_path / "r", full_run)
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "state.pt"])
+def test_a_corrupt_latest_checkpoint_is_named_and_resume_falls_back(world, tiny_model, tmp_path, full_run, damaged,
+                                                                    capsys):
+    blocks, _ = cpt_setup(world, tiny_model)
+    with pytest.raises(Interrupted):
+        run_cpt(world, tiny_model, tmp_path / "r", cfg=config(save_every=2), data=StopAt(blocks, 5, 2))
+    checkpoints = tmp_path / "r" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-0000004", "step-0000005"]  # keep=2
+    file = checkpoints / "step-0000005" / damaged
+    file.write_bytes(file.read_bytes()[:len(file.read_bytes()) // 2])  # truncated, as by a full disk
+    run_cpt(world, tiny_model, tmp_path / "r", cfg=config(save_every=2), resume=True)
+    err = capsys.readouterr().err
+    assert f"step-0000005/{damaged} is unreadable" in err and "previous complete checkpoint" in err
+    assert "step-0000004" in err and (checkpoints / "corrupt-step-0000005").exists()
+    assert_same_weights(tmp_path / "r", full_run)
+    (checkpoints / "step-0000008" / damaged).write_bytes(b"")
+    for old in checkpoints.glob("step-*"):
+        if old.name != "step-0000008":
+            shutil.rmtree(old)
+    with pytest.raises(UserError, match=f"no readable checkpoint .*step-0000008/{damaged} is unreadable"):
+        run_cpt(world, tiny_model, tmp_path / "r", cfg=config(save_every=2), resume=True)
+
+
+def test_leftovers_of_interrupted_saves_are_removed_on_resume(world, tiny_model, tmp_path, full_run, capsys):
+    blocks, _ = cpt_setup(world, tiny_model)
+    with pytest.raises(Interrupted):
+        run_cpt(world, tiny_model, tmp_path / "r", data=StopAt(blocks, 3, 2))
+    run = tmp_path / "r"
+    leftovers = [run / "checkpoints" / ".step-0000009.tmp4242", run / "checkpoints" / ".step-0000003.old77",
+                 run / ".final.tmp66"]
+    for d in leftovers:
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"partial")
+    for f in (run / "latest.tmp", run / "best.json.tmp55", run / "metrics.jsonl.tmp1"):
+        f.write_text("partial")
+    (run / ".best.old12").mkdir()  # best/ was renamed aside, then the new one never renamed in: put it back
+    (run / ".best.old12" / "config.json").write_text("{}")
+    foreign = [run / "notes.txt", run / "checkpoints" / ".step-x.tmp1", run / "latest.tmp.bak"]
+    for f in foreign:
+        f.write_text("mine")
+    run_cpt(world, tiny_model, run, resume=True)
+    assert not any(p.exists() for p in leftovers) and not (run / "latest.tmp").exists()
+    assert not (run / "best.json.tmp55").exists() and not (run / "metrics.jsonl.tmp1").exists()
+    assert (run / "best" / "config.json").read_text() == "{}" and not (run / ".best.old12").exists()
+    assert all(f.read_text() == "mine" for f in foreign)  # names this project never writes are left alone
+    assert "removed" in capsys.readouterr().err
+    assert_same_weights(run, full_run)
+
+
+class SaveFault:
+    """Raise Fault at one phase of the checkpoint save of step 4 (6 for the pruning that follows `latest`)."""
+    PHASES = ("state file", "rename", "latest.tmp", "latest", "prune")
+
+    def __init__(self, monkeypatch, phase):
+        replace, save, rmtree, write_text = os.replace, torch.save, shutil.rmtree, Path.write_text
+
+        def fake_save(obj, f, *a, **kw):
+            if phase == "state file" and ".step-0000004." in str(f):
+                raise Fault(phase)
+            return save(obj, f, *a, **kw)
+
+        def fake_replace(src, dst):
+            if phase == "rename" and Path(dst).name == "step-0000004":
+                raise Fault(phase)
+            if phase == "latest" and Path(dst).name == "latest" and "step-0000004" in Path(src).read_text():
+                raise Fault(phase)
+            return replace(src, dst)
+
+        def fake_write_text(path, text, *a, **kw):
+            if phase == "latest.tmp" and path.name == "latest.tmp" and "step-0000004" in text:
+                raise Fault(phase)
+            return write_text(path, text, *a, **kw)
+
+        def fake_rmtree(path, *a, **kw):
+            if phase == "prune" and Path(path).name == "step-0000002":
+                raise Fault(phase)
+            return rmtree(path, *a, **kw)
+
+        for owner, name, fake in [(torch, "save", fake_save), (os, "replace", fake_replace),
+                                  (Path, "write_text", fake_write_text), (shutil, "rmtree", fake_rmtree)]:
+            monkeypatch.setattr(owner, name, fake)
+
+
+@pytest.mark.parametrize("phase", SaveFault.PHASES)
+def test_a_save_killed_at_each_phase_resumes_to_the_uninterrupted_result(world, tiny_model, tmp_path, full_run,
+                                                                         monkeypatch, phase):
+    run = tmp_path / "r"
+    with monkeypatch.context() as patch:
+        SaveFault(patch, phase)
+        with pytest.raises(Fault, match=phase):
+            run_cpt(world, tiny_model, run, cfg=config(save_every=2))
+    run_cpt(world, tiny_model, run, cfg=config(save_every=2), resume=True)
+    assert_same_weights(run, full_run)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000006", "step-0000008"]
+    assert sorted(p.name for p in run.iterdir() if p.name != "curves.png") == ["checkpoints", "final", "latest",
+                                                                               "metrics.jsonl", "run_config.json"]
+    assert [r["step"] for r in read_records(run)] == list(range(1, 9))
+
+
+def test_anneal_zero_runs_to_the_end_and_resumes(world, tiny_model, tmp_path):
+    """Warmup-stable only: LambdaLR asks the schedule for step `total` after the last step and on resume."""
+    blocks, _ = cpt_setup(world, tiny_model)
+    cfg = config(steps=4, schedule=Schedule(warmup=1, anneal=0))
+    with pytest.raises(Interrupted):
+        run_cpt(world, tiny_model, tmp_path / "r", cfg=cfg, data=StopAt(blocks, 4, 2))
+    run_cpt(world, tiny_model, tmp_path / "r", cfg=cfg, resume=True)  # resumes at the last step
+    assert [r["lr"] for r in read_records(tmp_path / "r")] == pytest.approx([3e-5, 3e-3, 3e-3, 3e-3])
+
+
+def test_peak_probe_is_cached_never_lowered_and_remeasured_when_mfu_exceeds_one(world, tiny_model, tmp_path,
+                                                                                 monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    probes = iter([5e9, 3e9, 8e9])
+    monkeypatch.setattr(train_module, "matmul_flops", lambda device, precision, reps: next(probes))
+    cpu = torch.device("cpu")
+    assert peak_flops(cpu, "fp32") == 5e9 and peak_flops(cpu, "fp32") == 5e9  # measured once, then cached
+    assert peak_flops(cpu, "fp32", remeasure=True) == 5e9  # a busier probe (3e9) never lowers it
+    assert peak_flops(cpu, "fp32", remeasure=True) == 8e9
+    (tmp_path / "cache" / "cprec" / "peak_flops.json").unlink()
+    probes = iter([1e3, 1e18])  # a probe on a very busy machine, then a quiet one
+    run_cpt(world, tiny_model, tmp_path / "r", cfg=config(steps=3, schedule=Schedule(warmup=1, anneal=1)))
+    mfu = [r["mfu"] for r in read_records(tmp_path / "r") if "mfu" in r]
+    assert mfu[0] > 1 and all(m < 1e-3 for m in mfu[1:])  # logged as measured (not clamped), then corrected
+    assert "MFU" in capsys.readouterr().err
+    assert list(json.loads((tmp_path / "cache" / "cprec" / "peak_flops.json").read_text()).values()) == [1e18]
 
 
 def test_run_directory_rules(tmp_path):
     open_run(tmp_path / "r", {"lr": 1}, resume=False, overwrite=False)
-    with pytest.raises(UserError, match="already holds a run; pass --resume .* or --overwrite"):
-        open_run(tmp_path / "r", {"lr": 1}, resume=False, overwrite=False)
     with pytest.raises(UserError, match="nothing to resume"):
         open_run(tmp_path / "r", {"lr": 1}, resume=True, overwrite=False)
+    (tmp_path / "r" / "metrics.jsonl").write_text('{"step": 1}\n')
+    open_run(tmp_path / "r", {"lr": 3}, resume=False, overwrite=False)  # a start that saved no checkpoint: reused
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["run_config.json"]
     (tmp_path / "r" / "latest").write_text("step-0000001\n")
+    with pytest.raises(UserError, match="already holds a run; pass --resume .* or --overwrite"):
+        open_run(tmp_path / "r", {"lr": 1}, resume=False, overwrite=False)
     with pytest.raises(UserError, match=r"different settings \(lr\)"):
         open_run(tmp_path / "r", {"lr": 2}, resume=True, overwrite=False)
     open_run(tmp_path / "r", {"lr": 2}, resume=False, overwrite=True)
     assert json.loads((tmp_path / "r" / "run_config.json").read_text()) == {"lr": 2}
     assert not (tmp_path / "r" / "latest").exists()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("not a run")
+    with pytest.raises(UserError, match="already holds a run"):  # files this project did not write: never reused
+        open_run(tmp_path / "other", {"lr": 2}, resume=False, overwrite=False)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["pretrain", "--epochs", "0"], "--epochs 0.0: expected a value > 0"),
+    (["pretrain", "--tokens", "-5"], "--tokens -5: expected a value > 0"),
+    (["pretrain", "--micro-batch", "0"], "--micro-batch 0: expected a value > 0"),
+    (["pretrain", "--block-len", "0"], "--block-len 0: expected a value > 0"),
+    (["pretrain", "--lr", "-1"], "--lr -1.0: expected a learning rate > 0"),
+    (["pretrain", "--warmup", "-5"], "--warmup -5.0: expected a step count"),
+    (["pretrain", "--save-every", "-1"], "--save-every -1: expected a step count >= 0"),
+    (["finetune", "--domain", "games", "--batch-tokens", "3000", "--micro-tokens", "2048"],
+     "--batch-tokens 3000 must be a multiple of --micro-tokens (2048)"),
+    (["finetune", "--domain", "games", "--epochs", "0"], "--epochs 0.0: expected a value > 0"),
+    (["finetune", "--domain", "games", "--lr", "0"], "--lr 0.0: expected a learning rate > 0"),
+])
+def test_bad_training_options_are_refused_before_the_run_directory(world, tiny_model, tmp_path, args, message):
+    result = CliRunner().invoke(cprec.app, [*args, "--data", str(world), "--model", str(tiny_model), "--out",
+                                            str(tmp_path / "out"), "--no-progress"])
+    assert isinstance(result.exception, UserError) and str(result.exception).startswith(message), result.exception
+    assert not (tmp_path / "out").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def cli(*args, torchrun=False):
-    prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"] \
-        if torchrun else [sys.executable]
+    prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+              str(free_port())] if torchrun else [sys.executable]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(prefix + [str(ROOT / "cprec.py"), *args], capture_output=True, text=True, env=env,
                             cwd=ROOT)
@@ -169,3 +512,28 @@ def test_two_processes_equal_one_with_the_same_global_batch(world, tiny_model, t
     losses = [[json.loads(line)["loss"] for line in open(tmp_path / d / "metrics.jsonl") if '"loss"' in line]
               for d in ("one", "two")]
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+
+
+def test_defaults_fit_the_checkpoint_init_models_keep_todays_and_pretrained_llms_get_cpt_ones(world, tiny_model,
+                                                                                            tmp_path):
+    assert json.loads((tiny_model / "config.json").read_text())["cprec_init"]["seed"] == 0  # init's mark
+    assert cprec.fitting_defaults(tiny_model, None, None, 10_000, "wsa", 0.2) == (1e-3, 0.02)
+    llm = tmp_path / "llm"  # the same weights without the mark: a downloaded checkpoint
+    shutil.copytree(tiny_model, llm)
+    config = json.loads((llm / "config.json").read_text())
+    del config["cprec_init"]
+    (llm / "config.json").write_text(json.dumps(config))
+    for steps, expected in [(10_000, 200), (3000, 100), (50, 20)]:  # 2%; at least 100; at most half of 50 - 10
+        assert cprec.fitting_defaults(llm, None, None, steps, "wsa", 0.2) == (1e-4, expected)
+    assert cprec.fitting_defaults(llm, 3e-4, 7, 10_000, "wsa", 0.2) == (3e-4, 7)  # explicit values win
+    assert cprec.fitting_defaults(llm, None, 0.1, 10_000, "cosine", 0.2) == (1e-4, 0.1)
+    args = ["pretrain", "--data", str(world), "--tokens", "256", "--block-len", "32", "--micro-batch", "4",
+            "--batch-tokens", "128", "--val-users", "2", "--no-progress"]
+    for model, lr, warmup in [(llm, 1e-4, 1), (tiny_model, 1e-3, 0.02)]:  # 2 steps: warmup capped at 1
+        out = tmp_path / f"run-{model.name}"
+        result = CliRunner().invoke(cprec.app, [*args, "--model", str(model), "--out", str(out)])
+        assert result.exit_code == 0, result.exception
+        settings = json.loads((out / "run_config.json").read_text())["train"]
+        assert (settings["lr"], settings["schedule"]["warmup"]) == (lr, warmup)
+    assert "cprec_init" in json.loads((tmp_path / "run-tiny" / "final" / "config.json").read_text())  # kept
+    assert "cprec_init" not in json.loads((tmp_path / "run-llm" / "final" / "config.json").read_text())
