@@ -42,9 +42,9 @@ from train import (
     TrainConfig,
     autocast,
     check,
-    latest_checkpoint,
     open_run,
     resolve_precision,
+    resume_weights,
     setup_distributed,
     target_loss,
     train,
@@ -191,6 +191,10 @@ FLOOR = typer.Option(0.1, help="Learning-rate factor reached at the last step.")
 PRECISION = typer.Option("auto", help="auto (bf16 where supported, else fp32), fp32, bf16, fp16 (CUDA).")
 RESUME = typer.Option(False, help="Continue the run in --out from its latest checkpoint, exactly.")
 OVERWRITE = typer.Option(False, help="Replace a run already in --out.")
+SHARD = typer.Option("auto", help="Several processes: ddp (a whole model per GPU), fsdp (parameters, gradients and "
+                     "AdamW state sharded over GPUs) or none; auto = ddp for several processes, none for one.")
+ACTIVATION_CHECKPOINTING = typer.Option(False, help="Recompute each decoder layer in backward: less activation "
+                                        "memory for long blocks, about a third more compute.")
 
 
 @app.command()
@@ -209,6 +213,7 @@ def pretrain(data: Path = typer.Option(DEFAULT_DATA, help="Dataset; the built-in
              block_len: int = typer.Option(256, help="Tokens per packed block."),
              micro_batch: int = typer.Option(8, help="Blocks per micro-batch and process."),
              precision: str = PRECISION, seed: int = typer.Option(0, help="Seed for data order and initialisation."),
+             shard: str = SHARD, activation_checkpointing: bool = ACTIVATION_CHECKPOINTING,
              save_every: int = typer.Option(200, help="Steps between resumable checkpoints (0 = at the end)."),
              eval_every: int = typer.Option(0, help="Steps between validation losses (0 = at the end)."),
              val_users: int = typer.Option(100, help="Validation users per pre-training domain."),
@@ -231,14 +236,15 @@ def pretrain(data: Path = typer.Option(DEFAULT_DATA, help="Dataset; the built-in
                         f"({micro_batch * block_len})")
     steps = max(1, math.ceil((tokens or epochs * blocks.n * block_len) / batch_tokens))
     cfg = TrainConfig(steps, accum, lr, schedule=schedule_options(schedule, warmup, anneal, anneal_shape, lr_floor),
-                      precision=precision, seed=seed, save_every=save_every, eval_every=eval_every, progress=progress)
+                      precision=precision, seed=seed, save_every=save_every, eval_every=eval_every, progress=progress,
+                      shard=shard, activation_checkpointing=activation_checkpointing)
     config = {"command": "pretrain", "data": str(data), "data_fingerprint": ds.fingerprint, "model": str(start),
               "tokenizer_fingerprint": tokenizer.fingerprint(), "kinds": split_list(kinds), "cpt_tokens": len(stream),
               "block_len": block_len, "micro_batch": micro_batch, "batch_tokens": batch_tokens,
               "train_tokens": steps * batch_tokens, "val_users": val_users, "train": run_settings(cfg)}
     check(cfg, device, world, context_of(start), block_len, "--block-len", str(start))
     run = open_run(out, config, resume, overwrite, rank)
-    net = Decoder.from_pretrained(latest_checkpoint(run) if resume else start)
+    net = Decoder.from_pretrained(resume_weights(run, start) if resume else start)
     pretrain_domains = [k for k, d in ds.domains.items() if d.role == "pretrain"]
     cases = {k: sample(eval_cases(ds, k, VALID), val_users, seed) for k in pretrain_domains}
 
@@ -263,6 +269,7 @@ def context_of(start: Path) -> int:
 def run_settings(cfg: TrainConfig) -> dict:
     settings = asdict(cfg)
     settings.pop("progress")  # presentation, not part of the run
+    settings.pop("activation_checkpointing")  # memory, not math: a resumed run may switch it
     return settings
 
 
@@ -301,6 +308,7 @@ def finetune(domain: str = typer.Option(..., help="Target domain, e.g. games."),
              beams: int = typer.Option(20, help="Beam width of the evaluation (>= 20)."),
              mask_history: bool = typer.Option(False, help="Exclude items already in the history from rankings."),
              precision: str = PRECISION, seed: int = typer.Option(0, help="Seed for data order and user sampling."),
+             shard: str = SHARD, activation_checkpointing: bool = ACTIVATION_CHECKPOINTING,
              save_every: int = typer.Option(0, help="Steps between resumable checkpoints (0 = at the end)."),
              resume: bool = RESUME, overwrite: bool = OVERWRITE,
              progress: bool = typer.Option(True, help="Show a progress bar.")):
@@ -325,7 +333,7 @@ def finetune(domain: str = typer.Option(..., help="Target domain, e.g. games."),
     cfg = TrainConfig(steps, accum, lr, schedule=schedule_options(schedule, warmup, anneal, anneal_shape, lr_floor),
                       precision=precision, seed=seed, save_every=save_every,
                       eval_every=eval_every or max(1, math.ceil(per_epoch / accum)), select="ndcg@10",
-                      progress=progress)
+                      progress=progress, shard=shard, activation_checkpointing=activation_checkpointing)
     config = {"command": "finetune", "domain": domain, "data": str(data), "data_fingerprint": ds.fingerprint,
               "model": str(start), "tokenizer_fingerprint": tokenizer.fingerprint(), "users_fraction": users_fraction,
               "train_users": len(sequences), "examples": len(examples.examples), "padding": examples.padding(),
@@ -333,7 +341,7 @@ def finetune(domain: str = typer.Option(..., help="Target domain, e.g. games."),
               "test_users": test_users, "beams": beams, "mask_history": mask_history, "train": run_settings(cfg)}
     check(cfg, device, world, context_of(start), examples.longest, "--window", str(start))
     run = open_run(out, config, resume, overwrite, rank)
-    net = Decoder.from_pretrained(latest_checkpoint(run) if resume else start)
+    net = Decoder.from_pretrained(resume_weights(run, start) if resume else start)
     options = dict(beams=beams, seed=seed, mask_history=mask_history, window=window)
     say(f"SFT on {domain}: {len(sequences):,} users, {len(examples.examples):,} examples ({config['padding']:.1%} "
         f"padding), {steps} steps "

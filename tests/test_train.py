@@ -2,10 +2,6 @@
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +10,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from common import UserError
-from conftest import TINY
+from conftest import ROOT, TINY, launch
 from data import (
     IGNORE,
     VALID,
@@ -33,8 +29,6 @@ from model import Decoder, ModelConfig, create_model
 from schedule import Schedule
 from tokenizer import Tokenizer
 from train import Interrupted, TrainConfig, accumulate, cross_entropy_sum, open_run, target_loss, train
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -176,20 +170,8 @@ def test_run_directory_rules(tmp_path):
     assert not (tmp_path / "r" / "latest").exists()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def cli(*args, torchrun=False):
-    prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-              str(free_port())] if torchrun else [sys.executable]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(prefix + [str(ROOT / "cprec.py"), *args], capture_output=True, text=True, env=env,
-                            cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    return launch(ROOT / "cprec.py", *args, processes=2 if torchrun else 1)
 
 
 @pytest.mark.parametrize("tied", [True, False])
