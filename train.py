@@ -449,6 +449,16 @@ def load_sharded_checkpoint(loop: Loop, path: Path) -> None:
     set_state_dict(loop.model, loop.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
+def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    """torch.nn.utils.clip_grad_norm_ that also takes FSDP's sharded gradients; returns the norm before clipping."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if isinstance(norm, DTensor):  # FSDP: each process holds its shards' part of the norm
+        norm = norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm.item()
+
+
 def resume_weights(run: Path, start: Path) -> Path:
     """The checkpoint a resumed run builds its model from: the latest one, or, when that is sharded (FSDP, no HF-layout
     weights), the run's starting weights, which restore() then replaces with the shards."""
@@ -527,12 +537,7 @@ def gather(loop: Loop, loss_sum: torch.Tensor, n_targets: int, stop: bool) -> tu
 def clip(loop: Loop) -> float:
     """Unscale (fp16) and clip the gradients; return their norm before clipping."""
     loop.scaler.unscale_(loop.optimizer)
-    params = [p for p in loop.raw.parameters() if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if isinstance(norm, DTensor):  # FSDP: each process holds its shards' part of the norm
-        norm = norm.full_tensor()
-    torch.nn.utils.clip_grads_with_norm_(params, loop.cfg.grad_clip, norm)
-    return norm.item()
+    return clip_grad_norm(loop.raw, loop.cfg.grad_clip)
 
 
 def update(loop: Loop, step: int, loss: float) -> None:

@@ -132,5 +132,17 @@ def test_consolidated_checkpoint_loads_in_transformers_with_equal_logits(runs, w
         with torch.no_grad():
             torch.testing.assert_close(hf(ids).logits, reference(ids), atol=1e-4, rtol=1e-4)
 
+def test_memory_estimate_counts_bytes_as_documented():
+    from bench import memory_estimate
+    gib = 2**30  # 1e9 parameters, 10 layers of width 1000, 1e8 embedding parameters, 1000 tokens per GPU, 8 GPUs
+    args = (10**9, 10, 1000, 10**8, 1000)
+    fsdp = memory_estimate(*args)
+    assert fsdp["state_gib"] * gib == 16e9 / 8 + 2 * (1e8 + 2 * 9e7)  # shards + bf16 root and two gathered layers
+    assert fsdp["activations_gib"] * gib == 34 * 1000 * 10 * 1000
+    assert memory_estimate(*args, shard="ddp")["state_gib"] * gib == 22e9
+    assert memory_estimate(*args, checkpointing=True)["activations_gib"] * gib == (2 * 10 + 34) * 1000 * 1000
+    assert memory_estimate(*args, accumulating=True)["state_gib"] * gib == fsdp["state_gib"] * gib + 4e9
+
+
 if __name__ == "__main__":
     worker(sys.argv[1])
