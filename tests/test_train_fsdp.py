@@ -30,15 +30,20 @@ def run(data_path, model, out, shard="none", ac=False, stop=0, resume=False, ran
     data = StopAt(blocks, step=stop, accum=4 // world) if stop and rank == 0 else blocks  # rank 0 alone is stopped
     run_dir = open_run(out, {"test": 1}, resume=resume, overwrite=False, rank=rank)
     net = Decoder.from_pretrained(resume_weights(run_dir, Path(model)) if resume else model)
-    cfg = fsdp_config(shard=shard, activation_checkpointing=ac)
+    cfg = fsdp_config(shard=shard, activation_checkpointing=ac, eval_every=4, select="score")
     try:  # without the peak-FLOP/s probe (a 2048³ matmul per run and process; MFU is not under test)
         with mock.patch("train.peak_flops", return_value=1e12):
             train(net, tokenizer, data, cfg, run_dir, device=torch.device(device), rank=rank, world=world,
-                  resume=resume)
+                  resume=resume, validate=score)
     except Interrupted:
         pass
     if shard == "fsdp" and net.config.tie_embeddings:
         assert net.lm_head.weight is net.embed_tokens.weight, "FSDP untied the embeddings"
+
+
+def score(model: Decoder) -> dict:
+    """A validation that depends on every weight (under FSDP it sees the gathered copy on rank 0)."""
+    return {"score": -sum(float(p.double().square().sum()) for p in model.parameters()) % 1.0}
 
 
 def worker(spec: str) -> None:
@@ -94,19 +99,25 @@ def runs(world, tiny_model, tmp_path_factory):
     return out
 
 
-def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(run_dir / "final" / "model.safetensors")
+def weights(run_dir: Path, which: str = "final") -> dict[str, torch.Tensor]:
+    return load_file(run_dir / which / "model.safetensors")
 
 
 def assert_same_run(got: Path, want: Path) -> None:
-    """Equal final weights (same names: plain HF layout) and the same losses at steps 1..STEPS, once each."""
-    a, b = weights(got), weights(want)
-    assert sorted(a) == sorted(b)
-    for k in b:
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5, msg=f"{got.name}: {k}")
-    losses = [[(r["step"], r["loss"]) for r in map(json.loads, open(d / "metrics.jsonl"))] for d in (got, want)]
-    assert [s for s, _ in losses[0]] == list(range(1, STEPS + 1))
-    np.testing.assert_allclose([v for _, v in losses[0]], [v for _, v in losses[1]], rtol=1e-5)
+    """Equal final and best weights (same names: plain HF layout), the same best step, and the same losses and
+    validations at steps 1..STEPS, once each."""
+    for which in ("final", "best"):
+        a, b = weights(got, which), weights(want, which)
+        assert sorted(a) == sorted(b)
+        for k in b:
+            torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5, msg=f"{got.name}/{which}: {k}")
+    assert json.loads((got / "best.json").read_text())["step"] == json.loads((want / "best.json").read_text())["step"]
+    logs = [[json.loads(line) for line in open(d / "metrics.jsonl")] for d in (got, want)]
+    assert [r["step"] for r in logs[0] if "loss" in r] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in logs[0] if "validation" in r] == [4, STEPS]
+    for key in ("loss", "validation"):
+        values = [[r[key]["score"] if key == "validation" else r[key] for r in log if key in r] for log in logs]
+        np.testing.assert_allclose(values[0], values[1], rtol=1e-5, atol=1e-6)
 
 
 def test_fsdp_on_two_processes_equals_one_tied_and_untied(runs, tiny_model):
