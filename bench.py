@@ -41,6 +41,7 @@ import torch.nn.functional as F
 import typer
 from rich.console import Console
 from rich.table import Table
+from torch.distributed.tensor import DTensor
 
 from common import UserError
 from cprec import DEFAULT_CPT, DEFAULT_DATA, DEFAULT_MODEL, SMALL, dataset
@@ -628,9 +629,8 @@ def fsdp_rank(results, rank: int, world: int, port: int, config: ModelConfig, ba
 
     for _ in range(max(1, o.warmup)):  # the first step allocates AdamW's state
         step()
-    local = [t.to_local() if hasattr(t, "to_local") else t for t in model.parameters()]
-    local += [t for state in optimizer.state.values() for t in state.values() if t.dim()]
-    local = [t.to_local() if hasattr(t, "to_local") else t for t in local]
+    state = [*model.parameters(), *(t for s in optimizer.state.values() for t in s.values() if t.dim())]
+    state_bytes = sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in state)  # this process's shards
     times = []
 
     def timed_steps():
@@ -639,7 +639,7 @@ def fsdp_rank(results, rank: int, world: int, port: int, config: ModelConfig, ba
             times.append(timed(step, o.device))
     gc.collect()
     _, memory = peak_memory(timed_steps, o.device)
-    results.put(dict(rank=rank, step_s_all=times, state_mib=sum(t.nbytes for t in local) / 2**20, **memory))
+    results.put(dict(rank=rank, step_s_all=times, state_mib=state_bytes / 2**20, **memory))
     torch.distributed.destroy_process_group()
 
 
