@@ -9,6 +9,10 @@ each section prints one table, and --json writes every row. Sections:
 - recommend: `cprec.py recommend` on the world's games: one history's latency (p50/p95), JSONL batch users/s.
 - catalogue: beam search and exact scoring on a synthetic catalogue of 100k items: speed and peak memory.
 - prepare: Amazon Reviews 2023 conversion of a synthetic category: records/s and peak RSS.
+- fsdp: FSDP2 training steps on 1 and 2 CPU processes (CUDA: Qwen2.5-0.5B/1.5B shapes over every GPU): step time,
+  tokens/s, MFU and memory per process.
+- memory: the estimated memory per GPU of DDP and FSDP, with and without activation checkpointing, for 0.5B, 1.5B
+  and 7B models on 8 x 80 GB (memory_estimate; computed, not measured).
 """
 from __future__ import annotations
 
@@ -18,7 +22,9 @@ import json
 import math
 import multiprocessing as mp
 import os
+import queue
 import re
+import socket
 import statistics
 import tempfile
 import time
@@ -36,13 +42,25 @@ import torch.nn.functional as F
 import typer
 from rich.console import Console
 from rich.table import Table
+from torch.distributed.tensor import DTensor
 
 from common import UserError
 from cprec import DEFAULT_CPT, DEFAULT_DATA, DEFAULT_MODEL, SMALL, dataset
 from data import TEST, VALID, Blocks, Encoder
 from model import Decoder, ModelConfig, config_to_hf, init_weights
 from tokenizer import Tokenizer
-from train import MATMUL_N, accumulate, autocast, cross_entropy_sum, matmul_flops, param_groups
+from train import (
+    MATMUL_N,
+    accumulate,
+    autocast,
+    checkpoint_layers,
+    clip_grad_norm,
+    cross_entropy_sum,
+    matmul_flops,
+    param_groups,
+    setup_distributed,
+    shard_fsdp,
+)
 
 H100_BF16_PEAK = 989e12  # dense bf16, SXM datasheet; an 8k matmul reaches about 800e12
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -612,10 +630,152 @@ def bench_prepare(o: Options) -> list[dict]:
     return rows
 
 
+# --------------------------------------------------------------------------------------------------- fsdp
+QWEN_15B = replace(QWEN_05B, dim=1536, n_layers=28, n_heads=12, head_dim=128, intermediate_size=8960)
+QWEN_7B = replace(QWEN_05B, vocab_size=152064, dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, head_dim=128,
+                  intermediate_size=18944, tie_embeddings=False)
+
+
+def fsdp_rank(results, rank: int, world: int, port: int, config: ModelConfig, batch: tuple[int, int, int],
+              precision: str, checkpointing: bool, o: Options) -> None:
+    """One process of an FSDP run as `cprec.py pretrain --shard fsdp` trains (train.shard_fsdp, accumulate,
+    clip_grad_norm, AdamW): warm-up steps, then timed steps; puts its times and memory on `results`."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    # CPU: every process gets half the threads, so 2 processes use them all and 1 shows the cost per process alone.
+    torch.set_num_threads(max(1, o.threads // 2) if o.device == "cpu" else o.threads)
+    _, _, device = setup_distributed()
+    model = Decoder(config)
+    init_weights(model, o.seed)
+    if checkpointing:
+        checkpoint_layers(model)
+    root = shard_fsdp(model, device, precision)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+    block, micro, accum = batch
+    stream = np.random.default_rng(o.seed).integers(0, config.vocab_size, micro * accum * block + 1, dtype=np.uint32)
+    blocks = Blocks(stream, block, micro, o.seed)
+    mine = [blocks.collate(b) for b in blocks.micro_batches(0)[:accum][rank::world]]  # this process's share
+
+    def step():
+        loss = accumulate(root, model.lm_head.weight, mine, block * micro * accum, world, precision, device)
+        clip_grad_norm(model, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()
+
+    for _ in range(max(1, o.warmup)):  # the first step allocates AdamW's state
+        step()
+    state = [*model.parameters(), *(t for s in optimizer.state.values() for t in s.values() if t.dim())]
+    state_bytes = sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in state)  # this process's shards
+    times = []
+
+    def timed_steps():
+        for _ in range(o.reps):
+            torch.distributed.barrier()
+            times.append(timed(step, o.device))
+    gc.collect()
+    _, memory = peak_memory(timed_steps, o.device)
+    results.put(dict(rank=rank, step_s_all=times, state_mib=state_bytes / 2**20, **memory))
+    torch.distributed.destroy_process_group()
+
+
+def fsdp_run(world: int, *args) -> list[dict]:
+    """Each rank of an FSDP run in a fresh spawned process (no inherited threads or CUDA state); their results."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    # Spawned children copy os.environ when they start; glibc returns freed tensors to the OS (see fresh_processes).
+    with mock.patch.dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072"):
+        procs = [ctx.Process(target=fsdp_rank, args=(results, rank, world, port, *args)) for rank in range(world)]
+        for p in procs:
+            p.start()
+    ranks = []
+    while len(ranks) < world:
+        try:
+            ranks.append(results.get(timeout=5))
+        except queue.Empty:
+            if any(p.exitcode not in (None, 0) for p in procs):
+                for p in procs:
+                    p.kill()
+                codes = [p.exitcode for p in procs]
+                raise RuntimeError(f"an FSDP benchmark process failed: exit codes {codes}") from None
+    for p in procs:
+        p.join()
+    return sorted(ranks, key=lambda r: r["rank"])
+
+
+def bench_fsdp(o: Options) -> list[dict]:
+    cuda = o.device.startswith("cuda")
+    if cuda:
+        gpus = torch.cuda.device_count()
+        runs = [(name, config, (2048, 4, gpus), gpus, "bf16", ac) for name, config in
+                (("qwen2.5-0.5b", QWEN_05B), ("qwen2.5-1.5b", QWEN_15B)) for ac in (False, True)]
+    else:
+        runs = [("small", SMALL, (64, 4, 2) if o.quick else (256, 8, 2), world, "fp32", False) for world in (1, 2)]
+    rows = []
+    for name, config, batch, world, precision, checkpointing in runs:
+        ranks = fsdp_run(world, config, batch, precision, checkpointing, o)
+        tokens, flops = math.prod(batch), config.train_flops_per_token(batch[0])
+        speed = throughput(ranks[0]["step_s_all"], tokens, flops)
+        speed["flops_per_s"] /= world if cuda else 1  # per device: GPUs each have their own, CPU processes share one
+        rows.append(dict(section="fsdp", model=name, params=config.n_params, processes=world, precision=precision,
+                         checkpointing=checkpointing, batch="×".join(map(str, batch)), **speed,
+                         state_mib=max(r["state_mib"] for r in ranks),
+                         peak_total_mib=max(r.get("peak_total_mib", math.nan) for r in ranks)))
+    if not cuda:
+        rows += [dict(section="fsdp", model=name, params=config.n_params, note="needs a GPU")
+                 for name, config in (("qwen2.5-0.5b", QWEN_05B), ("qwen2.5-1.5b", QWEN_15B))]
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------- memory
+def memory_estimate(n_params: int, n_layers: int, dim: int, embedding: int, tokens: int, gpus: int = 8,
+                    shard: str = "fsdp", checkpointing: bool = False, accumulating: bool = False) -> dict[str, float]:
+    """GiB per GPU of a bf16 mixed-precision training step, from byte counts.
+
+    Model state: fp32 weights 4 + gradients 4 + AdamW's two moments 8 = 16 bytes per parameter. DDP keeps all of it
+    on every GPU, plus its gradient buckets (a flat copy of the gradients, 4) and autocast's bf16 weight copies (2,
+    alive from forward to backward). FSDP shards the 16 bytes over the GPUs and gathers bf16 compute copies (2 bytes)
+    of the root (`embedding`: embeddings and lm_head, gathered for the whole step) and of two layers (the one
+    computing and the one prefetched); a process running several micro-batches per step also keeps an unsharded fp32
+    gradient accumulator (4), as the reduce-scatter waits for the last one.
+    Activations per token and layer (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
+    Models", eq. 2, 16-bit, the 5·a·s/h attention term gone with flash attention): 34·d bytes; with each layer
+    recomputed in backward, 2·d bytes (its input) plus one layer's 34·d while it is recomputed. `tokens`: one
+    micro-batch of one GPU. Not counted: the chunked loss (< 0.5 GiB), CUDA context and allocator slack (~1-3 GiB).
+    """
+    layer = (n_params - embedding) / n_layers
+    if shard == "ddp":
+        state = (16 + 4 + 2) * n_params
+    else:
+        state = 16 * n_params / gpus + 2 * (embedding + 2 * layer) + 4 * n_params * accumulating
+    activations = (2 * n_layers + 34) * dim * tokens if checkpointing else 34 * dim * n_layers * tokens
+    return dict(state_gib=state / 2**30, activations_gib=activations / 2**30, total_gib=(state + activations) / 2**30)
+
+
+def bench_memory(o: Options) -> list[dict]:
+    rows = []
+    for name, config in (("qwen2.5-0.5b", QWEN_05B), ("qwen2.5-1.5b", QWEN_15B), ("qwen2.5-7b", QWEN_7B)):
+        embedding = config.vocab_size * config.dim * (1 if config.tie_embeddings else 2)
+        for shard in ("ddp", "fsdp"):
+            for checkpointing in (False, True):
+                estimate = memory_estimate(config.n_params, config.n_layers, config.dim, embedding, MEMORY_TOKENS,
+                                           8, shard, checkpointing)
+                fits = estimate["total_gib"] < 0.9 * 80e9 / 2**30
+                rows.append(dict(section="memory", model=name, params=config.n_params, shard=shard,
+                                 checkpointing=checkpointing, **estimate, fits=fits))
+    return rows
+
+
+MEMORY_TOKENS = 2048 * 4  # the README's pretrain micro-batch: --block-len 2048 --micro-batch 4
+
 # --------------------------------------------------------------------------------------------------- sections
 SECTIONS: dict[str, Callable[[Options], list[dict]]] = {
     "decoder": bench_decoder, "train": bench_train, "loss": bench_loss, "eval": bench_eval,
-    "recommend": bench_recommend, "catalogue": bench_catalogue, "prepare": bench_prepare}
+    "recommend": bench_recommend, "catalogue": bench_catalogue, "prepare": bench_prepare, "fsdp": bench_fsdp,
+    "memory": bench_memory}
 NOTES = {  # printed under each section's table
     "decoder": "train = forward+backward with a full-vocabulary cross-entropy, infer = no-grad forward; tokens/s: "
                "median of interleaved reps; MFU = tokens/s x FLOPs/token (6N + 12·L·d·T, forward a third) / peak; "
@@ -644,6 +804,15 @@ NOTES = {  # printed under each section's table
     "prepare": "synthetic Amazon Reviews 2023 category; parse = prepare._read_reviews consumed, convert = "
                "convert_amazon end to end (titles, dedup, splits, dataset written); each in a fresh process: RSS "
                "before = after imports, peak = VmHWM. Target: parse >= 200k records/s.",
+    "fsdp": "optimizer steps of `cprec.py pretrain --shard fsdp` (train.shard_fsdp, accumulate, clip, AdamW) on "
+            "random blocks of block×micro-batch×accumulation tokens (the global batch, split over the processes), "
+            "each process spawned fresh; CPU: half the threads per process, fp32; CUDA: one process per GPU, "
+            "bf16 compute, fp32 master weights and reduction. step s = rank 0's median; MFU per device (CPU: the "
+            "processes share one); state MiB = the largest process's local weights + AdamW state shards; peak MiB = "
+            "the largest process's peak over the timed steps (CPU: VmHWM, CUDA: max_memory_allocated).",
+    "memory": "bench.memory_estimate per GPU on 8 GPUs, bf16 compute, micro-batch of 2048×4 tokens per GPU, no "
+              "gradient accumulator (one micro-batch per process and step); fits = total < 90% of 80 GB. Formula "
+              "and sources in memory_estimate's docstring.",
 }
 NUM, PCT, SPREAD = "{:,.0f}".format, "{:.1%}".format, ("spread", "spread", "±{:.0%}".format)
 SPEED = [("precision", "precision", str), ("tokens_per_s", "tokens/s", NUM), ("mfu", "MFU", PCT),
@@ -664,6 +833,15 @@ COLUMNS = {  # (row key, header, format); format str = a text column
                   ("users", "users", NUM), ("trie_s", "trie build s", "{:.2f}".format),
                   ("trie_peak_mib", "trie build peak MiB", NUM), ("users_per_s", "users/s", "{:,.2f}".format),
                   ("resident_mib", "resident MiB", NUM), ("peak_mem_mib", "ranking peak MiB", NUM)],
+    "fsdp": [("model", "model", str), ("params", "params", lambda n: f"{n / 1e6:,.1f}M"),
+             ("processes", "processes", str), ("checkpointing", "act. ckpt", str), ("batch", "tokens/step", str),
+             ("precision", "precision", str), ("step_s", "step s", "{:.3f}".format), ("tokens_per_s", "tokens/s", NUM),
+             ("mfu", "MFU", PCT), ("state_mib", "state MiB/process", NUM), ("peak_total_mib", "peak MiB/process", NUM),
+             SPREAD, ("note", "note", str)],
+    "memory": [("model", "model", str), ("params", "params", lambda n: f"{n / 1e9:,.2f}B"), ("shard", "shard", str),
+               ("checkpointing", "act. ckpt", str), ("state_gib", "state GiB", "{:.1f}".format),
+               ("activations_gib", "activations GiB", "{:.1f}".format), ("total_gib", "total GiB", "{:.1f}".format),
+               ("fits", "fits 80 GB", str)],
     "prepare": [("phase", "phase", str), ("records", "records", NUM), ("seconds", "seconds", "{:.1f}".format),
                 ("records_per_s", "records/s", NUM), ("rss_before_mib", "RSS before MiB", NUM),
                 ("peak_rss_mib", "peak RSS MiB", NUM)],
@@ -742,7 +920,7 @@ def main(
     console.print("[bold]machine[/]: " + ", ".join(f"{k} {v}" for k, v in machine.items()), highlight=False)
     if "decoder" in sections:
         console.print(f"[bold]decoder shape[/]: {s}, seq {seq}, batch {batch}")
-    mfu = {"decoder", "train"} & set(sections)  # only they report FLOP/s: skip the peak matmuls otherwise
+    mfu = {"decoder", "train", "fsdp"} & set(sections)  # only they report FLOP/s: skip the peak matmuls otherwise
     measured = measure_peaks(device, precision_list) if mfu else {}
     rows = []
     for name in sections:

@@ -252,6 +252,10 @@ FLOOR = typer.Option(0.1, help="Learning-rate factor reached at the last step.")
 PRECISION = typer.Option("auto", help="auto (bf16 where supported, else fp32), fp32, bf16, fp16 (CUDA).")
 RESUME = typer.Option(False, help="Continue the run in --out from its latest checkpoint, exactly.")
 OVERWRITE = typer.Option(False, help="Replace a run already in --out.")
+SHARD = typer.Option("auto", help="Several processes: ddp (a whole model per GPU), fsdp (parameters, gradients and "
+                     "AdamW state sharded over GPUs) or none; auto = ddp for several processes, none for one.")
+ACTIVATION_CHECKPOINTING = typer.Option(False, help="Recompute each decoder layer in backward: less activation "
+                                        "memory for long blocks, about a third more compute.")
 
 
 @app.command()
@@ -270,6 +274,7 @@ def pretrain(data: Path = typer.Option(DEFAULT_DATA, help="Dataset; the built-in
              block_len: int = typer.Option(256, help="Tokens per packed block."),
              micro_batch: int = typer.Option(8, help="Blocks per micro-batch and process."),
              precision: str = PRECISION, seed: int = typer.Option(0, help="Seed for data order and initialisation."),
+             shard: str = SHARD, activation_checkpointing: bool = ACTIVATION_CHECKPOINTING,
              save_every: int = typer.Option(200, help="Steps between resumable checkpoints (0 = at the end)."),
              eval_every: int = typer.Option(0, help="Steps between validation losses (0 = at the end)."),
              val_users: int = typer.Option(100, help="Validation users per pre-training domain."),
@@ -294,7 +299,8 @@ def pretrain(data: Path = typer.Option(DEFAULT_DATA, help="Dataset; the built-in
     steps = math.ceil((tokens or epochs * blocks.n * block_len) / batch_tokens)
     lr, warmup = fitting_defaults(start, lr, warmup, steps, schedule, anneal)
     cfg = TrainConfig(steps, accum, lr, schedule=schedule_options(schedule, warmup, anneal, anneal_shape, lr_floor),
-                      precision=precision, seed=seed, save_every=save_every, eval_every=eval_every, progress=progress)
+                      precision=precision, seed=seed, save_every=save_every, eval_every=eval_every, progress=progress,
+                      shard=shard, activation_checkpointing=activation_checkpointing)
     config = {"command": "pretrain", "data": str(data), "data_fingerprint": ds.fingerprint, "model": str(start),
               "tokenizer_fingerprint": tokenizer.fingerprint(), "kinds": split_list(kinds), "cpt_tokens": len(stream),
               "block_len": block_len, "micro_batch": micro_batch, "batch_tokens": batch_tokens,
@@ -333,6 +339,7 @@ def context_of(start: Path) -> int:
 def run_settings(cfg: TrainConfig) -> dict:
     settings = asdict(cfg)
     settings.pop("progress")  # presentation, not part of the run
+    settings.pop("activation_checkpointing")  # memory, not math: a resumed run may switch it
     return settings
 
 
@@ -372,6 +379,7 @@ def finetune(domain: str = typer.Option(..., help="Target domain, e.g. games."),
              beams: int = typer.Option(20, help="Beam width of the evaluation (>= 20)."),
              mask_history: bool = typer.Option(False, help="Exclude items already in the history from rankings."),
              precision: str = PRECISION, seed: int = typer.Option(0, help="Seed for data order and user sampling."),
+             shard: str = SHARD, activation_checkpointing: bool = ACTIVATION_CHECKPOINTING,
              save_every: int = typer.Option(0, help="Steps between resumable checkpoints (0 = at the end)."),
              resume: bool = RESUME, overwrite: bool = OVERWRITE,
              progress: bool = typer.Option(True, help="Show a progress bar.")):
@@ -400,7 +408,7 @@ def finetune(domain: str = typer.Option(..., help="Target domain, e.g. games."),
     cfg = TrainConfig(steps, accum, lr, schedule=schedule_options(schedule, warmup, anneal, anneal_shape, lr_floor),
                       precision=precision, seed=seed, save_every=save_every,
                       eval_every=eval_every or max(1, math.ceil(per_epoch / accum)), select="ndcg@10",
-                      progress=progress)
+                      progress=progress, shard=shard, activation_checkpointing=activation_checkpointing)
     config = {"command": "finetune", "domain": domain, "data": str(data), "data_fingerprint": ds.fingerprint,
               "model": str(start), "tokenizer_fingerprint": tokenizer.fingerprint(), "users_fraction": users_fraction,
               "train_users": len(sequences), "examples": len(examples.examples), "padding": examples.padding(),

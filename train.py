@@ -26,8 +26,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 from common import UserError, atomic_dir, read_json, write_json
 from data import IGNORE, Case, Dataset, Encoder, Examples, own_output, target_example
@@ -54,6 +61,8 @@ class TrainConfig:
     keep: int = 2  # resumable checkpoints kept on disk (>= 2: resume falls back when the latest is unreadable)
     max_skips: int = 3  # stop after this many consecutive steps with a non-finite loss or gradient (skipped)
     progress: bool = True
+    shard: str = "auto"  # auto (ddp for several processes, none for one), none, ddp, fsdp
+    activation_checkpointing: bool = False  # recompute each decoder layer in backward
 
 
 # --------------------------------------------------------------------------------------------------- devices
@@ -198,6 +207,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
 def micro_step_loss(model, lm_head: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed loss of one micro-batch: the model returns hidden states only where a target exists."""
+    if isinstance(model, SupervisedLoss):  # FSDP: the loss runs inside the root's forward, lm_head gathered
+        return model(inputs, targets)
     supervised = targets != IGNORE
     hidden = model(inputs, hidden=True, select=supervised)
     return cross_entropy_sum(hidden, lm_head, targets[supervised])
@@ -207,11 +218,10 @@ def accumulate(model, lm_head, batches, n_targets: int, world: int, precision: s
                scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
     """Forward and backward over this rank's micro-batches; gradients end as d(mean token loss of the step).
 
-    DDP averages gradients over ranks, hence the factor `world`; it syncs only on the last micro-batch."""
+    DDP and FSDP average gradients over ranks, hence the factor `world`; they sync only on the last micro-batch."""
     total = torch.zeros((), device=device)
     for i, (inputs, targets) in enumerate(batches):
-        sync = i == len(batches) - 1 or not hasattr(model, "no_sync")
-        with (contextlib.nullcontext() if sync else model.no_sync()), autocast(precision, device):
+        with gradient_sync(model, i == len(batches) - 1), autocast(precision, device):
             loss = micro_step_loss(model, lm_head, torch.as_tensor(inputs, device=device),
                                    torch.as_tensor(targets, device=device))
         scaled = loss * world / n_targets
@@ -388,6 +398,11 @@ class Corrupt(Exception):
 def load_checkpoint(path: Path, model: Decoder) -> dict:
     """Copy a checkpoint's weights into `model` (on CPU, before it moves) and return its training state."""
     weights, state_file = path / "model.safetensors", path / "state.pt"
+    if (path / ".metadata").exists():  # FSDP's sharded checkpoint: restore() loads the shards once the model is sharded
+        try:
+            return {**torch.load(state_file, map_location="cpu", weights_only=True), "sharded": str(path)}
+        except Exception as e:
+            raise Corrupt(f"{state_file} is unreadable ({type(e).__name__}: {e})") from None
     try:
         tensors = load_file(weights)
     except Exception as e:  # truncated, missing or foreign: whatever safetensors says, name the file
@@ -522,6 +537,8 @@ def check(cfg: TrainConfig, device: torch.device, world: int, context: int | Non
     if cfg.steps < 1 or cfg.accum < 1 or cfg.keep < 1 or cfg.max_skips < 1:
         raise ValueError(f"TrainConfig: steps, accum, keep and max_skips must be >= 1 ({cfg})")
     validate_schedule(cfg.schedule, cfg.steps)
+    if resolve_shard(cfg.shard, world) == "fsdp" and resolve_precision(cfg.precision, device) == "fp16":
+        raise UserError("--shard fsdp trains in bf16 or fp32; use --precision bf16 (fp16 loss scaling is not sharded)")
     resolve_precision(cfg.precision, device)
     if cfg.accum % world:  # each process takes an equal share of a step, so the batch plan is the same on any count
         raise UserError(f"--batch-tokens: {cfg.accum} micro-batches per step do not split evenly over {world} "
@@ -530,13 +547,130 @@ def check(cfg: TrainConfig, device: torch.device, world: int, context: int | Non
         raise UserError(f"{option}: {longest}-token sequences exceed the context of {model} ({context} tokens)")
 
 
+# --------------------------------------------------------------------------------------------------- sharding (FSDP2)
+def resolve_shard(shard: str, world: int) -> str:
+    """none, ddp or fsdp: auto is DDP on several processes, and DDP over one process is plain training."""
+    if shard not in ("auto", "none", "ddp", "fsdp"):
+        raise UserError(f"--shard {shard!r}: expected auto, none, ddp or fsdp")
+    if shard in ("auto", "ddp"):
+        return "ddp" if world > 1 else "none"
+    if shard == "none" and world > 1:
+        raise UserError(f"--shard none with {world} processes would train {world} separate models; use ddp or fsdp")
+    return shard
+
+
+class SupervisedLoss(nn.Module):
+    """A micro-batch's summed token loss as one forward: the FSDP root. FSDP gathers a module's parameters only inside
+    its forward, so the chunked loss runs here to see the whole lm_head (tied to the embedding or not)."""
+
+    def __init__(self, decoder: Decoder):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return micro_step_loss(self.decoder, self.decoder.lm_head.weight, inputs, targets)
+
+
+def checkpoint_layers(model: Decoder) -> None:
+    """Activation checkpointing: each decoder layer keeps only its input for backward and recomputes the rest there
+    (non-reentrant autograd, so gradients are exact); parameter names and state dicts are unchanged."""
+    for i, block in enumerate(model.layers):
+        model.layers[i] = checkpoint_wrapper(block)
+
+
+def shard_fsdp(model: Decoder, device: torch.device, precision: str) -> SupervisedLoss:
+    """FSDP2 over all processes: each decoder layer, then the root (embedding, final norm, lm_head, which stay tied).
+
+    Master weights, AdamW's state and gradients stay fp32 and sharded; under bf16 on CUDA each layer computes with a
+    gathered bf16 copy and gradients are reduced in fp32. One process gets a one-member process group, so a sharded
+    run resumes on any count (torch.distributed.checkpoint reshards on load)."""
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    bf16 = device.type == "cuda" and precision == "bf16"
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+        MixedPrecisionPolicy()
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    return fully_shard(SupervisedLoss(model), mesh=mesh, mp_policy=policy)
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, last: bool):
+    """Reduce gradients over the processes only on a step's last micro-batch: DDP's no_sync, FSDP's
+    set_requires_gradient_sync (the others accumulate unreduced gradients locally)."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(last)
+    with (model.no_sync() if not last and hasattr(model, "no_sync") else contextlib.nullcontext()):
+        yield
+
+
+def consolidate(loop: Loop) -> Decoder | None:
+    """The whole sharded model as a plain fp32 Decoder on rank 0's CPU (None on the others). Every process takes part;
+    the tensors are gathered one at a time, so rank 0 holds about one copy of the weights besides its shards."""
+    full = {}
+    for name, tensor in loop.raw.state_dict().items():
+        if loop.raw.config.tie_embeddings and name == "lm_head.weight":
+            continue  # the embedding, again
+        whole = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        if loop.rank == 0:
+            full[name] = whole.detach().to("cpu", torch.float32)
+        del whole
+    if loop.rank != 0:
+        return None
+    with torch.device("meta"):
+        model = Decoder(loop.raw.config)
+    model.load_state_dict(full, strict=not loop.raw.config.tie_embeddings, assign=True)
+    if loop.raw.config.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    return model
+
+
+def save_sharded_checkpoint(loop: Loop, step: int) -> None:
+    """FSDP's resumable checkpoint: each process writes its shards of the model and AdamW's state with
+    torch.distributed.checkpoint, rank 0 the schedule, scaler and RNG state; all into rank 0's temporary directory,
+    renamed once complete, and only then `latest` is switched."""
+    name = f"step-{step:07d}"
+    with (atomic_dir(loop.run / "checkpoints" / name) if loop.rank == 0 else contextlib.nullcontext()) as tmp:
+        where = [tmp]
+        dist.broadcast_object_list(where, src=0)
+        model_state, optimizer_state = get_state_dict(loop.model, loop.optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=where[0])
+        if loop.rank == 0:  # dcp.save returns once every process's shards and the metadata are written
+            torch.save({"step": step, "scheduler": loop.sched.state_dict(), "scaler": loop.scaler.state_dict(),
+                        "rng": rng_state()}, tmp / "state.pt")
+    if loop.rank == 0:
+        point_latest(loop.run, name)
+        for old in sorted((loop.run / "checkpoints").glob("step-*"))[:-loop.cfg.keep]:
+            shutil.rmtree(old)
+
+
+def load_sharded_checkpoint(loop: Loop, path: Path) -> None:
+    """Load a sharded checkpoint's model and AdamW state into this run's shards, whatever the process count."""
+    model_state, optimizer_state = get_state_dict(loop.model, loop.optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(loop.model, loop.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    """torch.nn.utils.clip_grad_norm_ that also takes FSDP's sharded gradients; returns the norm before clipping."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if isinstance(norm, DTensor):  # FSDP: each process holds its shards' part of the norm
+        norm = norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm.item()
+
+
 # --------------------------------------------------------------------------------------------------- the loop
 @dataclass
 class Loop:
     """What the phases of a step read and update, made once by `setup`."""
     cfg: TrainConfig
     raw: Decoder  # the model itself
-    model: torch.nn.Module  # `raw`, or `raw` under DDP
+    model: torch.nn.Module  # `raw`, or `raw` under DDP, or SupervisedLoss(`raw`) under FSDP
     tokenizer: Tokenizer
     optimizer: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LambdaLR
@@ -551,31 +685,40 @@ class Loop:
     best: dict | None = None  # the selected checkpoint so far: {"step": .., cfg.select: ..}
     records: list[dict] = field(default_factory=list)  # metrics.jsonl of the whole run (rank 0)
     skipped: int = 0  # consecutive steps whose update was skipped
+    shard: str = "none"  # none, ddp or fsdp
 
 
 def setup(model: Decoder, tokenizer: Tokenizer, cfg: TrainConfig, run: Path, device: torch.device, rank: int,
           world: int, validate: Callable[[Decoder], dict] | None) -> Loop:
-    """Model on its device (under DDP for several processes), AdamW, the schedule and the loss scaler."""
+    """Model on its device (under DDP or FSDP for several processes), AdamW, the schedule and the loss scaler."""
     check(cfg, device, world)
     precision = resolve_precision(cfg.precision, device)
-    raw = model.to(device)
+    shard = resolve_shard(cfg.shard, world)
+    if cfg.activation_checkpointing:
+        checkpoint_layers(model)
+    raw = model if shard == "fsdp" else model.to(device)  # FSDP moves one layer at a time, sharding it
     wrapped = raw
-    if world > 1:
+    if shard == "ddp":
         wrapped = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda"
                                                             else None)
+    if shard == "fsdp":
+        wrapped = shard_fsdp(raw, device, precision)
     optimizer = torch.optim.AdamW(param_groups(raw, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                                   fused=device.type == "cuda")
     best = read_json(run / "best.json") if (run / "best.json").exists() else None
     return Loop(cfg, raw, wrapped, tokenizer, optimizer, scheduler(optimizer, cfg.schedule, cfg.steps),
                 torch.amp.GradScaler(device.type, enabled=precision == "fp16"), run, device, precision, rank, world,
-                validate, peak_flops(device, precision), best)
+                validate, peak_flops(device, precision), best, shard=shard)
 
 
 def restore(loop: Loop, state: dict) -> int:
     """Load a checkpoint's optimizer, schedule, scaler and RNG state and the log up to it; return its step.
 
     A learning rate changed on --resume replaces the saved one from here on (the schedule's shape is kept)."""
-    loop.optimizer.load_state_dict(state["optimizer"])
+    if loop.shard == "fsdp":  # weights and AdamW state from the shards, into this run's shards
+        load_sharded_checkpoint(loop, Path(state["sharded"]))
+    else:
+        loop.optimizer.load_state_dict(state["optimizer"])
     loop.sched.load_state_dict(state["scheduler"])
     loop.scaler.load_state_dict(state["scaler"])
     restore_rng(state["rng"])
@@ -600,7 +743,7 @@ def gather(loop: Loop, loss_sum: torch.Tensor, n_targets: int, stop: bool) -> tu
 def clip(loop: Loop) -> float:
     """Unscale (fp16) and clip the gradients; return their norm before clipping."""
     loop.scaler.unscale_(loop.optimizer)
-    return torch.nn.utils.clip_grad_norm_(loop.raw.parameters(), loop.cfg.grad_clip).item()
+    return clip_grad_norm(loop.raw, loop.cfg.grad_clip)
 
 
 def update(loop: Loop, loss: float, grad_norm: float) -> bool:
@@ -656,7 +799,9 @@ def stop_if_diverged(loop: Loop, step: int) -> None:
 
 
 def checkpoint(loop: Loop, step: int) -> None:
-    if loop.rank == 0:
+    if loop.shard == "fsdp":
+        save_sharded_checkpoint(loop, step)
+    elif loop.rank == 0:
         save_checkpoint(loop.run, step, loop.raw, loop.tokenizer, loop.optimizer, loop.sched, loop.scaler,
                         loop.cfg.keep)
     if loop.world > 1:
@@ -665,16 +810,17 @@ def checkpoint(loop: Loop, step: int) -> None:
 
 def validation(loop: Loop, log, step: int) -> None:
     """Validate on rank 0, keep the checkpoint that maximises cfg.select in best/, then log the result (so a logged
-    validation always has its best/ on disk)."""
+    validation always has its best/ on disk). Under FSDP rank 0 validates a gathered copy."""
+    net = consolidate(loop) if loop.shard == "fsdp" and loop.validate is not None else loop.raw
     if loop.rank == 0 and loop.validate is not None:
-        loop.raw.eval()
+        net.to(loop.device).eval()
         with torch.no_grad(), autocast(loop.precision, loop.device):
-            result = loop.validate(loop.raw)
-        loop.raw.train()
+            result = loop.validate(net)
+        net.train()
         select = loop.cfg.select
         if select and (loop.best is None or result[select] > loop.best[select]):
             loop.best = {"step": step, select: result[select]}
-            loop.raw.save_pretrained(loop.run / "best", loop.tokenizer)
+            net.save_pretrained(loop.run / "best", loop.tokenizer)
             write_json(loop.run / "best.json", loop.best)
         write_record(loop, log, {"step": step, "validation": result})
     if loop.world > 1:
@@ -743,9 +889,10 @@ def train(model: Decoder, tokenizer: Tokenizer, data, cfg: TrainConfig, run: Pat
                                   "continue with the same command plus --resume")
             if due(step + 1, cfg.eval_every, cfg.steps):
                 validation(loop, log, step + 1)
+    final = consolidate(loop) if loop.shard == "fsdp" else loop.raw  # every process takes part
     if rank != 0:
         return {"steps": cfg.steps, "precision": loop.precision, "world_size": world}
-    loop.raw.save_pretrained(run / "final", tokenizer)
+    final.save_pretrained(run / "final", tokenizer)
     return {**summarize(loop), "curves": plot_curves(run)}
 
 

@@ -1,10 +1,18 @@
-"""Shared fixtures: a small hand-made dataset, a tiny built-in world and tiny models, all created in the test."""
+"""Shared fixtures: a small hand-made dataset, a tiny built-in world and tiny models, all created in the test; and
+the launcher of scripts in fresh processes (torchrun on a free port for several)."""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from data import Domain, load_dataset, tokenizer_corpus, write_dataset
 from model import ModelConfig, create_model
 from world import WorldConfig, write_world
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=128,
                    max_positions=512)
 
@@ -43,3 +51,19 @@ def tiny_model(world, tmp_path_factory):
     path = tmp_path_factory.mktemp("models") / "tiny"
     create_model(tokenizer_corpus(load_dataset(world)), path, TINY, seed=0)
     return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(script: str | Path, *args: str, processes: int = 1) -> subprocess.CompletedProcess:
+    """Run a script in fresh processes, under torchrun for several; fail the test with its stderr unless it succeeds."""
+    prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
+              str(free_port())] if processes > 1 else [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    result = subprocess.run(prefix + [str(script), *args], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result

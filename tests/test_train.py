@@ -4,9 +4,6 @@ import math
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +16,7 @@ from typer.testing import CliRunner
 import cprec
 import train as train_module
 from common import UserError
-from conftest import TINY
+from conftest import ROOT, TINY, launch
 from data import (
     IGNORE,
     VALID,
@@ -48,8 +45,6 @@ from train import (
     target_loss,
     train,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -476,20 +471,8 @@ def test_bad_training_options_are_refused_before_the_run_directory(world, tiny_m
     assert not (tmp_path / "out").exists()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def cli(*args, torchrun=False):
-    prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-              str(free_port())] if torchrun else [sys.executable]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(prefix + [str(ROOT / "cprec.py"), *args], capture_output=True, text=True, env=env,
-                            cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    return launch(ROOT / "cprec.py", *args, processes=2 if torchrun else 1)
 
 
 @pytest.mark.parametrize("tied", [True, False])

@@ -1,0 +1,159 @@
+"""FSDP2 and activation checkpointing: FSDP on 2 processes = 1 process (tied and untied), exact gradients with
+activation checkpointing, a sharded checkpoint resumed on 2 and on 1 process = the uninterrupted run, and a
+consolidated final checkpoint that transformers loads. The file doubles as the worker script torchrun launches."""
+import json
+import sys
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train import StopAt, config, cpt_setup
+
+from conftest import TINY, launch
+from data import load_dataset, tokenizer_corpus
+from model import Decoder, ModelConfig, create_model
+from train import Interrupted, accumulate, checkpoint_layers, open_run, setup_distributed, train
+
+STEPS = 8
+
+
+def fsdp_config(**kw):
+    return config(steps=STEPS, accum=4, **kw)  # 2 micro-batches per process and step: gradient sync skipped once
+
+
+def run(data_path, model, out, shard="none", ac=False, stop=0, resume=False, rank=0, world=1, device="cpu"):
+    """One CPT run as the tests' reference (in-process) or as a worker's job (under torchrun)."""
+    blocks, tokenizer = cpt_setup(data_path, model)
+    data = StopAt(blocks, step=stop, accum=4 // world) if stop and rank == 0 else blocks  # rank 0 alone is stopped
+    run_dir = open_run(out, {"test": 1}, resume=resume, overwrite=False, rank=rank)
+    net = Decoder.from_pretrained(model)  # on --resume, train() loads the checkpoint
+    cfg = fsdp_config(shard=shard, activation_checkpointing=ac, eval_every=4, select="score")
+    try:  # without the peak-FLOP/s probe (a 2048³ matmul per run and process; MFU is not under test)
+        with mock.patch("train.peak_flops", return_value=1e12):
+            train(net, tokenizer, data, cfg, run_dir, device=torch.device(device), rank=rank, world=world,
+                  resume=resume, validate=score)
+    except Interrupted:
+        pass
+    if shard == "fsdp" and net.config.tie_embeddings:
+        assert net.lm_head.weight is net.embed_tokens.weight, "FSDP untied the embeddings"
+
+
+def score(model: Decoder) -> dict:
+    """A validation that depends on every weight (under FSDP it sees the gathered copy on rank 0)."""
+    return {"score": -sum(float(p.double().square().sum()) for p in model.parameters()) % 1.0}
+
+
+def worker(spec: str) -> None:
+    rank, world, device = setup_distributed()
+    for job in json.loads(Path(spec).read_text()):
+        run(**job, rank=rank, world=world, device=str(device))
+
+
+def test_activation_checkpointing_gives_the_same_gradients_and_keeps_less(world, tiny_model):
+    blocks, _ = cpt_setup(world, tiny_model)
+    plan = blocks.micro_batches(0)[:2]
+    n_targets = sum(blocks.n_targets(b) for b in plan)
+    grads, kept = [], []
+    for ac in (False, True):
+        model = Decoder.from_pretrained(tiny_model)
+        if ac:
+            checkpoint_layers(model)
+        sizes = []  # bytes autograd keeps for backward
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, s=sizes: s.append(t.nbytes) or t, lambda t: t):
+            accumulate(model, model.lm_head.weight, [blocks.collate(b) for b in plan], n_targets, 1, "fp32",
+                       torch.device("cpu"))
+        grads.append({k: p.grad for k, p in model.named_parameters()})
+        kept.append(sum(sizes))
+        assert list(model.state_dict()) == list(Decoder.from_pretrained(tiny_model).state_dict())  # names unchanged
+    assert len(grads[1]) == len(grads[0]) == len(list(model.parameters()))
+    for a, b in zip(grads[0].values(), grads[1].values()):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6)
+    assert kept[1] < 0.5 * kept[0], kept
+
+
+@pytest.fixture(scope="module")
+def runs(world, tiny_model, tmp_path_factory):
+    """Every run of the tests below, in two launches: the references on one process without sharding (in-process),
+    then FSDP on 2 processes (tied; untied with activation checkpointing; stopped at step 3 and resumed; stopped at
+    step 5), then the last resumed on 1 process."""
+    out = tmp_path_factory.mktemp("fsdp")
+    untied = out / "untied-model"
+    create_model(tokenizer_corpus(load_dataset(world)), untied, ModelConfig(**{**vars(TINY), "tie_embeddings": False}))
+    for name, model in (("tied", tiny_model), ("untied", untied)):
+        run(world, model, out / f"ref-{name}")
+    common = dict(data_path=str(world), model=str(tiny_model), shard="fsdp")
+    jobs = [dict(common, out=str(out / "tied")),
+            dict(common, model=str(untied), out=str(out / "untied-ac"), ac=True),
+            dict(common, out=str(out / "cut"), stop=3),
+            dict(common, out=str(out / "cut"), resume=True),
+            dict(common, out=str(out / "cut21"), stop=5)]
+    (out / "two.json").write_text(json.dumps(jobs))
+    (out / "one.json").write_text(json.dumps([dict(common, out=str(out / "cut21"), resume=True)]))
+    launch(__file__, str(out / "two.json"), processes=2)
+    shards = sorted(p.name for p in (out / "cut21" / "checkpoints" / "step-0000005").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp", "state.pt"]  # each process wrote its shards
+    launch(__file__, str(out / "one.json"))
+    return out
+
+
+def weights(run_dir: Path, which: str = "final") -> dict[str, torch.Tensor]:
+    return load_file(run_dir / which / "model.safetensors")
+
+
+def assert_same_run(got: Path, want: Path) -> None:
+    """Equal final and best weights (same names: plain HF layout), the same best step, and the same losses and
+    validations at steps 1..STEPS, once each."""
+    for which in ("final", "best"):
+        a, b = weights(got, which), weights(want, which)
+        assert sorted(a) == sorted(b)
+        for k in b:
+            torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5, msg=f"{got.name}/{which}: {k}")
+    assert json.loads((got / "best.json").read_text())["step"] == json.loads((want / "best.json").read_text())["step"]
+    logs = [[json.loads(line) for line in open(d / "metrics.jsonl")] for d in (got, want)]
+    assert [r["step"] for r in logs[0] if "loss" in r] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in logs[0] if "validation" in r] == [4, STEPS]
+    for key in ("loss", "validation"):
+        values = [[r[key]["score"] if key == "validation" else r[key] for r in log if key in r] for log in logs]
+        np.testing.assert_allclose(values[0], values[1], rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp_on_two_processes_equals_one_tied_and_untied(runs, tiny_model):
+    assert_same_run(runs / "tied", runs / "ref-tied")
+    assert_same_run(runs / "untied-ac", runs / "ref-untied")  # with activation checkpointing too
+    assert "lm_head.weight" in weights(runs / "untied-ac") and "lm_head.weight" not in weights(runs / "tied")
+    initial = load_file(Path(tiny_model) / "model.safetensors")["model.norm.weight"]
+    assert not torch.equal(weights(runs / "tied")["model.norm.weight"], initial)  # it trained
+
+
+def test_fsdp_run_stopped_and_resumed_on_two_or_one_process_equals_the_uninterrupted_one(runs):
+    assert_same_run(runs / "cut", runs / "ref-tied")
+    assert_same_run(runs / "cut21", runs / "ref-tied")
+
+
+def test_consolidated_checkpoint_loads_in_transformers_with_equal_logits(runs, world, tiny_model):
+    from transformers import AutoModelForCausalLM
+    blocks, _ = cpt_setup(world, tiny_model)
+    ids = torch.as_tensor(blocks.collate(blocks.micro_batches(0)[0])[0])
+    for name, ref in (("tied", "ref-tied"), ("untied-ac", "ref-untied")):
+        hf = AutoModelForCausalLM.from_pretrained(runs / name / "final", dtype=torch.float32)
+        reference = Decoder.from_pretrained(runs / ref / "final")  # trained on one process without sharding
+        with torch.no_grad():
+            torch.testing.assert_close(hf(ids).logits, reference(ids), atol=1e-4, rtol=1e-4)
+
+def test_memory_estimate_counts_bytes_as_documented():
+    from bench import memory_estimate
+    gib = 2**30  # 1e9 parameters, 10 layers of width 1000, 1e8 embedding parameters, 1000 tokens per GPU, 8 GPUs
+    args = (10**9, 10, 1000, 10**8, 1000)
+    fsdp = memory_estimate(*args)
+    assert fsdp["state_gib"] * gib == 16e9 / 8 + 2 * (1e8 + 2 * 9e7)  # shards + bf16 root and two gathered layers
+    assert fsdp["activations_gib"] * gib == 34 * 1000 * 10 * 1000
+    assert memory_estimate(*args, shard="ddp")["state_gib"] * gib == 22e9
+    assert memory_estimate(*args, checkpointing=True)["activations_gib"] * gib == (2 * 10 + 34) * 1000 * 1000
+    assert memory_estimate(*args, accumulating=True)["state_gib"] * gib == fsdp["state_gib"] * gib + 4e9
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])
