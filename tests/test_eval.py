@@ -1,13 +1,16 @@
-"""Metrics against hand-computed ranks, the item trie, beam search against exact scoring, masking, popularity."""
+"""Metrics against hand-computed ranks, the item trie, beam search against exact scoring and against its frozen old
+implementation, masking, popularity, progress."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
+from bench import frozen_beam_search
 from common import UserError
 from data import Encoder, item_text, load_dataset
 from eval import (
+    BeamCache,
     beam_search,
     build_trie,
     evaluate,
@@ -15,6 +18,7 @@ from eval import (
     metrics,
     paired_bootstrap,
     popularity,
+    prompt_cache,
     rank_in_list,
     rank_in_scores,
 )
@@ -105,6 +109,38 @@ def test_batched_users_equal_one_at_a_time_and_small_beams_are_a_prefix(random_m
         alone, alone_scores = beam_search(random_model, [prompt], trie, beams=3, pad_id=0)
         assert batched[row].tolist() == alone[0].tolist()
         torch.testing.assert_close(batched_scores[row], alone_scores[0], atol=1e-5, rtol=1e-5)
+
+
+def test_beam_search_equals_the_old_implementation_on_varied_lengths(random_model):
+    """Pruned beams, users finishing at different depths and a prompt cache that shrinks must not change a thing:
+    the same items and scores as the frozen copy of the old beam search, which decoded every beam to the end."""
+    rng = np.random.default_rng(0)
+    items = list({tuple(rng.integers(2, 40, n - 1).tolist()) + (1,): None for n in rng.integers(1, 13, 120)})
+    assert min(map(len, items)) == 1 and max(map(len, items)) == 12
+    prompts = [rng.integers(2, 40, n).tolist() for n in rng.integers(1, 30, 12)]
+    exclude = [rng.choice(len(items), k, replace=False).tolist() for k in rng.integers(0, 4, 12)]
+    trie = build_trie([list(i) for i in items])
+    for beams in (3, 10):
+        new_items, new_scores = beam_search(random_model, prompts, trie, beams, 0, exclude)
+        old_items, old_scores = frozen_beam_search(random_model, prompts, trie, beams, 0, exclude)
+        assert new_items.tolist() == old_items.tolist()
+        torch.testing.assert_close(new_scores, old_scores, atol=1e-5, rtol=1e-5)
+        assert (new_items >= 0).all() and not set(new_items[0].tolist()) & set(exclude[0])
+
+
+def test_beam_cache_rows_follow_their_own_prompt(random_model):
+    """Rows of uneven counts per prompt (the grid path), after the cache dropped the prompts with no rows left: each
+    row decodes exactly as its prompt alone followed by its token would."""
+    prompts = [[2, 3, 4, 20, 21], [2, 30], [2, 22, 23, 24, 25, 26, 27, 28], [5, 6, 7]]
+    kv, _ = prompt_cache(random_model, prompts, 0)
+    cache = BeamCache(kv, torch.tensor([0, 0, 1, 2, 2, 3]), 0).select(torch.tensor([3, 4, 0]))  # prompts 2, 2, 0
+    assert cache.prompt.k.shape[1] == 2 and cache.owner.tolist() == [1, 1, 0] and cache.width == 2
+    tokens = [7, 8, 9]
+    got = random_model(torch.tensor(tokens)[:, None], kv_cache=cache)[:, -1]
+    with torch.no_grad():
+        for row, p in enumerate([prompts[2], prompts[2], prompts[0]]):
+            alone = random_model(torch.tensor([p + [tokens[row]]]))[0, -1]
+            torch.testing.assert_close(got[row], alone, atol=1e-4, rtol=1e-4)
 
 
 def test_history_masking_drops_items_from_the_ranking(random_model):
