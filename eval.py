@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import common
 from common import UserError
 from data import Dataset, Encoder, eval_cases, item_text, train_sequences
 from model import Decoder, KVCache
@@ -342,8 +343,9 @@ def auto_batch_users(model: Decoder, beams: int, prompt_len: int, depth: int, bu
 
 def evaluate(model: Decoder, encoder: Encoder, ds: Dataset, key: str, *, split: str = "test", beams: int = 20,
              exact: bool = False, users: int | None = None, seed: int = 0, mask_history: bool = False,
-             window: int = 20, batch_users: int | None = None, ks=KS) -> dict:
-    """Rank the whole catalogue of domain `key` for each evaluation user; the model and popularity side by side."""
+             window: int = 20, batch_users: int | None = None, ks=KS, progress: bool = False) -> dict:
+    """Rank the whole catalogue of domain `key` for each evaluation user; the model and popularity side by side.
+    `progress` shows a bar with ETA per batch of users (quiet when stderr is no terminal)."""
     if split not in ("test", "valid"):
         raise UserError(f"--split {split!r}: expected test or valid")
     if beams < max(ks):
@@ -366,22 +368,25 @@ def evaluate(model: Decoder, encoder: Encoder, ds: Dataset, key: str, *, split: 
     began = time.perf_counter()
     model.eval()
     ranks, tops = [0.0] * len(cases), [None] * len(cases)
-    if exact:
-        for k, (prompt, t, ex) in enumerate(zip(prompts, targets, excluded)):
-            scores = exact_scores(model, prompt, item_tokens, pad).cpu().numpy()
-            ranks[k] = rank_in_scores(scores, t, ex)
-            scores[ex] = -np.inf
-            tops[k] = np.argsort(-scores, kind="stable")[:beams]
-    else:
-        trie = build_trie(item_tokens, model.embed_tokens.weight.device)
-        order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths share a batch: less padding
-        step = batch_users or auto_batch_users(model, beams, max(map(len, prompts)), trie.depth)
-        for start in range(0, len(order), step):
-            rows = order[start:start + step]
-            batch_prompts = [prompts[r] for r in rows]
-            items, scores = beam_search(model, batch_prompts, trie, beams, pad, [excluded[r] for r in rows])
-            for r, it, sc in zip(rows, items.cpu().numpy(), scores.cpu().numpy()):
-                ranks[r], tops[r] = rank_in_list(it, sc, targets[r]), it[it >= 0]
+    with common.progress(len(cases), f"evaluate {key} {split}", progress) as advance:
+        if exact:
+            for k, (prompt, t, ex) in enumerate(zip(prompts, targets, excluded)):
+                scores = exact_scores(model, prompt, item_tokens, pad).cpu().numpy()
+                ranks[k] = rank_in_scores(scores, t, ex)
+                scores[ex] = -np.inf
+                tops[k] = np.argsort(-scores, kind="stable")[:beams]
+                advance(1, f"{(k + 1) / (time.perf_counter() - began):.1f} users/s")
+        else:
+            trie = build_trie(item_tokens, model.embed_tokens.weight.device)
+            order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths share a batch: less padding
+            step = batch_users or auto_batch_users(model, beams, max(map(len, prompts)), trie.depth)
+            for start in range(0, len(order), step):
+                rows = order[start:start + step]
+                batch_prompts = [prompts[r] for r in rows]
+                items, scores = beam_search(model, batch_prompts, trie, beams, pad, [excluded[r] for r in rows])
+                for r, it, sc in zip(rows, items.cpu().numpy(), scores.cpu().numpy()):
+                    ranks[r], tops[r] = rank_in_list(it, sc, targets[r]), it[it >= 0]
+                advance(len(rows), f"{(start + len(rows)) / (time.perf_counter() - began):.1f} users/s")
     seconds = time.perf_counter() - began
     ranker = "exact scoring of every item" if exact else f"trie-constrained beam search, {beams} beams"
     protocol = (f"full ranking over all {len(catalogue)} items of {domain.name} ({key}); {ranker}; history masking "

@@ -1,6 +1,7 @@
 """Metrics against hand-computed ranks, the item trie, beam search against exact scoring and against its frozen old
 implementation, masking, popularity, progress."""
 import math
+import re
 
 import numpy as np
 import pytest
@@ -185,3 +186,29 @@ def test_item_tokens_end_with_the_terminator(tiny_model):
     tok = Tokenizer.from_pretrained(tiny_model)
     encoder = Encoder(tok)
     assert tok.decode(encoder(item_text("Red Dragon Quest"))).endswith("\n")
+
+
+def test_evaluate_progress_shows_users_and_nests_in_an_open_bar(small, tiny_model, capsys, monkeypatch):
+    """A bar with the users done only when asked and on a terminal; inside another bar (validation inside training)
+    it becomes a second line of that bar rather than a second live display."""
+    import rich.console
+
+    import common
+    from common import progress
+    model = Decoder.from_pretrained(tiny_model)
+    encoder = Encoder(Tokenizer.from_pretrained(tiny_model))
+    evaluate(model, encoder, small, "books", progress=True)
+    assert capsys.readouterr().err == ""  # pytest's stderr is no terminal: quiet
+    monkeypatch.setattr(rich.console.Console, "is_terminal", property(lambda self: True))
+    evaluate(model, encoder, small, "books")
+    assert capsys.readouterr().err == ""  # not asked
+    evaluate(model, encoder, small, "books", progress=True)
+    assert "evaluate books test" in capsys.readouterr().err  # the bar's final frame shows when it stops
+    with progress(3, "step", start=1) as advance:
+        with progress(2, "inner") as inner:
+            assert len(common._bars) == 1 and len(common._bars[0].tasks) == 2  # one display, two lines
+            inner(2)
+        assert [t.description for t in common._bars[0].tasks] == ["step"]
+        advance(1, "loss 1.5")
+    last = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", capsys.readouterr().err).strip().splitlines()[-1]  # final frame
+    assert last.startswith("step 2/3") and last.endswith("loss 1.5")
