@@ -91,10 +91,13 @@ class BeamCache:
     A user's rows meet its prompt's keys in one matmul through a (prompts, width) grid, width = most rows of a prompt.
     """
 
-    def __init__(self, prompt: KVCache, owner: torch.Tensor, room: int):
-        layers, _, heads, _, dim = prompt.k.shape
+    def __init__(self, prompt: KVCache, owner: torch.Tensor | int, steps: int = 0):
+        """`owner`: each row's prompt, or a count of rows per prompt, in prompt order; `steps`: slots reserved."""
+        layers, users, heads, _, dim = prompt.k.shape
+        if isinstance(owner, int):
+            owner = torch.arange(users, device=prompt.k.device).repeat_interleave(owner)
         self.prompt, self.owner, self.length = prompt, owner, 0
-        self.k = prompt.k.new_zeros(layers, len(owner), heads, room, dim)
+        self.k = prompt.k.new_zeros(layers, len(owner), heads, steps, dim)
         self.v = torch.zeros_like(self.k)
         self.next_pos = prompt.next_pos[owner]
         self._place()
@@ -124,8 +127,9 @@ class BeamCache:
         """Claim T slots in every row; return the (T, length) causal mask over this row's own keys."""
         T = attention_mask.shape[1]
         start, self.length = self.length, self.length + T
-        if self.length > self.k.shape[3]:
-            raise ValueError(f"beam cache overflow: {self.length} > {self.k.shape[3]} slots")
+        if self.length > self.k.shape[3]:  # more slots than reserved: grow, keeping the filled ones
+            grow = (0, 0, 0, self.length - self.k.shape[3])
+            self.k, self.v = torch.nn.functional.pad(self.k, grow), torch.nn.functional.pad(self.v, grow)
         self.next_pos = position_ids[:, -1] + 1  # continuations are right-padded at most: positions just go on
         slots = torch.arange(self.length, device=self.k.device)
         return slots <= start + torch.arange(T, device=self.k.device)[:, None]
