@@ -8,6 +8,7 @@ each section prints one table, and --json writes every row. Sections:
 - eval: beam search against exact scoring on the built-in world's games domain: users/s and top-10 agreement.
 - recommend: `cprec.py recommend` on the world's games: one history's latency (p50/p95), JSONL batch users/s.
 - catalogue: beam search and exact scoring on a synthetic catalogue of 100k items: speed and peak memory.
+- movies: beam search today vs its frozen old copy vs exact scoring on a movie catalogue: users/s and agreement.
 - prepare: Amazon Reviews 2023 conversion of a synthetic category: records/s and peak RSS.
 - fsdp: FSDP2 training steps on 1 and 2 CPU processes (CUDA: Qwen2.5-0.5B/1.5B shapes over every GPU): step time,
   tokens/s, MFU and memory per process.
@@ -17,6 +18,7 @@ each section prints one table, and --json writes every row. Sections:
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import json
 import math
@@ -47,7 +49,8 @@ from torch.distributed.tensor import DTensor
 from common import UserError
 from cprec import DEFAULT_CPT, DEFAULT_DATA, DEFAULT_MODEL, SMALL, dataset
 from data import TEST, VALID, Blocks, Encoder
-from model import Decoder, ModelConfig, config_to_hf, init_weights
+from eval import Trie, prompt_cache
+from model import Decoder, KVCache, ModelConfig, config_to_hf, init_weights
 from tokenizer import Tokenizer
 from train import (
     MATMUL_N,
@@ -94,6 +97,7 @@ class Options:
     exact_users: int = 40
     prepare_records: int = 1_000_000
     catalogue_items: int = 100_000
+    movie_users: int = 200
 
 
 # --------------------------------------------------------------------------------------------------- machine
@@ -558,6 +562,175 @@ def bench_catalogue(o: Options) -> list[dict]:
     return rows
 
 
+# --------------------------------------------------------------------------------------------------- movies
+MOVIE_BEAMS, MOVIE_PROMPT, MOVIE_ITEMS, MOVIE_EXACT = 20, 150, 3000, 10
+
+
+def movie_catalogue(seed: int) -> tuple[list[list[int]], str]:
+    """Item token sequences of a movie catalogue, and where they come from: MovieLens-100k's titles (recbole's copy,
+    when installed) through a 1,024-piece SentencePiece model trained on them (7.9 tokens a title with the closing
+    newline, up to 34); else MOVIE_ITEMS synthetic titles of 3-40 tokens with a long tail (median 7)."""
+    with contextlib.suppress(ImportError):
+        import recbole
+        path = Path(recbole.__file__).parent / "dataset_example" / "ml-100k" / "ml-100k.item"
+        if path.exists():
+            from tokenizer import train_tokenizer
+            lines = path.read_text(encoding="latin-1").splitlines()[1:]
+            titles = list(dict.fromkeys(line.split("\t")[1] + "\n" for line in lines))  # 1,659 distinct
+            with tempfile.TemporaryDirectory(prefix="bench-movies-") as tmp:
+                train_tokenizer(titles, Path(tmp), 1024)
+                tokenizer = Tokenizer.from_pretrained(tmp)
+            return [tokenizer.encode(t) for t in titles], f"MovieLens-100k titles ({path})"
+    rng, items = np.random.default_rng(seed), {}
+    while len(items) < MOVIE_ITEMS:
+        length = int(np.clip(np.round(rng.lognormal(np.log(7), 0.5)), 3, 40))
+        items[tuple(rng.integers(TERMINATOR + 1, 1024, length - 1).tolist()) + (TERMINATOR,)] = None
+    return [list(item) for item in items], "synthetic titles (MovieLens-100k not installed)"
+
+
+def movie_prompts(items: list[list[int]], users: int, seed: int) -> list[list[int]]:
+    """Each user's last MOVIE_PROMPT tokens of a random history of whole titles, as in a 20-item prompt."""
+    rng, prompts = np.random.default_rng(seed), []
+    for _ in range(users):
+        history: list[int] = []
+        while len(history) < MOVIE_PROMPT:
+            history += items[rng.integers(len(items))]
+        prompts.append(history[-MOVIE_PROMPT:])
+    return prompts
+
+
+def bench_movies(o: Options) -> list[dict]:
+    """Beam search today against the frozen copy of the old one (same batches, interleaved, same results asserted)
+    and against exact scoring, on a movie-sized catalogue and the default model with random weights."""
+    from eval import auto_batch_users, beam_search, build_trie, exact_scores
+    items, source = movie_catalogue(o.seed)
+    lengths = [len(i) for i in items]
+    console.print(f"movies: {len(items):,} items from {source}, {statistics.mean(lengths):.1f} tokens a title (max "
+                  f"{max(lengths)}), {MOVIE_PROMPT}-token prompts, cprec.SMALL with random weights")
+    model = Decoder(SMALL)
+    init_weights(model, o.seed)
+    model.to(o.device).eval()
+    trie = build_trie(items, o.device)
+    prompts = movie_prompts(items, o.movie_users, o.seed)
+    step = auto_batch_users(model, MOVIE_BEAMS, MOVIE_PROMPT, trie.depth)
+    rankers = {"new": beam_search, "old": frozen_beam_search}
+    rows = []
+    for precision in o.precisions:
+        seconds, tops, worst = dict.fromkeys([*rankers, "exact"], 0.0), {}, 0.0
+        with autocast(precision, torch.device(o.device)):
+            beam_search(model, prompts[:2], trie, MOVIE_BEAMS, PAD)  # warm-up: thread pools, oneDNN primitives
+            for i, start in enumerate(range(0, len(prompts), step)):
+                batch, out = prompts[start:start + step], {}
+                for name in list(rankers) if i % 2 == 0 else list(rankers)[::-1]:  # alternate who runs first
+                    t = time.perf_counter()
+                    out[name] = [x.cpu() for x in rankers[name](model, batch, trie, MOVIE_BEAMS, PAD)]  # .cpu(): sync
+                    seconds[name] += time.perf_counter() - t
+                assert torch.equal(out["new"][0], out["old"][0]), "beam search changed its results"
+                worst = max(worst, (out["new"][1] - out["old"][1]).abs().max().item())
+                tops.update({start + k: row[:10].tolist() for k, row in enumerate(out["new"][0])})
+            exact_top = {}
+            for u in range(min(o.exact_users, MOVIE_EXACT, len(prompts))):
+                t = time.perf_counter()
+                scores = exact_scores(model, prompts[u], items, PAD).cpu()
+                seconds["exact"] += time.perf_counter() - t
+                exact_top[u] = torch.argsort(scores, descending=True, stable=True)[:10].tolist()
+        speed = {name: (len(prompts) if name in rankers else len(exact_top)) / s for name, s in seconds.items()}
+        common = dict(section="movies", precision=precision, items=len(items), source=source, batch_users=step)
+        rows += [dict(common, ranker="beam search (new)", users=len(prompts), users_per_s=speed["new"],
+                      vs_old=speed["new"] / speed["old"], vs_exact=speed["new"] / speed["exact"], max_score_diff=worst,
+                      overlap=statistics.mean(len(set(tops[u]) & set(e)) / 10 for u, e in exact_top.items()),
+                      same_order=statistics.mean(tops[u] == e for u, e in exact_top.items())),
+                 dict(common, ranker="beam search (old, 47acd71)", users=len(prompts), users_per_s=speed["old"]),
+                 dict(common, ranker="exact scoring", users=len(exact_top), users_per_s=speed["exact"])]
+    return rows
+
+
+class FrozenBeamCache:
+    """eval.BeamCache as of commit 47acd71: every row keeps `steps` slots, all copied when beams are reordered."""
+
+    def __init__(self, prompt: KVCache, width: int, steps: int):
+        layers, users, heads, _, dim = prompt.k.shape
+        self.prompt, self.width, self.length = prompt, width, 0
+        self.k = torch.zeros(layers, users * width, heads, steps, dim, dtype=prompt.k.dtype, device=prompt.k.device)
+        self.v = torch.zeros_like(self.k)
+        self.next_pos = prompt.next_pos.repeat_interleave(width)
+
+    def extend(self, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        T = attention_mask.shape[1]
+        start, self.length = self.length, self.length + T
+        if self.length > self.k.shape[3]:
+            raise ValueError(f"beam cache overflow: {self.length} > {self.k.shape[3]} slots")
+        self.next_pos = position_ids[:, -1] + 1  # continuations are right-padded at most: positions just go on
+        slots = torch.arange(self.length, device=self.k.device)
+        return slots <= start + torch.arange(T, device=self.k.device)[:, None]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: torch.Tensor):
+        rows, n_q, T, dim = q.shape
+        users, width, n_kv = rows // self.width, self.width, k.shape[1]
+        group, prompt_len = n_q // n_kv, self.prompt.length  # query head h reads key head h // group (GQA)
+        self.k[layer, :, :, self.length - T:self.length] = k
+        self.v[layer, :, :, self.length - T:self.length] = v
+        by_user = lambda x: x.view(users, width, n_kv, -1, x.shape[-1]).transpose(1, 2).reshape(  # noqa: E731
+            users, n_kv, -1, x.shape[-1])
+        by_row = lambda x: x.view(users, n_kv, width, -1, x.shape[-1]).transpose(1, 2).reshape(  # noqa: E731
+            rows, n_kv, -1, x.shape[-1])
+        q = q.reshape(rows, n_kv, group * T, dim)
+        prompt_k, prompt_v = self.prompt.k[layer, :, :, :prompt_len], self.prompt.v[layer, :, :, :prompt_len]
+        # A user's continuations are extra queries against its prompt's keys; each row's own keys are per row.
+        to_prompt = (by_user(q) @ prompt_k.transpose(-1, -2)).float().masked_fill(
+            ~self.prompt.valid[:, None, None, :prompt_len], -torch.inf)
+        to_own = (q @ self.k[layer, :, :, :self.length].transpose(-1, -2)).float().masked_fill(
+            ~causal.repeat(group, 1), -torch.inf)
+        probs = torch.softmax(torch.cat([by_row(to_prompt), to_own], -1) * dim ** -0.5, -1).to(v.dtype)
+        from_prompt, from_own = probs.split([prompt_len, self.length], -1)
+        y = by_row(by_user(from_prompt) @ prompt_v) + from_own @ self.v[layer, :, :, :self.length]
+        return y.reshape(rows, n_q, T, dim)
+
+    def select(self, rows: torch.Tensor) -> FrozenBeamCache:
+        out = copy.copy(self)
+        out.k, out.v, out.next_pos = self.k[:, rows], self.v[:, rows], self.next_pos[rows]
+        return out
+
+
+@torch.no_grad()
+def frozen_beam_search(model: Decoder, prompts: list[list[int]], trie: Trie, beams: int, pad_id: int,
+                       exclude: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """eval.beam_search as of commit 47acd71 (the same signature and results): the speed and equality reference
+    for today's; every user runs to the deepest item and each step copies every beam's whole cache."""
+    device = model.embed_tokens.weight.device
+    U = len(prompts)
+    prompt, logp = prompt_cache(model, prompts, pad_id)
+    cache = FrozenBeamCache(prompt, beams, trie.depth)
+    banned = torch.full((U, max(1, max(map(len, exclude or [[]])))), -2, dtype=torch.long, device=device)
+    for row, items in enumerate(exclude or []):
+        banned[row, :len(items)] = torch.as_tensor(items, dtype=torch.long)
+    node = torch.zeros((U, 1), dtype=torch.long, device=device)
+    score = torch.zeros((U, 1), device=device)
+    pool_item = torch.full((U, beams), -1, dtype=torch.long, device=device)
+    pool_score = torch.full((U, beams), -torch.inf, device=device)
+    for _ in range(trie.depth):
+        width = node.shape[1]
+        tokens, child = trie.children(node.flatten())  # (U·W, F)
+        fan = max(tokens.shape[1], -(-beams // width))  # at least `beams` candidates per user
+        tokens = F.pad(tokens, (0, fan - tokens.shape[1]), value=-1)
+        child = F.pad(child, (0, fan - child.shape[1]), value=trie.sink)
+        gained = logp.gather(1, tokens.clamp(min=0)).masked_fill(tokens < 0, -torch.inf)
+        cand = (score.flatten()[:, None] + gained).view(U, width * fan)
+        child, item = child.view(U, width * fan), trie.item[child].view(U, width * fan)
+        finished = (item >= 0) & ~(item[..., None] == banned[:, None, :]).any(-1)
+        merged = torch.cat([pool_score, cand.masked_fill(~finished, -torch.inf)], 1).topk(beams, dim=1)
+        pool_score, pool_item = merged.values, torch.cat([pool_item, item], 1).gather(1, merged.indices)
+        score, pick = cand.masked_fill(item >= 0, -torch.inf).topk(beams, dim=1)
+        if not (score[:, 0] > pool_score[:, -1]).any():
+            break
+        cache = cache.select((torch.arange(U, device=device)[:, None] * beams + pick // fan).flatten())
+        token = tokens.view(U, width * fan).gather(1, pick).clamp(min=0)  # dead beams (-inf) feed any token
+        hidden = model(token.view(-1, 1), kv_cache=cache, hidden=True)[:, -1]
+        logp = torch.log_softmax(model.lm_head(hidden).float(), -1)
+        node = child.gather(1, pick)
+    return pool_item, pool_score
+
+
 # --------------------------------------------------------------------------------------------------- prepare
 CATEGORY = "Bench_Synthetic"
 WORDS = ("dragon ocean star forest desert frost city jazz robot garden pirate knight ninja safari mystery ghost "
@@ -774,8 +947,8 @@ MEMORY_TOKENS = 2048 * 4  # the README's pretrain micro-batch: --block-len 2048 
 # --------------------------------------------------------------------------------------------------- sections
 SECTIONS: dict[str, Callable[[Options], list[dict]]] = {
     "decoder": bench_decoder, "train": bench_train, "loss": bench_loss, "eval": bench_eval,
-    "recommend": bench_recommend, "catalogue": bench_catalogue, "prepare": bench_prepare, "fsdp": bench_fsdp,
-    "memory": bench_memory}
+    "recommend": bench_recommend, "catalogue": bench_catalogue, "movies": bench_movies, "prepare": bench_prepare,
+    "fsdp": bench_fsdp, "memory": bench_memory}
 NOTES = {  # printed under each section's table
     "decoder": "train = forward+backward with a full-vocabulary cross-entropy, infer = no-grad forward; tokens/s: "
                "median of interleaved reps; MFU = tokens/s x FLOPs/token (6N + 12·L·d·T, forward a third) / peak; "
@@ -801,6 +974,11 @@ NOTES = {  # printed under each section's table
                  "ranking (model, items, trie), ranking peak = VmHWM growth over it (CUDA: allocated). It shows peak "
                  "memory independent of users x items: beam's follows users (prompt cache, beams x item-length keys, "
                  "beams x vocabulary logits), not items; exact's is one chunk (~1k items here) at any size.",
+    "movies": "beam search on a movie catalogue (MovieLens-100k's real titles when recbole is installed), 150-token "
+              "prompts, 20 beams, cprec.SMALL with random weights, the batches of eval.auto_batch_users; new = "
+              "eval.beam_search, old = bench.frozen_beam_search (47acd71), run batch by batch in alternating order "
+              "and asserted to return the same items; vs old / vs exact = users/s ratios; exact = exact_scores on the "
+              "first 10 users; overlap = mean |beam ∩ exact top-10| / 10, same order = identical top-10 lists.",
     "prepare": "synthetic Amazon Reviews 2023 category; parse = prepare._read_reviews consumed, convert = "
                "convert_amazon end to end (titles, dedup, splits, dataset written); each in a fresh process: RSS "
                "before = after imports, peak = VmHWM. Target: parse >= 200k records/s.",
@@ -842,6 +1020,10 @@ COLUMNS = {  # (row key, header, format); format str = a text column
                ("checkpointing", "act. ckpt", str), ("state_gib", "state GiB", "{:.1f}".format),
                ("activations_gib", "activations GiB", "{:.1f}".format), ("total_gib", "total GiB", "{:.1f}".format),
                ("fits", "fits 80 GB", str)],
+    "movies": [("ranker", "ranker", str), ("precision", "precision", str), ("items", "items", NUM),
+               ("users", "users", NUM), ("users_per_s", "users/s", "{:,.1f}".format),
+               ("vs_old", "vs old", "{:.1f}x".format), ("vs_exact", "vs exact", "{:.1f}x".format),
+               ("overlap", "top-10 overlap", PCT), ("same_order", "same top-10 order", PCT)],
     "prepare": [("phase", "phase", str), ("records", "records", NUM), ("seconds", "seconds", "{:.1f}".format),
                 ("records_per_s", "records/s", NUM), ("rss_before_mib", "RSS before MiB", NUM),
                 ("peak_rss_mib", "peak RSS MiB", NUM)],
@@ -881,6 +1063,7 @@ def main(
     eval_users: Annotated[int | None, Opt(help="eval beam-search and recommend users [1,000; quick 20]")] = None,
     exact_users: Annotated[int, Opt(help="of those, users also scored exactly (slow)")] = 40,
     catalogue_items: Annotated[int | None, Opt(help="synthetic catalogue items [100,000; quick 5,000]")] = None,
+    movie_users: Annotated[int | None, Opt(help="users of the movies section's beam searches [200; quick 8]")] = None,
     prepare_records: Annotated[int | None, Opt(help="synthetic reviews [1,000,000; quick 20,000]")] = None,
     peak_tflops: Annotated[float | None, Opt(help="MFU denominator for every precision, TFLOP/s "
                                                   "[CPU: measured matmul; CUDA bf16: 989, H100]")] = None,
@@ -915,6 +1098,7 @@ def main(
                 shape=config, seq=seq, batch=batch, compile=compile, data=data, model=model, eval_users=eval_users,
                 exact_users=min(exact_users, eval_users),
                 catalogue_items=catalogue_items or (5_000 if quick else 100_000),
+                movie_users=movie_users or (8 if quick else 200),
                 prepare_records=prepare_records or (20_000 if quick else 1_000_000))
     machine = machine_info(device)
     console.print("[bold]machine[/]: " + ", ".join(f"{k} {v}" for k, v in machine.items()), highlight=False)

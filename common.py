@@ -1,5 +1,5 @@
-"""Errors users can fix, and files that are never seen half-written. A leaf module: it imports nothing of the project,
-so every other module (the data tools too, which need no torch) can use it."""
+"""Errors users can fix, files that are never seen half-written, and progress bars. A leaf module: it imports nothing of
+the project, so every other module (the data tools too, which need no torch) can use it."""
 from __future__ import annotations
 
 import contextlib
@@ -99,3 +99,38 @@ def _alive(pid: int) -> bool:
     except OSError:  # exists but belongs to another user
         return True
     return True
+
+
+_bars: list = []  # the rich Progress on screen: a bar opened inside another becomes one more line of it
+
+
+@contextlib.contextmanager
+def progress(total: int, label: str, enabled: bool = True, start: int = 0):
+    """A progress bar with count, ETA and a free text, on stderr; yields `advance(n=1, info="")`.
+
+    Quiet (advance does nothing) when disabled or when stderr is not a terminal, so logs and pipes stay clean. A bar
+    opened while another is showing (validation inside training) is added to it as a second line, removed after.
+    """
+    console = None
+    if enabled:
+        from rich.console import Console
+        console = Console(stderr=True)
+    if console is None or not console.is_terminal:
+        yield lambda n=1, info="": None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    outer = _bars[-1] if _bars else None
+    bar = outer or Progress(TextColumn("{task.description}"), MofNCompleteColumn(), BarColumn(),
+                            TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console)
+    task = bar.add_task(label, total=total, completed=start, info="")
+    if outer is None:
+        bar.start()
+        _bars.append(bar)
+    try:
+        yield lambda n=1, info="": bar.update(task, advance=n, info=info)
+    finally:
+        if outer is None:  # the finished bar stays on screen
+            _bars.pop()
+            bar.stop()
+        else:
+            bar.remove_task(task)

@@ -288,7 +288,7 @@ def pretrain(data: Path = typer.Option(DEFAULT_DATA, help="Dataset; the built-in
     tokenizer = Tokenizer.from_pretrained(start)
     encoder = Encoder(tokenizer)
     if rank == 0:  # rank 0 tokenizes and caches, the others read the cache
-        cpt_stream(ds, encoder, split_list(kinds), seed)
+        cpt_stream(ds, encoder, split_list(kinds), seed, progress=progress)
     barrier()
     stream = cpt_stream(ds, encoder, split_list(kinds), seed)
     blocks = Blocks(stream, block_len, micro_batch, seed)
@@ -400,7 +400,8 @@ def finetune(domain: str = typer.Option(..., help="Target domain, e.g. games."),
     if not 0 < users_fraction <= 1:
         raise UserError(f"--users-fraction {users_fraction}: expected a value in (0, 1]")
     sequences = sample(sequences, max(1, round(users_fraction * len(sequences))), seed)
-    examples = Examples(sft_examples(ds, encoder, sequences, domain, window), micro_tokens, tokenizer.pad_id, seed)
+    examples = Examples(sft_examples(ds, encoder, sequences, domain, window, progress), micro_tokens, tokenizer.pad_id,
+                        seed)
     accum = batch_tokens // micro_tokens
     per_epoch = MicroBatches(examples).epoch_size()
     steps = math.ceil(epochs * per_epoch / accum)
@@ -416,7 +417,7 @@ def finetune(domain: str = typer.Option(..., help="Target domain, e.g. games."),
               "test_users": test_users, "beams": beams, "mask_history": mask_history, "train": run_settings(cfg)}
     check(cfg, device, world, context_of(start), examples.longest, "--window", str(start))
     net = Decoder.from_pretrained(start)  # on --resume, train() loads the checkpoint's weights into it
-    options = dict(beams=beams, seed=seed, mask_history=mask_history, window=window)
+    options = dict(beams=beams, seed=seed, mask_history=mask_history, window=window, progress=progress)
     run = open_run(out, config, resume, overwrite, rank)  # only now: a start that fails before leaves nothing behind
     say(f"SFT on {domain}: {len(sequences):,} users, {len(examples.examples):,} examples ({config['padding']:.1%} "
         f"padding), {steps} steps ({accum} micro-batches each), validation every {cfg.eval_every} steps on "
@@ -463,7 +464,7 @@ def evaluate_command(domain: str = typer.Option(..., help="Domain whose whole ca
     encoder = Encoder(Tokenizer.from_pretrained(model))
     with autocast(resolve_precision(precision, device), device):
         result = evaluation.evaluate(net, encoder, ds, domain, split=split, beams=beams, exact=exact, users=users,
-                                     seed=seed, mask_history=mask_history, window=window)
+                                     seed=seed, mask_history=mask_history, window=window, progress=True)
     save_result(result, out, {"model": str(model), "data_fingerprint": ds.fingerprint})
     show(result)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import UserError, atomic_dir, read_json, write_json
+from common import UserError, atomic_dir, progress, read_json, write_json
 from tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
@@ -402,7 +402,17 @@ class Encoder:
         return ids, starts
 
 
-def cpt_stream(ds: Dataset, encoder: Encoder, kinds=SEQUENCE_KINDS, seed: int = 0) -> np.ndarray:
+def counted(sequence: list, label: str, enabled: bool, every: int = 1000):
+    """Iterate over `sequence` with a progress bar (common.progress), moved every `every` items to stay cheap."""
+    with progress(len(sequence), label, enabled) as advance:
+        for k, x in enumerate(sequence):
+            if k and k % every == 0:
+                advance(every)
+            yield x
+
+
+def cpt_stream(ds: Dataset, encoder: Encoder, kinds=SEQUENCE_KINDS, seed: int = 0,
+               progress: bool = False) -> np.ndarray:
     """All CPT sequences tokenized, shuffled by `seed` and concatenated, each closed by EOS: the text CPT packs.
 
     Tokenized once and cached under the dataset by a key of everything it depends on.
@@ -419,7 +429,8 @@ def cpt_stream(ds: Dataset, encoder: Encoder, kinds=SEQUENCE_KINDS, seed: int = 
     if not sequences:
         raise UserError(f"{ds.path}: no CPT sequences (each needs 2 or more training items); check the dataset")
     eos = [encoder.tokenizer.eos_id]
-    parts = [np.array(encoder.sequence(ds, items, domain)[0] + eos, np.uint32) for items, domain in sequences]
+    parts = [np.array(encoder.sequence(ds, items, domain)[0] + eos, np.uint32)
+             for items, domain in counted(sequences, "tokenize CPT sequences", progress)]
     order = np.random.default_rng(seed).permutation(len(parts))
     stream = np.concatenate([parts[i] for i in order])
     cache.parent.mkdir(exist_ok=True)
@@ -451,12 +462,12 @@ def windows(n: int, window: int) -> list[tuple[int, int, int]]:
 
 
 def sft_examples(ds: Dataset, encoder: Encoder, sequences: list[np.ndarray], key: str,
-                 window: int = 20) -> list[Example]:
+                 window: int = 20, progress: bool = False) -> list[Example]:
     """Next-item prediction at every position of a user's sequence in one forward pass: the whole (windowed)
     sequence is one example and the loss covers every target item's tokens, not one example per prefix."""
     domain = ds.domain(key)
     out = []
-    for items in sequences:
+    for items in counted(sequences, "tokenize SFT sequences", progress):
         for start, first, end in windows(len(items), window):
             ids, starts = encoder.sequence(ds, items[start:end], domain)
             supervised = np.zeros(len(ids), bool)

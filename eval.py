@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+import common
 from common import UserError
 from data import Dataset, Encoder, eval_cases, item_text, train_sequences
 from model import Decoder, KVCache
@@ -83,56 +83,97 @@ def build_trie(sequences: list[list[int]], device: torch.device | str = "cpu") -
 
 # --------------------------------------------------------------------------------------------------- rankers
 class BeamCache:
-    """Many continuations of each prompt decoded together: beam search's beams, or exact scoring's candidate items.
+    """Many continuations of a few prompts decoded together: beam search's live beams, or exact scoring's items.
 
-    The prompts' keys stay in their KVCache, once per prompt; only each continuation's own keys (at most `steps`)
-    live here. Attention takes one softmax over both parts, so following beams copies a few slots per beam and never
-    a prompt (a per-beam cache copies users x beams x prompt-length slots at every step).
+    The prompts' keys stay in their KVCache, once per prompt; only each continuation's own keys (one per token it has
+    decoded) live here. Attention takes one softmax over both parts, so following beams copies a few slots per beam
+    and never a prompt. Row r continues prompt `owner[r]`; rows may come and go each step (beams pruned, users done).
+    A user's rows meet its prompt's keys in one matmul through a (prompts, width) grid, width = most rows of a prompt.
     """
 
-    def __init__(self, prompt: KVCache, width: int, steps: int):
+    def __init__(self, prompt: KVCache, owner: torch.Tensor | int, steps: int = 0):
+        """`owner`: each row's prompt, or a count of rows per prompt, in prompt order; `steps`: slots reserved."""
         layers, users, heads, _, dim = prompt.k.shape
-        self.prompt, self.width, self.length = prompt, width, 0
-        self.k = torch.zeros(layers, users * width, heads, steps, dim, dtype=prompt.k.dtype, device=prompt.k.device)
+        if isinstance(owner, int):
+            owner = torch.arange(users, device=prompt.k.device).repeat_interleave(owner)
+        self.prompt, self.owner, self.length = prompt, owner, 0
+        self.k = prompt.k.new_zeros(layers, len(owner), heads, steps, dim)
         self.v = torch.zeros_like(self.k)
-        self.next_pos = prompt.next_pos.repeat_interleave(width)
+        self.next_pos = prompt.next_pos[owner]
+        self._place()
+
+    def _place(self):
+        """Each row's slot in the (prompts, width) grid; None when the rows already are that grid, in order."""
+        users, rows = self.prompt.k.shape[1], len(self.owner)
+        counts = torch.bincount(self.owner, minlength=users)
+        self.width = int(counts.max()) if rows else 0
+        order = torch.argsort(self.owner, stable=True)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(rows, device=order.device) - (counts.cumsum(0) - counts)[self.owner[order]]
+        self.slot = self.owner * self.width + rank
+        if rows == users * self.width and bool((self.slot == torch.arange(rows, device=order.device)).all()):
+            self.slot = None
+
+    def to_grid(self, x: torch.Tensor) -> torch.Tensor:
+        if self.slot is None:
+            return x
+        grid = x.new_zeros(self.prompt.k.shape[1] * self.width, *x.shape[1:])
+        return grid.index_copy_(0, self.slot, x)
+
+    def from_grid(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.slot is None else x.index_select(0, self.slot)
 
     def extend(self, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Claim T slots in every row; return the (T, length) causal mask over this row's own keys."""
         T = attention_mask.shape[1]
         start, self.length = self.length, self.length + T
-        if self.length > self.k.shape[3]:
-            raise ValueError(f"beam cache overflow: {self.length} > {self.k.shape[3]} slots")
+        if self.length > self.k.shape[3]:  # more slots than reserved: grow, keeping the filled ones
+            grow = (0, 0, 0, self.length - self.k.shape[3])
+            self.k, self.v = torch.nn.functional.pad(self.k, grow), torch.nn.functional.pad(self.v, grow)
         self.next_pos = position_ids[:, -1] + 1  # continuations are right-padded at most: positions just go on
         slots = torch.arange(self.length, device=self.k.device)
         return slots <= start + torch.arange(T, device=self.k.device)[:, None]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: torch.Tensor):
         rows, n_q, T, dim = q.shape
-        users, width, n_kv = rows // self.width, self.width, k.shape[1]
+        users, width, n_kv = self.prompt.k.shape[1], self.width, k.shape[1]
         group, prompt_len = n_q // n_kv, self.prompt.length  # query head h reads key head h // group (GQA)
         self.k[layer, :, :, self.length - T:self.length] = k
         self.v[layer, :, :, self.length - T:self.length] = v
         by_user = lambda x: x.view(users, width, n_kv, -1, x.shape[-1]).transpose(1, 2).reshape(  # noqa: E731
             users, n_kv, -1, x.shape[-1])
-        by_row = lambda x: x.view(users, n_kv, width, -1, x.shape[-1]).transpose(1, 2).reshape(  # noqa: E731
-            rows, n_kv, -1, x.shape[-1])
+        by_row = lambda x: self.from_grid(x.view(users, n_kv, width, -1, x.shape[-1]).transpose(1, 2).reshape(  # noqa: E731
+            users * width, n_kv, -1, x.shape[-1]))
         q = q.reshape(rows, n_kv, group * T, dim)
         prompt_k, prompt_v = self.prompt.k[layer, :, :, :prompt_len], self.prompt.v[layer, :, :, :prompt_len]
         # A user's continuations are extra queries against its prompt's keys; each row's own keys are per row.
-        to_prompt = (by_user(q) @ prompt_k.transpose(-1, -2)).float().masked_fill(
+        to_prompt = (by_user(self.to_grid(q)) @ prompt_k.transpose(-1, -2)).float().masked_fill(
             ~self.prompt.valid[:, None, None, :prompt_len], -torch.inf)
         to_own = (q @ self.k[layer, :, :, :self.length].transpose(-1, -2)).float().masked_fill(
             ~causal.repeat(group, 1), -torch.inf)
         probs = torch.softmax(torch.cat([by_row(to_prompt), to_own], -1) * dim ** -0.5, -1).to(v.dtype)
         from_prompt, from_own = probs.split([prompt_len, self.length], -1)
-        y = by_row(by_user(from_prompt) @ prompt_v) + from_own @ self.v[layer, :, :, :self.length]
+        y = by_row(by_user(self.to_grid(from_prompt)) @ prompt_v) + from_own @ self.v[layer, :, :, :self.length]
         return y.reshape(rows, n_q, T, dim)
 
     def select(self, rows: torch.Tensor) -> BeamCache:
-        """A cache of the given continuations (repeats allowed), each staying under its own prompt."""
+        """A cache of the given rows (repeats allowed), each under its own prompt, with room for one more token.
+
+        Only filled slots are copied. Once at most half of the prompts still own a row, the others are dropped.
+        """
         out = copy.copy(self)
-        out.k, out.v, out.next_pos = self.k[:, rows], self.v[:, rows], self.next_pos[rows]
+        out.owner, out.next_pos = self.owner[rows], self.next_pos[rows]
+        layers, _, heads, _, dim = self.k.shape
+        out.k, out.v = (x.new_empty(layers, len(rows), heads, self.length + 1, dim) for x in (self.k, self.v))
+        out.k[:, :, :, :self.length] = self.k[:, rows, :, :self.length]
+        out.v[:, :, :, :self.length] = self.v[:, rows, :, :self.length]
+        kept = torch.unique(out.owner)
+        if 2 * len(kept) <= self.prompt.k.shape[1]:
+            out.prompt = copy.copy(self.prompt)
+            p = out.prompt
+            p.k, p.v, p.valid, p.next_pos = p.k[:, kept], p.v[:, kept], p.valid[kept], p.next_pos[kept]
+            out.owner = torch.searchsorted(kept, out.owner)
+        out._place()
         return out
 
 
@@ -155,42 +196,56 @@ def beam_search(model: Decoder, prompts: list[list[int]], trie: Trie, beams: int
                 exclude: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-`beams` items (U, B) and their scores for each prompt, best first (-1 / -inf where fewer exist).
 
-    Each user starts from one prefix (the prompt) and then keeps `beams` open prefixes (dead ones score -inf).
-    Candidates that complete an item move to a pool of finished items (items in `exclude[u]` are dropped there); a
-    user is done once its pool holds `beams` items that no open beam can beat, since log-probabilities only fall.
-    With beams >= the catalogue size nothing is ever pruned and the result is exact.
+    Each user starts from one prefix (the prompt) and then keeps its `beams` best open prefixes. Candidates that
+    complete an item move to a pool of finished items (items in `exclude[u]` are dropped there). Log-probabilities
+    only fall, so an open prefix that scores no better than the pool's worst item can never enter the pool: it is
+    dropped, and a user whose prefixes are all dropped is done. Only live prefixes are decoded, one row each; the
+    result is that of keeping all `beams` prefixes of every user to the deepest item. With beams >= the catalogue
+    size nothing is ever pruned and the result is exact.
     """
     device = model.embed_tokens.weight.device
     U = len(prompts)
     prompt, logp = prompt_cache(model, prompts, pad_id)
-    cache = BeamCache(prompt, beams, trie.depth)
     banned = torch.full((U, max(1, max(map(len, exclude or [[]])))), -2, dtype=torch.long, device=device)
     for row, items in enumerate(exclude or []):
         banned[row, :len(items)] = torch.as_tensor(items, dtype=torch.long)
-    node = torch.zeros((U, 1), dtype=torch.long, device=device)
-    score = torch.zeros((U, 1), device=device)
     pool_item = torch.full((U, beams), -1, dtype=torch.long, device=device)
     pool_score = torch.full((U, beams), -torch.inf, device=device)
+    # One row per live prefix, grouped by user, best first: its user, trie node and score.
+    user = torch.arange(U, device=device)
+    node = torch.zeros(U, dtype=torch.long, device=device)
+    score = torch.zeros(U, device=device)
+    cache = BeamCache(prompt, user, 0)
     for _ in range(trie.depth):
-        width = node.shape[1]
-        tokens, child = trie.children(node.flatten())  # (U·W, F)
-        fan = max(tokens.shape[1], -(-beams // width))  # at least `beams` candidates per user
-        tokens = F.pad(tokens, (0, fan - tokens.shape[1]), value=-1)
-        child = F.pad(child, (0, fan - child.shape[1]), value=trie.sink)
-        gained = logp.gather(1, tokens.clamp(min=0)).masked_fill(tokens < 0, -torch.inf)
-        cand = (score.flatten()[:, None] + gained).view(U, width * fan)
-        child, item = child.view(U, width * fan), trie.item[child].view(U, width * fan)
-        finished = (item >= 0) & ~(item[..., None] == banned[:, None, :]).any(-1)
-        merged = torch.cat([pool_score, cand.masked_fill(~finished, -torch.inf)], 1).topk(beams, dim=1)
-        pool_score, pool_item = merged.values, torch.cat([pool_item, item], 1).gather(1, merged.indices)
-        score, pick = cand.masked_fill(item >= 0, -torch.inf).topk(beams, dim=1)
-        if not (score[:, 0] > pool_score[:, -1]).any():
+        tokens, child = trie.children(node)  # (R, F)
+        fan = tokens.shape[1]
+        cand = score[:, None] + logp.gather(1, tokens.clamp(min=0)).masked_fill(tokens < 0, -torch.inf)
+        # Each user's candidates in a row of a (users, width·fan) grid, in beam then token order.
+        active, first, counts = torch.unique_consecutive(user, return_inverse=True, return_counts=True)
+        width = int(counts.max())
+        rank = torch.arange(len(user), device=device) - (counts.cumsum(0) - counts)[first]
+        columns = max(width * fan, beams)  # at least `beams` candidates per user
+        at = (first * columns + rank * fan)[:, None] + torch.arange(fan, device=device)
+        cand, tokens, child = (torch.full((len(active) * columns,), fill, dtype=x.dtype, device=device).index_copy_(
+            0, at.flatten(), x.flatten()).view(len(active), columns)
+            for x, fill in ((cand, -torch.inf), (tokens, -1), (child, trie.sink)))
+        item = trie.item[child]
+        finished = (item >= 0) & ~(item[..., None] == banned[active][:, None, :]).any(-1)
+        merged = torch.cat([pool_score[active], cand.masked_fill(~finished, -torch.inf)], 1).topk(beams, dim=1)
+        pool_score[active] = merged.values
+        pool_item[active] = torch.cat([pool_item[active], item], 1).gather(1, merged.indices)
+        top, pick = cand.masked_fill(item >= 0, -torch.inf).topk(beams, dim=1)
+        live = top > pool_score[active][:, -1:]  # a prefix of each user's best-first beams
+        if not live.any():
             break
-        cache = cache.select((torch.arange(U, device=device)[:, None] * beams + pick // fan).flatten())
-        token = tokens.view(U, width * fan).gather(1, pick).clamp(min=0)  # dead beams (-inf) feed any token
-        hidden = model(token.view(-1, 1), kv_cache=cache, hidden=True)[:, -1]
+        a, j = live.nonzero(as_tuple=True)  # grouped by user, best first
+        pick = pick[a, j]
+        parent = torch.full((len(active) * width,), -1, dtype=torch.long, device=device).index_copy_(
+            0, first * width + rank, torch.arange(len(user), device=device))[a * width + pick // fan]
+        user, node, score = active[a], child[a, pick], top[a, j]
+        cache = cache.select(parent)
+        hidden = model(tokens[a, pick][:, None], kv_cache=cache, hidden=True)[:, -1]
         logp = torch.log_softmax(model.lm_head(hidden).float(), -1)
-        node = child.gather(1, pick)
     return pool_item, pool_score
 
 
@@ -204,8 +259,10 @@ def exact_scores(model: Decoder, prompt: list[int], items: list[list[int]], pad_
     per_item = 4 * longest * (2 * c.vocab_size + 3 * c.n_heads * (len(prompt) + longest) + 2 * c.n_layers * c.dim)
     chunk = chunk or max(1, 2**28 // per_item)
     prompt_kv, first = prompt_cache(model, [prompt], pad_id)
-    return torch.cat([continuation_scores(model, prompt_kv, first[0], items[i:i + chunk], pad_id)
-                      for i in range(0, len(items), chunk)])
+    order = sorted(range(len(items)), key=lambda i: len(items[i]))  # similar lengths share a chunk: less padding
+    scores = torch.cat([continuation_scores(model, prompt_kv, first[0], [items[i] for i in order[s:s + chunk]], pad_id)
+                        for s in range(0, len(items), chunk)])
+    return scores[torch.argsort(torch.tensor(order, device=scores.device))]
 
 
 def continuation_scores(model: Decoder, prompt_kv: KVCache, first: torch.Tensor, items: list[list[int]],
@@ -220,7 +277,8 @@ def continuation_scores(model: Decoder, prompt_kv: KVCache, first: torch.Tensor,
     if longest == 1:
         return total
     real = torch.arange(1, longest, device=device) < torch.tensor([len(s) for s in items], device=device)[:, None]
-    hidden = model(ids[:, :-1], kv_cache=BeamCache(prompt_kv, len(items), longest - 1), hidden=True)
+    one_prompt = torch.zeros(len(items), dtype=torch.long, device=device)
+    hidden = model(ids[:, :-1], kv_cache=BeamCache(prompt_kv, one_prompt, longest - 1), hidden=True)
     logp = torch.log_softmax(model.lm_head(hidden).float(), -1).gather(2, ids[:, 1:, None])[..., 0]
     return total + (logp * real).sum(1)
 
@@ -300,8 +358,9 @@ def user_prompts(encoder: Encoder, ds: Dataset, histories, key: str) -> list[lis
 
 def evaluate(model: Decoder, encoder: Encoder, ds: Dataset, key: str, *, split: str = "test", beams: int = 20,
              exact: bool = False, users: int | None = None, seed: int = 0, mask_history: bool = False,
-             window: int = 20, batch_users: int | None = None, ks=KS) -> dict:
-    """Rank the whole catalogue of domain `key` for each evaluation user; the model and popularity side by side."""
+             window: int = 20, batch_users: int | None = None, ks=KS, progress: bool = False) -> dict:
+    """Rank the whole catalogue of domain `key` for each evaluation user; the model and popularity side by side.
+    `progress` shows a bar with ETA per batch of users (quiet when stderr is no terminal)."""
     if split not in ("test", "valid"):
         raise UserError(f"--split {split!r}: expected test or valid")
     if beams < max(ks):
@@ -324,22 +383,25 @@ def evaluate(model: Decoder, encoder: Encoder, ds: Dataset, key: str, *, split: 
     began = time.perf_counter()
     model.eval()
     ranks, tops = [0.0] * len(cases), [None] * len(cases)
-    if exact:
-        for k, (prompt, t, ex) in enumerate(zip(prompts, targets, excluded)):
-            scores = exact_scores(model, prompt, item_tokens, pad).cpu().numpy()
-            ranks[k] = rank_in_scores(scores, t, ex)
-            scores[ex] = -np.inf
-            tops[k] = np.argsort(-scores, kind="stable")[:beams]
-    else:
-        trie = build_trie(item_tokens, model.embed_tokens.weight.device)
-        order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths share a batch: less padding
-        step = batch_users or auto_batch_users(model, beams, max(map(len, prompts)), trie.depth)
-        for start in range(0, len(order), step):
-            rows = order[start:start + step]
-            batch_prompts = [prompts[r] for r in rows]
-            items, scores = beam_search(model, batch_prompts, trie, beams, pad, [excluded[r] for r in rows])
-            for r, it, sc in zip(rows, items.cpu().numpy(), scores.cpu().numpy()):
-                ranks[r], tops[r] = rank_in_list(it, sc, targets[r]), it[it >= 0]
+    with common.progress(len(cases), f"evaluate {key} {split}", progress) as advance:
+        if exact:
+            for k, (prompt, t, ex) in enumerate(zip(prompts, targets, excluded)):
+                scores = exact_scores(model, prompt, item_tokens, pad).cpu().numpy()
+                ranks[k] = rank_in_scores(scores, t, ex)
+                scores[ex] = -np.inf
+                tops[k] = np.argsort(-scores, kind="stable")[:beams]
+                advance(1, f"{(k + 1) / (time.perf_counter() - began):.1f} users/s")
+        else:
+            trie = build_trie(item_tokens, model.embed_tokens.weight.device)
+            order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths share a batch: less padding
+            step = batch_users or auto_batch_users(model, beams, max(map(len, prompts)), trie.depth)
+            for start in range(0, len(order), step):
+                rows = order[start:start + step]
+                batch_prompts = [prompts[r] for r in rows]
+                items, scores = beam_search(model, batch_prompts, trie, beams, pad, [excluded[r] for r in rows])
+                for r, it, sc in zip(rows, items.cpu().numpy(), scores.cpu().numpy()):
+                    ranks[r], tops[r] = rank_in_list(it, sc, targets[r]), it[it >= 0]
+                advance(len(rows), f"{(start + len(rows)) / (time.perf_counter() - began):.1f} users/s")
     seconds = time.perf_counter() - began
     ranker = "exact scoring of every item" if exact else f"trie-constrained beam search, {beams} beams"
     protocol = (f"full ranking over all {len(catalogue)} items of {domain.name} ({key}); {ranker}; history masking "

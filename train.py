@@ -36,7 +36,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from common import UserError, atomic_dir, read_json, write_json
+from common import UserError, atomic_dir, progress, read_json, write_json
 from data import IGNORE, Case, Dataset, Encoder, Examples, own_output, target_example
 from model import Decoder, hf_to_ours
 from schedule import Schedule, scheduler
@@ -898,17 +898,10 @@ def train(model: Decoder, tokenizer: Tokenizer, data, cfg: TrainConfig, run: Pat
 
 @contextlib.contextmanager
 def progress_bar(total: int, start: int, enabled: bool):
-    """A rich progress bar with ETA and the latest loss, learning rate, throughput and MFU."""
-    if not enabled:
-        yield lambda step, record: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-    with Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(), TimeRemainingColumn(),
-                  TextColumn("{task.fields[info]}")) as progress:
-        task = progress.add_task("train", total=total, completed=start, info="")
-        yield lambda step, r: progress.update(task, completed=step, info=(
-            f"loss {'non-finite' if r['loss'] is None else format(r['loss'], '.4f')}  lr {r['lr']:.2e}  "
-            f"{r['tokens_per_s']:,} tok/s  MFU {r['mfu']:.1%}"))
+    """common.progress with the latest loss, learning rate, throughput and MFU; called once per step."""
+    with progress(total, "step", enabled, start) as advance:
+        yield lambda step, r: advance(1, f"loss {'non-finite' if r['loss'] is None else format(r['loss'], '.4f')}  "
+                                         f"lr {r['lr']:.2e}  {r['tokens_per_s']:,} tok/s  MFU {r['mfu']:.1%}")
 
 
 def plot_curves(run: Path) -> str:

@@ -1,5 +1,7 @@
-"""bench.py's train, loss, eval, recommend, catalogue and prepare sections on tiny inputs, in-process (the CLI runs
-the same functions)."""
+"""bench.py's train, loss, eval, recommend, catalogue, movies, fsdp and prepare sections on tiny inputs,
+in-process (the CLI runs the same functions)."""
+from dataclasses import replace
+
 import bench
 from model import ModelConfig
 
@@ -18,6 +20,9 @@ def test_train_eval_prepare_sections_run_on_tiny_inputs(world, tiny_model, tmp_p
     for ranker in ("beam", "exact"):  # in-process here; build_trie refuses an item that is another's prefix
         row = bench.catalogue_probe(ranker, 200, "fp32", o)
         assert row["items"] == 200 and row["users"] == bench.CATALOGUE_USERS[ranker] and row["users_per_s"] > 0
+    movies = bench.bench_movies(replace(o, movie_users=3, exact_users=1))  # asserts new == old beam search items
+    assert [r["ranker"] for r in movies] == ["beam search (new)", "beam search (old, 47acd71)", "exact scoring"]
+    assert movies[0]["users"] == 3 and movies[2]["users"] == 1 and movies[0]["max_score_diff"] < 1e-4
     source = bench.amazon_source(300, root=tmp_path)
     for phase in ("parse", "convert"):  # both assert that no synthetic line is malformed
         assert bench.prepare_probe(phase, source)["records"] == 300

@@ -1,13 +1,17 @@
-"""Metrics against hand-computed ranks, the item trie, beam search against exact scoring, masking, popularity."""
+"""Metrics against hand-computed ranks, the item trie, beam search against exact scoring and against its frozen old
+implementation, masking, popularity, progress."""
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
 
+from bench import frozen_beam_search
 from common import UserError
 from data import Encoder, item_text, load_dataset
 from eval import (
+    BeamCache,
     beam_search,
     build_trie,
     evaluate,
@@ -15,6 +19,7 @@ from eval import (
     metrics,
     paired_bootstrap,
     popularity,
+    prompt_cache,
     rank_in_list,
     rank_in_scores,
 )
@@ -107,6 +112,38 @@ def test_batched_users_equal_one_at_a_time_and_small_beams_are_a_prefix(random_m
         torch.testing.assert_close(batched_scores[row], alone_scores[0], atol=1e-5, rtol=1e-5)
 
 
+def test_beam_search_equals_the_old_implementation_on_varied_lengths(random_model):
+    """Pruned beams, users finishing at different depths and a prompt cache that shrinks must not change a thing:
+    the same items and scores as the frozen copy of the old beam search, which decoded every beam to the end."""
+    rng = np.random.default_rng(0)
+    items = list({tuple(rng.integers(2, 40, n - 1).tolist()) + (1,): None for n in rng.integers(1, 13, 120)})
+    assert min(map(len, items)) == 1 and max(map(len, items)) == 12
+    prompts = [rng.integers(2, 40, n).tolist() for n in rng.integers(1, 30, 12)]
+    exclude = [rng.choice(len(items), k, replace=False).tolist() for k in rng.integers(0, 4, 12)]
+    trie = build_trie([list(i) for i in items])
+    for beams in (3, 10):
+        new_items, new_scores = beam_search(random_model, prompts, trie, beams, 0, exclude)
+        old_items, old_scores = frozen_beam_search(random_model, prompts, trie, beams, 0, exclude)
+        assert new_items.tolist() == old_items.tolist()
+        torch.testing.assert_close(new_scores, old_scores, atol=1e-5, rtol=1e-5)
+        assert (new_items >= 0).all() and not set(new_items[0].tolist()) & set(exclude[0])
+
+
+def test_beam_cache_rows_follow_their_own_prompt(random_model):
+    """Rows of uneven counts per prompt (the grid path), after the cache dropped the prompts with no rows left: each
+    row decodes exactly as its prompt alone followed by its token would."""
+    prompts = [[2, 3, 4, 20, 21], [2, 30], [2, 22, 23, 24, 25, 26, 27, 28], [5, 6, 7]]
+    kv, _ = prompt_cache(random_model, prompts, 0)
+    cache = BeamCache(kv, torch.tensor([0, 0, 1, 2, 2, 3]), 0).select(torch.tensor([3, 4, 0]))  # prompts 2, 2, 0
+    assert cache.prompt.k.shape[1] == 2 and cache.owner.tolist() == [1, 1, 0] and cache.width == 2
+    tokens = [7, 8, 9]
+    got = random_model(torch.tensor(tokens)[:, None], kv_cache=cache)[:, -1]
+    with torch.no_grad():
+        for row, p in enumerate([prompts[2], prompts[2], prompts[0]]):
+            alone = random_model(torch.tensor([p + [tokens[row]]]))[0, -1]
+            torch.testing.assert_close(got[row], alone, atol=1e-4, rtol=1e-4)
+
+
 def test_history_masking_drops_items_from_the_ranking(random_model):
     trie = build_trie(ITEMS)
     full, _ = beam_search(random_model, PROMPTS[:1], trie, beams=len(ITEMS), pad_id=0)
@@ -149,3 +186,29 @@ def test_item_tokens_end_with_the_terminator(tiny_model):
     tok = Tokenizer.from_pretrained(tiny_model)
     encoder = Encoder(tok)
     assert tok.decode(encoder(item_text("Red Dragon Quest"))).endswith("\n")
+
+
+def test_evaluate_progress_shows_users_and_nests_in_an_open_bar(small, tiny_model, capsys, monkeypatch):
+    """A bar with the users done only when asked and on a terminal; inside another bar (validation inside training)
+    it becomes a second line of that bar rather than a second live display."""
+    import rich.console
+
+    import common
+    from common import progress
+    model = Decoder.from_pretrained(tiny_model)
+    encoder = Encoder(Tokenizer.from_pretrained(tiny_model))
+    evaluate(model, encoder, small, "books", progress=True)
+    assert capsys.readouterr().err == ""  # pytest's stderr is no terminal: quiet
+    monkeypatch.setattr(rich.console.Console, "is_terminal", property(lambda self: True))
+    evaluate(model, encoder, small, "books")
+    assert capsys.readouterr().err == ""  # not asked
+    evaluate(model, encoder, small, "books", progress=True)
+    assert "evaluate books test" in capsys.readouterr().err  # the bar's final frame shows when it stops
+    with progress(3, "step", start=1) as advance:
+        with progress(2, "inner") as inner:
+            assert len(common._bars) == 1 and len(common._bars[0].tasks) == 2  # one display, two lines
+            inner(2)
+        assert [t.description for t in common._bars[0].tasks] == ["step"]
+        advance(1, "loss 1.5")
+    last = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", capsys.readouterr().err).strip().splitlines()[-1]  # final frame
+    assert last.startswith("step 2/3") and last.endswith("loss 1.5")
