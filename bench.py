@@ -719,7 +719,8 @@ def frozen_beam_search(model: Decoder, prompts: list[list[int]], trie: Trie, bea
         child, item = child.view(U, width * fan), trie.item[child].view(U, width * fan)
         finished = (item >= 0) & ~(item[..., None] == banned[:, None, :]).any(-1)
         merged = torch.cat([pool_score, cand.masked_fill(~finished, -torch.inf)], 1).topk(beams, dim=1)
-        pool_score, pool_item = merged.values, torch.cat([pool_item, item], 1).gather(1, merged.indices)
+        pool_item = torch.cat([pool_item, item.masked_fill(~finished, -1)], 1).gather(1, merged.indices)
+        pool_score = merged.values  # (the exclusion fix applied to the frozen copy too: only speed differs)
         score, pick = cand.masked_fill(item >= 0, -torch.inf).topk(beams, dim=1)
         if not (score[:, 0] > pool_score[:, -1]).any():
             break

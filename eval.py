@@ -233,7 +233,8 @@ def beam_search(model: Decoder, prompts: list[list[int]], trie: Trie, beams: int
         finished = (item >= 0) & ~(item[..., None] == banned[active][:, None, :]).any(-1)
         merged = torch.cat([pool_score[active], cand.masked_fill(~finished, -torch.inf)], 1).topk(beams, dim=1)
         pool_score[active] = merged.values
-        pool_item[active] = torch.cat([pool_item[active], item], 1).gather(1, merged.indices)
+        # An excluded item never enters the pool, not even as a -inf filler when fewer than `beams` items finished.
+        pool_item[active] = torch.cat([pool_item[active], item.masked_fill(~finished, -1)], 1).gather(1, merged.indices)
         top, pick = cand.masked_fill(item >= 0, -torch.inf).topk(beams, dim=1)
         live = top > pool_score[active][:, -1:]  # a prefix of each user's best-first beams
         if not live.any():

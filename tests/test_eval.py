@@ -151,6 +151,12 @@ def test_history_masking_drops_items_from_the_ranking(random_model):
                                         exclude=[full[0, :2].tolist()])
     assert masked[0, :len(ITEMS) - 2].tolist() == full[0, 2:].tolist()
     assert masked[0, -2:].tolist() == [-1, -1] and torch.isinf(masked_scores[0, -2:]).all()
+    # More beams than allowed items: the -inf fillers are -1, never an excluded item (which would count as a hit)
+    wide, wide_scores = beam_search(random_model, PROMPTS[:1], trie, beams=len(ITEMS) + 3, pad_id=0,
+                                    exclude=[full[0, :2].tolist()])
+    assert not set(full[0, :2].tolist()) & set(wide[0].tolist())
+    assert (wide[0, len(ITEMS) - 2:] == -1).all() and torch.isinf(wide_scores[0, len(ITEMS) - 2:]).all()
+    assert rank_in_list(wide[0].numpy(), wide_scores[0].numpy(), int(full[0, 0])) == math.inf
 
 
 def test_popularity_counts_training_interactions(small):
