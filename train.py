@@ -5,6 +5,9 @@ the supervised-token count of the whole step (known in advance from the determin
 is the exact per-token mean of the effective batch however it is split (torchtune's rule; loss/accum is wrong for
 variable-length masked sequences). Data order is a function of the step number alone, so resuming needs only the
 step, and a resumed run equals an uninterrupted one bit for bit on CPU.
+
+Read top to bottom: the loss, then `train` and its phases (accumulate -> clip -> update -> schedule -> log ->
+checkpoint/validate); the hardening follows (devices, pre-run checks, run directory and checkpoints, FSDP2 sharding).
 """
 from __future__ import annotations
 
@@ -63,100 +66,6 @@ class TrainConfig:
     progress: bool = True
     shard: str = "auto"  # auto (ddp for several processes, none for one), none, ddp, fsdp
     activation_checkpointing: bool = False  # recompute each decoder layer in backward
-
-
-# --------------------------------------------------------------------------------------------------- devices
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device); under torchrun one process per GPU (NCCL), or per CPU process (gloo)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16" if torch.cpu._is_avx512_bf16_supported() else "fp32"  # emulated bf16 would be slower
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise UserError(f"--precision {precision!r}: expected auto, fp32, bf16 or fp16")
-    if precision == "fp16" and device.type != "cuda":
-        raise UserError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
-    return precision
-
-
-def autocast(precision: str, device: torch.device):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
-MATMUL_N = {"cpu": 2048, "cuda": 8192}  # the peak probe's matmul size per device type
-DATASHEET = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}  # dense bf16 FLOP/s
-
-
-def matmul_flops(device: torch.device, precision: str, n: int | None = None, reps: int = 10) -> float:
-    """Best-of-`reps` FLOP/s of one n x n matmul after a warm-up: the practical peak of this device and thread count
-    (the best repetition, because a busy machine only ever makes a repetition slower)."""
-    n = n or MATMUL_N[device.type]
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    a @ b  # warm-up: thread pool, kernel selection, weight packing
-    best = math.inf
-    for _ in range(reps):
-        sync()
-        start = time.perf_counter()
-        a @ b
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best
-
-
-def peak_flops(device: torch.device, precision: str, remeasure: bool = False) -> float:
-    """The device's peak FLOP/s for MFU: datasheet dense numbers on known GPUs; on CPU the best matmul probe ever
-    seen on this machine (cached in ~/.cache/cprec), since one probe on a busy machine under-measures the peak."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return next((v for k, v in DATASHEET.items() if k in name), 312e12) / (2 if precision == "fp32" else 1)
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cprec" / "peak_flops.json"
-    key = f"{cpu_name()} | {torch.get_num_threads()} threads | {precision} | torch {torch.__version__}"
-    try:
-        known = json.loads(cache.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if key in known and not remeasure:
-        return known[key]
-    known[key] = max(matmul_flops(device, precision, reps=10), known.get(key, 0.0))
-    with contextlib.suppress(OSError):  # a read-only home only costs the next run a probe
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        write_json(cache, known)
-    return known[key]
-
-
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown cpu"
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW's parameter groups: weight decay on matrices, none on norms and biases."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB: process peak RSS
 
 
 # --------------------------------------------------------------------------------------------------- loss
@@ -259,409 +168,6 @@ def target_loss(model: Decoder, encoder: Encoder, ds: Dataset, cases: list[Case]
         total += float(micro_step_loss(model, model.lm_head.weight, inputs, targets))
         n += data.n_targets(batch)
     return total / n
-
-
-# --------------------------------------------------------------------------------------------------- run directory
-# What a crashed save leaves behind: atomic_dir's `.NAME.tmpPID` / `.NAME.oldPID` siblings, write_json's
-# `FILE.tmpPID`, `latest.tmp` and the log's rewrite. Only these names are ever removed.
-LEFTOVER_DIR = re.compile(r"\.(?P<name>step-\d{7}|best|final)\.(?P<kind>tmp|old)\d+")
-LEFTOVER_FILE = re.compile(r"latest\.tmp|(run_config|best|results)\.json\.tmp\d+|metrics\.jsonl\.tmp\d+")
-RUN_FILES = {"run_config.json", "metrics.jsonl", "checkpoints", "latest", "final", "best", "best.json", "results.json",
-             "results-per_user.jsonl", "curves.png"}
-REUSABLE = {"run_config.json", "metrics.jsonl", "checkpoints", "curves.png"}  # a start that got to no checkpoint
-RESUMABLE = ("train.lr", "train.save_every", "train.eval_every", "train.keep")  # cannot change the batch plan
-
-
-def warn(message: str, rank: int = 0) -> None:
-    if rank == 0:
-        print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-def clean_leftovers(run: Path) -> list[str]:
-    """Remove what interrupted saves left in this run directory; put back a directory that was renamed aside just
-    before its replacement could be renamed in. Returns what was done, for a note."""
-    done = []
-    for folder in (run, run / "checkpoints"):
-        for path in sorted(folder.iterdir()) if folder.is_dir() else []:
-            match = LEFTOVER_DIR.fullmatch(path.name)
-            if match and match["kind"] == "old" and not (folder / match["name"]).exists():
-                os.replace(path, folder / match["name"])
-                done.append(f"restored {folder / match['name']} from {path.name}")
-            elif match and path.is_dir():
-                shutil.rmtree(path)
-                done.append(f"removed {path}")
-            elif LEFTOVER_FILE.fullmatch(path.name) and path.is_file():
-                path.unlink()
-                done.append(f"removed {path}")
-    return done
-
-
-def has_checkpoint(run: Path) -> bool:
-    return (run / "latest").exists() or any((run / "checkpoints").glob("step-*"))
-
-
-def flatten(config: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in config.items():
-        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
-def open_run(out_dir: str | Path, config: dict, resume: bool, overwrite: bool, rank: int = 0) -> Path:
-    """Create (or reuse) the run directory and record its resolved configuration; refuse to mix two runs in one.
-
-    On --resume the saved configuration must equal the new one, or the resumed run could not equal the original;
-    only settings that leave the batch plan alone (RESUMABLE: the learning rate, intervals) may change, with a
-    warning recorded in run_config.json. A directory that holds no checkpoint (a start that failed or was stopped
-    early) is reused by a plain rerun.
-    """
-    out = Path(out_dir)
-    saved = out / "run_config.json"
-    config = json.loads(json.dumps(config))  # as it reads back from disk (tuples become lists)
-    if rank == 0 and saved.exists():  # a run directory of ours: never touch another kind of folder
-        for note in clean_leftovers(out):
-            warn(f"{note} (left by an interrupted save)")
-    if resume:
-        if (out / "results.json").exists():
-            raise UserError(f"{out}: the run already finished (results.json is written); nothing to resume")
-        if not has_checkpoint(out):
-            raise UserError(f"{out}: nothing to resume (no checkpoint); run without --resume")
-        old = read_json(saved)
-        history = old.pop("resumed_with_changes", [])
-        new, before = flatten(config), flatten(old)
-        differ = sorted(k for k in set(new) | set(before) if before.get(k) != new.get(k))
-        if refused := [k for k in differ if k not in RESUMABLE]:
-            raise UserError(f"{out}: --resume with different settings ({', '.join(refused)}); use the original ones "
-                            f"(only {', '.join(o.removeprefix('train.') for o in RESUMABLE)} may change)")
-        if differ and rank == 0:
-            changes = {k: [before.get(k), new.get(k)] for k in differ}
-            warn(f"{out}: resuming with changed settings " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in
-                                                                       changes.items()))
-            latest = (out / "latest").read_text().strip() if (out / "latest").exists() else None
-            write_json(saved, {**config, "resumed_with_changes": [*history, {"from": latest, "changed": changes}]})
-        return out
-    if out.exists() and any(out.iterdir()):
-        reusable = not has_checkpoint(out) and {p.name for p in out.iterdir()} <= REUSABLE
-        if overwrite:  # only a run directory of ours, holding nothing else, is ever replaced
-            leftovers = {p.name for p in out.iterdir() if re.fullmatch(r"\.\w+\.(tmp|old)\d+(-\w+)?", p.name)}
-            own_output(out, "run_config.json", overwrite=True, what="run", names=RUN_FILES | leftovers)
-        if not (overwrite or reusable):
-            raise UserError(f"{out}: already holds a run; pass --resume to continue it or --overwrite to replace it")
-        if rank == 0 and overwrite:
-            shutil.rmtree(out)
-        elif rank == 0:
-            warn(f"{out}: reusing the directory of a start that saved no checkpoint")
-            for name in ("metrics.jsonl", "curves.png"):
-                (out / name).unlink(missing_ok=True)
-    if dist.is_initialized():
-        dist.barrier()  # no rank may create files before rank 0 has cleared the directory
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(saved, config)
-    return out
-
-
-def save_checkpoint(run: Path, step: int, model: Decoder, tokenizer: Tokenizer, optimizer, sched, scaler,
-                    keep: int) -> None:
-    """A resumable checkpoint: HF-layout weights (fp32, as trained) plus optimizer, schedule, step and RNG state.
-
-    Never of non-finite weights. Written to a temporary directory then renamed; `latest` is switched only once the
-    checkpoint is complete, and the older ones are removed only after that."""
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
-    if bad:
-        raise UserError(f"non-finite weights at step {step} ({bad[0]}{' and more' if len(bad) > 1 else ''}); not "
-                        f"saved; the last intact checkpoint is {latest_name(run)}; lower --lr and use --resume")
-    name = f"step-{step:07d}"
-    with atomic_dir(run / "checkpoints" / name) as tmp:
-        model.write_checkpoint(tmp, tokenizer)
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(),
-                    "scaler": scaler.state_dict(), "rng": rng_state()}, tmp / "state.pt")
-    point_latest(run, name)
-    for old in sorted((run / "checkpoints").glob("step-*"))[:-keep]:
-        shutil.rmtree(old)
-
-
-def point_latest(run: Path, name: str) -> None:
-    latest = run / "latest.tmp"
-    latest.write_text(name + "\n")
-    os.replace(latest, run / "latest")
-
-
-def latest_name(run: Path) -> str:
-    return f"{run / 'checkpoints' / (run / 'latest').read_text().strip()}" if (run / "latest").exists() else "none"
-
-
-class Corrupt(Exception):
-    """A checkpoint file that cannot be read back; the message names it."""
-
-
-def load_checkpoint(path: Path, model: Decoder) -> dict:
-    """Copy a checkpoint's weights into `model` (on CPU, before it moves) and return its training state."""
-    weights, state_file = path / "model.safetensors", path / "state.pt"
-    if (path / ".metadata").exists():  # FSDP's sharded checkpoint: restore() loads the shards once the model is sharded
-        try:
-            return {**torch.load(state_file, map_location="cpu", weights_only=True), "sharded": str(path)}
-        except Exception as e:
-            raise Corrupt(f"{state_file} is unreadable ({type(e).__name__}: {e})") from None
-    try:
-        tensors = load_file(weights)
-    except Exception as e:  # truncated, missing or foreign: whatever safetensors says, name the file
-        raise Corrupt(f"{weights} is unreadable ({type(e).__name__}: {e})") from None
-    try:
-        state = torch.load(state_file, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise Corrupt(f"{state_file} is unreadable ({type(e).__name__}: {e})") from None
-    try:
-        missing, unexpected = model.load_state_dict({hf_to_ours(k): v for k, v in tensors.items()}, strict=False)
-    except RuntimeError as e:  # a tensor of the wrong shape
-        raise Corrupt(f"{weights} does not match the model ({e})") from None
-    if model.config.tie_embeddings and "lm_head.weight" in missing:
-        missing.remove("lm_head.weight")
-    if missing or unexpected:
-        raise Corrupt(f"{weights} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return state
-
-
-def read_latest(run: Path, rank: int) -> str:
-    """The checkpoint `latest` names; if it is missing or names none that exists, every checkpoint is a candidate
-    (`latest` is switched last, so it only lags behind a complete save or was damaged)."""
-    try:
-        name = (run / "latest").read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        return "step-9999999"
-    except IsADirectoryError:  # not ours to replace
-        raise UserError(f"{run / 'latest'}: is a directory; expected the file naming the latest checkpoint") from None
-    except (OSError, UnicodeDecodeError) as e:
-        name = f"unreadable ({type(e).__name__})"
-    if not name.startswith("step-") or not (run / "checkpoints" / name).is_dir():
-        warn(f"{run / 'latest'}: names no checkpoint ({name[:40]!r}); resuming from the newest complete one", rank)
-        return "step-9999999"
-    return name
-
-
-def resume_state(run: Path, model: Decoder, rank: int) -> dict:
-    """Load the latest checkpoint into `model`; if it is unreadable, the newest earlier one, with a warning (the
-    unreadable ones are set aside as corrupt-step-N, `latest` is pointed at the one used)."""
-    latest = read_latest(run, rank)
-    problems = []
-    for path in sorted((run / "checkpoints").glob("step-*"), reverse=True):
-        if path.name > latest:
-            continue  # renamed in, but `latest` never switched to it: a save that did not finish
-        try:
-            state = load_checkpoint(path, model)
-        except Corrupt as e:
-            problems.append((path, str(e)))
-            continue
-        if problems:
-            warn(f"{'; '.join(p for _, p in problems)}; resuming from the previous complete checkpoint {path}", rank)
-            if dist.is_initialized():
-                dist.barrier()  # every rank has read its checkpoint before rank 0 moves anything
-            if rank == 0:
-                for bad, _ in problems:
-                    os.replace(bad, bad.with_name(f"corrupt-{bad.name}"))
-                point_latest(run, path.name)
-        return state
-    raise UserError(f"{run}: no readable checkpoint to resume from"
-                    f"{' (' + '; '.join(p for _, p in problems) + ')' if problems else ''}")
-
-
-def read_log(path: Path, upto: int) -> list[dict]:
-    """The records of metrics.jsonl up to step `upto`: what a resumed run keeps (it repeats whatever came after)."""
-    records = []
-    with contextlib.suppress(FileNotFoundError), open(path) as f:
-        for line in f:
-            with contextlib.suppress(ValueError):  # a line cut by a kill
-                record = json.loads(line)
-                if record["step"] <= upto:
-                    records.append(record)
-    return records
-
-
-def write_log(path: Path, records: list[dict]) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in records))
-    os.replace(tmp, path)
-
-
-def rng_state() -> dict:
-    """Data order and initialisation use explicit seeds; the global torch RNGs are saved for anything else."""
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class StopRequest:
-    """Ctrl-C / SIGTERM set a flag; the loop checks it between steps and saves a resumable checkpoint first."""
-
-    def __init__(self, announce: bool = True):
-        self.requested, self.announce = False, announce
-
-    def __enter__(self):
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def handle(self, signum, frame):
-        if self.requested:  # a second Ctrl-C means "now"
-            raise KeyboardInterrupt
-        self.requested = True
-        if self.announce:
-            print("\nstopping after this step, with a checkpoint to --resume from (Ctrl-C again to stop now)",
-                  file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-class Interrupted(Exception):
-    """Raised after Ctrl-C/SIGTERM once a resumable checkpoint is on disk."""
-
-
-# --------------------------------------------------------------------------------------------------- checks
-def check(cfg: TrainConfig, device: torch.device, world: int, context: int | None = None, longest: int = 0,
-          option: str = "", model: str = "the model") -> None:
-    """Every check of a run's settings, made before a run directory is created for them: schedule, precision, the
-    split of each step's micro-batches over the processes and, given the model's context, the longest sequence."""
-    if not cfg.lr > 0:
-        raise UserError(f"--lr {cfg.lr}: expected a learning rate > 0")
-    for name, every in (("--save-every", cfg.save_every), ("--eval-every", cfg.eval_every)):
-        if every < 0:
-            raise UserError(f"{name} {every}: expected a step count >= 0 (0 = at the end)")
-    if cfg.steps < 1 or cfg.accum < 1 or cfg.keep < 1 or cfg.max_skips < 1:
-        raise ValueError(f"TrainConfig: steps, accum, keep and max_skips must be >= 1 ({cfg})")
-    validate_schedule(cfg.schedule, cfg.steps)
-    if resolve_shard(cfg.shard, world) == "fsdp" and resolve_precision(cfg.precision, device) == "fp16":
-        raise UserError("--shard fsdp trains in bf16 or fp32; use --precision bf16 (fp16 loss scaling is not sharded)")
-    resolve_precision(cfg.precision, device)
-    if cfg.accum % world:  # each process takes an equal share of a step, so the batch plan is the same on any count
-        raise UserError(f"--batch-tokens: {cfg.accum} micro-batches per step do not split evenly over {world} "
-                        f"processes; use a multiple of {world} micro-batches")
-    if context is not None and longest > context:
-        raise UserError(f"{option}: {longest}-token sequences exceed the context of {model} ({context} tokens)")
-
-
-# --------------------------------------------------------------------------------------------------- sharding (FSDP2)
-def resolve_shard(shard: str, world: int) -> str:
-    """none, ddp or fsdp: auto is DDP on several processes, and DDP over one process is plain training."""
-    if shard not in ("auto", "none", "ddp", "fsdp"):
-        raise UserError(f"--shard {shard!r}: expected auto, none, ddp or fsdp")
-    if shard in ("auto", "ddp"):
-        return "ddp" if world > 1 else "none"
-    if shard == "none" and world > 1:
-        raise UserError(f"--shard none with {world} processes would train {world} separate models; use ddp or fsdp")
-    return shard
-
-
-class SupervisedLoss(nn.Module):
-    """A micro-batch's summed token loss as one forward: the FSDP root. FSDP gathers a module's parameters only inside
-    its forward, so the chunked loss runs here to see the whole lm_head (tied to the embedding or not)."""
-
-    def __init__(self, decoder: Decoder):
-        super().__init__()
-        self.decoder = decoder
-
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return micro_step_loss(self.decoder, self.decoder.lm_head.weight, inputs, targets)
-
-
-def checkpoint_layers(model: Decoder) -> None:
-    """Activation checkpointing: each decoder layer keeps only its input for backward and recomputes the rest there
-    (non-reentrant autograd, so gradients are exact); parameter names and state dicts are unchanged."""
-    for i, block in enumerate(model.layers):
-        model.layers[i] = checkpoint_wrapper(block)
-
-
-def shard_fsdp(model: Decoder, device: torch.device, precision: str) -> SupervisedLoss:
-    """FSDP2 over all processes: each decoder layer, then the root (embedding, final norm, lm_head, which stay tied).
-
-    Master weights, AdamW's state and gradients stay fp32 and sharded; under bf16 on CUDA each layer computes with a
-    gathered bf16 copy and gradients are reduced in fp32. One process gets a one-member process group, so a sharded
-    run resumes on any count (torch.distributed.checkpoint reshards on load)."""
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
-                                world_size=1)
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    bf16 = device.type == "cuda" and precision == "bf16"
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
-        MixedPrecisionPolicy()
-    for layer in model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
-    return fully_shard(SupervisedLoss(model), mesh=mesh, mp_policy=policy)
-
-
-@contextlib.contextmanager
-def gradient_sync(model: nn.Module, last: bool):
-    """Reduce gradients over the processes only on a step's last micro-batch: DDP's no_sync, FSDP's
-    set_requires_gradient_sync (the others accumulate unreduced gradients locally)."""
-    if isinstance(model, FSDPModule):
-        model.set_requires_gradient_sync(last)
-    with (model.no_sync() if not last and hasattr(model, "no_sync") else contextlib.nullcontext()):
-        yield
-
-
-def consolidate(loop: Loop) -> Decoder | None:
-    """The whole sharded model as a plain fp32 Decoder on rank 0's CPU (None on the others). Every process takes part;
-    the tensors are gathered one at a time, so rank 0 holds about one copy of the weights besides its shards."""
-    full = {}
-    for name, tensor in loop.raw.state_dict().items():
-        if loop.raw.config.tie_embeddings and name == "lm_head.weight":
-            continue  # the embedding, again
-        whole = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-        if loop.rank == 0:
-            full[name] = whole.detach().to("cpu", torch.float32)
-        del whole
-    if loop.rank != 0:
-        return None
-    with torch.device("meta"):
-        model = Decoder(loop.raw.config)
-    model.load_state_dict(full, strict=not loop.raw.config.tie_embeddings, assign=True)
-    if loop.raw.config.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    return model
-
-
-def save_sharded_checkpoint(loop: Loop, step: int) -> None:
-    """FSDP's resumable checkpoint: each process writes its shards of the model and AdamW's state with
-    torch.distributed.checkpoint, rank 0 the schedule, scaler and RNG state; all into rank 0's temporary directory,
-    renamed once complete, and only then `latest` is switched."""
-    name = f"step-{step:07d}"
-    with (atomic_dir(loop.run / "checkpoints" / name) if loop.rank == 0 else contextlib.nullcontext()) as tmp:
-        where = [tmp]
-        dist.broadcast_object_list(where, src=0)
-        model_state, optimizer_state = get_state_dict(loop.model, loop.optimizer)
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=where[0])
-        if loop.rank == 0:  # dcp.save returns once every process's shards and the metadata are written
-            torch.save({"step": step, "scheduler": loop.sched.state_dict(), "scaler": loop.scaler.state_dict(),
-                        "rng": rng_state()}, tmp / "state.pt")
-    if loop.rank == 0:
-        point_latest(loop.run, name)
-        for old in sorted((loop.run / "checkpoints").glob("step-*"))[:-loop.cfg.keep]:
-            shutil.rmtree(old)
-
-
-def load_sharded_checkpoint(loop: Loop, path: Path) -> None:
-    """Load a sharded checkpoint's model and AdamW state into this run's shards, whatever the process count."""
-    model_state, optimizer_state = get_state_dict(loop.model, loop.optimizer)
-    state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(loop.model, loop.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-
-
-def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
-    """torch.nn.utils.clip_grad_norm_ that also takes FSDP's sharded gradients; returns the norm before clipping."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if isinstance(norm, DTensor):  # FSDP: each process holds its shards' part of the norm
-        norm = norm.full_tensor()
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return norm.item()
 
 
 # --------------------------------------------------------------------------------------------------- the loop
@@ -929,3 +435,500 @@ def plot_curves(run: Path) -> str:
     fig.savefig(run / "curves.png", dpi=120)
     plt.close(fig)
     return str(run / "curves.png")
+
+# --------------------------------------------------------------------------------------------------- devices
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device); under torchrun one process per GPU (NCCL), or per CPU process (gloo)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if torch.cpu._is_avx512_bf16_supported() else "fp32"  # emulated bf16 would be slower
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise UserError(f"--precision {precision!r}: expected auto, fp32, bf16 or fp16")
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
+    return precision
+
+
+def autocast(precision: str, device: torch.device):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+MATMUL_N = {"cpu": 2048, "cuda": 8192}  # the peak probe's matmul size per device type
+DATASHEET = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}  # dense bf16 FLOP/s
+
+
+def matmul_flops(device: torch.device, precision: str, n: int | None = None, reps: int = 10) -> float:
+    """Best-of-`reps` FLOP/s of one n x n matmul after a warm-up: the practical peak of this device and thread count
+    (the best repetition, because a busy machine only ever makes a repetition slower)."""
+    n = n or MATMUL_N[device.type]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b  # warm-up: thread pool, kernel selection, weight packing
+    best = math.inf
+    for _ in range(reps):
+        sync()
+        start = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
+
+
+def peak_flops(device: torch.device, precision: str, remeasure: bool = False) -> float:
+    """The device's peak FLOP/s for MFU: datasheet dense numbers on known GPUs; on CPU the best matmul probe ever
+    seen on this machine (cached in ~/.cache/cprec), since one probe on a busy machine under-measures the peak."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in DATASHEET.items() if k in name), 312e12) / (2 if precision == "fp32" else 1)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cprec" / "peak_flops.json"
+    key = f"{cpu_name()} | {torch.get_num_threads()} threads | {precision} | torch {torch.__version__}"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known and not remeasure:
+        return known[key]
+    known[key] = max(matmul_flops(device, precision, reps=10), known.get(key, 0.0))
+    with contextlib.suppress(OSError):  # a read-only home only costs the next run a probe
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        write_json(cache, known)
+    return known[key]
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown cpu"
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW's parameter groups: weight decay on matrices, none on norms and biases."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB: process peak RSS
+
+
+# --------------------------------------------------------------------------------------------------- checks
+def check(cfg: TrainConfig, device: torch.device, world: int, context: int | None = None, longest: int = 0,
+          option: str = "", model: str = "the model") -> None:
+    """Every check of a run's settings, made before a run directory is created for them: schedule, precision, the
+    split of each step's micro-batches over the processes and, given the model's context, the longest sequence."""
+    if not cfg.lr > 0:
+        raise UserError(f"--lr {cfg.lr}: expected a learning rate > 0")
+    for name, every in (("--save-every", cfg.save_every), ("--eval-every", cfg.eval_every)):
+        if every < 0:
+            raise UserError(f"{name} {every}: expected a step count >= 0 (0 = at the end)")
+    if cfg.steps < 1 or cfg.accum < 1 or cfg.keep < 1 or cfg.max_skips < 1:
+        raise ValueError(f"TrainConfig: steps, accum, keep and max_skips must be >= 1 ({cfg})")
+    validate_schedule(cfg.schedule, cfg.steps)
+    if resolve_shard(cfg.shard, world) == "fsdp" and resolve_precision(cfg.precision, device) == "fp16":
+        raise UserError("--shard fsdp trains in bf16 or fp32; use --precision bf16 (fp16 loss scaling is not sharded)")
+    resolve_precision(cfg.precision, device)
+    if cfg.accum % world:  # each process takes an equal share of a step, so the batch plan is the same on any count
+        raise UserError(f"--batch-tokens: {cfg.accum} micro-batches per step do not split evenly over {world} "
+                        f"processes; use a multiple of {world} micro-batches")
+    if context is not None and longest > context:
+        raise UserError(f"{option}: {longest}-token sequences exceed the context of {model} ({context} tokens)")
+
+
+# --------------------------------------------------------------------------------------------------- run directory
+# What a crashed save leaves behind: atomic_dir's `.NAME.tmpPID` / `.NAME.oldPID` siblings, write_json's
+# `FILE.tmpPID`, `latest.tmp` and the log's rewrite. Only these names are ever removed.
+LEFTOVER_DIR = re.compile(r"\.(?P<name>step-\d{7}|best|final)\.(?P<kind>tmp|old)\d+")
+LEFTOVER_FILE = re.compile(r"latest\.tmp|(run_config|best|results)\.json\.tmp\d+|metrics\.jsonl\.tmp\d+")
+RUN_FILES = {"run_config.json", "metrics.jsonl", "checkpoints", "latest", "final", "best", "best.json", "results.json",
+             "results-per_user.jsonl", "curves.png"}
+REUSABLE = {"run_config.json", "metrics.jsonl", "checkpoints", "curves.png"}  # a start that got to no checkpoint
+RESUMABLE = ("train.lr", "train.save_every", "train.eval_every", "train.keep")  # cannot change the batch plan
+
+
+def warn(message: str, rank: int = 0) -> None:
+    if rank == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def clean_leftovers(run: Path) -> list[str]:
+    """Remove what interrupted saves left in this run directory; put back a directory that was renamed aside just
+    before its replacement could be renamed in. Returns what was done, for a note."""
+    done = []
+    for folder in (run, run / "checkpoints"):
+        for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+            match = LEFTOVER_DIR.fullmatch(path.name)
+            if match and match["kind"] == "old" and not (folder / match["name"]).exists():
+                os.replace(path, folder / match["name"])
+                done.append(f"restored {folder / match['name']} from {path.name}")
+            elif match and path.is_dir():
+                shutil.rmtree(path)
+                done.append(f"removed {path}")
+            elif LEFTOVER_FILE.fullmatch(path.name) and path.is_file():
+                path.unlink()
+                done.append(f"removed {path}")
+    return done
+
+
+def has_checkpoint(run: Path) -> bool:
+    return (run / "latest").exists() or any((run / "checkpoints").glob("step-*"))
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in config.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def open_run(out_dir: str | Path, config: dict, resume: bool, overwrite: bool, rank: int = 0) -> Path:
+    """Create (or reuse) the run directory and record its resolved configuration; refuse to mix two runs in one.
+
+    On --resume the saved configuration must equal the new one, or the resumed run could not equal the original;
+    only settings that leave the batch plan alone (RESUMABLE: the learning rate, intervals) may change, with a
+    warning recorded in run_config.json. A directory that holds no checkpoint (a start that failed or was stopped
+    early) is reused by a plain rerun.
+    """
+    out = Path(out_dir)
+    saved = out / "run_config.json"
+    config = json.loads(json.dumps(config))  # as it reads back from disk (tuples become lists)
+    if rank == 0 and saved.exists():  # a run directory of ours: never touch another kind of folder
+        for note in clean_leftovers(out):
+            warn(f"{note} (left by an interrupted save)")
+    if resume:
+        if (out / "results.json").exists():
+            raise UserError(f"{out}: the run already finished (results.json is written); nothing to resume")
+        if not has_checkpoint(out):
+            raise UserError(f"{out}: nothing to resume (no checkpoint); run without --resume")
+        old = read_json(saved)
+        history = old.pop("resumed_with_changes", [])
+        new, before = flatten(config), flatten(old)
+        differ = sorted(k for k in set(new) | set(before) if before.get(k) != new.get(k))
+        if refused := [k for k in differ if k not in RESUMABLE]:
+            raise UserError(f"{out}: --resume with different settings ({', '.join(refused)}); use the original ones "
+                            f"(only {', '.join(o.removeprefix('train.') for o in RESUMABLE)} may change)")
+        if differ and rank == 0:
+            changes = {k: [before.get(k), new.get(k)] for k in differ}
+            warn(f"{out}: resuming with changed settings " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in
+                                                                       changes.items()))
+            latest = (out / "latest").read_text().strip() if (out / "latest").exists() else None
+            write_json(saved, {**config, "resumed_with_changes": [*history, {"from": latest, "changed": changes}]})
+        return out
+    if out.exists() and any(out.iterdir()):
+        reusable = not has_checkpoint(out) and {p.name for p in out.iterdir()} <= REUSABLE
+        if overwrite:  # only a run directory of ours, holding nothing else, is ever replaced
+            leftovers = {p.name for p in out.iterdir() if re.fullmatch(r"\.\w+\.(tmp|old)\d+(-\w+)?", p.name)}
+            own_output(out, "run_config.json", overwrite=True, what="run", names=RUN_FILES | leftovers)
+        if not (overwrite or reusable):
+            raise UserError(f"{out}: already holds a run; pass --resume to continue it or --overwrite to replace it")
+        if rank == 0 and overwrite:
+            shutil.rmtree(out)
+        elif rank == 0:
+            warn(f"{out}: reusing the directory of a start that saved no checkpoint")
+            for name in ("metrics.jsonl", "curves.png"):
+                (out / name).unlink(missing_ok=True)
+    if dist.is_initialized():
+        dist.barrier()  # no rank may create files before rank 0 has cleared the directory
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(saved, config)
+    return out
+
+
+def save_checkpoint(run: Path, step: int, model: Decoder, tokenizer: Tokenizer, optimizer, sched, scaler,
+                    keep: int) -> None:
+    """A resumable checkpoint: HF-layout weights (fp32, as trained) plus optimizer, schedule, step and RNG state.
+
+    Never of non-finite weights. Written to a temporary directory then renamed; `latest` is switched only once the
+    checkpoint is complete, and the older ones are removed only after that."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise UserError(f"non-finite weights at step {step} ({bad[0]}{' and more' if len(bad) > 1 else ''}); not "
+                        f"saved; the last intact checkpoint is {latest_name(run)}; lower --lr and use --resume")
+    name = f"step-{step:07d}"
+    with atomic_dir(run / "checkpoints" / name) as tmp:
+        model.write_checkpoint(tmp, tokenizer)
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(),
+                    "scaler": scaler.state_dict(), "rng": rng_state()}, tmp / "state.pt")
+    point_latest(run, name)
+    for old in sorted((run / "checkpoints").glob("step-*"))[:-keep]:
+        shutil.rmtree(old)
+
+
+def point_latest(run: Path, name: str) -> None:
+    latest = run / "latest.tmp"
+    latest.write_text(name + "\n")
+    os.replace(latest, run / "latest")
+
+
+def latest_name(run: Path) -> str:
+    return f"{run / 'checkpoints' / (run / 'latest').read_text().strip()}" if (run / "latest").exists() else "none"
+
+
+class Corrupt(Exception):
+    """A checkpoint file that cannot be read back; the message names it."""
+
+
+def load_checkpoint(path: Path, model: Decoder) -> dict:
+    """Copy a checkpoint's weights into `model` (on CPU, before it moves) and return its training state."""
+    weights, state_file = path / "model.safetensors", path / "state.pt"
+    if (path / ".metadata").exists():  # FSDP's sharded checkpoint: restore() loads the shards once the model is sharded
+        try:
+            return {**torch.load(state_file, map_location="cpu", weights_only=True), "sharded": str(path)}
+        except Exception as e:
+            raise Corrupt(f"{state_file} is unreadable ({type(e).__name__}: {e})") from None
+    try:
+        tensors = load_file(weights)
+    except Exception as e:  # truncated, missing or foreign: whatever safetensors says, name the file
+        raise Corrupt(f"{weights} is unreadable ({type(e).__name__}: {e})") from None
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise Corrupt(f"{state_file} is unreadable ({type(e).__name__}: {e})") from None
+    try:
+        missing, unexpected = model.load_state_dict({hf_to_ours(k): v for k, v in tensors.items()}, strict=False)
+    except RuntimeError as e:  # a tensor of the wrong shape
+        raise Corrupt(f"{weights} does not match the model ({e})") from None
+    if model.config.tie_embeddings and "lm_head.weight" in missing:
+        missing.remove("lm_head.weight")
+    if missing or unexpected:
+        raise Corrupt(f"{weights} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return state
+
+
+def read_latest(run: Path, rank: int) -> str:
+    """The checkpoint `latest` names; if it is missing or names none that exists, every checkpoint is a candidate
+    (`latest` is switched last, so it only lags behind a complete save or was damaged)."""
+    try:
+        name = (run / "latest").read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return "step-9999999"
+    except IsADirectoryError:  # not ours to replace
+        raise UserError(f"{run / 'latest'}: is a directory; expected the file naming the latest checkpoint") from None
+    except (OSError, UnicodeDecodeError) as e:
+        name = f"unreadable ({type(e).__name__})"
+    if not name.startswith("step-") or not (run / "checkpoints" / name).is_dir():
+        warn(f"{run / 'latest'}: names no checkpoint ({name[:40]!r}); resuming from the newest complete one", rank)
+        return "step-9999999"
+    return name
+
+
+def resume_state(run: Path, model: Decoder, rank: int) -> dict:
+    """Load the latest checkpoint into `model`; if it is unreadable, the newest earlier one, with a warning (the
+    unreadable ones are set aside as corrupt-step-N, `latest` is pointed at the one used)."""
+    latest = read_latest(run, rank)
+    problems = []
+    for path in sorted((run / "checkpoints").glob("step-*"), reverse=True):
+        if path.name > latest:
+            continue  # renamed in, but `latest` never switched to it: a save that did not finish
+        try:
+            state = load_checkpoint(path, model)
+        except Corrupt as e:
+            problems.append((path, str(e)))
+            continue
+        if problems:
+            warn(f"{'; '.join(p for _, p in problems)}; resuming from the previous complete checkpoint {path}", rank)
+            if dist.is_initialized():
+                dist.barrier()  # every rank has read its checkpoint before rank 0 moves anything
+            if rank == 0:
+                for bad, _ in problems:
+                    os.replace(bad, bad.with_name(f"corrupt-{bad.name}"))
+                point_latest(run, path.name)
+        return state
+    raise UserError(f"{run}: no readable checkpoint to resume from"
+                    f"{' (' + '; '.join(p for _, p in problems) + ')' if problems else ''}")
+
+
+def read_log(path: Path, upto: int) -> list[dict]:
+    """The records of metrics.jsonl up to step `upto`: what a resumed run keeps (it repeats whatever came after)."""
+    records = []
+    with contextlib.suppress(FileNotFoundError), open(path) as f:
+        for line in f:
+            with contextlib.suppress(ValueError):  # a line cut by a kill
+                record = json.loads(line)
+                if record["step"] <= upto:
+                    records.append(record)
+    return records
+
+
+def write_log(path: Path, records: list[dict]) -> None:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in records))
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    """Data order and initialisation use explicit seeds; the global torch RNGs are saved for anything else."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StopRequest:
+    """Ctrl-C / SIGTERM set a flag; the loop checks it between steps and saves a resumable checkpoint first."""
+
+    def __init__(self, announce: bool = True):
+        self.requested, self.announce = False, announce
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C means "now"
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.announce:
+            print("\nstopping after this step, with a checkpoint to --resume from (Ctrl-C again to stop now)",
+                  file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class Interrupted(Exception):
+    """Raised after Ctrl-C/SIGTERM once a resumable checkpoint is on disk."""
+
+
+# --------------------------------------------------------------------------------------------------- sharding (FSDP2)
+def resolve_shard(shard: str, world: int) -> str:
+    """none, ddp or fsdp: auto is DDP on several processes, and DDP over one process is plain training."""
+    if shard not in ("auto", "none", "ddp", "fsdp"):
+        raise UserError(f"--shard {shard!r}: expected auto, none, ddp or fsdp")
+    if shard in ("auto", "ddp"):
+        return "ddp" if world > 1 else "none"
+    if shard == "none" and world > 1:
+        raise UserError(f"--shard none with {world} processes would train {world} separate models; use ddp or fsdp")
+    return shard
+
+
+class SupervisedLoss(nn.Module):
+    """A micro-batch's summed token loss as one forward: the FSDP root. FSDP gathers a module's parameters only inside
+    its forward, so the chunked loss runs here to see the whole lm_head (tied to the embedding or not)."""
+
+    def __init__(self, decoder: Decoder):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return micro_step_loss(self.decoder, self.decoder.lm_head.weight, inputs, targets)
+
+
+def checkpoint_layers(model: Decoder) -> None:
+    """Activation checkpointing: each decoder layer keeps only its input for backward and recomputes the rest there
+    (non-reentrant autograd, so gradients are exact); parameter names and state dicts are unchanged."""
+    for i, block in enumerate(model.layers):
+        model.layers[i] = checkpoint_wrapper(block)
+
+
+def shard_fsdp(model: Decoder, device: torch.device, precision: str) -> SupervisedLoss:
+    """FSDP2 over all processes: each decoder layer, then the root (embedding, final norm, lm_head, which stay tied).
+
+    Master weights, AdamW's state and gradients stay fp32 and sharded; under bf16 on CUDA each layer computes with a
+    gathered bf16 copy and gradients are reduced in fp32. One process gets a one-member process group, so a sharded
+    run resumes on any count (torch.distributed.checkpoint reshards on load)."""
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    bf16 = device.type == "cuda" and precision == "bf16"
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+        MixedPrecisionPolicy()
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    return fully_shard(SupervisedLoss(model), mesh=mesh, mp_policy=policy)
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, last: bool):
+    """Reduce gradients over the processes only on a step's last micro-batch: DDP's no_sync, FSDP's
+    set_requires_gradient_sync (the others accumulate unreduced gradients locally)."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(last)
+    with (model.no_sync() if not last and hasattr(model, "no_sync") else contextlib.nullcontext()):
+        yield
+
+
+def consolidate(loop: Loop) -> Decoder | None:
+    """The whole sharded model as a plain fp32 Decoder on rank 0's CPU (None on the others). Every process takes part;
+    the tensors are gathered one at a time, so rank 0 holds about one copy of the weights besides its shards."""
+    full = {}
+    for name, tensor in loop.raw.state_dict().items():
+        if loop.raw.config.tie_embeddings and name == "lm_head.weight":
+            continue  # the embedding, again
+        whole = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        if loop.rank == 0:
+            full[name] = whole.detach().to("cpu", torch.float32)
+        del whole
+    if loop.rank != 0:
+        return None
+    with torch.device("meta"):
+        model = Decoder(loop.raw.config)
+    model.load_state_dict(full, strict=not loop.raw.config.tie_embeddings, assign=True)
+    if loop.raw.config.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    return model
+
+
+def save_sharded_checkpoint(loop: Loop, step: int) -> None:
+    """FSDP's resumable checkpoint: each process writes its shards of the model and AdamW's state with
+    torch.distributed.checkpoint, rank 0 the schedule, scaler and RNG state; all into rank 0's temporary directory,
+    renamed once complete, and only then `latest` is switched."""
+    name = f"step-{step:07d}"
+    with (atomic_dir(loop.run / "checkpoints" / name) if loop.rank == 0 else contextlib.nullcontext()) as tmp:
+        where = [tmp]
+        dist.broadcast_object_list(where, src=0)
+        model_state, optimizer_state = get_state_dict(loop.model, loop.optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=where[0])
+        if loop.rank == 0:  # dcp.save returns once every process's shards and the metadata are written
+            torch.save({"step": step, "scheduler": loop.sched.state_dict(), "scaler": loop.scaler.state_dict(),
+                        "rng": rng_state()}, tmp / "state.pt")
+    if loop.rank == 0:
+        point_latest(loop.run, name)
+        for old in sorted((loop.run / "checkpoints").glob("step-*"))[:-loop.cfg.keep]:
+            shutil.rmtree(old)
+
+
+def load_sharded_checkpoint(loop: Loop, path: Path) -> None:
+    """Load a sharded checkpoint's model and AdamW state into this run's shards, whatever the process count."""
+    model_state, optimizer_state = get_state_dict(loop.model, loop.optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(loop.model, loop.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    """torch.nn.utils.clip_grad_norm_ that also takes FSDP's sharded gradients; returns the norm before clipping."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if isinstance(norm, DTensor):  # FSDP: each process holds its shards' part of the norm
+        norm = norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm.item()
+
