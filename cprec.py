@@ -598,7 +598,10 @@ def reproduce_command(out: Path = typer.Option(Path("runs/reproduce"), help="Dir
                       sft_epochs: float = typer.Option(5.0, help="Epochs of each SFT run."),
                       seed: int = typer.Option(0, help="One seed for every run."),
                       resume: bool = typer.Option(False, help="Reuse the finished runs of an earlier reproduction."),
-                      overwrite: bool = typer.Option(False, help="Replace an earlier reproduction.")):
+                      overwrite: bool = typer.Option(False, help="Replace an earlier reproduction."),
+                      core: bool = typer.Option(False, help="Only zero-shot before/after CPT and SFT with 10% of the "
+                                                "users from either start (a pretrained LLM on CPU budgets)."),
+                      test_users: int = typer.Option(0, help="Evaluate a seeded subset of test users (0 = all).")):
     """Run the comparisons behind CPRec's claims (zero-shot, CPT vs no CPT, limited SFT, sequence kinds, schedules)
     with one budget and seed, and write runs/reproduce/report.md."""
     from reproduce import reproduce
@@ -606,7 +609,9 @@ def reproduce_command(out: Path = typer.Option(Path("runs/reproduce"), help="Dir
     start = base_model(model, data, 0)
     Tokenizer.from_pretrained(start)  # a broken model is refused here rather than as the first of many failed runs
     Decoder.from_pretrained(start)
-    report = reproduce(out, data, start, domain, cpt_tokens, sft_epochs, seed, resume, overwrite)
+    if test_users < 0:
+        raise UserError(f"--test-users {test_users}: expected 0 (all) or a positive count")
+    report = reproduce(out, data, start, domain, cpt_tokens, sft_epochs, seed, resume, overwrite, core, test_users)
     console.print((out / "report.md").read_text(), highlight=False)
     say(f"report in {out / 'report.md'} ({report['seconds'] / 60:.1f} min)")
 

@@ -31,6 +31,7 @@ PAIRS = [  # (claim, run A, run B): each row reports NDCG@10 of A minus B on the
     ("both kinds beat mixed-only", "sft-cpt", "sft-cpt-mixed"),
     ("WSA beats cosine", "sft-cpt", "sft-cpt-cosine"), ("WSA beats constant", "sft-cpt", "sft-cpt-constant"),
     ("CPT+SFT beats SASRec (item IDs)", "sft-cpt", "baseline")]
+CORE = {"cpt", "sft-cpt-10%", "sft-base-10%", "baseline"}  # --core: the runs a large model can afford on a CPU
 SFT_RUNS = {  # name -> (start: a CPT run or "base", fraction of training users)
     "sft-cpt": ("cpt", 1.0), "sft-cpt-10%": ("cpt", 0.1), "sft-base": ("base", 1.0), "sft-base-10%": ("base", 0.1),
     "sft-cpt-domain": ("cpt-domain", 1.0), "sft-cpt-mixed": ("cpt-mixed", 1.0),
@@ -54,7 +55,9 @@ def command(args: list[str], result: Path, resume: bool, log) -> None:
 
 
 def reproduce(out: Path, data: Path, model: Path, domain: str, cpt_tokens: int, sft_epochs: float, seed: int,
-              resume: bool, overwrite: bool) -> dict:
+              resume: bool, overwrite: bool, core: bool = False, test_users: int = 0) -> dict:
+    """Every comparison, or with `core` only zero-shot before/after CPT and SFT on 10% of the users from either start
+    (the claims a pretrained LLM can be measured on with CPU budgets); `test_users` > 0 evaluates a seeded subset."""
     if out.exists() and any(out.iterdir()) and not (out / "commands.log").is_file():
         raise UserError(f"{out}: exists and is not a reproduction (no commands.log); choose another --out "
                         "(it was left as is)")
@@ -63,22 +66,23 @@ def reproduce(out: Path, data: Path, model: Path, domain: str, cpt_tokens: int, 
                         "--overwrite to start over")
     out.mkdir(parents=True, exist_ok=True)
     train = ["--data", str(data), "--seed", str(seed), "--overwrite", "--no-progress"]
+    wanted = (lambda name: name in CORE) if core else (lambda name: True)
     with open(out / "commands.log", "a" if resume else "w") as log:
-        for name, (kinds, schedule) in CPT_RUNS.items():
+        for name, (kinds, schedule) in [(n, r) for n, r in CPT_RUNS.items() if wanted(n)]:
             command(["pretrain", *train, "--model", str(model), "--out", str(out / name), "--kinds", kinds,
                      "--schedule", schedule, "--tokens", str(cpt_tokens), "--save-every", "0"],
                     out / name / "results.json", resume, log)
         for name, start in [("zero-shot-base", model), ("zero-shot-cpt", out / "cpt" / "final")]:
-            command(["evaluate", "--data", str(data), "--model", str(start), "--domain", domain,
-                     "--out", str(out / f"{name}.json")], out / f"{name}.json", resume, log)
-        for name, (start, fraction) in SFT_RUNS.items():
+            command(["evaluate", "--data", str(data), "--model", str(start), "--domain", domain, "--seed", str(seed),
+                     "--users", str(test_users), "--out", str(out / f"{name}.json")], out / f"{name}.json", resume, log)
+        for name, (start, fraction) in [(n, r) for n, r in SFT_RUNS.items() if wanted(n)]:
             start_model = model if start == "base" else out / start / "final"
             command(["finetune", *train, "--domain", domain, "--model", str(start_model), "--out", str(out / name),
-                     "--users-fraction", str(fraction), "--epochs", str(sft_epochs)],
+                     "--users-fraction", str(fraction), "--epochs", str(sft_epochs), "--test-users", str(test_users)],
                     out / name / "results.json", resume, log)
         command(["baseline", "--data", str(data), "--domain", domain, "--seed", str(seed), "--out",
                  str(out / "baseline"), "--overwrite"], out / "baseline" / "results.json", resume, log)
-    report = collect(out, domain)
+    report = collect(out, domain, core)
     report["seconds"] = wall_time(out / "commands.log")
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(markdown(report))
@@ -96,21 +100,24 @@ def wall_time(log: Path) -> float:
     return sum(seconds.values())
 
 
-def collect(out: Path, domain: str) -> dict:
+def collect(out: Path, domain: str, core: bool = False) -> dict:
     """Test metrics of every evaluation and the CPT validation losses, from the runs' own result files."""
+    sft_runs = [n for n in SFT_RUNS if n in CORE or not core]
+    pairs = [(claim, a, b) for claim, a, b in PAIRS if not core or {a, b} <= CORE | {"zero-shot-cpt", "zero-shot-base"}]
     rows = {}
     for name in ("zero-shot-base", "zero-shot-cpt"):
         result = read_json(out / f"{name}.json")
         rows[name] = result["model"]
         rows["popularity"], protocol = result["popularity"], result["protocol"]
-    for name in SFT_RUNS:
+    for name in sft_runs:
         rows[name] = read_json(out / name / "results.json")["model"]
     baseline = read_json(out / "baseline" / "results.json")
     rows["baseline"] = baseline["model"]
-    cpt = {name: read_json(out / name / "results.json")["training"]["validation"]["val_loss"] for name in CPT_RUNS}
+    cpt = {name: read_json(out / name / "results.json")["training"]["validation"]["val_loss"]
+           for name in CPT_RUNS if name in CORE or not core}
     return {"domain": domain, "protocol": protocol, "baseline_protocol": baseline["protocol"], "test": rows,
             "cpt_val_loss": cpt,
-            "differences": [{"claim": claim, "a": a, "b": b, **difference(out, a, b)} for claim, a, b in PAIRS]}
+            "differences": [{"claim": claim, "a": a, "b": b, **difference(out, a, b)} for claim, a, b in pairs]}
 
 
 def per_user_ranks(out: Path, name: str) -> dict[str, float]:
@@ -132,7 +139,7 @@ def difference(out: Path, a: str, b: str) -> dict:
 def markdown(report: dict) -> str:
     t, loss = report["test"], report["cpt_val_loss"]
     row = lambda label, name, extra="": (  # noqa: E731
-        f"| {label} | {t[name]['recall@10']:.4f} | {t[name]['ndcg@10']:.4f} |{extra}\n")
+        f"| {label} | {t[name]['recall@10']:.4f} | {t[name]['ndcg@10']:.4f} |{extra}\n" if name in t else "")
     lines = [f"Test split of `{report['domain']}`; {report['protocol']}.\n\n",
              "| setting | Recall@10 | NDCG@10 |\n|---|---|---|\n",
              row("popularity", "popularity"), row("SASRec on item IDs, same split", "baseline"),
@@ -140,15 +147,17 @@ def markdown(report: dict) -> str:
              row("after all-domain CPT, zero-shot", "zero-shot-cpt"),
              row("SFT from base (no CPT), 100% users", "sft-base"), row("SFT from CPT, 100% users", "sft-cpt"),
              row("SFT from base (no CPT), 10% users", "sft-base-10%"), row("SFT from CPT, 10% users", "sft-cpt-10%"),
-             f"\nSASRec: {report['baseline_protocol']}.\n",
-             "\n| CPT sequences | CPT val loss | Recall@10 after SFT | NDCG@10 after SFT |\n|---|---|---|---|\n"]
-    for label, cpt, sft in [("domain-specific only", "cpt-domain", "sft-cpt-domain"),
-                            ("mixed only", "cpt-mixed", "sft-cpt-mixed"), ("both", "cpt", "sft-cpt")]:
-        lines.append(f"| {label} | {loss[cpt]:.4f} | {t[sft]['recall@10']:.4f} | {t[sft]['ndcg@10']:.4f} |\n")
-    lines.append("\n| CPT schedule | CPT val loss | Recall@10 after SFT | NDCG@10 after SFT |\n|---|---|---|---|\n")
-    for label, cpt, sft in [("WSA", "cpt", "sft-cpt"), ("cosine", "cpt-cosine", "sft-cpt-cosine"),
-                            ("constant", "cpt-constant", "sft-cpt-constant")]:
-        lines.append(f"| {label} | {loss[cpt]:.4f} | {t[sft]['recall@10']:.4f} | {t[sft]['ndcg@10']:.4f} |\n")
+             f"\nSASRec: {report['baseline_protocol']}.\n"]
+    ablations = {"CPT sequences": [("domain-specific only", "cpt-domain", "sft-cpt-domain"),
+                                   ("mixed only", "cpt-mixed", "sft-cpt-mixed"), ("both", "cpt", "sft-cpt")],
+                 "CPT schedule": [("WSA", "cpt", "sft-cpt"), ("cosine", "cpt-cosine", "sft-cpt-cosine"),
+                                  ("constant", "cpt-constant", "sft-cpt-constant")]}
+    for title, runs in ablations.items():
+        if any(sft not in t for _, _, sft in runs):  # --core measures no ablations
+            continue
+        lines.append(f"\n| {title} | CPT val loss | Recall@10 after SFT | NDCG@10 after SFT |\n|---|---|---|---|\n")
+        for label, cpt, sft in runs:
+            lines.append(f"| {label} | {loss[cpt]:.4f} | {t[sft]['recall@10']:.4f} | {t[sft]['ndcg@10']:.4f} |\n")
     lines.append("\n| claim | NDCG@10 difference | 95% CI (paired bootstrap over users) | holds here |\n"
                  "|---|---|---|---|\n")
     for d in report["differences"]:

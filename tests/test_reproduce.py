@@ -61,3 +61,26 @@ def test_differences_need_the_same_users(tmp_path):
             "".join(json.dumps({"user": f"u{u}", "rank": 1}) + "\n" for u in range(users)))
     with pytest.raises(UserError, match="different users"):
         difference(tmp_path, "sft-cpt", "sft-base")
+
+
+def test_core_report_needs_only_the_core_runs(tmp_path):
+    """--core (a pretrained LLM on CPU budgets): zero-shot before/after CPT and 10%-user SFT from either start."""
+    for k, name in enumerate(["zero-shot-base", "zero-shot-cpt"]):
+        (tmp_path / f"{name}.json").write_text(json.dumps(
+            {"model": metrics(0.1 * k), "popularity": metrics(0.08), "protocol": "full ranking over all 9 items"}))
+        per_user(tmp_path / f"{name}-per_user.jsonl", 100 * k)
+    for name, hits in [("sft-cpt-10%", 80), ("sft-base-10%", 40), ("baseline", 60)]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({"model": metrics(hits / 200), "protocol": "p"}))
+        per_user(tmp_path / name / "results-per_user.jsonl", hits)
+    (tmp_path / "cpt").mkdir()
+    (tmp_path / "cpt" / "results.json").write_text(json.dumps({"training": {"validation": {"val_loss": 1.5}}}))
+    report = collect(tmp_path, "games", core=True)
+    assert [d["claim"] for d in report["differences"]] == ["CPT helps zero-shot", "CPT helps SFT, 10% users"]
+    assert report["differences"][1]["ndcg@10"] == pytest.approx(0.2)  # 80 vs 40 of 200 users at rank 0 (gain 1)
+    report["seconds"] = 60
+    text = markdown(report)
+    assert "| SFT from CPT, 10% users | 0.4000 | 0.2000 |" in text and "100% users" not in text
+    assert "CPT sequences" not in text and "CPT schedule" not in text
+    with pytest.raises(UserError):  # the full report needs every run
+        collect(tmp_path, "games")
