@@ -308,7 +308,7 @@ def pretrain(data: Path = typer.Option(DEFAULT_DATA, help="Dataset; the built-in
     check(cfg, device, world, context_of(start), block_len, "--block-len", str(start))
     net = Decoder.from_pretrained(start)  # on --resume, train() loads the checkpoint's weights into it
     pretrain_domains = [k for k, d in ds.domains.items() if d.role == "pretrain"]
-    cases = {k: sample(eval_cases(ds, k, VALID), val_users, seed) for k in pretrain_domains}
+    cases = {k: evaluation.sample(eval_cases(ds, k, VALID), val_users, seed) for k in pretrain_domains}
 
     def validate(m):
         losses = {k: target_loss(m, encoder, ds, c, k) for k, c in cases.items() if c}
@@ -341,12 +341,6 @@ def run_settings(cfg: TrainConfig) -> dict:
     settings.pop("progress")  # presentation, not part of the run
     settings.pop("activation_checkpointing")  # memory, not math: a resumed run may switch it
     return settings
-
-
-def sample(cases: list, n: int, seed: int) -> list:
-    if n and n < len(cases):
-        return [cases[i] for i in sorted(np.random.default_rng(seed).choice(len(cases), n, replace=False))]
-    return cases
 
 
 def run_training(net, tokenizer, data, cfg, run, device, rank, world, resume, validate) -> dict:
@@ -399,7 +393,7 @@ def finetune(domain: str = typer.Option(..., help="Target domain, e.g. games."),
     sequences = train_sequences(ds, domain)
     if not 0 < users_fraction <= 1:
         raise UserError(f"--users-fraction {users_fraction}: expected a value in (0, 1]")
-    sequences = sample(sequences, max(1, round(users_fraction * len(sequences))), seed)
+    sequences = evaluation.sample(sequences, max(1, round(users_fraction * len(sequences))), seed)
     examples = Examples(sft_examples(ds, encoder, sequences, domain, window, progress), micro_tokens, tokenizer.pad_id,
                         seed)
     accum = batch_tokens // micro_tokens

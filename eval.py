@@ -357,6 +357,14 @@ def user_prompts(encoder: Encoder, ds: Dataset, histories, key: str) -> list[lis
     return [encoder.sequence(ds, history, domain)[0] for history in histories]
 
 
+def sample(cases: list, n: int, seed: int) -> list:
+    """A seeded subset of n cases in their original order (all when n is 0 or at least their number): the one rule
+    for validation users, test users and SFT's users fraction, so the same seed picks the same users everywhere."""
+    if n and n < len(cases):
+        return [cases[i] for i in sorted(np.random.default_rng(seed).choice(len(cases), n, replace=False))]
+    return cases
+
+
 def evaluate(model: Decoder, encoder: Encoder, ds: Dataset, key: str, *, split: str = "test", beams: int = 20,
              exact: bool = False, users: int | None = None, seed: int = 0, mask_history: bool = False,
              window: int = 20, batch_users: int | None = None, ks=KS, progress: bool = False) -> dict:
@@ -368,8 +376,7 @@ def evaluate(model: Decoder, encoder: Encoder, ds: Dataset, key: str, *, split: 
         raise UserError(f"--beams {beams}: must be at least the largest K ({max(ks)})")
     domain = ds.domain(key)
     cases = eval_cases(ds, key, {"test": 2, "valid": 1}[split], window)
-    if users and users < len(cases):
-        cases = [cases[i] for i in sorted(np.random.default_rng(seed).choice(len(cases), users, replace=False))]
+    cases = sample(cases, users, seed)
     if not cases:
         raise UserError(f"domain {key!r} has no {split} cases (users need 3+ interactions there)")
     catalogue = ds.catalogue(key)
