@@ -629,7 +629,7 @@ def open_run(out_dir: str | Path, config: dict, resume: bool, overwrite: bool, r
             changes = {k: [before.get(k), new.get(k)] for k in differ}
             warn(f"{out}: resuming with changed settings " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in
                                                                        changes.items()))
-            latest = (out / "latest").read_text().strip() if (out / "latest").exists() else None
+            latest = latest_text(out)
             write_json(saved, {**config, "resumed_with_changes": [*history, {"from": latest, "changed": changes}]})
         return out
     if out.exists() and any(out.iterdir()):
@@ -679,8 +679,17 @@ def point_latest(run: Path, name: str) -> None:
     os.replace(latest, run / "latest")
 
 
+def latest_text(run: Path) -> str | None:
+    """What `latest` says, or None when it is missing or unreadable (for messages and records, never for loading)."""
+    try:
+        return (run / "latest").read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 def latest_name(run: Path) -> str:
-    return f"{run / 'checkpoints' / (run / 'latest').read_text().strip()}" if (run / "latest").exists() else "none"
+    name = latest_text(run)
+    return f"{run / 'checkpoints' / name}" if name else "none"
 
 
 class Corrupt(Exception):
