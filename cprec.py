@@ -595,7 +595,9 @@ def reproduce_command(out: Path = typer.Option(Path("runs/reproduce"), help="Dir
                       overwrite: bool = typer.Option(False, help="Replace an earlier reproduction."),
                       core: bool = typer.Option(False, help="Only zero-shot before/after CPT and SFT with 10% of the "
                                                 "users from either start (a pretrained LLM on CPU budgets)."),
-                      test_users: int = typer.Option(0, help="Evaluate a seeded subset of test users (0 = all).")):
+                      test_users: int = typer.Option(0, help="Evaluate a seeded subset of test users (0 = all)."),
+                      val_users: Optional[int] = typer.Option(None, help="Validation users of each SFT run "
+                                                              "(default: finetune's 500; a large LLM on CPU: fewer).")):
     """Run the comparisons behind CPRec's claims (zero-shot, CPT vs no CPT, limited SFT, sequence kinds, schedules)
     with one budget and seed, and write runs/reproduce/report.md."""
     from reproduce import reproduce
@@ -603,9 +605,11 @@ def reproduce_command(out: Path = typer.Option(Path("runs/reproduce"), help="Dir
     start = base_model(model, data, 0)
     Tokenizer.from_pretrained(start)  # a broken model is refused here rather than as the first of many failed runs
     Decoder.from_pretrained(start)
-    if test_users < 0:
-        raise UserError(f"--test-users {test_users}: expected 0 (all) or a positive count")
-    report = reproduce(out, data, start, domain, cpt_tokens, sft_epochs, seed, resume, overwrite, core, test_users)
+    for option, count in (("--test-users", test_users), ("--val-users", val_users)):
+        if count is not None and count < 0:
+            raise UserError(f"{option} {count}: expected 0 (all) or a positive count")
+    report = reproduce(out, data, start, domain, cpt_tokens, sft_epochs, seed, resume, overwrite, core, test_users,
+                       val_users)
     console.print((out / "report.md").read_text(), highlight=False)
     say(f"report in {out / 'report.md'} ({report['seconds'] / 60:.1f} min)")
 

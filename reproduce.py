@@ -55,9 +55,11 @@ def command(args: list[str], result: Path, resume: bool, log) -> None:
 
 
 def reproduce(out: Path, data: Path, model: Path, domain: str, cpt_tokens: int, sft_epochs: float, seed: int,
-              resume: bool, overwrite: bool, core: bool = False, test_users: int = 0) -> dict:
+              resume: bool, overwrite: bool, core: bool = False, test_users: int = 0,
+              val_users: int | None = None) -> dict:
     """Every comparison, or with `core` only zero-shot before/after CPT and SFT on 10% of the users from either start
-    (the claims a pretrained LLM can be measured on with CPU budgets); `test_users` > 0 evaluates a seeded subset."""
+    (the claims a pretrained LLM can be measured on with CPU budgets); `test_users` > 0 evaluates a seeded subset,
+    `val_users` sets each SFT run's validation users (None: finetune's default)."""
     if out.exists() and any(out.iterdir()) and not (out / "commands.log").is_file():
         raise UserError(f"{out}: exists and is not a reproduction (no commands.log); choose another --out "
                         "(it was left as is)")
@@ -78,7 +80,8 @@ def reproduce(out: Path, data: Path, model: Path, domain: str, cpt_tokens: int, 
         for name, (start, fraction) in [(n, r) for n, r in SFT_RUNS.items() if wanted(n)]:
             start_model = model if start == "base" else out / start / "final"
             command(["finetune", *train, "--domain", domain, "--model", str(start_model), "--out", str(out / name),
-                     "--users-fraction", str(fraction), "--epochs", str(sft_epochs), "--test-users", str(test_users)],
+                     "--users-fraction", str(fraction), "--epochs", str(sft_epochs), "--test-users", str(test_users),
+                     *([] if val_users is None else ["--val-users", str(val_users)])],
                     out / name / "results.json", resume, log)
         command(["baseline", "--data", str(data), "--domain", domain, "--seed", str(seed), "--out",
                  str(out / "baseline"), "--overwrite"], out / "baseline" / "results.json", resume, log)

@@ -1,5 +1,6 @@
 """The reproduction report is assembled from the runs' own result files and command log."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -84,3 +85,29 @@ def test_core_report_needs_only_the_core_runs(tmp_path):
     assert "CPT sequences" not in text and "CPT schedule" not in text
     with pytest.raises(UserError):  # the full report needs every run
         collect(tmp_path, "games")
+
+
+def test_core_runs_and_their_options(tmp_path, monkeypatch):
+    """--core runs CPT, both zero-shot evaluations, the two 10%-user SFT runs and the baseline, passing --test-users
+    and --val-users to every SFT run (a pretrained LLM validates on fewer users)."""
+    import reproduce
+    issued = []
+    monkeypatch.setattr(reproduce, "command", lambda args, result, resume, log: issued.append([str(a) for a in args]))
+    monkeypatch.setattr(reproduce, "collect", lambda out, domain, core: {"seconds": 0})
+    monkeypatch.setattr(reproduce, "markdown", lambda report: "")
+    monkeypatch.setattr(reproduce, "wall_time", lambda log: 0.0)
+    reproduce.reproduce(tmp_path / "r", tmp_path / "data", tmp_path / "llm", "games", 1000, 1.0, 0, False, False,
+                        core=True, test_users=200, val_users=50)
+    runs = [(args[0], Path(args[args.index("--out") + 1]).name) for args in issued]
+    assert runs == [("pretrain", "cpt"), ("evaluate", "zero-shot-base.json"), ("evaluate", "zero-shot-cpt.json"),
+                    ("finetune", "sft-cpt-10%"), ("finetune", "sft-base-10%"), ("baseline", "baseline")]
+    for args in issued:
+        if args[0] == "finetune":
+            assert args[args.index("--val-users") + 1] == "50" and args[args.index("--test-users") + 1] == "200"
+            assert args[args.index("--users-fraction") + 1] == "0.1"
+        if args[0] == "evaluate":
+            assert args[args.index("--users") + 1] == "200"
+    issued.clear()
+    reproduce.reproduce(tmp_path / "r2", tmp_path / "data", tmp_path / "llm", "games", 1000, 1.0, 0, False, False)
+    assert len(issued) == len(CPT_RUNS) + 2 + len(SFT_RUNS) + 1
+    assert not any("--val-users" in args for args in issued)  # finetune's own default
