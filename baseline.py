@@ -23,9 +23,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from common import UserError, atomic_dir, read_json, write_json
+from config import ModelConfig
 from data import TEST, VALID, Dataset, eval_cases, train_sequences
 from eval import KS, metrics, popularity, rank_in_scores
-from model import Decoder, ModelConfig, init_weights
+from model import Decoder, init_weights
 from train import Interrupted, StopRequest, autocast, cross_entropy_sum, restore_rng, rng_state
 
 POSITIONS = ("learned", "rope")

@@ -47,10 +47,11 @@ from rich.table import Table
 from torch.distributed.tensor import DTensor
 
 from common import UserError
+from config import ModelConfig, config_to_hf
 from cprec import DEFAULT_CPT, DEFAULT_DATA, DEFAULT_MODEL, SMALL, dataset
 from data import TEST, VALID, Blocks, Encoder
 from eval import Trie, prompt_cache
-from model import Decoder, KVCache, ModelConfig, config_to_hf, init_weights
+from model import Decoder, KVCache, init_weights
 from tokenizer import Tokenizer
 from train import (
     MATMUL_N,

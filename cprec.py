@@ -22,6 +22,7 @@ from rich.table import Table
 
 import eval as evaluation
 from common import UserError, read_json, write_json
+from config import INIT_MARKER, ModelConfig, config_from_hf
 from data import (
     VALID,
     Blocks,
@@ -34,7 +35,7 @@ from data import (
     tokenizer_corpus,
     train_sequences,
 )
-from model import INIT_MARKER, Decoder, ModelConfig, config_from_hf, create_model, written_by_init
+from model import Decoder, create_model, written_by_init
 from schedule import Schedule
 from schedule import steps as schedule_steps
 from tokenizer import Tokenizer
@@ -224,7 +225,7 @@ def fitting_defaults(start: Path, lr: float | None, warmup: float | None, steps:
                      anneal: float) -> tuple[float, float]:
     """--lr and --warmup where not given, fitted to the checkpoint at `start`.
 
-    A model `cprec init` made (config.json carries model.INIT_MARKER, kept through training) starts from random
+    A model `cprec init` made (config.json carries config.INIT_MARKER, kept through training) starts from random
     weights: peak 1e-3 and 2% warmup, tuned on the small model. Any other checkpoint is a pretrained LLM, whose
     knowledge a large step would wash out: continual pre-training re-warms it to a fraction of its original peak
     (Gupta et al. 2023, "Continual Pre-Training of Large Language Models: How to (re)warm your model?"; Ibrahim et al.

@@ -8,13 +8,21 @@ from pathlib import Path
 
 import pytest
 
+from config import ModelConfig
 from data import Domain, load_dataset, tokenizer_corpus, write_dataset
-from model import ModelConfig, create_model
+from model import create_model
 from world import WorldConfig, write_world
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=128,
                    max_positions=512)
+# transformers configs of tiny Llama, Qwen2 (GQA 7:1) and Llama 3.1 RoPE scaling, for parity and config tests
+LLAMA = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=128)
+QWEN2 = dict(vocab_size=96, hidden_size=56, intermediate_size=80, num_hidden_layers=2, num_attention_heads=7,
+             num_key_value_heads=1, rms_norm_eps=1e-6, max_position_embeddings=128)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16, "rope_theta": 500000.0}
 
 # Two pre-training domains and one downstream. u1 shops in both pre-training domains, interleaved in time; the
 # books items "b3" and "b4" tie at t=40 and t=40 (broken by item id); u3 has only 2 games items (no eval case).

@@ -3,7 +3,7 @@ in-process (the CLI runs the same functions)."""
 from dataclasses import replace
 
 import bench
-from model import ModelConfig
+from config import ModelConfig
 
 
 def test_train_eval_prepare_sections_run_on_tiny_inputs(world, tiny_model, tmp_path, monkeypatch):

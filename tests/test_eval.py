@@ -9,6 +9,7 @@ import torch
 
 from bench import frozen_beam_search
 from common import UserError
+from config import ModelConfig
 from data import Encoder, item_text, load_dataset
 from eval import (
     BeamCache,
@@ -23,7 +24,7 @@ from eval import (
     rank_in_list,
     rank_in_scores,
 )
-from model import Decoder, ModelConfig, init_weights
+from model import Decoder, init_weights
 from tokenizer import Tokenizer
 
 

@@ -16,9 +16,9 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 import cprec
-from common import UserError, atomic_dir
+from common import atomic_dir
 from data import Encoder, cpt_stream, load_dataset
-from model import Decoder, config_from_hf, written_by_init
+from model import Decoder, written_by_init
 from tokenizer import Tokenizer
 
 
@@ -443,10 +443,3 @@ def test_atomic_dir_leaves_nothing_when_path_cannot_be_moved(tmp_path):
         (tmp / "v").write_text("x")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"] and (tmp_path / "ckpt").read_text() == "a file"
 
-
-def test_config_from_hf_names_its_source():
-    with pytest.raises(UserError, match="^x/config.json: no hidden_size, intermediate_size; expected"):
-        config_from_hf({"architectures": ["LlamaForCausalLM"], "vocab_size": 8, "num_hidden_layers": 1,
-                        "num_attention_heads": 2}, "x/config.json")
-    assert config_from_hf({"architectures": ["LlamaForCausalLM"], "vocab_size": 8, "hidden_size": 4,
-                           "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 8}).head_dim == 2

@@ -7,18 +7,13 @@ import pytest
 import torch
 
 from common import UserError
+from config import ModelConfig
+from conftest import LLAMA, LLAMA3_ROPE, QWEN2
 from eval import BeamCache
-from model import Decoder, KVCache, ModelConfig, config_from_hf, config_to_hf, create_model
+from model import Decoder, KVCache, create_model
 from tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
-
-LLAMA = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=128)
-QWEN2 = dict(vocab_size=96, hidden_size=56, intermediate_size=80, num_hidden_layers=2, num_attention_heads=7,
-             num_key_value_heads=1, rms_norm_eps=1e-6, max_position_embeddings=128)
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 16, "rope_theta": 500000.0}
 
 CASES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(LLAMA)),
@@ -142,27 +137,6 @@ def write_config(path, **overrides):
     cfg = {**LLAMA, "architectures": ["LlamaForCausalLM"], "model_type": "llama", **overrides}
     (path / "config.json").write_text(json.dumps(cfg))
     return path
-
-
-@pytest.mark.parametrize("overrides, message", [
-    (dict(architectures=["GPT2LMHeadModel"]), "architectures='GPT2LMHeadModel' is not supported"),
-    (dict(rope_scaling={"type": "yarn", "factor": 4.0}), "rope_scaling type 'yarn'"),
-    (dict(hidden_act="gelu"), "hidden_act='gelu'"),
-])
-def test_unsupported_configs_are_refused_by_name(tmp_path, overrides, message):
-    with pytest.raises(UserError, match=message):
-        Decoder.from_pretrained(write_config(tmp_path / "m", **overrides))
-
-
-def test_qwen2_sliding_window_refused_and_mistral_window_caps_context():
-    with pytest.raises(UserError, match="use_sliding_window"):
-        config_from_hf(dict(QWEN2, architectures=["Qwen2ForCausalLM"], use_sliding_window=True))
-    hf = dict(LLAMA, architectures=["MistralForCausalLM"], max_position_embeddings=4096, sliding_window=64)
-    cfg = config_from_hf(hf)
-    assert cfg.context == 64 and cfg.max_positions == 4096
-    saved = config_to_hf(cfg)
-    assert saved["max_position_embeddings"] == 4096 and saved["sliding_window"] == 64  # written back unchanged
-    assert config_from_hf(dict(hf, sliding_window=None)).context == 4096
 
 
 def test_missing_files_and_mismatched_weights_are_named(tmp_path):

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 import cprec
 import train as train_module
 from common import UserError
+from config import ModelConfig
 from conftest import ROOT, TINY, launch
 from data import (
     IGNORE,
@@ -31,7 +32,7 @@ from data import (
     tokenizer_corpus,
     train_sequences,
 )
-from model import Decoder, ModelConfig, create_model
+from model import Decoder, create_model
 from schedule import Schedule, factor
 from tokenizer import Tokenizer
 from train import (

@@ -12,9 +12,10 @@ import torch
 from safetensors.torch import load_file
 from test_train import StopAt, config, cpt_setup
 
+from config import ModelConfig
 from conftest import TINY, launch
 from data import load_dataset, tokenizer_corpus
-from model import Decoder, ModelConfig, create_model
+from model import Decoder, create_model
 from train import Interrupted, accumulate, checkpoint_layers, open_run, setup_distributed, train
 
 STEPS = 8
