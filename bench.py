@@ -12,6 +12,8 @@ each section prints one table, and --json writes every row. Sections:
 - prepare: Amazon Reviews 2023 conversion of a synthetic category: records/s and peak RSS.
 - fsdp: FSDP2 training steps on 1 and 2 CPU processes (CUDA: Qwen2.5-0.5B/1.5B shapes over every GPU): step time,
   tokens/s, MFU and memory per process.
+- llm: the small model beside a pretrained LLM (SmolLM2-135M-Instruct, skipped when absent): CPT and SFT tokens/s,
+  evaluation users/s.
 - memory: the estimated memory per GPU of DDP and FSDP, with and without activation checkpointing, for 0.5B, 1.5B
   and 7B models on 8 x 80 GB (memory_estimate; computed, not measured).
 """
@@ -46,10 +48,10 @@ from rich.console import Console
 from rich.table import Table
 from torch.distributed.tensor import DTensor
 
-from common import UserError
-from config import ModelConfig, config_to_hf
+from common import UserError, read_json
+from config import ModelConfig, config_from_hf, config_to_hf
 from cprec import DEFAULT_CPT, DEFAULT_DATA, DEFAULT_MODEL, SMALL, dataset
-from data import TEST, VALID, Blocks, Encoder
+from data import IGNORE, TEST, VALID, Blocks, Encoder
 from eval import Trie, prompt_cache
 from model import Decoder, KVCache, init_weights
 from tokenizer import Tokenizer
@@ -99,6 +101,8 @@ class Options:
     prepare_records: int = 1_000_000
     catalogue_items: int = 100_000
     movie_users: int = 200
+    llm: Path = Path(os.environ.get("CPREC_SMOLLM2", "/tmp/smollm2-135m-hf"))
+    llm_users: int = 40
 
 
 # --------------------------------------------------------------------------------------------------- machine
@@ -350,9 +354,11 @@ QWEN_05B = ModelConfig(vocab_size=151936, dim=896, n_layers=24, n_heads=14, n_kv
                        max_positions=32768, architecture="Qwen2ForCausalLM")
 
 
-def train_step(config: ModelConfig, batch: tuple[int, int, int], precision: str, o: Options) -> Step:
+def train_step(config: ModelConfig, batch: tuple[int, int, int], precision: str, o: Options,
+               supervised: int = 0) -> Step:
     """One optimizer step of `cprec.py pretrain` on packed random blocks (block, micro-batch, accumulation): collate,
-    train.accumulate, gradient clipping, AdamW, as train.train does them."""
+    train.accumulate, gradient clipping, AdamW, as train.train does them. `supervised` > 0: a `finetune` step, whose
+    loss is only on the last `supervised` tokens of each row (the next item's title after a prompt)."""
     (block, micro, accum), device = batch, o.device
     model = Decoder(config)
     init_weights(model, o.seed)
@@ -366,7 +372,10 @@ def train_step(config: ModelConfig, batch: tuple[int, int, int], precision: str,
 
     def run():
         batches = [blocks.collate(b) for b in plan]
-        loss = accumulate(net, model.lm_head.weight, batches, block * micro * accum, 1, precision,
+        if supervised:  # targets are a view of the inputs (shifted by one): mask a copy
+            batches = [(inputs, np.where(np.arange(block) < block - supervised, IGNORE, targets))
+                       for inputs, targets in batches]
+        loss = accumulate(net, model.lm_head.weight, batches, (supervised or block) * micro * accum, 1, precision,
                           torch.device(device))
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -463,6 +472,41 @@ def bench_eval(o: Options) -> list[dict]:
                       overlap=statistics.mean(len(set(b) & set(e)) / max(len(e), 1) for b, e in pairs),
                       same_order=statistics.mean(b == e for b, e in pairs)),
                  dict(common, ranker="exact scoring", users=exact["users"], users_per_s=exact["users_per_s"])]
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------- llm
+LLM_CPT, LLM_SFT = (256, 4, 1), (128, 8, 1)  # (block, micro-batch, accumulation): 1,024 tokens a step
+SFT_SUPERVISED = 8  # tokens with a loss per SFT row: about one title after a 120-token prompt
+
+
+def bench_llm(o: Options) -> list[dict]:
+    """The default small model beside a pretrained LLM (SmolLM2-135M-Instruct): CPT and SFT optimizer steps (random
+    weights: speed does not depend on their values) and evaluation users/s of the real checkpoints on games."""
+    from eval import evaluate
+    if not (o.llm / "config.json").exists():
+        console.print(f"llm: skipped, no checkpoint in {o.llm} (build it with ../shared/tools/smollm2, or --llm)")
+        return []
+    ds = dataset(o.data)
+    models = {"small": (SMALL, o.model), o.llm.name: (config_from_hf(read_json(o.llm / "config.json")), o.llm)}
+    rows = []
+    for name, (config, path) in models.items():
+        steps = {(kind, p): train_step(config, batch, p, o, supervised)
+                 for kind, batch, supervised in (("cpt", LLM_CPT, 0), ("sft", LLM_SFT, SFT_SUPERVISED))
+                 for p in o.precisions}
+        times = time_interleaved(steps, o.warmup, o.reps, o.device)
+        del steps
+        gc.collect()
+        model = Decoder.from_pretrained(path, device=o.device)
+        encoder = Encoder(Tokenizer.from_pretrained(path))
+        for p in o.precisions:
+            with autocast(p, torch.device(o.device)):
+                result = evaluate(model, encoder, ds, "games", beams=20, users=o.llm_users, seed=o.seed)
+            cpt, sft = (throughput(times[kind, p], math.prod(batch), 0)["tokens_per_s"]
+                        for kind, batch in (("cpt", LLM_CPT), ("sft", LLM_SFT)))
+            rows.append(dict(section="llm", model=name, params=config.n_params, precision=p, cpt_tokens_per_s=cpt,
+                             sft_tokens_per_s=sft, users=result["users"], users_per_s=result["users_per_s"],
+                             ndcg=result["model"]["ndcg@10"]))
     return rows
 
 
@@ -950,7 +994,7 @@ MEMORY_TOKENS = 2048 * 4  # the README's pretrain micro-batch: --block-len 2048 
 SECTIONS: dict[str, Callable[[Options], list[dict]]] = {
     "decoder": bench_decoder, "train": bench_train, "loss": bench_loss, "eval": bench_eval,
     "recommend": bench_recommend, "catalogue": bench_catalogue, "movies": bench_movies, "prepare": bench_prepare,
-    "fsdp": bench_fsdp, "memory": bench_memory}
+    "fsdp": bench_fsdp, "memory": bench_memory, "llm": bench_llm}
 NOTES = {  # printed under each section's table
     "decoder": "train = forward+backward with a full-vocabulary cross-entropy, infer = no-grad forward; tokens/s: "
                "median of interleaved reps; MFU = tokens/s x FLOPs/token (6N + 12·L·d·T, forward a third) / peak; "
@@ -990,6 +1034,10 @@ NOTES = {  # printed under each section's table
             "bf16 compute, fp32 master weights and reduction. step s = rank 0's median; MFU per device (CPU: the "
             "processes share one); state MiB = the largest process's local weights + AdamW state shards; peak MiB = "
             "the largest process's peak over the timed steps (CPU: VmHWM, CUDA: max_memory_allocated).",
+    "llm": "the default small model (cprec.SMALL) beside a pretrained LLM (--llm): CPT = a `pretrain` step of "
+           "256×4 packed random tokens, every position supervised; SFT = a `finetune` step of 128×8 tokens, loss on "
+           "the last 8 of each row; both on random weights, median of interleaved reps; eval = evaluate() on the "
+           "games test split (users, 20 beams) with the real checkpoints (small: --model), N@10 its NDCG@10.",
     "memory": "bench.memory_estimate per GPU on 8 GPUs, bf16 compute, micro-batch of 2048×4 tokens per GPU, no "
               "gradient accumulator (one micro-batch per process and step); fits = total < 90% of 80 GB. Formula "
               "and sources in memory_estimate's docstring.",
@@ -1022,6 +1070,10 @@ COLUMNS = {  # (row key, header, format); format str = a text column
                ("checkpointing", "act. ckpt", str), ("state_gib", "state GiB", "{:.1f}".format),
                ("activations_gib", "activations GiB", "{:.1f}".format), ("total_gib", "total GiB", "{:.1f}".format),
                ("fits", "fits 80 GB", str)],
+    "llm": [("model", "model", str), ("params", "params", lambda n: f"{n / 1e6:,.1f}M"),
+            ("precision", "precision", str), ("cpt_tokens_per_s", "CPT tokens/s", NUM),
+            ("sft_tokens_per_s", "SFT tokens/s", NUM), ("users", "eval users", NUM),
+            ("users_per_s", "eval users/s", "{:,.2f}".format), ("ndcg", "N@10", "{:.3f}".format)],
     "movies": [("ranker", "ranker", str), ("precision", "precision", str), ("items", "items", NUM),
                ("users", "users", NUM), ("users_per_s", "users/s", "{:,.1f}".format),
                ("vs_old", "vs old", "{:.1f}x".format), ("vs_exact", "vs exact", "{:.1f}x".format),
@@ -1067,6 +1119,9 @@ def main(
     catalogue_items: Annotated[int | None, Opt(help="synthetic catalogue items [100,000; quick 5,000]")] = None,
     movie_users: Annotated[int | None, Opt(help="users of the movies section's beam searches [200; quick 8]")] = None,
     prepare_records: Annotated[int | None, Opt(help="synthetic reviews [1,000,000; quick 20,000]")] = None,
+    llm: Annotated[Path, Opt(help="pretrained LLM of the llm section [$CPREC_SMOLLM2, else /tmp/smollm2-135m-hf]")] = (
+        Options.llm),
+    llm_users: Annotated[int | None, Opt(help="eval users of the llm section [40; quick 4]")] = None,
     peak_tflops: Annotated[float | None, Opt(help="MFU denominator for every precision, TFLOP/s "
                                                   "[CPU: measured matmul; CUDA bf16: 989, H100]")] = None,
     json_path: Annotated[Path | None, Opt("--json", help="also write machine, peaks and rows here")] = None,
@@ -1090,7 +1145,7 @@ def main(
     if compile and not cuda:
         raise typer.BadParameter("torch.compile is benchmarked on CUDA only: add --device cuda", param_hint="--compile")
     model = model or next((p for p in (DEFAULT_CPT / "final", DEFAULT_MODEL) if (p / "config.json").exists()), None)
-    if {"eval", "recommend"} & set(sections) and not (model and (model / "config.json").exists()):
+    if {"eval", "recommend", "llm"} & set(sections) and not (model and (model / "config.json").exists()):
         raise typer.BadParameter(f"no checkpoint in {model or DEFAULT_CPT / 'final'}: pass another, or run `python "
                                  "cprec.py pretrain` first", param_hint="--model")
     torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
@@ -1101,7 +1156,8 @@ def main(
                 exact_users=min(exact_users, eval_users),
                 catalogue_items=catalogue_items or (5_000 if quick else 100_000),
                 movie_users=movie_users or (8 if quick else 200),
-                prepare_records=prepare_records or (20_000 if quick else 1_000_000))
+                prepare_records=prepare_records or (20_000 if quick else 1_000_000), llm=llm,
+                llm_users=llm_users or (4 if quick else 40))
     machine = machine_info(device)
     console.print("[bold]machine[/]: " + ", ".join(f"{k} {v}" for k, v in machine.items()), highlight=False)
     if "decoder" in sections:

@@ -1,5 +1,6 @@
-"""bench.py's train, loss, eval, recommend, catalogue, movies, fsdp and prepare sections on tiny inputs,
+"""bench.py's train, loss, eval, recommend, catalogue, movies, llm, fsdp and prepare sections on tiny inputs,
 in-process (the CLI runs the same functions)."""
+import shutil
 from dataclasses import replace
 
 import bench
@@ -34,3 +35,19 @@ def test_recommend_section_runs_on_tiny_inputs(world, tiny_model):
     (row,) = bench.bench_recommend(o)
     assert (row["calls"], row["users"], row["items"]) == (4, 4, 100) and 0 < row["p50_ms"] <= row["p95_ms"]
     assert row["users_per_s"] > 0
+
+
+def test_llm_section_puts_the_small_model_beside_the_llm(world, tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "SMALL", ModelConfig(vocab_size=512, dim=32, n_layers=1, n_heads=2, n_kv_heads=2,
+                                                    head_dim=16, intermediate_size=64))
+    monkeypatch.setattr(bench, "LLM_CPT", (16, 2, 1))
+    monkeypatch.setattr(bench, "LLM_SFT", (16, 2, 1))
+    llm = shutil.copytree(tiny_model, tmp_path / "llm")  # the same weights under another name
+    o = bench.Options(device="cpu", threads=1, precisions=["fp32"], reps=1, warmup=0, seed=0, memory=False, quick=True,
+                      shape=ModelConfig(), seq=8, batch=1, data=world, model=tiny_model, llm=llm, llm_users=3)
+    small, other = bench.bench_llm(o)
+    assert (small["model"], other["model"], small["users"], other["users"]) == ("small", "llm", 3, 3)
+    assert small["ndcg"] == other["ndcg"]  # the same checkpoint ranks the same users identically
+    assert other["params"] == bench.config_from_hf(bench.read_json(llm / "config.json")).n_params
+    assert min(small["cpt_tokens_per_s"], small["sft_tokens_per_s"], other["users_per_s"]) > 0
+    assert bench.bench_llm(replace(o, llm=tmp_path / "absent")) == []
