@@ -2,7 +2,7 @@
 
 Every comparison uses the same world, base model, seed and budgets; each run is an ordinary `cprec.py` command whose
 exact command line is recorded in the report, so any row can be re-run by hand:
-  1. zero-shot on the target domain after all-domain CPT vs the untrained model vs popularity;
+  1. zero-shot on the target domain after all-domain CPT vs the base model (no CPT) vs popularity;
   2. SFT from the CPT checkpoint vs SFT from the base model (no CPT), with 100% and 10% of the training users;
   3. CPT on domain-specific only vs mixed only vs both sequence kinds, each followed by SFT;
   4. WSA vs cosine vs constant learning-rate schedules for CPT (same tokens), CPT validation loss and SFT NDCG@10;
@@ -146,7 +146,7 @@ def markdown(report: dict) -> str:
     lines = [f"Test split of `{report['domain']}`; {report['protocol']}.\n\n",
              "| setting | Recall@10 | NDCG@10 |\n|---|---|---|\n",
              row("popularity", "popularity"), row("SASRec on item IDs, same split", "baseline"),
-             row("untrained model, zero-shot", "zero-shot-base"),
+             row("base model (no CPT), zero-shot", "zero-shot-base"),
              row("after all-domain CPT, zero-shot", "zero-shot-cpt"),
              row("SFT from base (no CPT), 100% users", "sft-base"), row("SFT from CPT, 100% users", "sft-cpt"),
              row("SFT from base (no CPT), 10% users", "sft-base-10%"), row("SFT from CPT, 10% users", "sft-cpt-10%"),
