@@ -12,10 +12,10 @@ def metrics(r10):
     return {"recall@10": r10, "ndcg@10": r10 / 2}
 
 
-def per_user(path, hits):
-    """Two hundred users; the first `hits` find the target at rank 0, the rest miss it."""
+def per_user(path, hits, users=200):
+    """`users` users; the first `hits` find the target at rank 0, the rest miss it."""
     path.write_text("".join(json.dumps({"user": f"u{u:03d}", "rank": 0 if u < hits else None}) + "\n"
-                            for u in reversed(range(200))))  # any order: users are matched by id
+                            for u in reversed(range(users))))  # any order: users are matched by id
 
 
 def test_report_from_result_files(tmp_path):
@@ -55,13 +55,16 @@ def test_report_from_result_files(tmp_path):
     assert "| CPT+SFT beats SASRec (item IDs) | +0.2000 | [+0.1" in text  # 100 vs 60 of 200 users at rank 0
 
 
-def test_differences_need_the_same_users(tmp_path):
-    for name, users in [("sft-cpt", 3), ("sft-base", 2)]:
+def test_differences_pair_the_same_users(tmp_path):
+    """A run on a subset of another's users is compared on that subset; runs on overlapping sets are refused."""
+    for name, users, rank in [("sft-cpt", range(3), 0), ("sft-base", range(5), None), ("sft-cpt-10%", range(1, 7), 0)]:
         (tmp_path / name).mkdir()
         (tmp_path / name / "results-per_user.jsonl").write_text(
-            "".join(json.dumps({"user": f"u{u}", "rank": 1}) + "\n" for u in range(users)))
+            "".join(json.dumps({"user": f"u{u}", "rank": rank}) + "\n" for u in users))
+    d = difference(tmp_path, "sft-cpt", "sft-base")  # 3 users, each a hit (gain 1) against a miss
+    assert (d["users"], d["ndcg@10"], d["ci95"]) == (3, 1.0, [1.0, 1.0])
     with pytest.raises(UserError, match="different users"):
-        difference(tmp_path, "sft-cpt", "sft-base")
+        difference(tmp_path, "sft-cpt", "sft-cpt-10%")
 
 
 def test_core_report_needs_only_the_core_runs(tmp_path):
@@ -73,12 +76,15 @@ def test_core_report_needs_only_the_core_runs(tmp_path):
     for name, hits in [("sft-cpt-10%", 80), ("sft-base-10%", 40), ("baseline", 60)]:
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps({"model": metrics(hits / 200), "protocol": "p"}))
-        per_user(tmp_path / name / "results-per_user.jsonl", hits)
+        # SASRec is evaluated on all 300 test users, the LLM runs on a seeded 200 of them: paired on those 200
+        per_user(tmp_path / name / "results-per_user.jsonl", hits, 300 if name == "baseline" else 200)
     (tmp_path / "cpt").mkdir()
     (tmp_path / "cpt" / "results.json").write_text(json.dumps({"training": {"validation": {"val_loss": 1.5}}}))
     report = collect(tmp_path, "games", core=True)
-    assert [d["claim"] for d in report["differences"]] == ["CPT helps zero-shot", "CPT helps SFT, 10% users"]
+    assert [d["claim"] for d in report["differences"]] == ["CPT helps zero-shot", "CPT helps SFT, 10% users",
+                                                          "CPT+SFT on 10% users beats SASRec (item IDs)"]
     assert report["differences"][1]["ndcg@10"] == pytest.approx(0.2)  # 80 vs 40 of 200 users at rank 0 (gain 1)
+    assert report["differences"][2]["ndcg@10"] == pytest.approx(0.1) and report["differences"][2]["users"] == 200
     report["seconds"] = 60
     text = markdown(report)
     assert "| SFT from CPT, 10% users | 0.4000 | 0.2000 |" in text and "100% users" not in text
