@@ -187,7 +187,7 @@ def prompt_cache(model: Decoder, prompts: list[list[int]], pad_id: int) -> tuple
         ids[row, width - len(p):], mask[row, width - len(p):] = torch.tensor(p), 1
     ids, mask = ids.to(device), mask.to(device)
     cache = KVCache(model.config, len(prompts), width, model.embed_tokens.weight.dtype, device)
-    hidden = model(ids, (mask.cumsum(-1) - 1).clamp(min=0), mask, cache, hidden=True, last_only=True)[:, -1]
+    hidden = model(ids, (mask.cumsum(-1) - 1).clamp(min=0), mask, cache, hidden=True)[:, -1]
     return cache, torch.log_softmax(model.lm_head(hidden).float(), -1)
 
 

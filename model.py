@@ -71,23 +71,19 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=c.o_bias)
 
-    def forward(self, x, cos, sin, mask, cache, layer: int, last_only: bool = False) -> torch.Tensor:
-        """`last_only`: keys and values at every position (the cache needs them), the query at the last one only."""
+    def forward(self, x, cos, sin, mask, cache, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        k = (k * cos + rotate_half(k) * sin).to(v.dtype)
-        if last_only:  # one query, at the last position; it sees every key (causality leaves nothing to hide)
-            x, cos, sin = x[:, -1:], cos[..., -1:, :], sin[..., -1:, :]
-            mask = None if mask is None else mask[..., -1:, :]  # padding stays masked
-        q = self.q_proj(x).view(B, x.shape[1], self.n_heads, self.head_dim).transpose(1, 2)
         q = (q * cos + rotate_half(q) * sin).to(v.dtype)
+        k = (k * cos + rotate_half(k) * sin).to(v.dtype)
         if cache is not None:
             y = cache.attend(layer, q, k, v, mask)
         else:  # no mask means plain causal attention, which lets SDPA pick its flash kernel
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and not last_only,
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                enable_gqa=self.n_kv_heads != self.n_heads)
-        return self.o_proj(y.transpose(1, 2).reshape(B, x.shape[1], -1))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -109,9 +105,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.dim, c.norm_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x, cos, sin, mask, cache, layer, last_only: bool = False):
-        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, last_only)
-        x = (x[:, -1:] if last_only else x) + h
+    def forward(self, x, cos, sin, mask, cache, layer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -188,12 +183,10 @@ class Decoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, kv_cache = None, *,
-                select: torch.Tensor | None = None, hidden: bool = False, last_only: bool = False) -> torch.Tensor:
+                select: torch.Tensor | None = None, hidden: bool = False) -> torch.Tensor:
         """Logits (B, T, V), or only at `select` (a boolean (B, T) mask or an index) -> (N, V).
 
         `hidden=True` returns the final normed hidden states instead, for a loss that applies lm_head in chunks.
-        `last_only=True` returns only the last position's (B, 1, ...): a prompt before decoding, whose last layer
-        then computes queries, MLP and output for one position instead of all (its keys still fill the cache).
         Without a mask or cache attention is causal; `attention_mask` (B, T) marks real tokens (1) vs padding (0).
         """
         B, T = input_ids.shape
@@ -211,7 +204,7 @@ class Decoder(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, mask, kv_cache, i, last_only and i == len(self.layers) - 1)
+            x = block(x, cos, sin, mask, kv_cache, i)
         x = self.norm(x)
         if select is not None:
             x = x[select]

@@ -91,23 +91,6 @@ def test_sharded_checkpoint_and_selected_positions(tmp_path):
     torch.testing.assert_close(some, full[select])
 
 
-@pytest.mark.parametrize("padded", [False, True])
-def test_last_only_is_the_last_position_of_a_full_forward(padded, tmp_path):
-    """A prompt's pass before decoding: the last position's logits and the whole cache are those of the full pass."""
-    hf_model("qwen2", tmp_path)  # GQA 7:1 and biases
-    model = Decoder.from_pretrained(tmp_path / "hf").eval()
-    ids, mask, positions = batch(padded)
-    caches = [KVCache(model.config, batch=3, max_len=11, dtype=torch.float32, device="cpu") for _ in range(2)]
-    with torch.no_grad():
-        full = model(ids, positions, mask, caches[0])
-        last = model(ids, positions, mask, caches[1], last_only=True)
-        uncached = model(ids, positions, mask if padded else None, last_only=True)
-    assert last.shape == (3, 1, 96)
-    torch.testing.assert_close(last[:, 0], full[:, -1], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(uncached, last, rtol=1e-5, atol=1e-5)
-    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
-
-
 def test_kv_cache_incremental_decoding_equals_full_forward(tmp_path):
     hf_model("qwen2", tmp_path)
     model = Decoder.from_pretrained(tmp_path / "hf").eval()
