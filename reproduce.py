@@ -127,8 +127,20 @@ def collect(out: Path, domain: str, core: bool = False) -> dict:
 def per_user_ranks(out: Path, name: str) -> dict[str, float]:
     """Each test user's 0-based rank of the target in run `name` (inf where the target was not retrieved)."""
     path = out / f"{name}-per_user.jsonl" if name.startswith("zero-shot") else out / name / "results-per_user.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    return {r["user"]: float("inf") if r["rank"] is None else r["rank"] for r in rows}
+    redo = f"delete run {name}'s results and rerun with --resume"
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror}); {redo}") from None
+    ranks = {}
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            ranks[row["user"]] = float("inf") if row["rank"] is None else row["rank"]
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{path}: line {number} is not a per-user rank ({line[:60]!r}); expected "
+                            f"{{\"user\": ..., \"rank\": ...}} as evaluate writes it; {redo}") from None
+    return ranks
 
 
 def difference(out: Path, a: str, b: str) -> dict:

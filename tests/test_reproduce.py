@@ -117,3 +117,14 @@ def test_core_runs_and_their_options(tmp_path, monkeypatch):
     reproduce.reproduce(tmp_path / "r2", tmp_path / "data", tmp_path / "llm", "games", 1000, 1.0, 0, False, False)
     assert len(issued) == len(CPT_RUNS) + 2 + len(SFT_RUNS) + 1
     assert not any("--val-users" in args for args in issued)  # finetune's own default
+
+
+def test_a_missing_or_truncated_per_user_file_is_one_line(tmp_path):
+    (tmp_path / "sft-cpt").mkdir()
+    with pytest.raises(UserError, match="results-per_user.jsonl: cannot be read"):
+        difference(tmp_path, "sft-cpt", "sft-base")
+    per_user(tmp_path / "sft-cpt" / "results-per_user.jsonl", 10)
+    path = tmp_path / "sft-cpt" / "results-per_user.jsonl"
+    path.write_text(path.read_text()[:100])  # three whole records of 31 characters, then a cut one
+    with pytest.raises(UserError, match=r"results-per_user.jsonl: line 4 is not a per-user rank .*--resume"):
+        difference(tmp_path, "sft-cpt", "sft-base")
