@@ -69,6 +69,11 @@ def atomic_dir(path: str | Path):
     _remove_stale(path)
 
 
+# atomic_dir's temporaries: `.NAME.tmp<pid>-<8 hex>` (being written) and `.NAME.old<pid>-<8 hex>` (the replaced one,
+# set aside for a moment); without the hex, the names of earlier versions of this project.
+TEMPORARY_DIR = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)(?P<pid>\d+)(?P<fresh>-[0-9a-f]{8})?")
+
+
 def _fresh(path: Path, kind: str) -> Path:
     """A new, empty hidden sibling `.NAME.KIND<pid>-<random>`: created here, so never someone else's."""
     while True:
@@ -82,10 +87,10 @@ def _fresh(path: Path, kind: str) -> Path:
 
 def _remove_stale(path: Path) -> None:
     """Remove `.NAME.tmp<pid>-*` / `.NAME.old<pid>-*` siblings left by processes of this machine that no longer run."""
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:tmp|old)(\d+)-[0-9a-f]{{8}}")
     for sibling in path.parent.iterdir():
-        match = pattern.fullmatch(sibling.name)
-        if match and sibling.is_dir() and not _alive(int(match[1])):
+        match = TEMPORARY_DIR.fullmatch(sibling.name)
+        ours = match and match["name"] == path.name and match["fresh"] and sibling.is_dir()
+        if ours and not _alive(int(match["pid"])):
             shutil.rmtree(sibling, ignore_errors=True)
 
 

@@ -39,7 +39,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from common import UserError, atomic_dir, progress, read_json, write_json
+from common import TEMPORARY_DIR, UserError, atomic_dir, progress, read_json, write_json
 from data import IGNORE, Case, Dataset, Encoder, Examples, own_output, target_example
 from model import Decoder, hf_to_ours
 from schedule import Schedule, scheduler
@@ -556,7 +556,7 @@ def check(cfg: TrainConfig, device: torch.device, world: int, context: int | Non
 # --------------------------------------------------------------------------------------------------- run directory
 # What a crashed save leaves behind: atomic_dir's `.NAME.tmpPID` / `.NAME.oldPID` siblings, write_json's
 # `FILE.tmpPID`, `latest.tmp` and the log's rewrite. Only these names are ever removed.
-LEFTOVER_DIR = re.compile(r"\.(?P<name>step-\d{7}|best|final)\.(?P<kind>tmp|old)\d+")
+CHECKPOINT_NAME = re.compile(r"step-\d{7}|best|final")  # the directories a run writes through atomic_dir
 LEFTOVER_FILE = re.compile(r"latest\.tmp|(run_config|best|results)\.json\.tmp\d+|metrics\.jsonl\.tmp\d+")
 RUN_FILES = {"run_config.json", "metrics.jsonl", "checkpoints", "latest", "final", "best", "best.json", "results.json",
              "results-per_user.jsonl", "curves.png"}
@@ -575,7 +575,8 @@ def clean_leftovers(run: Path) -> list[str]:
     done = []
     for folder in (run, run / "checkpoints"):
         for path in sorted(folder.iterdir()) if folder.is_dir() else []:
-            match = LEFTOVER_DIR.fullmatch(path.name)
+            match = TEMPORARY_DIR.fullmatch(path.name)
+            match = match if match and CHECKPOINT_NAME.fullmatch(match["name"]) else None
             if match and match["kind"] == "old" and not (folder / match["name"]).exists():
                 os.replace(path, folder / match["name"])
                 done.append(f"restored {folder / match['name']} from {path.name}")
@@ -635,7 +636,7 @@ def open_run(out_dir: str | Path, config: dict, resume: bool, overwrite: bool, r
     if out.exists() and any(out.iterdir()):
         reusable = not has_checkpoint(out) and {p.name for p in out.iterdir()} <= REUSABLE
         if overwrite:  # only a run directory of ours, holding nothing else, is ever replaced
-            leftovers = {p.name for p in out.iterdir() if re.fullmatch(r"\.\w+\.(tmp|old)\d+(-\w+)?", p.name)}
+            leftovers = {p.name for p in out.iterdir() if TEMPORARY_DIR.fullmatch(p.name)}
             own_output(out, "run_config.json", overwrite=True, what="run", names=RUN_FILES | leftovers)
         if not (overwrite or reusable):
             raise UserError(f"{out}: already holds a run; pass --resume to continue it or --overwrite to replace it")

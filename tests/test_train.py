@@ -39,6 +39,7 @@ from train import (
     Interrupted,
     TrainConfig,
     accumulate,
+    clean_leftovers,
     cross_entropy_sum,
     open_run,
     peak_flops,
@@ -521,3 +522,15 @@ def test_defaults_fit_the_checkpoint_init_models_keep_todays_and_pretrained_llms
         assert (settings["lr"], settings["schedule"]["warmup"]) == (lr, warmup)
     assert "cprec_init" in json.loads((tmp_path / "run-tiny" / "final" / "config.json").read_text())  # kept
     assert "cprec_init" not in json.loads((tmp_path / "run-llm" / "final" / "config.json").read_text())
+
+
+def test_clean_leftovers_knows_the_names_atomic_dir_writes(tmp_path):
+    """atomic_dir's temporaries are `.NAME.KIND<pid>-<8 hex>`: a crash between its two renames is undone on resume."""
+    aside = tmp_path / ".best.old4242-0a1b2c3d"  # best/ renamed aside, the new one never renamed in
+    aside.mkdir()
+    (aside / "config.json").write_text("{}")
+    partial = tmp_path / "checkpoints" / ".step-0000004.tmp4242-89abcdef"
+    partial.mkdir(parents=True)
+    done = clean_leftovers(tmp_path)
+    assert (tmp_path / "best" / "config.json").read_text() == "{}" and not aside.exists() and not partial.exists()
+    assert len(done) == 2
