@@ -25,9 +25,9 @@ from torch import nn
 from common import UserError, atomic_dir, read_json, write_json
 from config import ModelConfig
 from data import TEST, VALID, Dataset, eval_cases, train_sequences
-from eval import KS, metrics, popularity, rank_in_scores
+from eval import KS, metrics, popularity, rank_in_scores, sample
 from model import Decoder, init_weights
-from train import Interrupted, StopRequest, autocast, cross_entropy_sum, restore_rng, rng_state
+from train import Interrupted, StopRequest, autocast, cross_entropy_sum, point_latest, restore_rng, rng_state
 
 POSITIONS = ("learned", "rope")
 
@@ -150,8 +150,7 @@ def evaluate(model: SASRec, ds: Dataset, key: str, cfg: BaselineConfig, split: s
     catalogue = ds.catalogue(key)
     position = catalogue_positions(ds, catalogue)
     cases = eval_cases(ds, key, {"test": TEST, "valid": VALID}[split], cfg.max_len)
-    if users and users < len(cases):
-        cases = [cases[i] for i in sorted(np.random.default_rng(cfg.seed).choice(len(cases), users, replace=False))]
+    cases = sample(cases, users, cfg.seed)  # the same users as the LLM's evaluation of the same seed
     if not cases:
         raise UserError(f"domain {key!r} has no {split} cases (users need 3+ interactions there)")
     began = time.perf_counter()
@@ -247,8 +246,7 @@ def save_state(run: Path, model: SASRec, optimizer, epoch: int, stopper: EarlySt
         write_weights(model, tmp)
         torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state()}, tmp / "state.pt")
         write_json(tmp / "progress.json", {"epoch": epoch, "early_stopping": asdict(stopper), "done": done})
-    (run / "latest.tmp").write_text("checkpoint\n")
-    (run / "latest.tmp").replace(run / "latest")
+    point_latest(run, "checkpoint")
 
 
 def write_weights(model: SASRec, directory: Path) -> None:

@@ -11,7 +11,6 @@ what the model writes next is a target-domain title. A pre-trained (CPT) checkpo
 """
 from __future__ import annotations
 
-import contextlib
 import difflib
 import json
 import os
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import common
 import eval as evaluation
 from common import UserError
 from data import TAG, Dataset, Encoder, load_dataset
@@ -206,7 +206,7 @@ def recommend_file(rec: Recommender, source: Path, target: Path, key: str, k: in
         pending.clear()
 
     try:
-        with progress_bar(total, progress) as advance, open(source, encoding="utf-8") as f, \
+        with common.progress(total, "recommend users", progress) as advance, open(source, encoding="utf-8") as f, \
                 open(tmp, "w", encoding="utf-8") as out:
             for n, line in enumerate(f, 1):
                 if not line.strip():
@@ -226,18 +226,3 @@ def recommend_file(rec: Recommender, source: Path, target: Path, key: str, k: in
     finally:
         tmp.unlink(missing_ok=True)
     return stats
-
-
-@contextlib.contextmanager
-def progress_bar(total: int, enabled: bool):
-    """Yield advance(n): a rich bar on stderr, silent unless enabled and stderr is a terminal."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-    console = Console(stderr=True)
-    if not (enabled and console.is_terminal):
-        yield lambda n: None
-        return
-    with Progress(TextColumn("users"), MofNCompleteColumn(), BarColumn(), TimeRemainingColumn(),
-                  console=console) as bar:
-        task = bar.add_task("recommend", total=total)
-        yield lambda n: bar.advance(task, n)
