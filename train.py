@@ -256,11 +256,12 @@ def update(loop: Loop, loss: float, grad_norm: float) -> bool:
     """Apply the gradients if the loss and their norm are finite; else skip the update, leaving weights and AdamW's
     state as they were. Returns whether it was applied. (fp16: the GradScaler skips overflowing steps itself.)"""
     applied = math.isfinite(loss) and math.isfinite(grad_norm)
-    if applied or loop.scaler.is_enabled() and math.isfinite(loss):
+    stepped = applied or loop.scaler.is_enabled() and math.isfinite(loss)
+    if stepped:
         loop.scaler.step(loop.optimizer)
         loop.scaler.update()
     loop.optimizer.zero_grad(set_to_none=True)
-    loop.skipped = 0 if applied or loop.scaler.is_enabled() and math.isfinite(loss) else loop.skipped + 1
+    loop.skipped = 0 if stepped else loop.skipped + 1
     return applied
 
 
@@ -386,7 +387,7 @@ def train(model: Decoder, tokenizer: Tokenizer, data, cfg: TrainConfig, run: Pat
             record = {"step": step + 1, "loss": finite(loss, 5), "lr": lr, "grad_norm": finite(grad_norm, 4),
                       "tokens": sum(data.n_tokens(b) for b in plan), **({} if applied else {"skipped": True})}
             flops = sum(x.size * loop.raw.config.train_flops_per_token(x.shape[1]) for x, _ in batches)
-            bar(step + 1, log_step(loop, log, record, began, flops))
+            bar(log_step(loop, log, record, began, flops))
             stop_if_diverged(loop, step + 1)
             if stopping or due(step + 1, cfg.save_every, cfg.steps):
                 checkpoint(loop, step + 1)
@@ -406,8 +407,8 @@ def train(model: Decoder, tokenizer: Tokenizer, data, cfg: TrainConfig, run: Pat
 def progress_bar(total: int, start: int, enabled: bool):
     """common.progress with the latest loss, learning rate, throughput and MFU; called once per step."""
     with progress(total, "step", enabled, start) as advance:
-        yield lambda step, r: advance(1, f"loss {'non-finite' if r['loss'] is None else format(r['loss'], '.4f')}  "
-                                         f"lr {r['lr']:.2e}  {r['tokens_per_s']:,} tok/s  MFU {r['mfu']:.1%}")
+        yield lambda r: advance(1, f"loss {'non-finite' if r['loss'] is None else format(r['loss'], '.4f')}  "
+                                   f"lr {r['lr']:.2e}  {r['tokens_per_s']:,} tok/s  MFU {r['mfu']:.1%}")
 
 
 def plot_curves(run: Path) -> str:
@@ -543,9 +544,9 @@ def check(cfg: TrainConfig, device: torch.device, world: int, context: int | Non
     if cfg.steps < 1 or cfg.accum < 1 or cfg.keep < 1 or cfg.max_skips < 1:
         raise ValueError(f"TrainConfig: steps, accum, keep and max_skips must be >= 1 ({cfg})")
     validate_schedule(cfg.schedule, cfg.steps)
-    if resolve_shard(cfg.shard, world) == "fsdp" and resolve_precision(cfg.precision, device) == "fp16":
+    precision = resolve_precision(cfg.precision, device)  # refuses a precision this device cannot run
+    if resolve_shard(cfg.shard, world) == "fsdp" and precision == "fp16":
         raise UserError("--shard fsdp trains in bf16 or fp32; use --precision bf16 (fp16 loss scaling is not sharded)")
-    resolve_precision(cfg.precision, device)
     if cfg.accum % world:  # each process takes an equal share of a step, so the batch plan is the same on any count
         raise UserError(f"--batch-tokens: {cfg.accum} micro-batches per step do not split evenly over {world} "
                         f"processes; use a multiple of {world} micro-batches")
