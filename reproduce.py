@@ -33,6 +33,12 @@ PAIRS = [  # (claim, run A, run B): each row reports NDCG@10 of A minus B on the
     ("CPT+SFT beats SASRec (item IDs)", "sft-cpt", "baseline"),
     ("CPT+SFT on 10% users beats SASRec (item IDs)", "sft-cpt-10%", "baseline")]
 CORE = {"cpt", "sft-cpt-10%", "sft-base-10%", "baseline"}  # --core: the runs a large model can afford on a CPU
+ZERO_SHOT = ("zero-shot-base", "zero-shot-cpt")  # evaluations, always run
+
+
+def measured(name: str, core: bool) -> bool:
+    """Whether run `name` belongs to this reproduction (all of them, or with --core only CORE and the zero-shots)."""
+    return not core or name in CORE or name in ZERO_SHOT
 SFT_RUNS = {  # name -> (start: a CPT run or "base", fraction of training users)
     "sft-cpt": ("cpt", 1.0), "sft-cpt-10%": ("cpt", 0.1), "sft-base": ("base", 1.0), "sft-base-10%": ("base", 0.1),
     "sft-cpt-domain": ("cpt-domain", 1.0), "sft-cpt-mixed": ("cpt-mixed", 1.0),
@@ -69,16 +75,15 @@ def reproduce(out: Path, data: Path, model: Path, domain: str, cpt_tokens: int, 
                         "--overwrite to start over")
     out.mkdir(parents=True, exist_ok=True)
     train = ["--data", str(data), "--seed", str(seed), "--overwrite", "--no-progress"]
-    wanted = (lambda name: name in CORE) if core else (lambda name: True)
     with open(out / "commands.log", "a" if resume else "w") as log:
-        for name, (kinds, schedule) in [(n, r) for n, r in CPT_RUNS.items() if wanted(n)]:
+        for name, (kinds, schedule) in [(n, r) for n, r in CPT_RUNS.items() if measured(n, core)]:
             command(["pretrain", *train, "--model", str(model), "--out", str(out / name), "--kinds", kinds,
                      "--schedule", schedule, "--tokens", str(cpt_tokens), "--save-every", "0"],
                     out / name / "results.json", resume, log)
         for name, start in [("zero-shot-base", model), ("zero-shot-cpt", out / "cpt" / "final")]:
             command(["evaluate", "--data", str(data), "--model", str(start), "--domain", domain, "--seed", str(seed),
                      "--users", str(test_users), "--out", str(out / f"{name}.json")], out / f"{name}.json", resume, log)
-        for name, (start, fraction) in [(n, r) for n, r in SFT_RUNS.items() if wanted(n)]:
+        for name, (start, fraction) in [(n, r) for n, r in SFT_RUNS.items() if measured(n, core)]:
             start_model = model if start == "base" else out / start / "final"
             command(["finetune", *train, "--domain", domain, "--model", str(start_model), "--out", str(out / name),
                      "--users-fraction", str(fraction), "--epochs", str(sft_epochs), "--test-users", str(test_users),
@@ -106,10 +111,10 @@ def wall_time(log: Path) -> float:
 
 def collect(out: Path, domain: str, core: bool = False) -> dict:
     """Test metrics of every evaluation and the CPT validation losses, from the runs' own result files."""
-    sft_runs = [n for n in SFT_RUNS if n in CORE or not core]
-    pairs = [(claim, a, b) for claim, a, b in PAIRS if not core or {a, b} <= CORE | {"zero-shot-cpt", "zero-shot-base"}]
+    sft_runs = [n for n in SFT_RUNS if measured(n, core)]
+    pairs = [(claim, a, b) for claim, a, b in PAIRS if measured(a, core) and measured(b, core)]
     rows = {}
-    for name in ("zero-shot-base", "zero-shot-cpt"):
+    for name in ZERO_SHOT:
         result = read_json(out / f"{name}.json")
         rows[name] = result["model"]
         rows["popularity"], protocol = result["popularity"], result["protocol"]
@@ -118,7 +123,7 @@ def collect(out: Path, domain: str, core: bool = False) -> dict:
     baseline = read_json(out / "baseline" / "results.json")
     rows["baseline"] = baseline["model"]
     cpt = {name: read_json(out / name / "results.json")["training"]["validation"]["val_loss"]
-           for name in CPT_RUNS if name in CORE or not core}
+           for name in CPT_RUNS if measured(name, core)}
     return {"domain": domain, "protocol": protocol, "baseline_protocol": baseline["protocol"], "test": rows,
             "cpt_val_loss": cpt,
             "differences": [{"claim": claim, "a": a, "b": b, **difference(out, a, b)} for claim, a, b in pairs]}
