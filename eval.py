@@ -100,6 +100,7 @@ class BeamCache:
         self.k = prompt.k.new_zeros(layers, len(owner), heads, steps, dim)
         self.v = torch.zeros_like(self.k)
         self.next_pos = prompt.next_pos[owner]
+        self.padded = not bool(prompt.valid[:, :prompt.length].all())
         self._place()
 
     def _place(self):
@@ -147,10 +148,12 @@ class BeamCache:
         q = q.reshape(rows, n_kv, group * T, dim)
         prompt_k, prompt_v = self.prompt.k[layer, :, :, :prompt_len], self.prompt.v[layer, :, :, :prompt_len]
         # A user's continuations are extra queries against its prompt's keys; each row's own keys are per row.
-        to_prompt = (by_user(self.to_grid(q)) @ prompt_k.transpose(-1, -2)).float().masked_fill(
-            ~self.prompt.valid[:, None, None, :prompt_len], -torch.inf)
-        to_own = (q @ self.k[layer, :, :, :self.length].transpose(-1, -2)).float().masked_fill(
-            ~causal.repeat(group, 1), -torch.inf)
+        to_prompt = (by_user(self.to_grid(q)) @ prompt_k.transpose(-1, -2)).float()
+        if self.padded:  # left padding of shorter prompts
+            to_prompt.masked_fill_(~self.prompt.valid[:, None, None, :prompt_len], -torch.inf)
+        to_own = (q @ self.k[layer, :, :, :self.length].transpose(-1, -2)).float()
+        if T > 1:  # one new token sees all its row's keys; several see them causally
+            to_own.masked_fill_(~causal.repeat(group, 1), -torch.inf)
         probs = torch.softmax(torch.cat([by_row(to_prompt), to_own], -1) * dim ** -0.5, -1).to(v.dtype)
         from_prompt, from_own = probs.split([prompt_len, self.length], -1)
         y = by_row(by_user(self.to_grid(from_prompt)) @ prompt_v) + from_own @ self.v[layer, :, :, :self.length]
@@ -172,6 +175,7 @@ class BeamCache:
             out.prompt = copy.copy(self.prompt)
             p = out.prompt
             p.k, p.v, p.valid, p.next_pos = p.k[:, kept], p.v[:, kept], p.valid[kept], p.next_pos[kept]
+            out.padded = not bool(p.valid[:, :p.length].all())
             out.owner = torch.searchsorted(kept, out.owner)
         out._place()
         return out
@@ -187,7 +191,7 @@ def prompt_cache(model: Decoder, prompts: list[list[int]], pad_id: int) -> tuple
         ids[row, width - len(p):], mask[row, width - len(p):] = torch.tensor(p), 1
     ids, mask = ids.to(device), mask.to(device)
     cache = KVCache(model.config, len(prompts), width, model.embed_tokens.weight.dtype, device)
-    hidden = model(ids, (mask.cumsum(-1) - 1).clamp(min=0), mask, cache, hidden=True)[:, -1]
+    hidden = model(ids, (mask.cumsum(-1) - 1).clamp(min=0), mask, cache, hidden=True, last_only=True)[:, -1]
     return cache, torch.log_softmax(model.lm_head(hidden).float(), -1)
 
 

@@ -71,7 +71,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=c.o_bias)
 
-    def forward(self, x, cos, sin, mask, cache, layer: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, cache, layer: int, last_only: bool = False) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -83,6 +83,8 @@ class Attention(nn.Module):
         else:  # no mask means plain causal attention, which lets SDPA pick its flash kernel
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                enable_gqa=self.n_kv_heads != self.n_heads)
+        if last_only:  # every position attended as usual (same kernel, same numbers); only the last one goes on
+            y, T = y[:, :, -1:], 1
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -105,8 +107,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.dim, c.norm_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x, cos, sin, mask, cache, layer):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+    def forward(self, x, cos, sin, mask, cache, layer, last_only: bool = False):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, last_only)
+        x = (x[:, -1:] if last_only else x) + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -183,10 +186,13 @@ class Decoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, kv_cache = None, *,
-                select: torch.Tensor | None = None, hidden: bool = False) -> torch.Tensor:
+                select: torch.Tensor | None = None, hidden: bool = False, last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, V), or only at `select` (a boolean (B, T) mask or an index) -> (N, V).
 
         `hidden=True` returns the final normed hidden states instead, for a loss that applies lm_head in chunks.
+        `last_only=True` returns the last position's only, (B, 1, ...): a prompt before decoding. Every layer still
+        attends at every position (the cache needs the keys, and the same attention kernel gives the same numbers),
+        but the last layer's output projection and MLP run at the last position alone.
         Without a mask or cache attention is causal; `attention_mask` (B, T) marks real tokens (1) vs padding (0).
         """
         B, T = input_ids.shape
@@ -204,7 +210,7 @@ class Decoder(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, mask, kv_cache, i)
+            x = block(x, cos, sin, mask, kv_cache, i, last_only and i == len(self.layers) - 1)
         x = self.norm(x)
         if select is not None:
             x = x[select]

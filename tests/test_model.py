@@ -12,6 +12,7 @@ from conftest import LLAMA, LLAMA3_ROPE, QWEN2
 from eval import BeamCache
 from model import Decoder, KVCache, create_model
 from tokenizer import Tokenizer
+from train import autocast
 
 transformers = pytest.importorskip("transformers")
 
@@ -89,6 +90,27 @@ def test_sharded_checkpoint_and_selected_positions(tmp_path):
         full, some = ours(ids), ours(ids, select=select)
     assert some.shape == (2, 96)
     torch.testing.assert_close(some, full[select])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_last_only_is_the_full_pass_at_its_last_position(precision, tmp_path):
+    """A prompt pass that finishes only the last position (eval's) gives the full pass's last hidden state and the
+    same cache. In bf16 bit for bit (oneDNN's products do not depend on the row count), so beam search's rankings do
+    not move by a rounding; fp32 products of 1-3 rows may differ in the last bit (MKL picks another kernel)."""
+    hf_model("qwen2", tmp_path)
+    model = Decoder.from_pretrained(tmp_path / "hf").eval()
+    ids, mask, positions = batch(True)
+    caches, outputs = [], []
+    with torch.no_grad(), autocast(precision, torch.device("cpu")):
+        for last_only in (False, True):
+            caches.append(KVCache(model.config, batch=3, max_len=11, dtype=torch.float32, device="cpu"))
+            outputs.append(model(ids, positions, mask, caches[-1], hidden=True, last_only=last_only))
+    full, last = outputs
+    assert last.shape == (3, 1, full.shape[-1])
+    if precision == "bf16":
+        assert torch.equal(last, full[:, -1:])
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-6, rtol=1e-6)
+    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
 
 
 def test_kv_cache_incremental_decoding_equals_full_forward(tmp_path):
