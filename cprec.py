@@ -54,6 +54,7 @@ from train import (
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
 prepare_app = typer.Typer(no_args_is_help=True, help="Write a dataset in the canonical format (data/<name>/).")
+PROGRESS = typer.Option(True, help="Show progress bars with ETA (on a terminal only).")
 app.add_typer(prepare_app, name="prepare")
 console, err = Console(), Console(stderr=True)
 clicks = sys.modules[typer.BadParameter.__module__]  # click's exceptions, or the copy newer typers vendor
@@ -92,12 +93,12 @@ def amazon_command(version: int):
                 k_core: int = typer.Option(0, help="Iterative k-core filter per domain (0 = off)."),
                 min_len: int = typer.Option(0, help="Drop a user's domain history shorter than this (0 = off)."),
                 strict: bool = typer.Option(False, help="Stop at the first malformed line instead of counting it."),
-                overwrite: bool = typer.Option(False, help="Replace an existing dataset.")):
+                overwrite: bool = typer.Option(False, help="Replace an existing dataset."), progress: bool = PROGRESS):
         from prepare import convert_amazon
         refuse_existing(out, overwrite, source)
         report(convert_amazon(version, source, split_list(categories), out, downstream=split_list(downstream),
                               domain_field=domain_field, min_domain_items=min_domain_items, k_core=k_core,
-                              min_len=min_len, strict=strict), out)
+                              min_len=min_len, strict=strict, progress=progress), out)
     command.__doc__ = f"Convert Amazon Reviews {version} categories (several categories = several domains)."
     return command
 
@@ -123,14 +124,16 @@ def prepare_recbole(source: Path = typer.Argument(..., help="RecBole dataset fol
                     k_core: int = typer.Option(0, help="Iterative k-core filter (0 = off)."),
                     min_len: int = typer.Option(0, help="Drop users with fewer interactions (0 = off)."),
                     strict: bool = typer.Option(False, help="Stop at the first malformed line."),
-                    overwrite: bool = typer.Option(False, help="Replace an existing dataset.")):
+                    overwrite: bool = typer.Option(False, help="Replace an existing dataset."),
+                    progress: bool = PROGRESS):
     """Convert RecBole atomic files (MovieLens and RecBole's whole collection) into one domain, or one per value of
     an item column (--domain-field class: MovieLens genres)."""
     from prepare import convert_recbole
     refuse_existing(out, overwrite, source)
     report(convert_recbole(source, out, domain=domain, domain_field=domain_field, downstream=split_list(downstream),
                            min_domain_items=min_domain_items, title_field=title_field, year_field=year_field,
-                           title_year=title_year, k_core=k_core, min_len=min_len, strict=strict), out)
+                           title_year=title_year, k_core=k_core, min_len=min_len, strict=strict, progress=progress),
+           out)
 
 
 def refuse_existing(out: Path, overwrite: bool, source: Optional[Path] = None) -> None:
@@ -280,7 +283,7 @@ def pretrain(data: Path = typer.Option(DEFAULT_DATA, help="Dataset; the built-in
              eval_every: int = typer.Option(0, help="Steps between validation losses (0 = at the end)."),
              val_users: int = typer.Option(100, help="Validation users per pre-training domain."),
              resume: bool = RESUME, overwrite: bool = OVERWRITE,
-             progress: bool = typer.Option(True, help="Show a progress bar.")):
+             progress: bool = PROGRESS):
     """All-domain continual pre-training (CPT) on the pre-training domains' behaviour text."""
     positive(epochs=epochs, tokens=tokens, batch_tokens=batch_tokens, block_len=block_len, micro_batch=micro_batch)
     rank, world, device = setup_distributed()
@@ -377,7 +380,7 @@ def finetune(domain: str = typer.Option(..., help="Target domain, e.g. games."),
              shard: str = SHARD, activation_checkpointing: bool = ACTIVATION_CHECKPOINTING,
              save_every: int = typer.Option(0, help="Steps between resumable checkpoints (0 = at the end)."),
              resume: bool = RESUME, overwrite: bool = OVERWRITE,
-             progress: bool = typer.Option(True, help="Show a progress bar.")):
+             progress: bool = PROGRESS):
     """Supervised fine-tuning on one domain, validation-selected, then the full-ranking test evaluation."""
     positive(epochs=epochs, batch_tokens=batch_tokens, micro_tokens=micro_tokens, window=window)
     if batch_tokens % micro_tokens:
@@ -443,7 +446,8 @@ def evaluate_command(domain: str = typer.Option(..., help="Domain whose whole ca
                      window: int = typer.Option(20, help="History items in a prompt."),
                      precision: str = PRECISION, seed: int = typer.Option(0, help="Seed of the user subset."),
                      out: Optional[Path] = typer.Option(None, help="Results JSON (default: "
-                                                        "runs/eval/MODEL-DOMAIN-SPLIT.json).")):
+                                                        "runs/eval/MODEL-DOMAIN-SPLIT.json)."),
+                     progress: bool = PROGRESS):
     """Full-ranking evaluation of a checkpoint on a domain, beside the popularity baseline."""
     if users < 0:  # --beams and --split are checked by the evaluation itself
         raise UserError(f"--users {users}: expected 0 (all users) or a positive number")
@@ -459,7 +463,7 @@ def evaluate_command(domain: str = typer.Option(..., help="Domain whose whole ca
     encoder = Encoder(Tokenizer.from_pretrained(model))
     with autocast(resolve_precision(precision, device), device):
         result = evaluation.evaluate(net, encoder, ds, domain, split=split, beams=beams, exact=exact, users=users,
-                                     seed=seed, mask_history=mask_history, window=window, progress=True)
+                                     seed=seed, mask_history=mask_history, window=window, progress=progress)
     save_result(result, out, {"model": str(model), "data_fingerprint": ds.fingerprint})
     show(result)
 

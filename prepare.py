@@ -14,6 +14,7 @@ merged_into_other (--min-domain-items: domain -> items) and timestamps (only whe
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import json.scanner
 import math
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+import common
 from common import UserError
 from data import Domain, clean_text, write_dataset
 
@@ -52,22 +54,28 @@ def _json(s: str):
     return r
 
 
-def _open(path: Path):
+def _open(raw):
     # Lines end at "\n" only (a stray CR inside a title is no line break). Bytes that are not UTF-8 become lone
     # surrogates instead of ending the whole read: ids holding one fail isprintable(), _text() repairs titles.
-    args = dict(encoding="utf-8", errors="surrogateescape", newline="\n")
-    return gzip.open(path, "rt", **args) if path.suffix == ".gz" else open(path, **args)
+    stream = gzip.GzipFile(fileobj=raw) if Path(raw.name).suffix == ".gz" else raw
+    return io.TextIOWrapper(stream, encoding="utf-8", errors="surrogateescape", newline="\n")
 
 
-def _lines(path: Path, stats: dict, strict: bool):
+def _lines(path: Path, stats: dict, strict: bool, progress: bool = False):
     """(line number, line) of a plain or gzip text file. A .gz that stops before its end marker (an interrupted
     download) keeps the lines before the cut and says so in `stats` (--strict: an error); any other unreadable
-    file is one error line naming it."""
+    file is one error line naming it. `progress`: a bar over the file's (compressed) megabytes."""
     n = 0
     try:
-        with _open(path) as f:
-            for n, line in enumerate(f, 1):
+        total = max(1, path.stat().st_size >> 20)
+        with open(path, "rb") as raw, common.progress(total, f"read {path.name} (MB)", progress) as advance:
+            shown = 0
+            for n, line in enumerate(_open(raw), 1):
+                if n % 65536 == 0:  # raw.tell(): how far into the file, compressed or not
+                    advance((raw.tell() >> 20) - shown)
+                    shown = raw.tell() >> 20
                 yield n, line
+            advance(total - shown)
     except EOFError:  # click would turn it into a bare "Aborted."
         if strict:
             raise UserError(f"{path}: truncated: the compressed data ends after line {n:,}; download it again (or "
@@ -126,12 +134,12 @@ def _collect(records, users: dict) -> tuple[dict, array, array, array]:
     return index, us, its, ts
 
 
-def _read_reviews(path: Path, fields: tuple[str, str, str], report: dict, strict: bool):
+def _read_reviews(path: Path, fields: tuple[str, str, str], report: dict, strict: bool, progress: bool = False):
     """(user, item, time) of every well-formed review line."""
     user_f, item_f, time_f = fields
     expected = f"a JSON object with non-empty string {user_f!r}, {item_f!r} and an integer {time_f!r}"
     stats = _file_stats(report, path)
-    for n, line in _lines(path, stats, strict):
+    for n, line in _lines(path, stats, strict, progress):
         try:
             r = _json(line)
             user, item, t = r[user_f], r[item_f], r[time_f]
@@ -145,15 +153,15 @@ def _read_reviews(path: Path, fields: tuple[str, str, str], report: dict, strict
             _malformed(stats, path, n, expected, strict)
 
 
-def _read_meta(path: Path, item_f: str, index: dict, report: dict, strict: bool,
-               field: str | None = None) -> tuple[list[str], list[str]]:
+def _read_meta(path: Path, item_f: str, index: dict, report: dict, strict: bool, field: str | None = None,
+               progress: bool = False) -> tuple[list[str], list[str]]:
     """The cleaned title of every item in `index` that has one, "" for the rest; and likewise its `field` value."""
     titles, values, stats = [""] * len(index), [""] * len(index), _file_stats(report, path)
     stats["unused"] = 0
     key = f'"{item_f}"'
     ids = re.compile(rf'"{re.escape(item_f)}"\s*:\s*"([^"\\]*)"')
     expected = f"a JSON object with a non-empty string {item_f!r}"
-    for n, line in _lines(path, stats, strict):
+    for n, line in _lines(path, stats, strict, progress):
         # Meta lines are long and most name items nobody reviewed: skip one unparsed when every occurrence of the
         # id key has a plain (escape-free) value that is not needed. Anything less certain is parsed.
         found = ids.findall(line)
@@ -203,11 +211,11 @@ def _present(source: Path, patterns: tuple[str, ...]) -> list[str]:
 
 def convert_amazon(version: int, source: Path, categories: list[str], out_dir: Path, *, downstream: list[str] = (),
                    domain_field: str | None = None, min_domain_items: int = 0, k_core: int = 0, min_len: int = 0,
-                   strict: bool = False) -> dict:
+                   strict: bool = False, progress: bool = False) -> dict:
     """Amazon Reviews `version` (2023 or 2018) categories in `source` -> one domain per category, keyed by the
     category as given, or with `domain_field` one domain per first value of that meta field (2018: main_cat, 2023:
     main_category) over all the categories' items. Users are shared across categories by id. Timestamps are kept in
-    the files' unit (2023: ms, 2018: s). Returns the manifest."""
+    the files' unit (2023: ms, 2018: s). `progress`: a bar per file read. Returns the manifest."""
     if version not in AMAZON:
         raise UserError(f"Amazon Reviews version {version}: expected one of {', '.join(map(str, AMAZON))}")
     source = Path(source)
@@ -231,18 +239,18 @@ def convert_amazon(version: int, source: Path, categories: list[str], out_dir: P
         paths.append((reviews, meta))
     report, users, logs, titles = {"files": {}}, {}, [], []
     if domain_field:  # all categories' items as one log, then split by the field
-        log = _collect(chain.from_iterable(_read_reviews(r, fields, report, strict) for r, _ in paths), users)
+        log = _collect(chain.from_iterable(_read_reviews(r, fields, report, strict, progress) for r, _ in paths), users)
         titles, values = [""] * len(log[0]), [""] * len(log[0])
         for _, meta in paths:  # an item listed in several meta files: the first title and value found
-            more = _read_meta(meta, fields[1], log[0], report, strict, domain_field)
+            more = _read_meta(meta, fields[1], log[0], report, strict, domain_field, progress)
             titles, values = [a or b for a, b in zip(titles, more[0])], [a or b for a, b in zip(values, more[1])]
         domains, logs, titles, _ = _split_domains(log, values, titles, [""] * len(titles), domain_field, downstream,
                                                   min_domain_items, report)
         return _finish(out_dir, f"amazon{version}:{source}, domains from {domain_field}", domains, users, logs,
                        titles, [(source, source)] * len(domains), report, k_core, min_len)
     for reviews, meta in paths:
-        logs.append(_collect(_read_reviews(reviews, fields, report, strict), users))
-        titles.append(_read_meta(meta, fields[1], logs[-1][0], report, strict)[0])
+        logs.append(_collect(_read_reviews(reviews, fields, report, strict, progress), users))
+        titles.append(_read_meta(meta, fields[1], logs[-1][0], report, strict, progress=progress)[0])
     domains = [Domain(c, c.replace("_", " "), "downstream" if c in downstream else "pretrain") for c in categories]
     return _finish(out_dir, f"amazon{version}:{source}", domains, users, logs, titles, paths, report, k_core, min_len)
 
@@ -255,11 +263,11 @@ def _display_name(key: str) -> str:
                     for k, w in enumerate(words)) or key
 
 
-def _tsv(path: Path, report: dict, strict: bool, pick):
+def _tsv(path: Path, report: dict, strict: bool, pick, progress: bool = False):
     """RecBole atomic file rows as the values of the columns `pick(header)` chose (-1: absent, value ""), tagged with
     their line number; rows with the wrong column count are counted as malformed."""
     stats = _file_stats(report, path)
-    lines = _lines(path, stats, strict)
+    lines = _lines(path, stats, strict, progress)
     header = next(lines, (1, ""))[1].lstrip("\ufeff").rstrip("\r\n").split("\t")
     columns = pick(header)
     expected = f"{len(header)} tab-separated columns ({' '.join(header)})"
@@ -281,10 +289,11 @@ def _columns(path: Path, wanted: list[str | None]):
     return pick
 
 
-def _read_inter(path: Path, report: dict, strict: bool):
+def _read_inter(path: Path, report: dict, strict: bool, progress: bool = False):
     """(user, item, time) of every well-formed row of a RecBole .inter file."""
     stats = _file_stats(report, path)
-    for n, (user, item, ts) in _tsv(path, report, strict, _columns(path, ["user_id", "item_id", "timestamp"])):
+    columns = _columns(path, ["user_id", "item_id", "timestamp"])
+    for n, (user, item, ts) in _tsv(path, report, strict, columns, progress):
         try:
             t = float(ts)
         except ValueError:
@@ -342,12 +351,13 @@ def _split_domains(log: tuple, values: list[str], titles: list[str], years: list
 def convert_recbole(source: Path, out_dir: Path, *, name: str | None = None, domain: str | None = None,
                     title_field: str | None = None, year_field: str | None = None, title_year: bool = False,
                     domain_field: str | None = None, downstream: list[str] = (), min_domain_items: int = 0,
-                    k_core: int = 0, min_len: int = 0, strict: bool = False) -> dict:
+                    k_core: int = 0, min_len: int = 0, strict: bool = False, progress: bool = False) -> dict:
     """A RecBole atomic dataset directory (NAME.inter with user_id, item_id, timestamp; NAME.item with item_id and a
     title column) -> one domain, or with `domain_field` one domain per first value of that item column (e.g.
     MovieLens's `class`: its first genre). Repeated titles within a domain are told apart by the year column
     (`year_field`, default release_year or year when present) before " (2)"; `title_year` appends the year to every
-    title. Fractional timestamps become integers that keep their order. Returns the manifest."""
+    title. Fractional timestamps become integers that keep their order. `progress`: a bar per file read. Returns the
+    manifest."""
     source = Path(source)
     name = name or source.name
     inter, item = source / f"{name}.inter", source / f"{name}.item"
@@ -360,7 +370,7 @@ def convert_recbole(source: Path, out_dir: Path, *, name: str | None = None, dom
     if downstream and not domain_field:
         raise UserError("--downstream needs --domain-field: a single-domain dataset has nothing left for CPT")
     report, users = {"files": {}}, {}
-    log = _collect(_read_inter(inter, report, strict), users)
+    log = _collect(_read_inter(inter, report, strict, progress), users)
 
     def pick(header: list[str]) -> list[int]:
         names = [c.split(":")[0] for c in header]
@@ -380,7 +390,7 @@ def convert_recbole(source: Path, out_dir: Path, *, name: str | None = None, dom
     titles, years, values = [""] * n_items, [""] * n_items, [""] * n_items
     stats = _file_stats(report, item)
     stats["unused"] = 0
-    for _, (item_id, title, year, value) in _tsv(item, report, strict, pick):
+    for _, (item_id, title, year, value) in _tsv(item, report, strict, pick, progress):
         i = index.get(item_id)
         if i is None:
             stats["unused"] += 1

@@ -2,6 +2,7 @@
 damaged files, genres as domains, and the output directory check (data.own_output)."""
 import gzip
 import json
+import re
 import zlib
 
 import pytest
@@ -83,6 +84,23 @@ def test_amazon_errors(amazon2023, tmp_path):
     (amazon2023 / "meta_All_Beauty.jsonl").unlink()
     with pytest.raises(UserError, match=r"expected meta_All_Beauty\.jsonl or meta_All_Beauty\.jsonl\.gz"):
         convert_amazon(2023, amazon2023, ["All_Beauty"], tmp_path / "out")
+
+
+def test_reading_shows_megabytes_read_on_a_terminal_only(tmp_path, capsys, monkeypatch):
+    import rich.console
+
+    from prepare import _lines
+    path = tmp_path / "lines.txt"
+    path.write_text(("y" * 23 + "\n") * 100_000)  # 2.4 MB
+    stats = {}
+    assert sum(1 for _ in _lines(path, stats, False, progress=True)) == 100_000 == stats["lines"]
+    assert capsys.readouterr().err == ""  # pytest's stderr is no terminal: quiet
+    monkeypatch.setattr(rich.console.Console, "is_terminal", property(lambda self: True))
+    assert sum(1 for _ in _lines(path, stats, False, progress=False)) == 100_000
+    assert capsys.readouterr().err == ""  # not asked
+    assert sum(1 for _ in _lines(path, stats, False, progress=True)) == 100_000
+    last = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", capsys.readouterr().err).strip().splitlines()[-1]  # final frame
+    assert last.startswith("read lines.txt (MB) 2/2")
 
 
 def test_amazon_json_edge_cases(tmp_path):
