@@ -168,8 +168,8 @@ class BeamCache:
         out.owner, out.next_pos = self.owner[rows], self.next_pos[rows]
         layers, _, heads, _, dim = self.k.shape
         out.k, out.v = (x.new_empty(layers, len(rows), heads, self.length + 1, dim) for x in (self.k, self.v))
-        out.k[:, :, :, :self.length] = self.k[:, rows, :, :self.length]
-        out.v[:, :, :, :self.length] = self.v[:, rows, :, :self.length]
+        for new, old in ((out.k, self.k), (out.v, self.v)):  # gathered straight into place: one pass, no temporary
+            torch.index_select(old[:, :, :, :self.length], 1, rows, out=new[:, :, :, :self.length])
         kept = torch.unique(out.owner)
         if 2 * len(kept) <= self.prompt.k.shape[1]:
             out.prompt = copy.copy(self.prompt)
