@@ -260,6 +260,9 @@ SHARD = typer.Option("auto", help="Several processes: ddp (a whole model per GPU
                      "AdamW state sharded over GPUs) or none; auto = ddp for several processes, none for one.")
 ACTIVATION_CHECKPOINTING = typer.Option(False, help="Recompute each decoder layer in backward: less activation "
                                         "memory for long blocks, about a third more compute.")
+COMPILE = typer.Option(False, help="torch.compile the model for training (inductor). Compiling takes the first "
+                       "step (~25 s on 2 CPU cores; SFT's varying lengths compile twice); then, measured there, "
+                       "pretrain steps run 15-25% faster, finetune steps 2%.")
 
 
 @app.command()
@@ -278,7 +281,7 @@ def pretrain(data: Path = typer.Option(DEFAULT_DATA, help="Dataset; the built-in
              block_len: int = typer.Option(256, help="Tokens per packed block."),
              micro_batch: int = typer.Option(8, help="Blocks per micro-batch and process."),
              precision: str = PRECISION, seed: int = typer.Option(0, help="Seed for data order and initialisation."),
-             shard: str = SHARD, activation_checkpointing: bool = ACTIVATION_CHECKPOINTING,
+             shard: str = SHARD, activation_checkpointing: bool = ACTIVATION_CHECKPOINTING, compile: bool = COMPILE,
              save_every: int = typer.Option(200, help="Steps between resumable checkpoints (0 = at the end)."),
              eval_every: int = typer.Option(0, help="Steps between validation losses (0 = at the end)."),
              val_users: int = typer.Option(100, help="Validation users per pre-training domain."),
@@ -304,7 +307,7 @@ def pretrain(data: Path = typer.Option(DEFAULT_DATA, help="Dataset; the built-in
     lr, warmup = fitting_defaults(start, lr, warmup, steps, schedule, anneal)
     cfg = TrainConfig(steps, accum, lr, schedule=schedule_options(schedule, warmup, anneal, anneal_shape, lr_floor),
                       precision=precision, seed=seed, save_every=save_every, eval_every=eval_every, progress=progress,
-                      shard=shard, activation_checkpointing=activation_checkpointing)
+                      shard=shard, activation_checkpointing=activation_checkpointing, compile=compile)
     config = {"command": "pretrain", "data": str(data), "data_fingerprint": ds.fingerprint, "model": str(start),
               "tokenizer_fingerprint": tokenizer.fingerprint(), "kinds": split_list(kinds), "cpt_tokens": len(stream),
               "block_len": block_len, "micro_batch": micro_batch, "batch_tokens": batch_tokens,
@@ -377,7 +380,7 @@ def finetune(domain: str = typer.Option(..., help="Target domain, e.g. games."),
              beams: int = typer.Option(20, help="Beam width of the evaluation (>= 20)."),
              mask_history: bool = typer.Option(False, help="Exclude items already in the history from rankings."),
              precision: str = PRECISION, seed: int = typer.Option(0, help="Seed for data order and user sampling."),
-             shard: str = SHARD, activation_checkpointing: bool = ACTIVATION_CHECKPOINTING,
+             shard: str = SHARD, activation_checkpointing: bool = ACTIVATION_CHECKPOINTING, compile: bool = COMPILE,
              save_every: int = typer.Option(0, help="Steps between resumable checkpoints (0 = at the end)."),
              resume: bool = RESUME, overwrite: bool = OVERWRITE,
              progress: bool = PROGRESS):
@@ -407,7 +410,8 @@ def finetune(domain: str = typer.Option(..., help="Target domain, e.g. games."),
     cfg = TrainConfig(steps, accum, lr, schedule=schedule_options(schedule, warmup, anneal, anneal_shape, lr_floor),
                       precision=precision, seed=seed, save_every=save_every,
                       eval_every=eval_every or max(1, math.ceil(per_epoch / accum)), select="ndcg@10",
-                      progress=progress, shard=shard, activation_checkpointing=activation_checkpointing)
+                      progress=progress, shard=shard, activation_checkpointing=activation_checkpointing,
+                      compile=compile)
     config = {"command": "finetune", "domain": domain, "data": str(data), "data_fingerprint": ds.fingerprint,
               "model": str(start), "tokenizer_fingerprint": tokenizer.fingerprint(), "users_fraction": users_fraction,
               "train_users": len(sequences), "examples": len(examples.examples), "padding": examples.padding(),

@@ -66,6 +66,7 @@ class TrainConfig:
     progress: bool = True
     shard: str = "auto"  # auto (ddp for several processes, none for one), none, ddp, fsdp
     activation_checkpointing: bool = False  # recompute each decoder layer in backward
+    compile: bool = False  # torch.compile the model (inductor): fused kernels, the same math up to rounding
 
 
 # --------------------------------------------------------------------------------------------------- loss
@@ -209,6 +210,8 @@ def setup(model: Decoder, tokenizer: Tokenizer, cfg: TrainConfig, run: Path, dev
                                                             else None)
     if shard == "fsdp":
         wrapped = shard_fsdp(raw, device, precision)
+    if cfg.compile:  # compiles on the first micro-batch (and again for each new batch shape, then shape-generic)
+        wrapped = torch.compile(wrapped)
     optimizer = torch.optim.AdamW(param_groups(raw, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                                   fused=device.type == "cuda")
     best = read_json(run / "best.json") if (run / "best.json").exists() else None
@@ -547,6 +550,9 @@ def check(cfg: TrainConfig, device: torch.device, world: int, context: int | Non
     precision = resolve_precision(cfg.precision, device)  # refuses a precision this device cannot run
     if resolve_shard(cfg.shard, world) == "fsdp" and precision == "fp16":
         raise UserError("--shard fsdp trains in bf16 or fp32; use --precision bf16 (fp16 loss scaling is not sharded)")
+    if resolve_shard(cfg.shard, world) == "fsdp" and cfg.compile:
+        raise UserError("--compile with --shard fsdp: not supported (compiled training is tested with one process and "
+                        "with ddp); drop one of them")
     if cfg.accum % world:  # each process takes an equal share of a step, so the batch plan is the same on any count
         raise UserError(f"--batch-tokens: {cfg.accum} micro-batches per step do not split evenly over {world} "
                         f"processes; use a multiple of {world} micro-batches")
@@ -562,7 +568,7 @@ LEFTOVER_FILE = re.compile(r"latest\.tmp|(run_config|best|results)\.json\.tmp\d+
 RUN_FILES = {"run_config.json", "metrics.jsonl", "checkpoints", "latest", "final", "best", "best.json", "results.json",
              "results-per_user.jsonl", "curves.png"}
 REUSABLE = {"run_config.json", "metrics.jsonl", "checkpoints", "curves.png"}  # a start that got to no checkpoint
-RESUMABLE = ("train.lr", "train.save_every", "train.eval_every", "train.keep")  # cannot change the batch plan
+RESUMABLE = ("train.lr", "train.save_every", "train.eval_every", "train.keep", "train.compile")  # same batch plan
 
 
 def warn(message: str, rank: int = 0) -> None:

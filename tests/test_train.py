@@ -152,6 +152,27 @@ def full_run(world, tiny_model, tmp_path_factory):
     return load_file(out / "final" / "model.safetensors"), summary, read_records(out)
 
 
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_training_follows_the_eager_run_and_saves_plain_weights(world, tiny_model, full_run, tmp_path,
+                                                                          monkeypatch):
+    """--compile: the same run through inductor's fused kernels, equal up to rounding, and a final checkpoint under
+    the model's own names (not the compiled wrapper's)."""
+    import torch._dynamo
+    monkeypatch.setattr(train_module, "peak_flops", lambda device, precision, remeasure=False: 1e12)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    run_cpt(world, tiny_model, tmp_path / "run", cfg=config(compile=True))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it did compile
+    weights, _, records = full_run
+    compiled = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    assert compiled.keys() == weights.keys()
+    for k in weights:
+        torch.testing.assert_close(compiled[k], weights[k], atol=1e-4, rtol=1e-3)
+    losses = [[r["loss"] for r in rs if "loss" in r] for rs in (read_records(tmp_path / "run"), records)]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
+
+
 def read_records(run):
     def refuse(constant):  # metrics.jsonl must be strict JSON: no bare NaN or Infinity
         raise ValueError(f"bare {constant} in metrics.jsonl")
@@ -465,6 +486,7 @@ def test_run_directory_rules(tmp_path):
      "--batch-tokens 3000 must be a multiple of --micro-tokens (2048)"),
     (["finetune", "--domain", "games", "--epochs", "0"], "--epochs 0.0: expected a value > 0"),
     (["finetune", "--domain", "games", "--lr", "0"], "--lr 0.0: expected a learning rate > 0"),
+    (["pretrain", "--shard", "fsdp", "--compile"], "--compile with --shard fsdp: not supported"),
 ])
 def test_bad_training_options_are_refused_before_the_run_directory(world, tiny_model, tmp_path, args, message):
     result = CliRunner().invoke(cprec.app, [*args, "--data", str(world), "--model", str(tiny_model), "--out",
