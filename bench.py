@@ -394,7 +394,7 @@ def bench_train(o: Options) -> list[dict]:
     for name, config, batch, precisions in runs:
         variants = [(p, compiled) for p in precisions for compiled in ([False, True] if o.compile else [False])]
         steps = {v: train_step(config, batch, v[0], o, compiled=v[1]) for v in variants}
-        times = time_interleaved(steps, max(o.warmup, 1), o.reps, o.device)  # warm-up >= 1: compilation untimed
+        times = time_interleaved(steps, max(o.warmup, int(o.compile)), o.reps, o.device)  # compiling: untimed
         del steps
         gc.collect()
         flops_per_token = config.train_flops_per_token(batch[0])
@@ -671,7 +671,8 @@ def bench_movies(o: Options) -> list[dict]:
     for precision in o.precisions:
         speed, results = {name: [] for name in rankers}, {}
         with autocast(precision, torch.device(o.device)):
-            beam_search(model, prompts[:2], trie, MOVIE_BEAMS, PAD)  # warm-up: thread pools, oneDNN primitives
+            for ranker in rankers.values():  # warm-up: thread pools, oneDNN primitives
+                ranker(model, prompts[:2], trie, MOVIE_BEAMS, PAD)
             for rep in range(o.movie_reps):
                 for name in list(rankers) if rep % 2 == 0 else list(rankers)[::-1]:  # alternate who runs first
                     t = time.perf_counter()
@@ -679,7 +680,8 @@ def bench_movies(o: Options) -> list[dict]:
                     speed[name].append(len(prompts) / (time.perf_counter() - t))  # .cpu() above: a device sync
                     results[name] = [torch.cat(x) for x in zip(*out)]  # items (U, B), scores (U, B)
                 assert torch.equal(results["new"][0], results["old"][0]), "beam search changed its results"
-            worst = (results["new"][1] - results["old"][1]).nan_to_num(0.0, 0.0, 0.0).abs().max().item()
+            new, old = results["new"][1], results["old"][1]
+            worst = torch.where(new == old, 0.0, new - old).abs().max().item()  # -inf == -inf: empty slots agree
             seconds, exact_top = 0.0, {}
             for u in range(min(o.exact_users, MOVIE_EXACT, len(prompts))):
                 t = time.perf_counter()
@@ -753,7 +755,7 @@ def frozen_beam_search(model: Decoder, prompts: list[list[int]], trie: Trie, bea
     for today's; every user runs to the deepest item and each step copies every beam's whole cache."""
     device = model.embed_tokens.weight.device
     U = len(prompts)
-    prompt, logp = prompt_cache(model, prompts, pad_id)
+    prompt, logp = prompt_cache(model, prompts, pad_id, last_only=False)
     cache = FrozenBeamCache(prompt, beams, trie.depth)
     banned = torch.full((U, max(1, max(map(len, exclude or [[]])))), -2, dtype=torch.long, device=device)
     for row, items in enumerate(exclude or []):
@@ -1154,6 +1156,9 @@ def main(
         raise typer.BadParameter(f"{shape!r}: want name=int pairs of {list(DECODER)}", param_hint="--shape") from None
     if config.dim % config.n_heads or config.n_heads % config.n_kv_heads:
         raise typer.BadParameter("need n_heads | dim and n_kv_heads | n_heads", param_hint="--shape")
+    for name, value in (("--reps", reps), ("--movie-users", movie_users), ("--movie-reps", movie_reps)):
+        if value is not None and value < 1:
+            raise typer.BadParameter(f"{value}: expected a count >= 1", param_hint=name)
     model = model or next((p for p in (DEFAULT_CPT / "final", DEFAULT_MODEL) if (p / "config.json").exists()), None)
     if {"eval", "recommend", "llm"} & set(sections) and not (model and (model / "config.json").exists()):
         raise typer.BadParameter(f"no checkpoint in {model or DEFAULT_CPT / 'final'}: pass another, or run `python "

@@ -54,9 +54,9 @@ from train import (
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
 prepare_app = typer.Typer(no_args_is_help=True, help="Write a dataset in the canonical format (data/<name>/).")
-PROGRESS = typer.Option(True, help="Show progress bars with ETA (on a terminal only).")
 app.add_typer(prepare_app, name="prepare")
 console, err = Console(), Console(stderr=True)
+PROGRESS = typer.Option(True, help="Show progress bars with ETA (on a terminal only).")
 clicks = sys.modules[typer.BadParameter.__module__]  # click's exceptions, or the copy newer typers vendor
 
 DEFAULT_DATA, DEFAULT_MODEL, DEFAULT_CPT = Path("data/world"), Path("models/small"), Path("runs/pretrain")
@@ -260,9 +260,8 @@ SHARD = typer.Option("auto", help="Several processes: ddp (a whole model per GPU
                      "AdamW state sharded over GPUs) or none; auto = ddp for several processes, none for one.")
 ACTIVATION_CHECKPOINTING = typer.Option(False, help="Recompute each decoder layer in backward: less activation "
                                         "memory for long blocks, about a third more compute.")
-COMPILE = typer.Option(False, help="torch.compile the model for training (inductor). Compiling takes the first "
-                       "step (~25 s on 2 CPU cores; SFT's varying lengths compile twice); then, measured there, "
-                       "pretrain steps run 15-25% faster, finetune steps 2%.")
+COMPILE = typer.Option(False, "--compile", help="torch.compile the model for training (inductor): the first step "
+                       "compiles it; faster steps after (README: Benchmarks).")
 
 
 @app.command()
@@ -281,7 +280,7 @@ def pretrain(data: Path = typer.Option(DEFAULT_DATA, help="Dataset; the built-in
              block_len: int = typer.Option(256, help="Tokens per packed block."),
              micro_batch: int = typer.Option(8, help="Blocks per micro-batch and process."),
              precision: str = PRECISION, seed: int = typer.Option(0, help="Seed for data order and initialisation."),
-             shard: str = SHARD, activation_checkpointing: bool = ACTIVATION_CHECKPOINTING, compile: bool = COMPILE,
+             shard: str = SHARD, activation_checkpointing: bool = ACTIVATION_CHECKPOINTING, compiled: bool = COMPILE,
              save_every: int = typer.Option(200, help="Steps between resumable checkpoints (0 = at the end)."),
              eval_every: int = typer.Option(0, help="Steps between validation losses (0 = at the end)."),
              val_users: int = typer.Option(100, help="Validation users per pre-training domain."),
@@ -307,7 +306,7 @@ def pretrain(data: Path = typer.Option(DEFAULT_DATA, help="Dataset; the built-in
     lr, warmup = fitting_defaults(start, lr, warmup, steps, schedule, anneal)
     cfg = TrainConfig(steps, accum, lr, schedule=schedule_options(schedule, warmup, anneal, anneal_shape, lr_floor),
                       precision=precision, seed=seed, save_every=save_every, eval_every=eval_every, progress=progress,
-                      shard=shard, activation_checkpointing=activation_checkpointing, compile=compile)
+                      shard=shard, activation_checkpointing=activation_checkpointing, compile=compiled)
     config = {"command": "pretrain", "data": str(data), "data_fingerprint": ds.fingerprint, "model": str(start),
               "tokenizer_fingerprint": tokenizer.fingerprint(), "kinds": split_list(kinds), "cpt_tokens": len(stream),
               "block_len": block_len, "micro_batch": micro_batch, "batch_tokens": batch_tokens,
@@ -347,6 +346,8 @@ def run_settings(cfg: TrainConfig) -> dict:
     settings = asdict(cfg)
     settings.pop("progress")  # presentation, not part of the run
     settings.pop("activation_checkpointing")  # memory, not math: a resumed run may switch it
+    if not settings["compile"]:  # recorded only when on, so runs from before the option read back the same
+        settings.pop("compile")
     return settings
 
 
@@ -380,7 +381,7 @@ def finetune(domain: str = typer.Option(..., help="Target domain, e.g. games."),
              beams: int = typer.Option(20, help="Beam width of the evaluation (>= 20)."),
              mask_history: bool = typer.Option(False, help="Exclude items already in the history from rankings."),
              precision: str = PRECISION, seed: int = typer.Option(0, help="Seed for data order and user sampling."),
-             shard: str = SHARD, activation_checkpointing: bool = ACTIVATION_CHECKPOINTING, compile: bool = COMPILE,
+             shard: str = SHARD, activation_checkpointing: bool = ACTIVATION_CHECKPOINTING, compiled: bool = COMPILE,
              save_every: int = typer.Option(0, help="Steps between resumable checkpoints (0 = at the end)."),
              resume: bool = RESUME, overwrite: bool = OVERWRITE,
              progress: bool = PROGRESS):
@@ -411,7 +412,7 @@ def finetune(domain: str = typer.Option(..., help="Target domain, e.g. games."),
                       precision=precision, seed=seed, save_every=save_every,
                       eval_every=eval_every or max(1, math.ceil(per_epoch / accum)), select="ndcg@10",
                       progress=progress, shard=shard, activation_checkpointing=activation_checkpointing,
-                      compile=compile)
+                      compile=compiled)
     config = {"command": "finetune", "domain": domain, "data": str(data), "data_fingerprint": ds.fingerprint,
               "model": str(start), "tokenizer_fingerprint": tokenizer.fingerprint(), "users_fraction": users_fraction,
               "train_users": len(sequences), "examples": len(examples.examples), "padding": examples.padding(),
@@ -491,7 +492,7 @@ def recommend_command(model: Path = typer.Option(..., help="Checkpoint: fine-tun
                       overwrite: bool = typer.Option(False, help="Replace an existing --output."),
                       json_output: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
                       precision: str = PRECISION,
-                      progress: bool = typer.Option(True, help="Show a progress bar (--input, on a terminal).")):
+                      progress: bool = PROGRESS):
     """Recommend the top-K items of a domain after a history of titles, a dataset user's history, or each history
     of a JSONL file, by the same prompt and trie-constrained beam search as evaluation."""
     from recommend import Recommender, recommend_file

@@ -100,11 +100,12 @@ class BeamCache:
         self.k = prompt.k.new_zeros(layers, len(owner), heads, steps, dim)
         self.v = torch.zeros_like(self.k)
         self.next_pos = prompt.next_pos[owner]
-        self.padded = not bool(prompt.valid[:, :prompt.length].all())
         self._place()
 
     def _place(self):
-        """Each row's slot in the (prompts, width) grid; None when the rows already are that grid, in order."""
+        """Each row's slot in the (prompts, width) grid; None when the rows already are that grid, in order. And
+        whether any prompt is left-padded (else attention need not mask the prompts' keys)."""
+        self.padded = not bool(self.prompt.valid[:, :self.prompt.length].all())
         users, rows = self.prompt.k.shape[1], len(self.owner)
         counts = torch.bincount(self.owner, minlength=users)
         self.width = int(counts.max()) if rows else 0
@@ -175,14 +176,15 @@ class BeamCache:
             out.prompt = copy.copy(self.prompt)
             p = out.prompt
             p.k, p.v, p.valid, p.next_pos = p.k[:, kept], p.v[:, kept], p.valid[kept], p.next_pos[kept]
-            out.padded = not bool(p.valid[:, :p.length].all())
             out.owner = torch.searchsorted(kept, out.owner)
         out._place()
         return out
 
 
-def prompt_cache(model: Decoder, prompts: list[list[int]], pad_id: int) -> tuple[KVCache, torch.Tensor]:
-    """Run left-padded prompts through the model; return their cache and next-token log-probabilities (U, V)."""
+def prompt_cache(model: Decoder, prompts: list[list[int]], pad_id: int,
+                 last_only: bool = True) -> tuple[KVCache, torch.Tensor]:
+    """Run left-padded prompts through the model; return their cache and next-token log-probabilities (U, V).
+    `last_only=False` finishes every position, as before the shortcut (bench's frozen beam search)."""
     width = max(map(len, prompts))
     device = model.embed_tokens.weight.device
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -191,7 +193,7 @@ def prompt_cache(model: Decoder, prompts: list[list[int]], pad_id: int) -> tuple
         ids[row, width - len(p):], mask[row, width - len(p):] = torch.tensor(p), 1
     ids, mask = ids.to(device), mask.to(device)
     cache = KVCache(model.config, len(prompts), width, model.embed_tokens.weight.dtype, device)
-    hidden = model(ids, (mask.cumsum(-1) - 1).clamp(min=0), mask, cache, hidden=True, last_only=True)[:, -1]
+    hidden = model(ids, (mask.cumsum(-1) - 1).clamp(min=0), mask, cache, hidden=True, last_only=last_only)[:, -1]
     return cache, torch.log_softmax(model.lm_head(hidden).float(), -1)
 
 

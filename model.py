@@ -190,13 +190,16 @@ class Decoder(nn.Module):
         """Logits (B, T, V), or only at `select` (a boolean (B, T) mask or an index) -> (N, V).
 
         `hidden=True` returns the final normed hidden states instead, for a loss that applies lm_head in chunks.
-        `last_only=True` returns the last position's only, (B, 1, ...): a prompt before decoding. Every layer still
-        attends at every position (the cache needs the keys, and the same attention kernel gives the same numbers),
-        but the last layer's output projection and MLP run at the last position alone.
+        `last_only=True` returns only the last position, (B, 1, ·), for left-padded prompts before decoding (the last
+        column must be a real token). Every layer still attends at every position: the cache needs the keys, and the
+        same attention kernel gives the same numbers. Only the last layer's output projection and MLP are skipped
+        elsewhere.
         Without a mask or cache attention is causal; `attention_mask` (B, T) marks real tokens (1) vs padding (0).
         """
         B, T = input_ids.shape
         device = input_ids.device
+        if last_only and select is not None:
+            raise ValueError("last_only and select: give one (last_only keeps the last position only)")
         if position_ids is None:
             first = kv_cache.next_pos[:, None] if kv_cache is not None else 0
             position_ids = first + torch.arange(T, device=device)[None, :].expand(B, T)

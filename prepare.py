@@ -54,11 +54,11 @@ def _json(s: str):
     return r
 
 
-def _open(raw):
+def _open(raw, gz: bool):
     # Lines end at "\n" only (a stray CR inside a title is no line break). Bytes that are not UTF-8 become lone
     # surrogates instead of ending the whole read: ids holding one fail isprintable(), _text() repairs titles.
-    stream = gzip.GzipFile(fileobj=raw) if Path(raw.name).suffix == ".gz" else raw
-    return io.TextIOWrapper(stream, encoding="utf-8", errors="surrogateescape", newline="\n")
+    return io.TextIOWrapper(gzip.GzipFile(fileobj=raw) if gz else raw, encoding="utf-8", errors="surrogateescape",
+                            newline="\n")
 
 
 def _lines(path: Path, stats: dict, strict: bool, progress: bool = False):
@@ -68,12 +68,14 @@ def _lines(path: Path, stats: dict, strict: bool, progress: bool = False):
     n = 0
     try:
         total = max(1, path.stat().st_size >> 20)
-        with open(path, "rb") as raw, common.progress(total, f"read {path.name} (MB)", progress) as advance:
+        with open(path, "rb") as raw, _open(raw, path.suffix == ".gz") as text, \
+                common.progress(total, f"read {path.name} (MB)", progress) as advance:
             shown = 0
-            for n, line in enumerate(_open(raw), 1):
+            for n, line in enumerate(text, 1):
                 if n % 65536 == 0:  # raw.tell(): how far into the file, compressed or not
-                    advance((raw.tell() >> 20) - shown)
-                    shown = raw.tell() >> 20
+                    read = raw.tell() >> 20
+                    advance(read - shown)
+                    shown = read
                 yield n, line
             advance(total - shown)
     except EOFError:  # click would turn it into a bare "Aborted."

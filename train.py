@@ -210,7 +210,7 @@ def setup(model: Decoder, tokenizer: Tokenizer, cfg: TrainConfig, run: Path, dev
                                                             else None)
     if shard == "fsdp":
         wrapped = shard_fsdp(raw, device, precision)
-    if cfg.compile:  # compiles on the first micro-batch (and again for each new batch shape, then shape-generic)
+    if cfg.compile:  # compiles at the first micro-batch, and once more, shape-generic, at the first new shape
         wrapped = torch.compile(wrapped)
     optimizer = torch.optim.AdamW(param_groups(raw, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                                   fused=device.type == "cuda")
@@ -550,9 +550,11 @@ def check(cfg: TrainConfig, device: torch.device, world: int, context: int | Non
     precision = resolve_precision(cfg.precision, device)  # refuses a precision this device cannot run
     if resolve_shard(cfg.shard, world) == "fsdp" and precision == "fp16":
         raise UserError("--shard fsdp trains in bf16 or fp32; use --precision bf16 (fp16 loss scaling is not sharded)")
-    if resolve_shard(cfg.shard, world) == "fsdp" and cfg.compile:
-        raise UserError("--compile with --shard fsdp: not supported (compiled training is tested with one process and "
-                        "with ddp); drop one of them")
+    if cfg.compile and resolve_shard(cfg.shard, world) == "fsdp":
+        raise UserError("--compile with --shard fsdp: not supported; use --shard ddp or drop --compile")
+    if cfg.compile and device.type == "cpu" and not any(map(shutil.which, (os.environ.get("CXX", "g++"), "c++"))):
+        raise UserError("--compile on CPU needs a C++ compiler for inductor (g++, c++ or $CXX); install one or drop "
+                        "--compile")
     if cfg.accum % world:  # each process takes an equal share of a step, so the batch plan is the same on any count
         raise UserError(f"--batch-tokens: {cfg.accum} micro-batches per step do not split evenly over {world} "
                         f"processes; use a multiple of {world} micro-batches")
@@ -611,9 +613,9 @@ def open_run(out_dir: str | Path, config: dict, resume: bool, overwrite: bool, r
     """Create (or reuse) the run directory and record its resolved configuration; refuse to mix two runs in one.
 
     On --resume the saved configuration must equal the new one, or the resumed run could not equal the original;
-    only settings that leave the batch plan alone (RESUMABLE: the learning rate, intervals) may change, with a
-    warning recorded in run_config.json. A directory that holds no checkpoint (a start that failed or was stopped
-    early) is reused by a plain rerun.
+    only settings that leave the batch plan alone (RESUMABLE: the learning rate, intervals, --compile) may change,
+    with a warning recorded in run_config.json. A directory that holds no checkpoint (a start that failed or was
+    stopped early) is reused by a plain rerun.
     """
     out = Path(out_dir)
     saved = out / "run_config.json"

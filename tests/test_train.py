@@ -173,6 +173,16 @@ def test_compiled_training_follows_the_eager_run_and_saves_plain_weights(world, 
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
 
 
+def test_compile_refusals_need_no_run(monkeypatch):
+    cpu = torch.device("cpu")
+    with pytest.raises(UserError, match="--compile with --shard fsdp: not supported"):
+        train_module.check(config(compile=True, shard="fsdp"), cpu, 1)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(UserError, match="--compile on CPU needs a C\\+\\+ compiler"):
+        train_module.check(config(compile=True), cpu, 1)
+    train_module.check(config(), cpu, 1)  # without --compile no compiler is needed
+
+
 def read_records(run):
     def refuse(constant):  # metrics.jsonl must be strict JSON: no bare NaN or Infinity
         raise ValueError(f"bare {constant} in metrics.jsonl")
