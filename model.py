@@ -172,9 +172,10 @@ class Decoder(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin tables; built on first use
 
-    def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin of shape (B, 1, T, head_dim) for these positions, from a fp32 table grown on demand."""
-        need = int(position_ids.max()) + 1
+    def rope(self, position_ids: torch.Tensor, need: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of shape (B, 1, T, head_dim) for these positions, from a fp32 table grown on demand to `need`
+        rows (default: the largest position + 1, which reads a value off the device)."""
+        need = need or int(position_ids.max()) + 1
         if self._rope_cache is None or self._rope_cache[0].shape[0] < need or \
                 self._rope_cache[0].device != position_ids.device:
             n = max(need, 2 * (self._rope_cache[0].shape[0] if self._rope_cache else 256))
@@ -200,16 +201,18 @@ class Decoder(nn.Module):
         device = input_ids.device
         if last_only and select is not None:
             raise ValueError("last_only and select: give one (last_only keeps the last position only)")
+        need = None
         if position_ids is None:
             first = kv_cache.next_pos[:, None] if kv_cache is not None else 0
             position_ids = first + torch.arange(T, device=device)[None, :].expand(B, T)
+            need = T if kv_cache is None else None  # known from the shape: no device sync, no torch.compile break
         mask = None
         if kv_cache is not None:
             valid = attention_mask if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
             mask = kv_cache.extend(valid, position_ids)
         elif attention_mask is not None:
             mask = padding_causal_mask(attention_mask)
-        cos, sin = self.rope(position_ids)
+        cos, sin = self.rope(position_ids, need)
         x = self.embed_tokens(input_ids)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for i, block in enumerate(self.layers):
