@@ -1124,7 +1124,8 @@ def main(
     warmup: Annotated[int, Opt(help="untimed reps first")] = 1,
     seed: Annotated[int, Opt(help="seed of weights, inputs, user subsets and synthetic reviews")] = 0,
     memory: Annotated[bool, Opt(help="measure each row's step peak memory (CPU: a process per row)")] = True,
-    compile: Annotated[bool, Opt(help="train section: also torch.compile each model, timed beside eager")] = False,
+    compiled: Annotated[bool, Opt("--compile", help="train section: also torch.compile each model, timed beside "
+                                                    "eager")] = False,
     data: Annotated[Path, Opt(help="eval/recommend dataset, with a games domain [the built-in world]")] = DEFAULT_DATA,
     model: Annotated[Path | None, Opt(help=f"eval checkpoint [{DEFAULT_CPT / 'final'}, else {DEFAULT_MODEL}]")] = None,
     eval_users: Annotated[int | None, Opt(help="eval beam-search and recommend users [1,000; quick 20]")] = None,
@@ -1167,7 +1168,7 @@ def main(
     eval_users = eval_users or (20 if quick else 1000)
     o = Options(device=device, threads=torch.get_num_threads(), precisions=precision_list,
                 reps=reps or (20 if quick else 5), warmup=warmup, seed=seed, memory=memory, quick=quick,
-                shape=config, seq=seq, batch=batch, compile=compile, data=data, model=model, eval_users=eval_users,
+                shape=config, seq=seq, batch=batch, compile=compiled, data=data, model=model, eval_users=eval_users,
                 exact_users=min(exact_users, eval_users),
                 catalogue_items=catalogue_items or (5_000 if quick else 100_000),
                 movie_users=movie_users or (8 if quick else 200), movie_reps=movie_reps or (1 if quick else 3),
