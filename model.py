@@ -175,6 +175,10 @@ class Decoder(nn.Module):
     def rope(self, position_ids: torch.Tensor, need: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of shape (B, 1, T, head_dim) for these positions, from a fp32 table grown on demand to `need`
         rows (default: the largest position + 1, which reads a value off the device)."""
+        if torch.compiler.is_compiling():  # in the graph, fused: no table to grow (a state change would recompile)
+            freqs = position_ids[..., None].float() * rope_frequencies(self.config).to(position_ids.device)
+            angles = torch.cat((freqs, freqs), dim=-1)[:, None]
+            return angles.cos(), angles.sin()
         need = need or int(position_ids.max()) + 1
         if self._rope_cache is None or self._rope_cache[0].shape[0] < need or \
                 self._rope_cache[0].device != position_ids.device:
