@@ -680,8 +680,8 @@ def bench_movies(o: Options) -> list[dict]:
                     speed[name].append(len(prompts) / (time.perf_counter() - t))  # .cpu() above: a device sync
                     results[name] = [torch.cat(x) for x in zip(*out)]  # items (U, B), scores (U, B)
                 assert torch.equal(results["new"][0], results["old"][0]), "beam search changed its results"
-            new, old = results["new"][1], results["old"][1]
-            worst = torch.where(new == old, 0.0, new - old).abs().max().item()  # -inf == -inf: empty slots agree
+            diff = results["new"][1] - results["old"][1]
+            worst = diff.masked_fill(results["new"][1] == results["old"][1], 0.0).abs().max().item()  # -inf slots
             seconds, exact_top = 0.0, {}
             for u in range(min(o.exact_users, MOVIE_EXACT, len(prompts))):
                 t = time.perf_counter()
