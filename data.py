@@ -1,247 +1,32 @@
-"""The data path, top to bottom: the canonical dataset on disk, chronological leave-one-out splits, the one prompt
-template, CPT sequences (domain-specific and all-domain mixed), token blocks for CPT and batches for SFT.
+"""The data path, top to bottom: chronological leave-one-out splits, the one prompt template, CPT sequences
+(domain-specific and all-domain mixed), token blocks for CPT and batches for SFT.
 
-A dataset directory holds manifest.json, items.jsonl ({"item", "domain", "title", "attrs"}) and interactions.tsv
-(user, item, integer timestamp). prepare.py (real data) and world.py (the built-in world) write it; everything
-else reads it through load_dataset().
+The dataset on disk (manifest.json, items.jsonl, interactions.tsv) is infra/datasets.py's; the converters
+(extras/prepare.py) and the built-in world (extras/world.py) write it, load_dataset() reads it and adds the split.
 """
 from __future__ import annotations
 
 import hashlib
-import html
 import json
-import re
-from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from common import UserError, atomic_dir, progress, read_json, write_json
-from tokenizer import Tokenizer
+from infra.console import counted
+from infra.datasets import Dataset, Domain, read_dataset
+from infra.files import UserError
+from infra.tokenizer import Tokenizer
 
-FORMAT_VERSION = 1
 TRAIN, VALID, TEST = 0, 1, 2
-DATASET_FILES = ("manifest.json", "items.jsonl", "interactions.tsv", "cache")  # everything a dataset dir may hold
-# Titles longer than this are cut (at a word boundary where one is near). 200 characters is Amazon's own limit for
-# product titles, so real titles pass untouched, while a runaway field (a description pasted into the title) cannot
-# turn one item into thousands of tokens: a 20-item history stays within a small model's context.
-MAX_TITLE_CHARS = 200
 
 
-# --------------------------------------------------------------------------------------------------- on disk
-@dataclass
-class Domain:
-    key: str  # what users type: --domain games
-    name: str  # what the template shows: "Video Games"
-    role: str  # "pretrain" (seen by CPT) or "downstream" (unseen until SFT)
-
-
-def clean_text(text) -> str:
-    """Titles as the template shows them: HTML entities decoded, all whitespace (tabs, CR/LF) collapsed."""
-    return re.sub(r"\s+", " ", html.unescape(str(text))).strip() if text is not None else ""
-
-
-def own_output(out: str | Path, marker: str, *, overwrite: bool, what: str, keys: Collection[str] = (),
-               names: Collection[str] | None = None, inputs: Sequence[str | Path] = ()) -> None:
-    """Refuse, with one line, to write the directory `out` where replacing it could lose what this project did not
-    write. Allowed: `out` is absent or an empty directory, or it is this project's own output and `overwrite` is set.
-    Own output: `out/marker` is a JSON object holding `keys`, and (when `names` is given) every entry of `out` is one of
-    `names`, so files a person put beside ours are never swept away with them. `inputs` (what the command reads) may
-    be neither `out` nor inside it. Reusable for any command that replaces a directory (datasets, models, runs)."""
-    out = Path(out)
-    for source in map(Path, inputs):
-        if source.resolve() == out.resolve() or out.resolve() in source.resolve().parents:
-            raise UserError(f"--out {out}: would replace the input {source}; choose an output directory outside it")
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a directory; choose a new or empty directory")
-    entries = sorted(e.name for e in out.iterdir())
-    if not entries:
-        return
-    try:
-        mark = json.loads((out / marker).read_text(encoding="utf-8"))
-        ours = isinstance(mark, dict) and all(k in mark for k in keys)
-    except (OSError, ValueError):
-        ours = False
-    if not ours:
-        raise UserError(f"--out {out}: not empty and not a {what} written by this project (no valid {marker}); "
-                        "nothing was changed; choose a new or empty directory")
-    if names is not None and (foreign := [e for e in entries if e not in names]):
-        raise UserError(f"--out {out}: holds {foreign[0]!r}, which this project did not write there; move it away "
-                        "or choose another directory")
-    if not overwrite:
-        raise UserError(f"{out}: a {what} already exists there; pass --overwrite to replace it")
-
-
-def dataset_out(out: str | Path, overwrite: bool, inputs: Sequence[str | Path] = ()) -> None:
-    """own_output() for a dataset directory."""
-    own_output(out, "manifest.json", overwrite=overwrite, what="dataset", keys=("format", "fingerprint"),
-               names=DATASET_FILES, inputs=inputs)
-
-
-def short_title(title: str) -> str:
-    """The title cut to MAX_TITLE_CHARS, at the last space of its second half if there is one."""
-    if len(title) <= MAX_TITLE_CHARS:
-        return title
-    cut = title[:MAX_TITLE_CHARS + 1]
-    space = cut.rfind(" ", MAX_TITLE_CHARS // 2)
-    return (cut[:space] if space > 0 else cut[:MAX_TITLE_CHARS]).rstrip()
-
-
-def write_dataset(out_dir: str | Path, *, source: str, domains: list[Domain], items: dict[str, tuple[str, str]],
-                  interactions: list[tuple[str, str, int]], report: dict | None = None) -> dict:
-    """Write the canonical dataset atomically and return its manifest.
-
-    items: item id -> (domain key, title); interactions: (user, item id, timestamp). Titles are cleaned, cut to
-    MAX_TITLE_CHARS and made unique within each domain (later ids get " (2)", " (3)", ...), so a generated title names
-    exactly one item; report["titles"] counts the cut ("truncated") and the numbered ("numbered") ones. `out_dir` is
-    replaced only if it is empty or a dataset (dataset_out(); the commands ask for --overwrite before this).
-    """
-    dataset_out(out_dir, overwrite=True)
-    keys = [d.key for d in domains]
-    order = {k: i for i, k in enumerate(keys)}
-    ordered = sorted(items, key=lambda i: (order[items[i][0]], i))
-    titles, seen = {}, set()
-    report = dict(report or {})
-    tally = report["titles"] = {**report.get("titles", {}), "truncated": 0, "numbered": 0}
-    for item in ordered:
-        domain, full = items[item][0], clean_text(items[item][1])
-        title = short_title(full)
-        tally["truncated"] += title != full
-        candidate, n = title, 1
-        while (domain, candidate) in seen:
-            n += 1
-            candidate = f"{title} ({n})"
-        tally["numbered"] += n > 1
-        seen.add((domain, candidate))
-        titles[item] = candidate
-    interactions = sorted(interactions)
-    counts = {k: {"items": 0, "users": set(), "interactions": 0} for k in keys}
-    for item in ordered:
-        counts[items[item][0]]["items"] += 1
-    for user, item, _ in interactions:
-        c = counts[items[item][0]]
-        c["users"].add(user)
-        c["interactions"] += 1
-    digest = hashlib.sha256()
-    with atomic_dir(out_dir) as tmp:
-        with open(tmp / "items.jsonl", "w", encoding="utf-8") as f:
-            for item in ordered:
-                line = json.dumps({"item": item, "domain": items[item][0], "title": titles[item]}, ensure_ascii=False)
-                f.write(line + "\n")
-                digest.update(line.encode() + b"\n")
-        with open(tmp / "interactions.tsv", "w", encoding="utf-8") as f:
-            for user, item, ts in interactions:
-                line = f"{user}\t{item}\t{int(ts)}\n"
-                f.write(line)
-                digest.update(line.encode())
-        manifest = {
-            "format": FORMAT_VERSION, "name": Path(out_dir).name, "source": source,
-            "domains": [{"key": d.key, "name": d.name, "role": d.role, "items": counts[d.key]["items"],
-                         "users": len(counts[d.key]["users"]), "interactions": counts[d.key]["interactions"]}
-                        for d in domains],
-            "users": len({u for u, _, _ in interactions}), "items": len(items), "interactions": len(interactions),
-            "fingerprint": digest.hexdigest()[:16], "report": report}
-        write_json(tmp / "manifest.json", manifest)
-    return manifest
-
-
-@dataclass
-class Dataset:
-    """A loaded dataset. Interactions are sorted by (user, timestamp, item): the order every sequence is read in.
-
-    Same-timestamp ties are broken by item order in items.jsonl (domain, then id), so splits are stable.
-    """
-    path: Path
-    manifest: dict
-    domains: dict[str, Domain]
-    item_ids: list[str]
-    titles: list[str]
-    item_domain: np.ndarray  # (n_items,) index into list(domains)
-    user_ids: list[str]
-    user: np.ndarray  # (n,) int32
-    item: np.ndarray  # (n,) int32
-    time: np.ndarray  # (n,) int64
-    split: np.ndarray  # (n,) int8: TRAIN, VALID or TEST
-    user_start: np.ndarray  # user u's interactions are [user_start[u], user_start[u + 1])
-
-    @property
-    def fingerprint(self) -> str:
-        return self.manifest["fingerprint"]
-
-    def domain(self, key: str) -> Domain:
-        if key not in self.domains:
-            raise UserError(f"unknown domain {key!r} in {self.path}; known: {', '.join(self.domains)}")
-        return self.domains[key]
-
-    def domain_index(self, key: str) -> int:
-        self.domain(key)
-        return list(self.domains).index(key)
-
-    def catalogue(self, key: str) -> np.ndarray:
-        """Every item of the domain (full ranking: these are all candidates), in items.jsonl order."""
-        return np.flatnonzero(self.item_domain == self.domain_index(key))
-
-
+# --------------------------------------------------------------------------------------------------- the split
 def load_dataset(path: str | Path) -> Dataset:
-    """Read a dataset; a malformed record is refused by file and line, and files that parse but are not the ones
-    prepare wrote (cut short, edited) by the content fingerprint in manifest.json."""
-    path = Path(path)
-    manifest = read_json(path / "manifest.json")
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise UserError(f"{path / 'manifest.json'}: format {found!r}, expected {FORMAT_VERSION}; run prepare again")
-    try:
-        domains = {d["key"]: Domain(d["key"], d["name"], d["role"]) for d in manifest["domains"]}
-        fingerprint = manifest["fingerprint"]
-    except (KeyError, TypeError):
-        raise UserError(f"{path / 'manifest.json'}: malformed; expected domains [{{key, name, role}}, ...] and a "
-                        "fingerprint; run prepare again") from None
-    for name in ("items.jsonl", "interactions.tsv"):
-        if not (path / name).is_file():
-            raise UserError(f"{path / name}: {'not a file' if (path / name).exists() else 'file not found'}; "
-                            "run prepare again")
-    domain_index = {k: i for i, k in enumerate(domains)}
-    digest = hashlib.sha256()  # of the bytes as read, the way write_dataset computed the fingerprint
-    item_ids, titles, item_domain = [], [], []
-    with open(path / "items.jsonl", "rb") as f:
-        for n, raw in enumerate(f, 1):
-            digest.update(raw)
-            try:
-                record = json.loads(raw.decode("utf-8"))
-                if not (isinstance(record["item"], str) and isinstance(record["title"], str)):
-                    raise TypeError
-                item_domain.append(domain_index[record["domain"]])
-                item_ids.append(record["item"])
-                titles.append(record["title"])
-            except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
-                raise UserError(f"{path / 'items.jsonl'}:{n}: malformed item record; expected "
-                                '{"item", "domain", "title"} with a known domain; run prepare again') from None
-    item_index = {item: i for i, item in enumerate(item_ids)}
-    user_index: dict[str, int] = {}
-    users, items, times = [], [], []
-    with open(path / "interactions.tsv", "rb") as f:
-        for n, raw in enumerate(f, 1):
-            digest.update(raw)
-            try:
-                user, item, ts = raw.decode("utf-8").rstrip("\n").split("\t")
-                items.append(item_index[item])
-                times.append(int(ts))
-            except (ValueError, KeyError):
-                raise UserError(f"{path / 'interactions.tsv'}:{n}: malformed interaction; expected "
-                                "user<TAB>item of items.jsonl<TAB>integer timestamp") from None
-            users.append(user_index.setdefault(user, len(user_index)))
-    if digest.hexdigest()[:16] != fingerprint:
-        raise UserError(f"{path}: items.jsonl and interactions.tsv do not match the fingerprint in manifest.json "
-                        "(cut short or edited after prepare); expected the files prepare wrote; run prepare again")
-    user, item, time = np.array(users, np.int32), np.array(items, np.int32), np.array(times, np.int64)
-    order = np.lexsort((item, time, user))
-    user, item, time = user[order], item[order], time[order]
-    item_domain = np.array(item_domain, np.int16)
-    return Dataset(path, manifest, domains, item_ids, titles, item_domain, list(user_index), user, item, time,
-                   leave_one_out(user, item_domain[item]), np.searchsorted(user, np.arange(len(user_index) + 1)))
+    """A dataset (infra/datasets.py reads and checks the files) with its leave-one-out split."""
+    ds = read_dataset(path)
+    ds.split = leave_one_out(ds.user, ds.item_domain[ds.item])
+    return ds
 
 
 def leave_one_out(user: np.ndarray, domain: np.ndarray) -> np.ndarray:
@@ -359,13 +144,21 @@ def train_sequences(ds: Dataset, key: str) -> list[np.ndarray]:
     return out
 
 
-def tokenizer_corpus(ds: Dataset, seed: int = 0, sample: int = 20000) -> list[str]:
-    """Text a new tokenizer should cover: every header, tag and title, plus a sample of rendered sequences."""
+def sample(cases: list, n: int, seed: int) -> list:
+    """A seeded subset of n cases in their original order (all when n is 0 or at least their number): the one rule
+    for validation users, test users and SFT's users fraction, so the same seed picks the same users everywhere."""
+    if n and n < len(cases):
+        return [cases[i] for i in sorted(np.random.default_rng(seed).choice(len(cases), n, replace=False))]
+    return cases
+
+
+def tokenizer_corpus(ds: Dataset, seed: int = 0, sequences: int = 20000) -> list[str]:
+    """Text a new tokenizer should cover: every header, tag and title, plus `sequences` rendered CPT sequences."""
     texts = [header(None)] + [header(d) + TAG.format(name=d.name) for d in ds.domains.values()]
     texts += [item_text(t) for t in ds.titles]
-    sequences = cpt_sequences(ds) if any(d.role == "pretrain" for d in ds.domains.values()) else []
-    for k in np.random.default_rng(seed).permutation(len(sequences))[:sample]:
-        texts.append(render(ds, *sequences[k]))
+    cpt = cpt_sequences(ds) if any(d.role == "pretrain" for d in ds.domains.values()) else []
+    for k in np.random.default_rng(seed).permutation(len(cpt))[:sequences]:
+        texts.append(render(ds, *cpt[k]))
     return texts
 
 
@@ -400,15 +193,6 @@ class Encoder:
             starts.append(len(ids))
             ids.extend(self(text))
         return ids, starts
-
-
-def counted(sequence: list, label: str, enabled: bool, every: int = 1000):
-    """Iterate over `sequence` with a progress bar (common.progress), moved every `every` items to stay cheap."""
-    with progress(len(sequence), label, enabled) as advance:
-        for k, x in enumerate(sequence):
-            if k and k % every == 0:
-                advance(every)
-            yield x
 
 
 def cpt_stream(ds: Dataset, encoder: Encoder, kinds=SEQUENCE_KINDS, seed: int = 0,

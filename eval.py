@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-import common
-from common import UserError
-from data import Dataset, Encoder, eval_cases, item_text, train_sequences
+from data import Case, Dataset, Encoder, eval_cases, item_text, sample, train_sequences
+from infra.console import progress as progress_bar
+from infra.files import UserError
 from model import Decoder, KVCache
 
 KS = (5, 10, 20)
@@ -181,10 +181,8 @@ class BeamCache:
         return out
 
 
-def prompt_cache(model: Decoder, prompts: list[list[int]], pad_id: int,
-                 last_only: bool = True) -> tuple[KVCache, torch.Tensor]:
-    """Run left-padded prompts through the model; return their cache and next-token log-probabilities (U, V).
-    `last_only=False` finishes every position, as before the shortcut (bench's frozen beam search)."""
+def prompt_cache(model: Decoder, prompts: list[list[int]], pad_id: int) -> tuple[KVCache, torch.Tensor]:
+    """Run left-padded prompts through the model; return their cache and next-token log-probabilities (U, V)."""
     width = max(map(len, prompts))
     device = model.embed_tokens.weight.device
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -193,7 +191,7 @@ def prompt_cache(model: Decoder, prompts: list[list[int]], pad_id: int,
         ids[row, width - len(p):], mask[row, width - len(p):] = torch.tensor(p), 1
     ids, mask = ids.to(device), mask.to(device)
     cache = KVCache(model.config, len(prompts), width, model.embed_tokens.weight.dtype, device)
-    hidden = model(ids, (mask.cumsum(-1) - 1).clamp(min=0), mask, cache, hidden=True, last_only=last_only)[:, -1]
+    hidden = model(ids, (mask.cumsum(-1) - 1).clamp(min=0), mask, cache, hidden=True, last_only=True)[:, -1]
     return cache, torch.log_softmax(model.lm_head(hidden).float(), -1)
 
 
@@ -363,14 +361,6 @@ def user_prompts(encoder: Encoder, ds: Dataset, histories, key: str) -> list[lis
     return [encoder.sequence(ds, history, domain)[0] for history in histories]
 
 
-def sample(cases: list, n: int, seed: int) -> list:
-    """A seeded subset of n cases in their original order (all when n is 0 or at least their number): the one rule
-    for validation users, test users and SFT's users fraction, so the same seed picks the same users everywhere."""
-    if n and n < len(cases):
-        return [cases[i] for i in sorted(np.random.default_rng(seed).choice(len(cases), n, replace=False))]
-    return cases
-
-
 def evaluate(model: Decoder, encoder: Encoder, ds: Dataset, key: str, *, split: str = "test", beams: int = 20,
              exact: bool = False, users: int | None = None, seed: int = 0, mask_history: bool = False,
              window: int = 20, batch_users: int | None = None, ks=KS, progress: bool = False) -> dict:
@@ -380,8 +370,7 @@ def evaluate(model: Decoder, encoder: Encoder, ds: Dataset, key: str, *, split: 
         raise UserError(f"--split {split!r}: expected test or valid")
     if beams < max(ks):
         raise UserError(f"--beams {beams}: must be at least the largest K ({max(ks)})")
-    domain = ds.domain(key)
-    cases = eval_cases(ds, key, {"test": 2, "valid": 1}[split], window)
+    cases = eval_cases(ds, key, {"test": 2, "valid": 1}[split], window)  # an unknown domain is refused here
     cases = sample(cases, users, seed)
     if not cases:
         raise UserError(f"domain {key!r} has no {split} cases (users need 3+ interactions there)")
@@ -397,7 +386,7 @@ def evaluate(model: Decoder, encoder: Encoder, ds: Dataset, key: str, *, split: 
     began = time.perf_counter()
     model.eval()
     ranks, tops = [0.0] * len(cases), [None] * len(cases)
-    with common.progress(len(cases), f"evaluate {key} {split}", progress) as advance:
+    with progress_bar(len(cases), f"evaluate {key} {split}", progress) as advance:
         if exact:
             for k, (prompt, t, ex) in enumerate(zip(prompts, targets, excluded)):
                 scores = exact_scores(model, prompt, item_tokens, pad).cpu().numpy()
@@ -416,15 +405,23 @@ def evaluate(model: Decoder, encoder: Encoder, ds: Dataset, key: str, *, split: 
                 for r, it, sc in zip(rows, items.cpu().numpy(), scores.cpu().numpy()):
                     ranks[r], tops[r] = rank_in_list(it, sc, targets[r]), it[it >= 0]
                 advance(len(rows), f"{(start + len(rows)) / (time.perf_counter() - began):.1f} users/s")
-    seconds = time.perf_counter() - began
     ranker = "exact scoring of every item" if exact else f"trie-constrained beam search, {beams} beams"
-    protocol = (f"full ranking over all {len(catalogue)} items of {domain.name} ({key}); {ranker}; history masking "
-                f"{'on' if mask_history else 'off'}; {split} split (chronological leave-one-out); {len(cases)} users; "
-                f"history window {window}; ties pessimistic; popularity from training interactions"
-                + ("" if exact else f"; MRR truncated at {beams}"))
+    return evaluation_result(ds, key, split, cases, ranks, tops, pop_ranks, ranker=ranker, mask_history=mask_history,
+                             window=window, seconds=time.perf_counter() - began, beams=None if exact else beams, ks=ks)
+
+
+def evaluation_result(ds: Dataset, key: str, split: str, cases: list[Case], ranks, tops, pop_ranks, *, ranker: str,
+                      mask_history: bool, window: int, seconds: float, beams: int | None = None, ks=KS) -> dict:
+    """The one result of a full-ranking evaluation (the LLM's and the ID baseline's): its protocol in words, the
+    model's and popularity's metrics, and each user's rank and top-10 (catalogue positions in `tops`)."""
+    catalogue = ds.catalogue(key)
+    protocol = (f"full ranking over all {len(catalogue)} items of {ds.domain(key).name} ({key}); {ranker}; history "
+                f"masking {'on' if mask_history else 'off'}; {split} split (chronological leave-one-out); {len(cases)} "
+                f"users; history window {window}; ties pessimistic; popularity from training interactions"
+                + ("" if beams is None else f"; MRR truncated at {beams}"))
     return {
         "protocol": protocol, "domain": key, "split": split, "users": len(cases), "items": len(catalogue),
-        "beams": None if exact else beams, "exact": exact, "mask_history": mask_history,
+        "beams": beams, "exact": beams is None, "mask_history": mask_history,
         "model": metrics(ranks, ks), "popularity": metrics(pop_ranks, ks),
         "seconds": seconds, "users_per_s": len(cases) / seconds,
         "per_user": [{"user": ds.user_ids[c.user], "target": ds.item_ids[c.target],

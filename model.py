@@ -3,26 +3,23 @@
 One hand-written Llama-family decoder (Llama 1/2/3, TinyLlama, Mistral, Qwen2/2.5): RMSNorm, rotate-half RoPE,
 grouped-query attention through F.scaled_dot_product_attention and a SwiGLU MLP. Parameter names are Hugging Face's
 minus the leading "model.", so loading a checkpoint is a strict, shape-checked rename rather than a guessing game.
-Parity with transformers' logits is proven in tests/test_model.py; the shape and its config.json live in config.py.
+Parity with transformers' logits is proven in tests/test_model.py; the shape and its config.json live in
+infra/config.py, the weight files in infra/weights.py.
 """
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from common import UserError, atomic_dir, read_json, write_json
-from config import INIT_MARKER, ModelConfig, config_from_hf, config_to_hf
-from tokenizer import Tokenizer, train_tokenizer
-
-INIT_FILES = {"config.json", "model.safetensors", "tokenizer.model"}  # what init writes
+from infra.config import ModelConfig, config_from_hf, config_to_hf
+from infra.files import UserError, atomic_dir, read_json, write_json
+from infra.tokenizer import Tokenizer, check_fits
+from infra.weights import read_weights
 
 
 # --------------------------------------------------------------------------------------------------- modules
@@ -238,29 +235,40 @@ class Decoder(nn.Module):
         """
         path = Path(path)
         config = config_from_hf(read_json(path / "config.json"), source=str(path / "config.json"))
-        check_tokenizer(path, config)
+        check_fits(path, config.vocab_size)
         with torch.device("meta"):
             model = cls(config)
-        state = {}
-        for file in safetensors_files(path):
-            for key, tensor in read_safetensors(file, device).items():
-                state[hf_to_ours(key)] = tensor
-        if config.tie_embeddings:
-            state.pop("lm_head.weight", None)  # tied checkpoints may or may not store the shared matrix twice
-        expected = {k: v.shape for k, v in model.state_dict().items()
-                    if not (config.tie_embeddings and k == "lm_head.weight")}
-        state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}  # old Llama buffers
-        problems = [f"missing {ours_to_hf(k)}" for k in expected if k not in state]
-        problems += [f"unexpected {ours_to_hf(k)}" for k in state if k not in expected]
-        problems += [f"{ours_to_hf(k)} has shape {tuple(v.shape)}, expected {tuple(expected[k])}"
-                     for k, v in state.items() if k in expected and v.shape != expected[k]]
-        if problems:
-            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-            raise UserError(f"{path}: weights do not match config.json: {shown}")
+        state = model.ours(read_weights(path, device))
+        if problems := model.mismatches(state):
+            raise UserError(f"{path}: weights do not match config.json: {problems}")
         model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
         if config.tie_embeddings:
             model.lm_head.weight = model.embed_tokens.weight  # assign=True replaced the shared Parameter
         return model
+
+    def ours(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """HF-named tensors under our names; the copy of a tied lm_head and old Llama rotary buffers dropped."""
+        state = {hf_to_ours(k): v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
+        if self.config.tie_embeddings:
+            state.pop("lm_head.weight", None)  # tied checkpoints may or may not store the shared matrix twice
+        return state
+
+    def mismatches(self, state: dict[str, torch.Tensor]) -> str:
+        """What keeps `state` from being exactly this model's weights, by HF name ("" when nothing)."""
+        expected = {k: v.shape for k, v in self.state_dict().items()
+                    if not (self.config.tie_embeddings and k == "lm_head.weight")}
+        problems = [f"missing {ours_to_hf(k)}" for k in expected if k not in state]
+        problems += [f"unexpected {ours_to_hf(k)}" for k in state if k not in expected]
+        problems += [f"{ours_to_hf(k)} has shape {tuple(v.shape)}, expected {tuple(expected[k])}"
+                     for k, v in state.items() if k in expected and v.shape != expected[k]]
+        return "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+
+    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy a checkpoint's HF-named tensors into this model in place (resume); ValueError when they differ."""
+        state = self.ours(tensors)
+        if problems := self.mismatches(state):
+            raise ValueError(problems)
+        self.load_state_dict(state, strict=not self.config.tie_embeddings)
 
     def save_pretrained(self, path: str | Path, tokenizer: Tokenizer | None = None,
                         dtype: torch.dtype | None = None) -> None:
@@ -288,56 +296,6 @@ def ours_to_hf(key: str) -> str:
     return key if key.startswith("lm_head.") else "model." + key
 
 
-def safetensors_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = read_json(index)
-        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise UserError(f"{index}: no weight_map; expected {{\"weight_map\": {{tensor name: file name}}}}")
-        return [path / name for name in sorted(set(weight_map.values()))]
-    if (path / "model.safetensors").exists():
-        return [path / "model.safetensors"]
-    if [p for p in (*path.glob("*.bin"), *path.glob("*.pt")) if p.name != "state.pt"]:  # state.pt: training state
-        raise UserError(f"{path}: only pickle weights (*.bin/*.pt) found; convert them to safetensors first "
-                        "(loading pickles can run arbitrary code)")
-    raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json")
-
-
-def read_safetensors(file: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """The tensors of one safetensors file; an unreadable file or a non-finite weight is refused by name (a NaN
-    checkpoint would otherwise evaluate to all-zero metrics without a word)."""
-    try:
-        tensors = load_file(file, device=str(device))
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"{file}: not a readable safetensors file ({e}); expected complete weights as "
-                        "save_pretrained or transformers write them") from None
-    for key, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise UserError(f"{file}: tensor {key} holds NaN or infinite values; expected finite weights")
-    return tensors
-
-
-def check_tokenizer(path: Path, config: ModelConfig) -> None:
-    """Refuse a tokenizer whose ids do not all fit the embedding (an IndexError mid-run otherwise)."""
-    if not any((path / name).exists() for name in ("tokenizer.model", "tokenizer.json")):
-        return  # weights alone (a conversion, a test); the commands load the tokenizer from the same folder
-    tokenizer = Tokenizer.from_pretrained(path)
-    if tokenizer.vocab_size > config.vocab_size:
-        raise UserError(f"{tokenizer.file}: {tokenizer.vocab_size} tokens but config.json has vocab_size "
-                        f"{config.vocab_size}; expected the tokenizer the model was trained with")
-
-
-def written_by_init(path: str | Path) -> bool:
-    """True if `path` holds exactly what `init` writes, with init's marker in config.json, so init may replace it."""
-    path = Path(path)
-    try:
-        marker = read_json(path / "config.json").get(INIT_MARKER)
-        return set(os.listdir(path)) <= INIT_FILES and isinstance(marker, dict) and marker.get("fresh") is True
-    except (UserError, OSError):
-        return False
-
-
 # --------------------------------------------------------------------------------------------------- init
 def init_weights(model: Decoder, seed: int) -> None:
     """GPT-2 style: N(0, std) everywhere, residual output projections scaled by 1/sqrt(2·layers), zero biases."""
@@ -353,23 +311,3 @@ def init_weights(model: Decoder, seed: int) -> None:
             scale = 1 / math.sqrt(2 * model.config.n_layers) if residual else 1
             with torch.no_grad():
                 p.copy_(torch.randn(p.shape, generator=generator) * std * scale)
-
-
-
-def create_model(texts, out_dir: str | Path, config: ModelConfig, seed: int = 0) -> Decoder:
-    """`cprec init`: a new tokenizer for `texts` and a randomly initialised model, saved as an HF checkpoint.
-
-    From then on it is loaded exactly like a downloaded one: there is only one code path.
-    """
-    out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
-        train_tokenizer(texts, tmp, config.vocab_size)
-        tokenizer = Tokenizer.from_pretrained(tmp)
-        # The tokenizer decides the vocabulary and special ids; the caller's config is left as it was.
-        config = replace(config, vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
-                         eos_token_id=tokenizer.eos_id, extra={**config.extra, INIT_MARKER: {"seed": seed}})
-        model = Decoder(config)
-        init_weights(model, seed)
-        model.write_checkpoint(tmp)
-        write_json(tmp / "config.json", {**read_json(tmp / "config.json"), INIT_MARKER: {"seed": seed, "fresh": True}})
-    return model

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import UserError
+from infra.files import UserError
 
 SCHEDULES = ("wsa", "cosine", "linear", "constant")
 SHAPES = ("1-sqrt", "cosine", "linear", "exp")

@@ -1,28 +1,12 @@
-"""Shared fixtures: a small hand-made dataset, a tiny built-in world and tiny models, all created in the test; and
-the launcher of scripts in fresh processes (torchrun on a free port for several)."""
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
+"""Fixtures: a small hand-made dataset, a tiny built-in world and a tiny model, all created in the test session.
+MFU's peak probe (seconds of matmuls on a busy CPU) is replaced by a fixed peak, except in the test of the probe."""
 import pytest
 
-from config import ModelConfig
-from data import Domain, load_dataset, tokenizer_corpus, write_dataset
-from model import create_model
-from world import WorldConfig, write_world
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=128,
-                   max_positions=512)
-# transformers configs of tiny Llama, Qwen2 (GQA 7:1) and Llama 3.1 RoPE scaling, for parity and config tests
-LLAMA = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=128)
-QWEN2 = dict(vocab_size=96, hidden_size=56, intermediate_size=80, num_hidden_layers=2, num_attention_heads=7,
-             num_key_value_heads=1, rms_norm_eps=1e-6, max_position_embeddings=128)
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 16, "rope_theta": 500000.0}
+from data import load_dataset, tokenizer_corpus
+from extras.init import create_model
+from extras.world import WorldConfig, write_world
+from helpers import TINY
+from infra.datasets import Domain, write_dataset
 
 # Two pre-training domains and one downstream. u1 shops in both pre-training domains, interleaved in time; the
 # books items "b3" and "b4" tie at t=40 and t=40 (broken by item id); u3 has only 2 games items (no eval case).
@@ -39,6 +23,12 @@ INTERACTIONS = [
 ]
 DOMAINS = [Domain("books", "Books", "pretrain"), Domain("movies", "Movies and TV", "pretrain"),
            Domain("games", "Video Games", "downstream")]
+
+
+@pytest.fixture(autouse=True)
+def fixed_peak(request, monkeypatch):
+    if "peak_probe" not in request.node.name:
+        monkeypatch.setattr("train.peak_flops", lambda device, precision, remeasure=False: 1e12)
 
 
 @pytest.fixture
@@ -59,19 +49,3 @@ def tiny_model(world, tmp_path_factory):
     path = tmp_path_factory.mktemp("models") / "tiny"
     create_model(tokenizer_corpus(load_dataset(world)), path, TINY, seed=0)
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(script: str | Path, *args: str, processes: int = 1) -> subprocess.CompletedProcess:
-    """Run a script in fresh processes, under torchrun for several; fail the test with its stderr unless it succeeds."""
-    prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
-              str(free_port())] if processes > 1 else [sys.executable]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-    result = subprocess.run(prefix + [str(script), *args], capture_output=True, text=True, env=env, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result

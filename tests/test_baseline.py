@@ -2,18 +2,22 @@
 early stopping on the best validation epoch, exact resume, and per-user ranks that reproduce's bootstrap reads."""
 import json
 import math
+import os
 import re
+import signal
 
 import numpy as np
 import pytest
 import torch
-from test_cli import cprec, ok, one_line_error
 
-from baseline import BaselineConfig, EarlyStopping, SASRec, evaluate, train_baseline
-from common import UserError
-from data import Domain, load_dataset, write_dataset
+from data import load_dataset
 from eval import ndcg_gains, rank_in_scores
-from reproduce import difference
+from extras.baseline import BaselineConfig, SASRec, Sequences, evaluate, train_baseline
+from extras.reproduce import difference
+from helpers import cli, ok, read_records, refused
+from infra.datasets import Domain, write_dataset
+from infra.files import UserError
+from infra.runs import Interrupted
 
 TINY = dict(max_len=12, dim=32, layers=1, heads=2, ffn=32, dropout=0.0, lr=1e-2, batch=16)
 
@@ -72,58 +76,52 @@ def test_learns_a_deterministic_next_item_rule(tmp_path):
     ds = sequences_dataset(tmp_path / "rule", sequences, 20)
     (tmp_path / "run").mkdir()
     cfg = BaselineConfig(**TINY, epochs=40, patience=3)
-    summary, result = train_baseline(ds, "seq", cfg, tmp_path / "run", say=lambda *_: None)
+    summary, result = train_baseline(ds, "seq", cfg, tmp_path / "run")
     assert result["model"]["ndcg@10"] >= 0.9 and result["popularity"]["ndcg@10"] < 0.6
-    logged = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    logged = [r for r in read_records(tmp_path / "run") if "validation" in r]  # one validation per epoch
     scores = [r["validation"]["ndcg@10"] for r in logged]
-    assert [r["epoch"] for r in logged] == list(range(1, summary["epochs"] + 1))
-    assert summary["best_epoch"] == 1 + int(np.argmax(scores))  # the first best epoch's weights were tested
+    assert len(logged) == summary["epochs"] and summary["best_epoch"] == 1 + int(np.argmax(scores))
     assert summary["epochs"] == (summary["best_epoch"] + 3 if summary["early_stopped"] else 40)
-    assert json.loads((tmp_path / "run" / "best" / "best.json").read_text())["epoch"] == summary["best_epoch"]
+    assert json.loads((tmp_path / "run" / "best.json").read_text())["ndcg@10"] == max(scores)
 
 
-def test_early_stopping_keeps_the_first_best_and_waits_patience_epochs():
-    stopper, stopped_at = EarlyStopping(patience=2), None
-    for epoch, score in enumerate([0.1, 0.3, 0.2, 0.3, 0.25, 0.9], 1):
-        stopper.update(epoch, score)
-        if stopper.stop:
-            stopped_at = epoch
-            break
-    assert (stopper.best_epoch, stopper.best, stopped_at) == (2, 0.3, 4)  # a tie is not an improvement
-
-
-def test_resume_after_an_interrupt_equals_an_uninterrupted_run(tmp_path):
+def test_resume_after_an_interrupt_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     rng = np.random.default_rng(2)
     ds = sequences_dataset(tmp_path / "d", [rng.integers(0, 25, rng.integers(3, 12)) for _ in range(50)], 25)
     cfg = BaselineConfig(**{**TINY, "dropout": 0.3}, epochs=4, patience=10)  # dropout: the RNG must resume too
     for name in ("full", "cut"):
         (tmp_path / name).mkdir()
-    full = train_baseline(ds, "seq", cfg, tmp_path / "full", say=lambda *_: None)
+    full = train_baseline(ds, "seq", cfg, tmp_path / "full")
+    collate, calls = Sequences.collate, []
 
-    def kill_after_epoch_2(message):
-        if message.startswith("epoch 2:"):
-            raise KeyboardInterrupt  # the checkpoint of epoch 2 is on disk, epoch 3 never starts
+    def ctrl_c_in_epoch_3(self, batch):  # 41 users with a target, in batches of 16: 3 steps an epoch
+        calls.append(1)
+        if len(calls) == 8:
+            os.kill(os.getpid(), signal.SIGINT)
+        return collate(self, batch)
 
-    with pytest.raises(KeyboardInterrupt):
-        train_baseline(ds, "seq", cfg, tmp_path / "cut", say=kill_after_epoch_2)
-    resumed = train_baseline(ds, "seq", cfg, tmp_path / "cut", resume=True, say=lambda *_: None)
+    monkeypatch.setattr(Sequences, "collate", ctrl_c_in_epoch_3)
+    with pytest.raises(Interrupted, match="interrupted at step 8/12"):
+        train_baseline(ds, "seq", cfg, tmp_path / "cut")
+    monkeypatch.setattr(Sequences, "collate", collate)
+    resumed = train_baseline(ds, "seq", cfg, tmp_path / "cut", resume=True)
     assert resumed[1]["per_user"] == full[1]["per_user"] and resumed[1]["model"] == full[1]["model"]
-    strip = lambda path: [{k: v for k, v in json.loads(line).items() if "seconds" not in k and "_per_s" not in k}  # noqa: E731
-                          for line in open(path)]
-    assert strip(tmp_path / "cut" / "metrics.jsonl") == strip(tmp_path / "full" / "metrics.jsonl")
+    timing = ("seconds", "tokens_per_s", "mfu", "mem_gb")
+    strip = lambda run: [{k: v for k, v in r.items() if k not in timing} for r in read_records(run)]  # noqa: E731
+    assert strip(tmp_path / "cut") == strip(tmp_path / "full")
 
 
 def test_command_writes_results_that_reproduce_compares(world, tmp_path):
     run = tmp_path / "baseline"
-    result = ok(cprec("baseline", "--domain", "games", "--data", world, "--out", run, "--epochs", 2, "--dim", 16,
+    result = ok(cli("baseline", "--domain", "games", "--data", world, "--out", run, "--epochs", 2, "--dim", 16,
                       "--max-len", 20))
-    assert "popularity" in result.stdout and "SASRec-style item-ID model" in result.stdout
+    assert "popularity" in result and "SASRec-style item-ID model" in result
     results = json.loads((run / "results.json").read_text())
     fingerprint = json.loads((world / "manifest.json").read_text())["fingerprint"]
     assert results["config"]["data_fingerprint"] == fingerprint == json.loads(
         (run / "run_config.json").read_text())["data_fingerprint"]
     assert results["config"]["baseline"]["dim"] == 16 and results["training"]["epochs"] == 2
-    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    assert sum("validation" in r for r in read_records(run)) == 2
     rows = [json.loads(line) for line in (run / "results-per_user.jsonl").read_text().splitlines()]
     assert len(rows) == results["users"] and results["model"]["ndcg@10"] == pytest.approx(
         ndcg_gains(np.array([r["rank"] for r in rows], float), 10).mean())
@@ -132,9 +130,9 @@ def test_command_writes_results_that_reproduce_compares(world, tmp_path):
         "".join(json.dumps({"user": r["user"], "rank": 0}) + "\n" for r in rows))
     delta = difference(tmp_path, "sft-cpt", "baseline")["ndcg@10"]
     assert delta == pytest.approx(1 - results["model"]["ndcg@10"])
-    one_line_error(cprec("baseline", "--domain", "games", "--data", world, "--out", run, "--epochs", 2),
+    refused(cli("baseline", "--domain", "games", "--data", world, "--out", run, "--epochs", 2),
                    "already holds a run")
-    one_line_error(cprec("baseline", "--domain", "games", "--data", world, "--out", run, "--epochs", 2, "--dim", 16,
+    refused(cli("baseline", "--domain", "games", "--data", world, "--out", run, "--epochs", 2, "--dim", 16,
                          "--max-len", 20, "--resume"), "already finished")
 
 
@@ -152,7 +150,7 @@ def test_bad_options_are_refused(option, fragment):
 
 
 def test_bad_option_gets_one_line_before_a_run_exists(world, tmp_path):
-    one_line_error(cprec("baseline", "--domain", "games", "--data", world, "--out", tmp_path / "out", "--heads", 3),
+    refused(cli("baseline", "--domain", "games", "--data", world, "--out", tmp_path / "out", "--heads", 3),
                    "--dim 64 must split into --heads 3")
     assert not (tmp_path / "out").exists()
 
@@ -160,6 +158,5 @@ def test_bad_option_gets_one_line_before_a_run_exists(world, tmp_path):
 def test_metrics_are_finite_on_a_domain_with_one_eval_user(tmp_path):
     ds = sequences_dataset(tmp_path / "one", [[0, 1, 2, 3], [4, 5]], 6)  # only u000 has 3+ items
     (tmp_path / "run").mkdir()
-    summary, result = train_baseline(ds, "seq", BaselineConfig(**TINY, epochs=1), tmp_path / "run",
-                                      say=lambda *_: None)
+    summary, result = train_baseline(ds, "seq", BaselineConfig(**TINY, epochs=1), tmp_path / "run")
     assert result["users"] == 1 and math.isfinite(result["model"]["mrr"]) and summary["train_sequences"] == 2

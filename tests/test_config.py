@@ -1,9 +1,9 @@
 """config.json <-> ModelConfig: each supported layout round-trips; what would change the math is refused by name."""
 import pytest
 
-from common import UserError
-from config import INIT_MARKER, ModelConfig, config_from_hf, config_to_hf
-from conftest import LLAMA, LLAMA3_ROPE, QWEN2
+from helpers import LLAMA, LLAMA3_ROPE, QWEN2
+from infra.config import INIT_MARKER, ModelConfig, config_from_hf, config_to_hf
+from infra.files import UserError
 
 
 @pytest.mark.parametrize("config", [

@@ -2,7 +2,6 @@
 import numpy as np
 import pytest
 
-from common import UserError
 from data import (
     IGNORE,
     TEST,
@@ -21,8 +20,9 @@ from data import (
     train_sequences,
     windows,
 )
-from tokenizer import Tokenizer
-from world import WorldConfig, write_world
+from extras.world import WorldConfig, write_world
+from infra.files import UserError
+from infra.tokenizer import Tokenizer
 
 
 def split_of(ds, user, item):

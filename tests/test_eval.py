@@ -1,5 +1,5 @@
-"""Metrics against hand-computed ranks, the item trie, beam search against exact scoring and against its frozen old
-implementation, masking, popularity, progress."""
+"""Metrics against hand-computed ranks, the item trie, beam search against exact scoring and against a naive
+oracle (tests/reference.py), masking, popularity, progress."""
 import math
 import re
 
@@ -7,9 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from bench import frozen_beam_search
-from common import UserError
-from config import ModelConfig
 from data import Encoder, item_text, load_dataset
 from eval import (
     BeamCache,
@@ -24,8 +21,11 @@ from eval import (
     rank_in_list,
     rank_in_scores,
 )
+from infra.config import ModelConfig
+from infra.files import UserError
+from infra.tokenizer import Tokenizer
 from model import Decoder, init_weights
-from tokenizer import Tokenizer
+from reference import naive_beam_search
 
 
 def test_metrics_match_hand_computed_values():
@@ -113,21 +113,23 @@ def test_batched_users_equal_one_at_a_time_and_small_beams_are_a_prefix(random_m
         torch.testing.assert_close(batched_scores[row], alone_scores[0], atol=1e-5, rtol=1e-5)
 
 
-def test_beam_search_equals_the_old_implementation_on_varied_lengths(random_model):
-    """Pruned beams, users finishing at different depths and a prompt cache that shrinks must not change a thing:
-    the same items and scores as the frozen copy of the old beam search, which decoded every beam to the end."""
+def test_beam_search_equals_the_naive_oracle_on_varied_lengths(random_model):
+    """Pruned beams, users finishing at different depths, a prompt cache that shrinks and excluded items must not
+    change a thing: the same items and scores as the naive beam search, one prompt at a time without a cache."""
     rng = np.random.default_rng(0)
     items = list({tuple(rng.integers(2, 40, n - 1).tolist()) + (1,): None for n in rng.integers(1, 13, 120)})
+    items = [list(i) for i in items]
     assert min(map(len, items)) == 1 and max(map(len, items)) == 12
     prompts = [rng.integers(2, 40, n).tolist() for n in rng.integers(1, 30, 12)]
     exclude = [rng.choice(len(items), k, replace=False).tolist() for k in rng.integers(0, 4, 12)]
-    trie = build_trie([list(i) for i in items])
+    trie = build_trie(items)
     for beams in (3, 10):
-        new_items, new_scores = beam_search(random_model, prompts, trie, beams, 0, exclude)
-        old_items, old_scores = frozen_beam_search(random_model, prompts, trie, beams, 0, exclude)
-        assert new_items.tolist() == old_items.tolist()
-        torch.testing.assert_close(new_scores, old_scores, atol=1e-5, rtol=1e-5)
-        assert (new_items >= 0).all() and not set(new_items[0].tolist()) & set(exclude[0])
+        fast_items, fast_scores = beam_search(random_model, prompts, trie, beams, 0, exclude)
+        for row, prompt in enumerate(prompts):
+            oracle_items, oracle_scores = naive_beam_search(random_model, prompt, items, beams, exclude[row])
+            assert fast_items[row].tolist() == oracle_items
+            torch.testing.assert_close(fast_scores[row], torch.tensor(oracle_scores), atol=1e-4, rtol=1e-5)
+        assert not set(fast_items[0].tolist()) & set(exclude[0])
 
 
 def test_beam_cache_rows_follow_their_own_prompt(random_model):
@@ -200,8 +202,8 @@ def test_evaluate_progress_shows_users_and_nests_in_an_open_bar(small, tiny_mode
     it becomes a second line of that bar rather than a second live display."""
     import rich.console
 
-    import common
-    from common import progress
+    from infra import console
+    from infra.console import progress
     model = Decoder.from_pretrained(tiny_model)
     encoder = Encoder(Tokenizer.from_pretrained(tiny_model))
     evaluate(model, encoder, small, "books", progress=True)
@@ -213,9 +215,9 @@ def test_evaluate_progress_shows_users_and_nests_in_an_open_bar(small, tiny_mode
     assert "evaluate books test" in capsys.readouterr().err  # the bar's final frame shows when it stops
     with progress(3, "step", start=1) as advance:
         with progress(2, "inner") as inner:
-            assert len(common._bars) == 1 and len(common._bars[0].tasks) == 2  # one display, two lines
+            assert len(console._bars) == 1 and len(console._bars[0].tasks) == 2  # one display, two lines
             inner(2)
-        assert [t.description for t in common._bars[0].tasks] == ["step"]
+        assert [t.description for t in console._bars[0].tasks] == ["step"]
         advance(1, "loss 1.5")
     last = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", capsys.readouterr().err).strip().splitlines()[-1]  # final frame
     assert last.startswith("step 2/3") and last.endswith("loss 1.5")

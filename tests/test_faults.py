@@ -1,49 +1,22 @@
 """Fault injection, systematically: every command that reads files, given a missing, empty, truncated, corrupted or
 wrong-type input, ends with exit status 2 and one line naming the file, never a traceback; every command that writes
-never deletes a directory it did not write. The CLI runs in-process (cprec.main with sys.argv patched) to stay fast."""
-import contextlib
-import io
+never deletes a directory it did not write. The CLI runs in-process (tests/helpers.cli) to stay fast."""
 import json
 import os
 import shutil
 import subprocess
 import sys
-import traceback
 from pathlib import Path
-from unittest import mock
 
 import pytest
 from safetensors.torch import load_file, save_file
 
-import cprec
-from common import atomic_dir
 from data import Encoder, cpt_stream, load_dataset
-from model import Decoder, written_by_init
-from tokenizer import Tokenizer
-
-
-def cli(*args) -> tuple[int | str, str]:
-    """Run `cprec.py ARGS` in this process: (exit status, stdout and stderr together); "crash" for an exception."""
-    output = io.StringIO()
-    with mock.patch.object(sys, "argv", ["cprec.py", *map(str, args)]), \
-            contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
-        try:
-            cprec.main()
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        except Exception:
-            code = "crash"
-            output.write(traceback.format_exc())
-    return code, output.getvalue()
-
-
-def refused(result, *fragments) -> str:
-    code, output = result
-    lines = output.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, output[-3000:])
-    assert "Traceback" not in output and all(f in lines[0] for f in fragments), (fragments, lines[0])
-    return lines[0]
+from extras.init import written_by_init
+from helpers import cli, refused
+from infra.files import atomic_dir
+from infra.tokenizer import Tokenizer
+from model import Decoder
 
 
 # --------------------------------------------------------------------------------------------------- the faults
@@ -350,8 +323,8 @@ FOREIGN = [  # command -> where its --out is under tmp_path (see command()); xfa
 def test_foreign_out_is_never_deleted(name, overwrite, tiny_model, world, tmp_path):
     out = {"init": "model", "evaluate": "eval.json"}.get(name, "run")
     foreign(tmp_path / out)
-    why = {"init": "is not a model written by init", "evaluate": "is not an evaluation result",
-           "reproduce": "is not a reproduction"}.get(name, "")
+    why = {"init": "is not a model written by this project", "evaluate": "exists and is a directory; expected a file",
+           "reproduce": "is not a reproduction"}.get(name, "is not a run written by this project")
     refused(cli(*command(name, tiny_model, world, tmp_path, overwrite)), f"{tmp_path / out}: ", why)
     assert (tmp_path / out / "keep.txt").read_text() == "not yours"
 
@@ -378,7 +351,7 @@ def test_init_replaces_only_its_own_model(world, tmp_path):
     assert cli(*args, "--overwrite", "--seed", 1)[0] == 0
     assert (model / "model.safetensors").read_bytes() != before and sorted(os.listdir(tmp_path)) == ["model"]
     (model / "notes.txt").write_text("mine")  # a user's file in it: no longer only init's output
-    refused(cli(*args, "--overwrite"), "is not a model written by init")
+    refused(cli(*args, "--overwrite"), "is not a model written by this project")
     assert (model / "notes.txt").exists()
 
 

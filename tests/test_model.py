@@ -6,13 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import UserError
-from config import ModelConfig
-from conftest import LLAMA, LLAMA3_ROPE, QWEN2
 from eval import BeamCache
-from model import Decoder, KVCache, create_model
-from tokenizer import Tokenizer
-from train import autocast
+from extras.init import create_model
+from helpers import LLAMA, LLAMA3_ROPE, QWEN2
+from infra.config import ModelConfig
+from infra.device import autocast
+from infra.files import UserError
+from infra.tokenizer import Tokenizer
+from model import Decoder, KVCache
 
 transformers = pytest.importorskip("transformers")
 

@@ -6,11 +6,12 @@ import re
 import zlib
 
 import pytest
-from test_cli import cprec, ok, one_line_error
 
-from common import UserError
-from data import TEST, TRAIN, VALID, Domain, dataset_out, load_dataset, short_title, write_dataset
-from prepare import convert_amazon, convert_recbole
+from data import TEST, TRAIN, VALID, load_dataset
+from extras.prepare import convert_amazon, convert_recbole
+from helpers import cli, ok, refused
+from infra.datasets import Domain, dataset_out, short_title, write_dataset
+from infra.files import UserError
 
 
 def write(path, lines, newline="\n"):
@@ -89,7 +90,7 @@ def test_amazon_errors(amazon2023, tmp_path):
 def test_reading_shows_megabytes_read_on_a_terminal_only(tmp_path, capsys, monkeypatch):
     import rich.console
 
-    from prepare import _lines
+    from extras.prepare import _lines
     path = tmp_path / "lines.txt"
     path.write_text(("y" * 23 + "\n") * 100_000)  # 2.4 MB
     stats = {}
@@ -239,7 +240,7 @@ def test_own_output_replaces_only_its_own_dataset(tmp_path, small):
     raw.mkdir()
     (raw / "Books.jsonl").write_text("{}\n")
     for overwrite in (False, True):
-        with pytest.raises(UserError, match=r"raw: not empty and not a dataset written by this project \(no valid "
+        with pytest.raises(UserError, match=r"raw: exists and is not a dataset written by this project \(no valid "
                                             r"manifest\.json\); nothing was changed"):
             dataset_out(raw, overwrite=overwrite)
     (raw / "manifest.json").write_text('{"name": "someone else\'s"}')  # a manifest, but not ours
@@ -256,7 +257,7 @@ def test_own_output_replaces_only_its_own_dataset(tmp_path, small):
     (small.path / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match=r"holds 'notes\.txt', which this project did not write there"):
         dataset_out(small.path, overwrite=True)
-    with pytest.raises(UserError, match=r"would replace the input .*raw; choose an output directory outside it"):
+    with pytest.raises(UserError, match=r"would replace the input .*raw; choose an output outside it"):
         dataset_out(tmp_path, overwrite=True, inputs=[raw])  # the source inside --out
     with pytest.raises(UserError, match="would replace the input"):
         dataset_out(raw, overwrite=True, inputs=[raw])
@@ -275,9 +276,9 @@ def test_write_dataset_never_replaces_a_foreign_directory(tmp_path):
 def test_cli_refuses_out_equal_to_source(amazon2023):
     """Before: exit 0, and the raw review files were gone."""
     before = sorted(p.name for p in amazon2023.iterdir())
-    result = cprec("prepare", "amazon2023", amazon2023, "--categories", "Video_Games", "--out", amazon2023,
+    result = cli("prepare", "amazon2023", amazon2023, "--categories", "Video_Games", "--out", amazon2023,
                    "--overwrite")
-    one_line_error(result, f"--out {amazon2023}: would replace the input {amazon2023}")
+    refused(result, f"--out {amazon2023}: would replace the input {amazon2023}")
     assert sorted(p.name for p in amazon2023.iterdir()) == before
 
 
@@ -285,7 +286,7 @@ def test_cli_refuses_a_foreign_out(amazon2023, tmp_path):
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "todo.txt").write_text("keep me")
-    one_line_error(cprec("prepare", "amazon2023", amazon2023, "--categories", "Video_Games", "--out", notes,
+    refused(cli("prepare", "amazon2023", amazon2023, "--categories", "Video_Games", "--out", notes,
                          "--overwrite"), "not a dataset written by this project")
     assert [p.name for p in notes.iterdir()] == ["todo.txt"] and (notes / "todo.txt").read_text() == "keep me"
 
@@ -334,7 +335,7 @@ def test_corrupt_gzip_is_one_line(tmp_path, cut, message):
 def test_cli_truncated_gzip_is_one_line(tmp_path):
     """Before: only "Aborted." (click's verdict on the EOFError)."""
     src, _ = damaged(tmp_path, lambda data: data[:2000])
-    one_line_error(cprec("prepare", "amazon2023", src, "--categories", "Video_Games", "--out", tmp_path / "out",
+    refused(cli("prepare", "amazon2023", src, "--categories", "Video_Games", "--out", tmp_path / "out",
                          "--strict"), f"{src / 'Video_Games.jsonl.gz'}: truncated: the compressed data ends after line")
 
 
@@ -364,9 +365,9 @@ def test_many_malformed_lines_are_counted_and_the_first_five_named(tmp_path):
     m = convert_amazon(2023, src, ["Toys"], tmp_path / "out")
     stats = m["report"]["files"][str(src / "Toys.jsonl")]
     assert (stats["lines"], stats["malformed"], stats["malformed_lines"]) == (11, 7, [2, 4, 5, 7, 8])
-    result = ok(cprec("prepare", "amazon2023", src, "--categories", "Toys", "--out", tmp_path / "cli"))
+    result = ok(cli("prepare", "amazon2023", src, "--categories", "Toys", "--out", tmp_path / "cli"))
     assert f"warning: {src / 'Toys.jsonl'}: 7 malformed lines skipped (first: 2, 4, 5, 7, 8); expected a JSON" \
-        in " ".join(result.stderr.split())
+        in " ".join(result.split())
 
 
 def test_long_titles_are_cut_and_counted(tmp_path):

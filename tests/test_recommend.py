@@ -5,14 +5,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_cli import cprec, ok, one_line_error
 
-from common import UserError
-from data import TEST, Domain, Encoder, eval_cases, load_dataset, write_dataset
+from data import TEST, Encoder, eval_cases, load_dataset
 from eval import catalogue_tokens, evaluate, exact_scores, user_prompts
+from extras.recommend import Recommender, recommend_file
+from helpers import cli, ok, refused
+from infra.datasets import Domain, write_dataset
+from infra.files import UserError
+from infra.tokenizer import Tokenizer
 from model import Decoder
-from recommend import Recommender, recommend_file
-from tokenizer import Tokenizer
 
 
 def recommender(model_dir, ds, **options) -> Recommender:
@@ -133,20 +134,21 @@ def test_recommend_command(world, tiny_model, tmp_path):
     args = ["recommend", "--model", tiny_model, "--data", world, "--domain", "games"]
     ds = load_dataset(world)
     titles = [ds.titles[i] for i in ds.catalogue("games")[:2]]
-    printed = json.loads(ok(cprec(*args, "--history", titles[0], "--history", titles[1].upper(), "-k", 3, "--json",
-                                  "--precision", "fp32", "--exclude-history")).stdout)
+    printed = json.loads(ok(cli(*args, "--history", titles[0], "--history", titles[1].upper(), "-k", 3, "--json",
+                                  "--precision", "fp32", "--exclude-history")))
     expected = recommender(tiny_model, ds).recommend([titles], "games", k=3, exclude_history=True)[0]
     assert printed["prompt"] == "domain" and [h["title"] for h in printed["history"]] == titles
     assert [r["item_id"] for r in printed["recommendations"]] == [r.item_id for r in expected]
     assert not {r["title"] for r in printed["recommendations"]} & set(titles)
     assert [r["rank"] for r in printed["recommendations"]] == [1, 2, 3]
-    one_line_error(cprec(*args, "--history", titles[0] + "x"), f"title {titles[0] + 'x'!r} is not in", "closest:")
+    refused(cli(*args, "--history", titles[0] + "x"), f"title {titles[0] + 'x'!r} is not in", "closest:")
 
     source, target = tmp_path / "users.jsonl", tmp_path / "out.jsonl"
     source.write_text(json.dumps({"id": 1, "titles": [titles[0]]}) + '\n{"id": 2, "items": "g1"}\n')
-    result = ok(cprec(*args, "--input", source, "--output", target, "--no-progress"))
-    assert "skipped 1 malformed line(s) of 2" in result.stderr and f"{source}:2: " in result.stderr
+    result = ok(cli(*args, "--input", source, "--output", target, "--no-progress"))
+    assert "skipped 1 malformed line(s) of 2" in result and f"{source}:2: " in result
     assert [json.loads(line)["id"] for line in target.read_text().splitlines()] == [1]
-    one_line_error(cprec(*args, "--input", source, "--output", target), "out.jsonl: already exists; pass --overwrite")
-    ok(cprec(*args, "--input", source, "--output", target, "--overwrite", "-k", 2))
+    refused(cli(*args, "--input", source, "--output", target), "out.jsonl: a recommendation file already exists there;",
+            "pass --overwrite")
+    ok(cli(*args, "--input", source, "--output", target, "--overwrite", "-k", 2))
     assert len(json.loads(target.read_text())["recommendations"]) == 2

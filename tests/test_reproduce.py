@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from common import UserError
-from reproduce import CPT_RUNS, SFT_RUNS, collect, difference, markdown, wall_time
+from extras.reproduce import CPT_RUNS, SFT_RUNS, collect, difference, markdown, wall_time
+from infra.files import UserError
 
 
 def metrics(r10):
@@ -96,9 +96,9 @@ def test_core_report_needs_only_the_core_runs(tmp_path):
 def test_core_runs_and_their_options(tmp_path, monkeypatch):
     """--core runs CPT, both zero-shot evaluations, the two 10%-user SFT runs and the baseline, passing --test-users
     and --val-users to every SFT run (a pretrained LLM validates on fewer users)."""
-    import reproduce
+    from extras import reproduce
     issued = []
-    monkeypatch.setattr(reproduce, "command", lambda args, result, resume, log: issued.append([str(a) for a in args]))
+    monkeypatch.setattr(reproduce, "run", lambda args, result, resume, log: issued.append([str(a) for a in args]))
     monkeypatch.setattr(reproduce, "collect", lambda out, domain, core: {"seconds": 0})
     monkeypatch.setattr(reproduce, "markdown", lambda report: "")
     monkeypatch.setattr(reproduce, "wall_time", lambda log: 0.0)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from common import UserError
+from infra.files import UserError
 from schedule import SHAPES, Schedule, factor, scheduler, steps, validate
 
 TOTAL = 1000
@@ -32,6 +32,25 @@ def test_wsa_phases(shape):
     long = Schedule("wsa", warmup=0.05, anneal=0.2, shape=shape, floor=0.1)
     join = 10**6 - 2 * 10**5
     assert 0 < factor(join - 1, 10**6, long) - factor(join, 10**6, long) < 3e-3
+
+
+# Hand-computed factors of a 10-step WSA run (no warmup, 4 annealing steps, floor 0.1): the decay covers steps 6-9 at
+# progress p = 1/4, 2/4, 3/4, 1. 1-sqrt: 0.1 + 0.9(1 - sqrt p); cosine: 0.1 + 0.45(1 + cos(pi p));
+# linear: 0.1 + 0.9(1 - p); exp: 0.1^p.
+GOLDEN = {
+    "1-sqrt": [0.55, 0.3636039, 0.2205771, 0.1],
+    "cosine": [0.8681981, 0.55, 0.2318019, 0.1],
+    "linear": [0.775, 0.55, 0.325, 0.1],
+    "exp": [0.5623413, 0.3162278, 0.1778279, 0.1],
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_annealing_shapes_equal_hand_computed_factors(shape):
+    s = Schedule("wsa", warmup=0, anneal=4, shape=shape, floor=0.1)
+    assert curve(s, 10) == pytest.approx([1.0] * 6 + GOLDEN[shape], abs=1e-6)
+    warm = Schedule("wsa", warmup=4, anneal=4, shape=shape, floor=0.1, start=0.2)  # linear from 0.2 to the peak
+    assert curve(warm, 10)[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
 
 
 def test_annealing_fraction_zero_is_warmup_stable_only():

@@ -1,9 +1,9 @@
-"""Exact gradient accumulation, the chunked loss, bitwise resume after Ctrl-C, DDP = one process, failure paths."""
+"""The training loop: the chunked loss, exact gradient accumulation, bitwise resume after Ctrl-C or a crash at any
+phase of a save, non-finite steps, early stopping, the pre-run checks and the defaults fitted to a checkpoint."""
 import json
 import math
 import os
 import shutil
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -11,49 +11,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-import cprec
+import infra.device as device_module
 import train as train_module
-from common import UserError
-from config import ModelConfig
-from conftest import ROOT, TINY, launch
 from data import (
     IGNORE,
     VALID,
-    Blocks,
     Encoder,
     Examples,
-    cpt_stream,
     eval_cases,
     load_dataset,
     sft_examples,
     target_example,
-    tokenizer_corpus,
     train_sequences,
 )
-from model import Decoder, create_model
+from helpers import Fault, StopAt, assert_same_weights, cli, config, cpt_setup, read_records, refused, step_gradients
+from infra.files import UserError
+from infra.runs import Interrupted, open_run, save_checkpoint
+from infra.tokenizer import Tokenizer
+from model import Decoder
 from schedule import Schedule, factor
-from tokenizer import Tokenizer
-from train import (
-    Interrupted,
-    TrainConfig,
-    accumulate,
-    clean_leftovers,
-    cross_entropy_sum,
-    open_run,
-    peak_flops,
-    save_checkpoint,
-    target_loss,
-    train,
-)
-
-
-@pytest.fixture(autouse=True)
-def fixed_peak(request, monkeypatch):
-    """MFU's peak probe costs seconds of a busy CPU: in-process runs use a fixed peak (its own test aside)."""
-    if "peak_probe" not in request.node.name:
-        monkeypatch.setattr(train_module, "peak_flops", lambda device, precision, remeasure=False: 1e12)
+from train import cross_entropy_sum, fitting_defaults, target_loss, train
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -91,14 +69,13 @@ def test_accumulated_gradients_equal_one_big_batch(world, tiny_model):
     grads, losses = [], []
     for data, batches in [(small, micro), (big, [everything])]:
         model = Decoder.from_pretrained(tiny_model)
-        losses.append(accumulate(model, model.lm_head.weight, [data.collate(b) for b in batches], n_targets, 1,
-                                 "fp32", torch.device("cpu")))
-        grads.append([p.grad for p in model.parameters()])
-    inputs, targets = (torch.as_tensor(a) for a in big.collate(everything))  # the summed loss, from full logits
+        out, applied = step_gradients(model, [data.collate(b) for b in batches], n_targets)
+        losses.append(out.loss)
+        grads.append(list(applied.values()))
+    inputs, targets = (torch.as_tensor(a) for a in big.collate(everything))  # the mean loss, from full logits
     with torch.no_grad():
-        direct = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
-    torch.testing.assert_close(losses[0], direct, atol=1e-3, rtol=1e-5)
-    torch.testing.assert_close(losses[1], direct, atol=1e-3, rtol=1e-5)
+        direct = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+    assert losses[0] == pytest.approx(float(direct), rel=1e-5) and losses[1] == pytest.approx(float(direct), rel=1e-5)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
@@ -121,32 +98,21 @@ def test_target_loss_is_the_mean_cross_entropy_of_the_held_out_items(world, tiny
     assert n > len(cases) and got == pytest.approx(total / n, rel=1e-5)
 
 
-def cpt_setup(world, tiny_model):
-    ds = load_dataset(world)
-    encoder = Encoder(Tokenizer.from_pretrained(tiny_model))
-    return Blocks(cpt_stream(ds, encoder), length=32, rows=2, seed=0), encoder.tokenizer
-
-
-def config(**kw):
-    return TrainConfig(**{**dict(steps=8, accum=2, lr=3e-3, schedule=Schedule(warmup=2, anneal=3), precision="fp32",
-                                 progress=False), **kw})
-
-
 def run_cpt(world, tiny_model, out, resume=False, cfg=None, data=None, validate=None, settings=None):
     """`cprec.py pretrain` in miniature: the run directory, then train() from the base model (--resume loads the
     checkpoint's weights into it)."""
     blocks, tokenizer = cpt_setup(world, tiny_model)
     cfg = cfg or config()
     run = open_run(out, settings or {"test": 1}, resume=resume, overwrite=False)
-    return train(Decoder.from_pretrained(tiny_model), tokenizer, data or blocks, cfg, run, device=torch.device("cpu"),
-                 resume=resume, validate=validate)
+    return train(Decoder.from_pretrained(tiny_model), data or blocks, cfg, run, tokenizer=tokenizer,
+                 device=torch.device("cpu"), resume=resume, validate=validate)
 
 
 @pytest.fixture(scope="module")
 def full_run(world, tiny_model, tmp_path_factory):
     """The uninterrupted run every interrupted-and-resumed one must equal bit for bit, and its summary."""
     out = tmp_path_factory.mktemp("full") / "run"
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch:  # conftest's fixed peak, for this module-scoped run too
         patch.setattr(train_module, "peak_flops", lambda device, precision, remeasure=False: 1e12)
         summary = run_cpt(world, tiny_model, out)
     return load_file(out / "final" / "model.safetensors"), summary, read_records(out)
@@ -159,7 +125,6 @@ def test_compiled_training_follows_the_eager_run_and_saves_plain_weights(world, 
     """--compile: the same run through inductor's fused kernels, equal up to rounding, and a final checkpoint under
     the model's own names (not the compiled wrapper's)."""
     import torch._dynamo
-    monkeypatch.setattr(train_module, "peak_flops", lambda device, precision, remeasure=False: 1e12)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     run_cpt(world, tiny_model, tmp_path / "run", cfg=config(compile=True))
@@ -183,38 +148,8 @@ def test_compile_refusals_need_no_run(monkeypatch):
     train_module.check(config(), cpu, 1)  # without --compile no compiler is needed
 
 
-def read_records(run):
-    def refuse(constant):  # metrics.jsonl must be strict JSON: no bare NaN or Infinity
-        raise ValueError(f"bare {constant} in metrics.jsonl")
-    return [json.loads(line, parse_constant=refuse) for line in open(run / "metrics.jsonl")]
-
-
-def assert_same_weights(run, full_run):
-    final = load_file(run / "final" / "model.safetensors")
-    assert final.keys() == full_run[0].keys() and all(torch.equal(full_run[0][k], final[k]) for k in final)
-
-
-class Fault(Exception):
-    """A crash injected by a test."""
-
-
-class StopAt:
-    """Wraps the data and, while step `step` is being assembled, sends this process SIGINT (a real Ctrl-C) or,
-    with crash=True, raises Fault (a kill)."""
-
-    def __init__(self, data, step, accum, crash=False):
-        self.data, self.calls, self.at, self.crash = data, 0, (step - 1) * accum + 1, crash
-
-    def __getattr__(self, name):
-        return getattr(self.data, name)
-
-    def collate(self, batch):
-        self.calls += 1
-        if self.calls == self.at and self.crash:
-            raise Fault("killed")
-        if self.calls == self.at:
-            os.kill(os.getpid(), signal.SIGINT)
-        return self.data.collate(batch)
+def same_as_full(run, full_run):
+    assert_same_weights(full_run[0], run)
 
 
 def test_interrupted_and_resumed_run_equals_uninterrupted_bitwise(world, tiny_model, tmp_path, full_run, capsys):
@@ -224,7 +159,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_bitwise(world, tiny_mo
     assert "stopping after this step, with a checkpoint" in capsys.readouterr().err  # the first Ctrl-C says so
     assert (tmp_path / "cut" / "latest").read_text().strip() == "step-0000003"
     run_cpt(world, tiny_model, tmp_path / "cut", resume=True)
-    assert_same_weights(tmp_path / "cut", full_run)
+    same_as_full(tmp_path / "cut", full_run)
     strip = lambda rows: [(r["step"], r["loss"], r["lr"]) for r in rows]  # noqa: E731
     assert strip(full_run[2]) == strip(read_records(tmp_path / "cut"))  # same steps, losses and learning rates
     (tmp_path / "cut" / "results.json").write_text("{}")  # what the CLI writes last
@@ -244,7 +179,7 @@ def test_resume_truncates_the_log_to_the_checkpoint_and_sums_the_whole_run(world
     assert [r["step"] for r in records] == list(range(1, 9))
     assert summary["tokens"] == full_run[1]["tokens"] == 8 * 2 * 2 * 32
     assert summary["seconds"] == pytest.approx(sum(r["seconds"] for r in records))
-    assert_same_weights(tmp_path / "r", full_run)
+    same_as_full(tmp_path / "r", full_run)
 
 
 class NaNGradients:
@@ -271,7 +206,7 @@ def run_with_nan(world, tiny_model, out, bad, cfg):
     blocks, tokenizer = cpt_setup(world, tiny_model)
     data = NaNGradients(blocks, bad, cfg.accum)
     run = open_run(out, {"test": 1}, resume=False, overwrite=False)
-    return train(data.attach(Decoder.from_pretrained(tiny_model)), tokenizer, data, cfg, run,
+    return train(data.attach(Decoder.from_pretrained(tiny_model)), data, cfg, run, tokenizer=tokenizer,
                  device=torch.device("cpu"))
 
 
@@ -297,10 +232,8 @@ def test_non_finite_weights_are_never_saved(world, tiny_model, tmp_path):
     model = Decoder.from_pretrained(tiny_model)
     with torch.no_grad():
         model.norm.weight[0] = math.inf
-    optimizer = torch.optim.AdamW(model.parameters())
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     with pytest.raises(UserError, match="non-finite weights at step 5 .*norm.weight.*not saved"):
-        save_checkpoint(tmp_path, 5, model, None, optimizer, sched, torch.amp.GradScaler("cpu", enabled=False), 2)
+        save_checkpoint(tmp_path, 5, model, None, {"optimizer": {}}, keep=2)
     assert not (tmp_path / "checkpoints" / "step-0000005").exists() and not (tmp_path / "latest").exists()
 
 
@@ -333,7 +266,7 @@ def test_resume_finishes_a_run_stopped_during_its_final_validation(world, tiny_m
     summary = run_cpt(world, tiny_model, tmp_path / "r", resume=True, validate=lambda m: {"val_loss": 1.5})
     assert summary["validation"] == {"val_loss": 1.5} and summary["tokens"] == full_run[1]["tokens"]
     assert read_records(tmp_path / "r")[-1] == {"step": 8, "validation": {"val_loss": 1.5}}
-    assert_same_weights(tmp_path / "r", full_run)
+    same_as_full(tmp_path / "r", full_run)
 
 
 @pytest.mark.parametrize("damaged", ["model.safetensors", "state.pt"])
@@ -350,7 +283,7 @@ def test_a_corrupt_latest_checkpoint_is_named_and_resume_falls_back(world, tiny_
     err = capsys.readouterr().err
     assert f"step-0000005/{damaged} is unreadable" in err and "previous complete checkpoint" in err
     assert "step-0000004" in err and (checkpoints / "corrupt-step-0000005").exists()
-    assert_same_weights(tmp_path / "r", full_run)
+    same_as_full(tmp_path / "r", full_run)
     (checkpoints / "step-0000008" / damaged).write_bytes(b"")
     for old in checkpoints.glob("step-*"):
         if old.name != "step-0000008":
@@ -382,7 +315,7 @@ def test_leftovers_of_interrupted_saves_are_removed_on_resume(world, tiny_model,
     assert (run / "best" / "config.json").read_text() == "{}" and not (run / ".best.old12").exists()
     assert all(f.read_text() == "mine" for f in foreign)  # names this project never writes are left alone
     assert "removed" in capsys.readouterr().err
-    assert_same_weights(run, full_run)
+    same_as_full(run, full_run)
 
 
 class SaveFault:
@@ -428,7 +361,7 @@ def test_a_save_killed_at_each_phase_resumes_to_the_uninterrupted_result(world, 
         with pytest.raises(Fault, match=phase):
             run_cpt(world, tiny_model, run, cfg=config(save_every=2))
     run_cpt(world, tiny_model, run, cfg=config(save_every=2), resume=True)
-    assert_same_weights(run, full_run)
+    same_as_full(run, full_run)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000006", "step-0000008"]
     assert sorted(p.name for p in run.iterdir() if p.name != "curves.png") == ["checkpoints", "final", "latest",
                                                                                "metrics.jsonl", "run_config.json"]
@@ -449,8 +382,9 @@ def test_peak_probe_is_cached_never_lowered_and_remeasured_when_mfu_exceeds_one(
                                                                                  monkeypatch, capsys):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     probes = iter([5e9, 3e9, 8e9])
-    monkeypatch.setattr(train_module, "matmul_flops", lambda device, precision, reps: next(probes))
+    monkeypatch.setattr(device_module, "matmul_flops", lambda device, precision, reps: next(probes))
     cpu = torch.device("cpu")
+    peak_flops = device_module.peak_flops
     assert peak_flops(cpu, "fp32") == 5e9 and peak_flops(cpu, "fp32") == 5e9  # measured once, then cached
     assert peak_flops(cpu, "fp32", remeasure=True) == 5e9  # a busier probe (3e9) never lowers it
     assert peak_flops(cpu, "fp32", remeasure=True) == 8e9
@@ -461,27 +395,6 @@ def test_peak_probe_is_cached_never_lowered_and_remeasured_when_mfu_exceeds_one(
     assert mfu[0] > 1 and all(m < 1e-3 for m in mfu[1:])  # logged as measured (not clamped), then corrected
     assert "MFU" in capsys.readouterr().err
     assert list(json.loads((tmp_path / "cache" / "cprec" / "peak_flops.json").read_text()).values()) == [1e18]
-
-
-def test_run_directory_rules(tmp_path):
-    open_run(tmp_path / "r", {"lr": 1}, resume=False, overwrite=False)
-    with pytest.raises(UserError, match="nothing to resume"):
-        open_run(tmp_path / "r", {"lr": 1}, resume=True, overwrite=False)
-    (tmp_path / "r" / "metrics.jsonl").write_text('{"step": 1}\n')
-    open_run(tmp_path / "r", {"lr": 3}, resume=False, overwrite=False)  # a start that saved no checkpoint: reused
-    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["run_config.json"]
-    (tmp_path / "r" / "latest").write_text("step-0000001\n")
-    with pytest.raises(UserError, match="already holds a run; pass --resume .* or --overwrite"):
-        open_run(tmp_path / "r", {"lr": 1}, resume=False, overwrite=False)
-    with pytest.raises(UserError, match=r"different settings \(lr\)"):
-        open_run(tmp_path / "r", {"lr": 2}, resume=True, overwrite=False)
-    open_run(tmp_path / "r", {"lr": 2}, resume=False, overwrite=True)
-    assert json.loads((tmp_path / "r" / "run_config.json").read_text()) == {"lr": 2}
-    assert not (tmp_path / "r" / "latest").exists()
-    (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "notes.txt").write_text("not a run")
-    with pytest.raises(UserError, match="already holds a run"):  # files this project did not write: never reused
-        open_run(tmp_path / "other", {"lr": 2}, resume=False, overwrite=False)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -499,70 +412,33 @@ def test_run_directory_rules(tmp_path):
     (["pretrain", "--shard", "fsdp", "--compile"], "--compile with --shard fsdp: not supported"),
 ])
 def test_bad_training_options_are_refused_before_the_run_directory(world, tiny_model, tmp_path, args, message):
-    result = CliRunner().invoke(cprec.app, [*args, "--data", str(world), "--model", str(tiny_model), "--out",
-                                            str(tmp_path / "out"), "--no-progress"])
-    assert isinstance(result.exception, UserError) and str(result.exception).startswith(message), result.exception
+    line = refused(cli(*args, "--data", world, "--model", tiny_model, "--out", tmp_path / "out", "--no-progress"))
+    assert line.startswith(f"error: {message}"), line
     assert not (tmp_path / "out").exists()
-
-
-def cli(*args, torchrun=False):
-    return launch(ROOT / "cprec.py", *args, processes=2 if torchrun else 1)
-
-
-@pytest.mark.parametrize("tied", [True, False])
-def test_two_processes_equal_one_with_the_same_global_batch(world, tiny_model, tmp_path, tied):
-    model = tiny_model
-    if not tied:  # an untied lm_head is used outside DDP's forward (by the chunked loss): its gradient must sync too
-        model = tmp_path / "untied"
-        untied = ModelConfig(**{**vars(TINY), "tie_embeddings": False})
-        create_model(tokenizer_corpus(load_dataset(world)), model, untied)
-    args = ["pretrain", "--data", str(world), "--model", str(model), "--tokens", "2048", "--block-len", "32",
-            "--micro-batch", "4", "--batch-tokens", "512", "--precision", "fp32", "--no-progress", "--val-users", "5"]
-    cli(*args, "--out", str(tmp_path / "one"))
-    cli(*args, "--out", str(tmp_path / "two"), torchrun=True)
-    one = load_file(tmp_path / "one" / "final" / "model.safetensors")
-    two = load_file(tmp_path / "two" / "final" / "model.safetensors")
-    assert not torch.equal(one["model.norm.weight"], torch.ones_like(one["model.norm.weight"]))  # it trained
-    assert ("lm_head.weight" in one) != tied
-    for k in one:
-        torch.testing.assert_close(one[k], two[k], atol=1e-5, rtol=1e-4)
-    losses = [[json.loads(line)["loss"] for line in open(tmp_path / d / "metrics.jsonl") if '"loss"' in line]
-              for d in ("one", "two")]
-    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
 
 
 def test_defaults_fit_the_checkpoint_init_models_keep_todays_and_pretrained_llms_get_cpt_ones(world, tiny_model,
                                                                                             tmp_path):
     assert json.loads((tiny_model / "config.json").read_text())["cprec_init"]["seed"] == 0  # init's mark
-    assert cprec.fitting_defaults(tiny_model, None, None, 10_000, "wsa", 0.2) == (1e-3, 0.02)
+    assert fitting_defaults(tiny_model, None, None, 10_000, "wsa", 0.2) == (1e-3, 0.02)
     llm = tmp_path / "llm"  # the same weights without the mark: a downloaded checkpoint
     shutil.copytree(tiny_model, llm)
     config = json.loads((llm / "config.json").read_text())
     del config["cprec_init"]
     (llm / "config.json").write_text(json.dumps(config))
     for steps, expected in [(10_000, 200), (3000, 100), (50, 20)]:  # 2%; at least 100; at most half of 50 - 10
-        assert cprec.fitting_defaults(llm, None, None, steps, "wsa", 0.2) == (1e-4, expected)
-    assert cprec.fitting_defaults(llm, 3e-4, 7, 10_000, "wsa", 0.2) == (3e-4, 7)  # explicit values win
-    assert cprec.fitting_defaults(llm, None, 0.1, 10_000, "cosine", 0.2) == (1e-4, 0.1)
+        assert fitting_defaults(llm, None, None, steps, "wsa", 0.2) == (1e-4, expected)
+    assert fitting_defaults(llm, 3e-4, 7, 10_000, "wsa", 0.2) == (3e-4, 7)  # explicit values win
+    assert fitting_defaults(llm, None, 0.1, 10_000, "cosine", 0.2) == (1e-4, 0.1)
     args = ["pretrain", "--data", str(world), "--tokens", "256", "--block-len", "32", "--micro-batch", "4",
             "--batch-tokens", "128", "--val-users", "2", "--no-progress"]
     for model, lr, warmup in [(llm, 1e-4, 1), (tiny_model, 1e-3, 0.02)]:  # 2 steps: warmup capped at 1
         out = tmp_path / f"run-{model.name}"
-        result = CliRunner().invoke(cprec.app, [*args, "--model", str(model), "--out", str(out)])
-        assert result.exit_code == 0, result.exception
+        code, output = cli(*args, "--model", model, "--out", out)
+        assert code == 0, output
         settings = json.loads((out / "run_config.json").read_text())["train"]
         assert (settings["lr"], settings["schedule"]["warmup"]) == (lr, warmup)
     assert "cprec_init" in json.loads((tmp_path / "run-tiny" / "final" / "config.json").read_text())  # kept
     assert "cprec_init" not in json.loads((tmp_path / "run-llm" / "final" / "config.json").read_text())
 
 
-def test_clean_leftovers_knows_the_names_atomic_dir_writes(tmp_path):
-    """atomic_dir's temporaries are `.NAME.KIND<pid>-<8 hex>`: a crash between its two renames is undone on resume."""
-    aside = tmp_path / ".best.old4242-0a1b2c3d"  # best/ renamed aside, the new one never renamed in
-    aside.mkdir()
-    (aside / "config.json").write_text("{}")
-    partial = tmp_path / "checkpoints" / ".step-0000004.tmp4242-89abcdef"
-    partial.mkdir(parents=True)
-    done = clean_leftovers(tmp_path)
-    assert (tmp_path / "best" / "config.json").read_text() == "{}" and not aside.exists() and not partial.exists()
-    assert len(done) == 2

@@ -1,5 +1,5 @@
-"""Using the trained recommender: the top-K items of a domain's catalogue after a user's history, from the same
-prompt and trie-constrained beam search as evaluation (eval.py), for one history or a JSONL file of many.
+"""`cprec recommend`: the trained recommender's top-K items of a domain's catalogue after a user's history, from the
+same prompt and trie-constrained beam search as evaluation (eval.py), for one history or a JSONL file of many.
 
     rec = Recommender.load("runs/finetune-games/best", "data/world")
     for r in rec.recommend([["Title A", "Title B"]], "games", k=10)[0]:
@@ -16,17 +16,24 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
+import typer
+from rich.table import Table
 
-import common
 import eval as evaluation
-from common import UserError
 from data import TAG, Dataset, Encoder, load_dataset
+from infra.cli import PRECISION, PROGRESS, console
+from infra.config import DEFAULT_DATA
+from infra.console import progress as progress_bar
+from infra.console import say
+from infra.device import autocast, resolve_precision
+from infra.distributed import setup_distributed
+from infra.files import UserError, own_output
+from infra.tokenizer import Tokenizer
 from model import Decoder
-from tokenizer import Tokenizer
-from train import autocast, resolve_precision
 
 BEAMS = 20  # evaluation's default width: for K <= 20 the top-K are exactly evaluation's
 SHOWN_ERRORS = 5  # malformed input lines quoted in the report; the rest are only counted
@@ -180,6 +187,18 @@ def parse_request(rec: Recommender, line: str, key: str) -> tuple[object, list[i
     return record["id"], [rec.item(i) for i in values]
 
 
+def recommendation_file(path: Path) -> str | None:
+    """None for an earlier output of recommend_file (which --overwrite may replace), else why it is not one: its
+    first line must be {"id", "recommendations"}, so an input, a dataset's items.jsonl or a stranger's file is safe."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = json.loads(f.readline() or "{}")
+    except (OSError, ValueError):
+        return "not JSONL"
+    ours = isinstance(first, dict) and set(first) == {"id", "recommendations"} or first == {}
+    return None if ours else 'its first line is not {"id", "recommendations"}'
+
+
 def recommend_file(rec: Recommender, source: Path, target: Path, key: str, k: int = 10,
                    exclude_history: bool = False, batch: int = 256, progress: bool = False) -> dict:
     """Recommendations for every line of `source` (JSONL), written to `target` in input order, one object per line:
@@ -206,7 +225,7 @@ def recommend_file(rec: Recommender, source: Path, target: Path, key: str, k: in
         pending.clear()
 
     try:
-        with common.progress(total, "recommend users", progress) as advance, open(source, encoding="utf-8") as f, \
+        with progress_bar(total, "recommend users", progress) as advance, open(source, encoding="utf-8") as f, \
                 open(tmp, "w", encoding="utf-8") as out:
             for n, line in enumerate(f, 1):
                 if not line.strip():
@@ -226,3 +245,77 @@ def recommend_file(rec: Recommender, source: Path, target: Path, key: str, k: in
     finally:
         tmp.unlink(missing_ok=True)
     return stats
+
+
+# --------------------------------------------------------------------------------------------------- the command
+def command(model: Path = typer.Option(..., help="Checkpoint: fine-tuned, or CPT for zero-shot."),
+            domain: str = typer.Option(..., help="Domain whose catalogue is recommended from."),
+            data: Path = typer.Option(DEFAULT_DATA, help="Dataset (its titles, users and catalogues)."),
+            history: Optional[list[str]] = typer.Option(None, help="A title in the user's history, oldest first; "
+                                                        "repeat the option. Any domain's titles."),
+            user: Optional[str] = typer.Option(None, help="Use this dataset user's history instead."),
+            k: int = typer.Option(10, "--k", "-k", help="Items to recommend."),
+            exclude_history: bool = typer.Option(False, help="Never recommend an item of the history."),
+            window: int = typer.Option(20, help="History items in a prompt (the last ones)."),
+            beams: int = typer.Option(20, help="Beam width; max(k, beams) is used."),
+            input_file: Optional[Path] = typer.Option(None, "--input", help='JSONL of histories: {"id": ..., "titles" '
+                                                      'or "items" (ids): [...]} a line.'),
+            output_file: Optional[Path] = typer.Option(None, "--output", help="JSONL of recommendations (with "
+                                                       "--input)."),
+            batch_size: int = typer.Option(256, help="Histories read and ranked at a time (--input)."),
+            overwrite: bool = typer.Option(False, help="Replace an existing --output."),
+            json_output: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+            precision: str = PRECISION, progress: bool = PROGRESS):
+    """Recommend the top-K items of a domain after a history of titles, a dataset user's history, or each history
+    of a JSONL file, by the same prompt and trie-constrained beam search as evaluation."""
+    if (input_file is None) != (output_file is None):
+        raise UserError("--input and --output go together: histories in, recommendations out")
+    if input_file is not None and (history or user):
+        raise UserError("--input replaces --history and --user; give one of them")
+    if input_file is None and bool(history) == (user is not None):
+        raise UserError("give the history: --history TITLE (repeatable), --user ID, or --input FILE --output FILE")
+    if output_file is not None:
+        output_file = own_output(output_file, what="recommendation file", overwrite=overwrite, file=True,
+                                 check=recommendation_file, inputs=[input_file, data, model])
+        if not input_file.is_file():
+            raise UserError(f"--input {input_file}: {'is a directory' if input_file.is_dir() else 'file not found'}; "
+                            "expected a JSONL file of histories")
+    for option, value in (("--k", k), ("--batch-size", batch_size), ("--beams", beams)):
+        if value < 1:
+            raise UserError(f"{option} {value}: expected at least 1")
+    if window < 0:
+        raise UserError(f"--window {window}: expected 0 (no history) or a positive number of history items")
+    _, _, device = setup_distributed()
+    ds = load_dataset(data)
+    ds.domain(domain)
+    rec = Recommender(Decoder.from_pretrained(model, device=device), Encoder(Tokenizer.from_pretrained(model)), ds,
+                      window=window, beams=beams, precision=precision)
+    if input_file is not None:
+        output_file.parent.mkdir(parents=True, exist_ok=True)
+        stats = recommend_file(rec, input_file, output_file, domain, k, exclude_history, batch_size, progress)
+        say(f"wrote {stats['users']:,} users' top {k} to {output_file}")
+        if stats["malformed"]:
+            more = stats["malformed"] - len(stats["first_malformed"])
+            say(f"[yellow]skipped {stats['malformed']:,} malformed line(s) of {stats['lines']:,}: "
+                + "; ".join(stats["first_malformed"]) + (f"; and {more:,} more" if more else ""))
+        return
+    items = rec.user_history(user, domain) if user is not None else [rec.find(t, domain) for t in history]
+    kind = rec.prompt(items, domain)[1]
+    top = rec.recommend_items([items], domain, k, exclude_history)[0]
+    shown = items[-window:] if window else items[:0]
+    if json_output:
+        print(json.dumps({"domain": domain, "model": str(model), "prompt": kind, "beams": max(k, beams),
+                          "history": [{"item_id": ds.item_ids[i], "title": ds.titles[i],
+                                       "domain": list(ds.domains)[ds.item_domain[i]]} for i in shown],
+                          "recommendations": [{"rank": r + 1, **asdict(x)} for r, x in enumerate(top)]},
+                         ensure_ascii=False, indent=2))
+        return
+    table = Table("#", "item", "title", "log-prob", "share", title=f"top {len(top)} of {ds.domain(domain).name}")
+    for r, x in enumerate(top, 1):
+        table.add_row(str(r), x.item_id, x.title, f"{x.logprob:.3f}", f"{x.share:.1%}")
+    console.print(table)
+    console.print(f"after {len(shown)} history items ({kind} prompt: "
+                  + ("the domain's, as in evaluation" if kind == "domain" else "items of other domains, tagged")
+                  + f"); trie-constrained beam search, {max(k, beams)} beams over all {len(rec.catalogue(domain)[0]):,}"
+                  f" items; history {'excluded' if exclude_history else 'not excluded'}", highlight=False,
+                  soft_wrap=True)

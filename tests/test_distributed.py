@@ -1,22 +1,25 @@
-"""FSDP2 and activation checkpointing: FSDP on 2 processes = 1 process (tied and untied), exact gradients with
-activation checkpointing, a sharded checkpoint resumed on 2 and on 1 process = the uninterrupted run, and a
-consolidated final checkpoint that transformers loads. The file doubles as the worker script torchrun launches."""
+"""Several processes: DDP and FSDP2 on 2 processes equal 1 process with the same global batch (tied and untied),
+activation checkpointing gives exact gradients, a sharded checkpoint resumed on 2 and on 1 process equals the
+uninterrupted run, and the consolidated final checkpoint loads in transformers. The file doubles as the worker
+script torchrun launches."""
 import json
 import sys
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import StopAt, config, cpt_setup
 
-from config import ModelConfig
-from conftest import TINY, launch
 from data import load_dataset, tokenizer_corpus
-from model import Decoder, create_model
-from train import Interrupted, accumulate, checkpoint_layers, open_run, setup_distributed, train
+from extras.init import create_model
+from helpers import ROOT, TINY, StopAt, cli, config, cpt_setup, launch, ok, step_gradients
+from infra.config import ModelConfig
+from infra.device import memory_estimate
+from infra.distributed import checkpoint_layers, setup_distributed
+from infra.runs import Interrupted, open_run
+from model import Decoder
+from train import train
 
 STEPS = 8
 
@@ -32,10 +35,9 @@ def run(data_path, model, out, shard="none", ac=False, stop=0, resume=False, ran
     run_dir = open_run(out, {"test": 1}, resume=resume, overwrite=False, rank=rank)
     net = Decoder.from_pretrained(model)  # on --resume, train() loads the checkpoint
     cfg = fsdp_config(shard=shard, activation_checkpointing=ac, eval_every=4, select="score")
-    try:  # without the peak-FLOP/s probe (a 2048³ matmul per run and process; MFU is not under test)
-        with mock.patch("train.peak_flops", return_value=1e12):
-            train(net, tokenizer, data, cfg, run_dir, device=torch.device(device), rank=rank, world=world,
-                  resume=resume, validate=score)
+    try:
+        train(net, data, cfg, run_dir, tokenizer=tokenizer, device=torch.device(device), rank=rank, world=world,
+              resume=resume, validate=score)
     except Interrupted:
         pass
     if shard == "fsdp" and net.config.tie_embeddings:
@@ -48,6 +50,8 @@ def score(model: Decoder) -> dict:
 
 
 def worker(spec: str) -> None:
+    import train as train_module  # without the peak-FLOP/s probe (a 2048³ matmul per process; MFU is not tested)
+    train_module.peak_flops = lambda device, precision, remeasure=False: 1e12
     rank, world, device = setup_distributed()
     for job in json.loads(Path(spec).read_text()):
         run(**job, rank=rank, world=world, device=str(device))
@@ -64,9 +68,8 @@ def test_activation_checkpointing_gives_the_same_gradients_and_keeps_less(world,
             checkpoint_layers(model)
         sizes = []  # bytes autograd keeps for backward
         with torch.autograd.graph.saved_tensors_hooks(lambda t, s=sizes: s.append(t.nbytes) or t, lambda t: t):
-            accumulate(model, model.lm_head.weight, [blocks.collate(b) for b in plan], n_targets, 1, "fp32",
-                       torch.device("cpu"))
-        grads.append({k: p.grad for k, p in model.named_parameters()})
+            _, applied = step_gradients(model, [blocks.collate(b) for b in plan], n_targets)
+        grads.append(applied)
         kept.append(sum(sizes))
         assert list(model.state_dict()) == list(Decoder.from_pretrained(tiny_model).state_dict())  # names unchanged
     assert len(grads[1]) == len(grads[0]) == len(list(model.parameters()))
@@ -145,7 +148,6 @@ def test_consolidated_checkpoint_loads_in_transformers_with_equal_logits(runs, w
             torch.testing.assert_close(hf(ids).logits, reference(ids), atol=1e-4, rtol=1e-4)
 
 def test_memory_estimate_counts_bytes_as_documented():
-    from bench import memory_estimate
     gib = 2**30  # 1e9 parameters, 10 layers of width 1000, 1e8 embedding parameters, 1000 tokens per GPU, 8 GPUs
     args = (10**9, 10, 1000, 10**8, 1000)
     fsdp = memory_estimate(*args)
@@ -154,6 +156,30 @@ def test_memory_estimate_counts_bytes_as_documented():
     assert memory_estimate(*args, shard="ddp")["state_gib"] * gib == 22e9
     assert memory_estimate(*args, checkpointing=True)["activations_gib"] * gib == (2 * 10 + 34) * 1000 * 1000
     assert memory_estimate(*args, accumulating=True)["state_gib"] * gib == fsdp["state_gib"] * gib + 4e9
+
+
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_two_processes_equal_one_with_the_same_global_batch(world, tiny_model, tmp_path, tied):
+    model = tiny_model
+    if not tied:  # an untied lm_head: its gradient must sync too
+        model = tmp_path / "untied"
+        untied = ModelConfig(**{**vars(TINY), "tie_embeddings": False})
+        create_model(tokenizer_corpus(load_dataset(world)), model, untied)
+    args = ["pretrain", "--data", str(world), "--model", str(model), "--tokens", "2048", "--block-len", "32",
+            "--micro-batch", "4", "--batch-tokens", "512", "--precision", "fp32", "--no-progress", "--val-users", "5"]
+    ok(cli(*args, "--out", tmp_path / "one"))
+    launch(ROOT / "cprec.py", *args, "--out", str(tmp_path / "two"), processes=2)
+    one = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    two = load_file(tmp_path / "two" / "final" / "model.safetensors")
+    assert not torch.equal(one["model.norm.weight"], torch.ones_like(one["model.norm.weight"]))  # it trained
+    assert ("lm_head.weight" in one) != tied
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], atol=1e-5, rtol=1e-4)
+    losses = [[json.loads(line)["loss"] for line in open(tmp_path / d / "metrics.jsonl") if '"loss"' in line]
+              for d in ("one", "two")]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
 
 
 if __name__ == "__main__":

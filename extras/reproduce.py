@@ -1,4 +1,4 @@
-"""Reproduce CPRec's claims on the built-in world with one command (`python cprec.py reproduce`).
+"""`cprec reproduce`: CPRec's claims on the built-in world (or any dataset) with one command.
 
 Every comparison uses the same world, base model, seed and budgets; each run is an ordinary `cprec.py` command whose
 exact command line is recorded in the report, so any row can be re-run by hand:
@@ -17,9 +17,21 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
-from common import UserError, read_json
+import typer
+
 from eval import paired_bootstrap
+from extras.init import base_model
+from extras.world import open_dataset
+from infra.cli import console
+from infra.config import DEFAULT_DATA
+from infra.console import say
+from infra.files import UserError, read_json
+from infra.tokenizer import Tokenizer
+from model import Decoder
+
+CPREC = Path(__file__).resolve().parents[1] / "cprec.py"
 
 CPT_RUNS = {  # name -> (sequence kinds, schedule)
     "cpt": ("domain,mixed", "wsa"), "cpt-domain": ("domain", "wsa"), "cpt-mixed": ("mixed", "wsa"),
@@ -45,7 +57,7 @@ SFT_RUNS = {  # name -> (start: a CPT run or "base", fraction of training users)
     "sft-cpt-cosine": ("cpt-cosine", 1.0), "sft-cpt-constant": ("cpt-constant", 1.0)}
 
 
-def command(args: list[str], result: Path, resume: bool, log) -> None:
+def run(args: list[str], result: Path, resume: bool, log) -> None:
     """Run one cprec.py command unless --resume finds its result already written (a finished run)."""
     line = " ".join(["python cprec.py", *args])
     if resume and result.exists():
@@ -54,7 +66,7 @@ def command(args: list[str], result: Path, resume: bool, log) -> None:
     log.write(f"$ {line}\n")
     log.flush()
     began = time.time()
-    done = subprocess.run([sys.executable, str(Path(__file__).with_name("cprec.py")), *args], stdout=log,
+    done = subprocess.run([sys.executable, str(CPREC), *args], stdout=log,
                           stderr=subprocess.STDOUT)
     log.write(f"# {time.time() - began:.0f} s\n")
     if done.returncode:
@@ -77,19 +89,19 @@ def reproduce(out: Path, data: Path, model: Path, domain: str, cpt_tokens: int, 
     train = ["--data", str(data), "--seed", str(seed), "--overwrite", "--no-progress"]
     with open(out / "commands.log", "a" if resume else "w") as log:
         for name, (kinds, schedule) in [(n, r) for n, r in CPT_RUNS.items() if measured(n, core)]:
-            command(["pretrain", *train, "--model", str(model), "--out", str(out / name), "--kinds", kinds,
+            run(["pretrain", *train, "--model", str(model), "--out", str(out / name), "--kinds", kinds,
                      "--schedule", schedule, "--tokens", str(cpt_tokens), "--save-every", "0"],
                     out / name / "results.json", resume, log)
         for name, start in [("zero-shot-base", model), ("zero-shot-cpt", out / "cpt" / "final")]:
-            command(["evaluate", "--data", str(data), "--model", str(start), "--domain", domain, "--seed", str(seed),
+            run(["evaluate", "--data", str(data), "--model", str(start), "--domain", domain, "--seed", str(seed),
                      "--users", str(test_users), "--out", str(out / f"{name}.json")], out / f"{name}.json", resume, log)
         for name, (start, fraction) in [(n, r) for n, r in SFT_RUNS.items() if measured(n, core)]:
             start_model = model if start == "base" else out / start / "final"
-            command(["finetune", *train, "--domain", domain, "--model", str(start_model), "--out", str(out / name),
+            run(["finetune", *train, "--domain", domain, "--model", str(start_model), "--out", str(out / name),
                      "--users-fraction", str(fraction), "--epochs", str(sft_epochs), "--test-users", str(test_users),
                      *([] if val_users is None else ["--val-users", str(val_users)])],
                     out / name / "results.json", resume, log)
-        command(["baseline", "--data", str(data), "--domain", domain, "--seed", str(seed), "--out",
+        run(["baseline", "--data", str(data), "--domain", domain, "--seed", str(seed), "--out",
                  str(out / "baseline"), "--overwrite"], out / "baseline" / "results.json", resume, log)
     report = collect(out, domain, core)
     report["seconds"] = wall_time(out / "commands.log")
@@ -189,3 +201,33 @@ def markdown(report: dict) -> str:
         lines.append(f"| {d['claim']} | {d['ndcg@10']:+.4f} | [{low:+.4f}, {high:+.4f}] | {verdict} |\n")
     lines.append(f"\nWall time: {report['seconds'] / 60:.1f} min.\n")
     return "".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------- the command
+def command(out: Path = typer.Option(Path("runs/reproduce"), help="Directory of all runs and the report."),
+            data: Path = typer.Option(DEFAULT_DATA, help="Dataset (default: the built-in world)."),
+            model: Optional[Path] = typer.Option(None, help="Base model (default: models/small)."),
+            domain: str = typer.Option("games", help="Downstream domain of the comparisons."),
+            cpt_tokens: int = typer.Option(1_000_000, help="Token budget of each CPT run."),
+            sft_epochs: float = typer.Option(5.0, help="Epochs of each SFT run."),
+            seed: int = typer.Option(0, help="One seed for every run."),
+            resume: bool = typer.Option(False, help="Reuse the finished runs of an earlier reproduction."),
+            overwrite: bool = typer.Option(False, help="Replace an earlier reproduction."),
+            core: bool = typer.Option(False, help="Only zero-shot before/after CPT and SFT with 10% of the users from "
+                                      "either start (a pretrained LLM on CPU budgets)."),
+            test_users: int = typer.Option(0, help="Evaluate a seeded subset of test users (0 = all)."),
+            val_users: Optional[int] = typer.Option(None, help="Validation users of each SFT run (default: finetune's "
+                                                    "500; a large LLM on CPU: fewer).")):
+    """Run the comparisons behind CPRec's claims (zero-shot, CPT vs no CPT, limited SFT, sequence kinds, schedules)
+    with one budget and seed, and write runs/reproduce/report.md."""
+    open_dataset(data).domain(domain)
+    start = base_model(model, data, 0)
+    Tokenizer.from_pretrained(start)  # a broken model is refused here rather than as the first of many failed runs
+    Decoder.from_pretrained(start)
+    for option, count in (("--test-users", test_users), ("--val-users", val_users)):
+        if count is not None and count < 0:
+            raise UserError(f"{option} {count}: expected 0 (all) or a positive count")
+    report = reproduce(out, data, start, domain, cpt_tokens, sft_epochs, seed, resume, overwrite, core, test_users,
+                       val_users)
+    console.print((out / "report.md").read_text(), highlight=False)
+    say(f"report in {out / 'report.md'} ({report['seconds'] / 60:.1f} min)")

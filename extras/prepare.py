@@ -1,4 +1,5 @@
-"""Real data into the canonical dataset (data.write_dataset): Amazon Reviews 2023 and 2018, RecBole atomic files.
+"""`cprec prepare`: real data into the canonical dataset (infra/datasets.py): Amazon Reviews 2023 and 2018, RecBole
+atomic files; `prepare synthetic` writes the built-in world (extras/world.py).
 
 Reviews are streamed first, then only the titles of reviewed items are kept from the meta files, so memory grows with
 the kept interactions, not with the files. Every record that is not kept or kept changed is counted in the report
@@ -8,7 +9,7 @@ the cut were used), unused (meta rows of items nobody interacted with), repaired
 replaced by U+FFFD)}},
 dropped: {no_title_items, no_title_interactions, duplicates, no_domain_items, no_domain_interactions (--domain-field),
 k_core_/min_len_ interactions, users, items}, renamed_ids (one id in two categories gets "@domain"), titles:
-{with_year (repeated titles told apart by their year), numbered (" (2)"), truncated (data.MAX_TITLE_CHARS)},
+{with_year (repeated titles told apart by their year), numbered (" (2)"), truncated (infra.datasets.MAX_TITLE_CHARS)},
 merged_into_other (--min-domain-items: domain -> items) and timestamps (only when fractional ones were scaled).
 """
 from __future__ import annotations
@@ -24,12 +25,18 @@ from array import array
 from collections import Counter
 from itertools import chain
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
+import typer
+from rich.table import Table
 
-import common
-from common import UserError
-from data import Domain, clean_text, write_dataset
+from infra.cli import PROGRESS, console, split_list
+from infra.config import DEFAULT_DATA
+from infra.console import progress as progress_bar
+from infra.console import say
+from infra.datasets import Domain, clean_text, dataset_out, write_dataset
+from infra.files import UserError
 
 # The C scanner that json.loads ends in, called directly: it skips loads()'s two whitespace regexes per line (~10% of
 # the parse time); _json() keeps loads()'s verdict on leading whitespace and trailing garbage.
@@ -69,7 +76,7 @@ def _lines(path: Path, stats: dict, strict: bool, progress: bool = False):
     try:
         total = max(1, path.stat().st_size >> 20)
         with open(path, "rb") as raw, _open(raw, path.suffix == ".gz") as text, \
-                common.progress(total, f"read {path.name} (MB)", progress) as advance:
+                progress_bar(total, f"read {path.name} (MB)", progress) as advance:
             shown = 0
             for n, line in enumerate(text, 1):
                 if n % 65536 == 0:  # raw.tell(): how far into the file, compressed or not
@@ -504,3 +511,89 @@ def _finish(out_dir: Path, source: str, domains: list[Domain], users: dict, logs
             report["titles"]["with_year"] += 1
     return write_dataset(out_dir, source=source, domains=domains, items=items, interactions=interactions,
                          report=report)
+
+
+# --------------------------------------------------------------------------------------------------- the command
+app = typer.Typer(no_args_is_help=True, help="Write a dataset in the canonical format (data/<name>/).")
+
+
+@app.command("synthetic")
+def prepare_synthetic(out: Path = typer.Option(DEFAULT_DATA, help="Output dataset directory."),
+                      seed: int = typer.Option(0, help="World seed: same seed, same dataset and fingerprint."),
+                      users: int = typer.Option(6000, help="Number of users."),
+                      overwrite: bool = typer.Option(False, help="Replace an existing dataset.")):
+    """Generate the built-in multi-domain world (seven pre-training domains, three downstream incl. games)."""
+    from extras.world import WorldConfig, write_world
+    dataset_out(out, overwrite)
+    report(write_world(out, WorldConfig(seed=seed, users=users)), out)
+
+
+def amazon_command(version: int):
+    def command(source: Path = typer.Argument(..., help="Directory with the downloaded review and meta files."),
+                categories: str = typer.Option(..., help="Comma-separated categories, e.g. Books,Video_Games."),
+                out: Path = typer.Option(..., help="Output dataset directory, e.g. data/amazon."),
+                downstream: str = typer.Option("", help="Categories (or with --domain-field, domains) kept out of CPT "
+                                               "(comma-separated)."),
+                domain_field: Optional[str] = typer.Option(None, help="Meta field whose first value is the item's "
+                                                           "domain, over all categories (2018: main_cat)."),
+                min_domain_items: int = typer.Option(0, help="With --domain-field: merge domains with fewer items "
+                                                     "into 'other' (0 = off)."),
+                k_core: int = typer.Option(0, help="Iterative k-core filter per domain (0 = off)."),
+                min_len: int = typer.Option(0, help="Drop a user's domain history shorter than this (0 = off)."),
+                strict: bool = typer.Option(False, help="Stop at the first malformed line instead of counting it."),
+                overwrite: bool = typer.Option(False, help="Replace an existing dataset."), progress: bool = PROGRESS):
+        dataset_out(out, overwrite, [source])
+        report(convert_amazon(version, source, split_list(categories), out, downstream=split_list(downstream),
+                              domain_field=domain_field, min_domain_items=min_domain_items, k_core=k_core,
+                              min_len=min_len, strict=strict, progress=progress), out)
+    command.__doc__ = f"Convert Amazon Reviews {version} categories (several categories = several domains)."
+    return command
+
+
+app.command("amazon2023")(amazon_command(2023))
+app.command("amazon2018")(amazon_command(2018))
+
+
+@app.command("recbole")
+def prepare_recbole(source: Path = typer.Argument(..., help="RecBole dataset folder with NAME.inter and NAME.item."),
+                    out: Path = typer.Option(..., help="Output dataset directory."),
+                    domain: Optional[str] = typer.Option(None, help="Domain key (default: the dataset name)."),
+                    domain_field: Optional[str] = typer.Option(None, help="Item column whose first value is the "
+                                                               "item's domain (e.g. class: genres as domains)."),
+                    downstream: str = typer.Option("", help="Domains kept out of CPT (comma-separated; with "
+                                                   "--domain-field)."),
+                    min_domain_items: int = typer.Option(0, help="Merge domains with fewer items into 'other' "
+                                                         "(0 = off)."),
+                    title_field: Optional[str] = typer.Option(None, help="Item title column (default: auto)."),
+                    year_field: Optional[str] = typer.Option(None, help="Year column telling repeated titles apart "
+                                                             "(default: release_year or year if present)."),
+                    title_year: bool = typer.Option(False, help="Append the year to every title: Heat (1995)."),
+                    k_core: int = typer.Option(0, help="Iterative k-core filter (0 = off)."),
+                    min_len: int = typer.Option(0, help="Drop users with fewer interactions (0 = off)."),
+                    strict: bool = typer.Option(False, help="Stop at the first malformed line."),
+                    overwrite: bool = typer.Option(False, help="Replace an existing dataset."),
+                    progress: bool = PROGRESS):
+    """Convert RecBole atomic files (MovieLens and RecBole's whole collection) into one domain, or one per value of
+    an item column (--domain-field class: MovieLens genres)."""
+    dataset_out(out, overwrite, [source])
+    report(convert_recbole(source, out, domain=domain, domain_field=domain_field, downstream=split_list(downstream),
+                           min_domain_items=min_domain_items, title_field=title_field, year_field=year_field,
+                           title_year=title_year, k_core=k_core, min_len=min_len, strict=strict, progress=progress),
+           out)
+
+
+def report(manifest: dict, out: Path) -> None:
+    """The written dataset's domains as a table, its report as JSON, and the warnings a reader must not miss."""
+    title = f"{out} ({manifest['fingerprint']})"
+    table = Table("domain", "name", "role", "users", "items", "interactions", title=title)
+    for d in manifest["domains"]:
+        table.add_row(d["key"], d["name"], d["role"], f"{d['users']:,}", f"{d['items']:,}", f"{d['interactions']:,}")
+    console.print(table)
+    if manifest.get("report"):
+        console.print_json(data=manifest["report"])
+    for path, stats in manifest.get("report", {}).get("files", {}).items():
+        if stats.get("malformed"):
+            say(f"warning: {path}: {stats['malformed']:,} malformed lines skipped (first: "
+                f"{', '.join(map(str, stats['malformed_lines']))}); expected {stats['expected']}")
+        if stats.get("ended_early"):
+            say(f"warning: {path}: {stats['ended_early']}")

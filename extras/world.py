@@ -17,7 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from data import Domain, write_dataset
+from data import load_dataset
+from infra.config import DEFAULT_DATA
+from infra.console import say
+from infra.datasets import Domain, write_dataset
+from infra.distributed import barrier
 
 THEMES = [w.split() for w in """
 Dragon Ember Wyrm Flame Scale Ash Cinder Blaze | Ocean Tide Coral Reef Harbor Wave Pearl Drift
@@ -140,3 +144,14 @@ def write_world(out_dir: str | Path, cfg: WorldConfig = WorldConfig()) -> dict:
     domains = [Domain(key, name, role) for key, name, role, _, _ in DOMAINS]
     return write_dataset(out_dir, source=f"synthetic world, {cfg}", domains=domains, items=items,
                          interactions=interactions, report={"generator": vars(cfg)})
+
+
+def open_dataset(path: str | Path, rank: int = 0):
+    """Load a dataset; the default one (the built-in world, DEFAULT_DATA) is generated on first use."""
+    path = Path(path)
+    if path == DEFAULT_DATA and not (path / "manifest.json").exists():
+        if rank == 0:
+            say(f"creating the built-in world in {path} (once)")
+            write_world(path)
+        barrier()
+    return load_dataset(path)

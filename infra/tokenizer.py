@@ -7,7 +7,7 @@ import io
 import shutil
 from pathlib import Path
 
-from common import UserError, read_json
+from infra.files import UserError, read_json
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -90,6 +90,16 @@ def _special_id(path: Path, name: str, to_id) -> int | None:
         token_id = config.get(f"{name}_id") if isinstance(config, dict) else None
         return token_id[0] if isinstance(token_id, list) and token_id else token_id
     return None
+
+
+def check_fits(path: Path, vocab_size: int) -> None:
+    """Refuse a checkpoint's tokenizer whose ids do not all fit its embedding (an IndexError mid-run otherwise)."""
+    if not any((path / name).exists() for name in ("tokenizer.model", "tokenizer.json")):
+        return  # weights alone (a conversion, a test); the commands load the tokenizer from the same folder
+    tokenizer = Tokenizer.from_pretrained(path)
+    if tokenizer.vocab_size > vocab_size:
+        raise UserError(f"{tokenizer.file}: {tokenizer.vocab_size} tokens but config.json has vocab_size "
+                        f"{vocab_size}; expected the tokenizer the model was trained with")
 
 
 # --------------------------------------------------------------------------------------------------- training

@@ -1,4 +1,5 @@
-"""A decoder's shape (ModelConfig) and its translation to and from a transformers config.json.
+"""A decoder's shape (ModelConfig) and its translation to and from a transformers config.json; the defaults every
+command starts from.
 
 config_from_hf reads any Llama-family config.json (transformers v4 or v5 layout) and refuses, by field name, whatever
 would change the math our decoder computes; config_to_hf writes the v4 layout back, keeping unknown fields as they were.
@@ -7,22 +8,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from common import UserError
+from infra.files import UserError
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 # In config.json: {"seed": N} marks weights that began as `init` made them, kept through training (the lineage that
-# cprec.fitting_defaults reads); "fresh": true is only in what init itself wrote, the one folder init may replace.
+# train.fitting_defaults reads); "fresh": true is only in what init itself wrote, the one folder init may replace.
 INIT_MARKER = "cprec_init"
 
 
 @dataclass
 class ModelConfig:
     """A Llama-family decoder's shape. The defaults are the small model `init` creates: sized so CPT on the built-in
-    world fits about 10 minutes on 2 CPU cores (README, "Budget")."""
+    world fits about 10 minutes on 2 CPU cores (docs/design.md)."""
     vocab_size: int = 2048
     dim: int = 256
     n_layers: int = 4
@@ -63,6 +65,9 @@ class ModelConfig:
         n = self.n_params - self.vocab_size * self.dim * (0 if self.tie_embeddings else 1)
         return 6 * n + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
 
+
+SMALL = ModelConfig()  # the default small model
+DEFAULT_DATA, DEFAULT_MODEL, DEFAULT_CPT = Path("data/world"), Path("models/small"), Path("runs/pretrain")
 
 
 def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:

@@ -1,0 +1,195 @@
+"""The project's benchmarks: `python -m bench --help`. Each section times one area side by side with its reference
+in one run and prints a table (--json writes every row with the machine and the MFU peaks). What each column means,
+and the figures measured so far with their commands and machines: docs/benchmarks.md.
+
+Sections (area files in bench/): decoder (ours vs transformers), train, loss, fsdp and memory (training.py), eval,
+recommend, catalogue, movies and llm (ranking.py), prepare (data.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.table import Table
+
+from bench.data import bench_prepare
+from bench.decoder import bench_decoder
+from bench.harness import DECODER, DTYPES, QUICK, Options, choose_peaks, console, measure_peaks
+from bench.ranking import bench_catalogue, bench_eval, bench_llm, bench_movies, bench_recommend
+from bench.training import bench_fsdp, bench_loss, bench_memory, bench_train
+from infra.config import DEFAULT_CPT, DEFAULT_DATA, DEFAULT_MODEL, ModelConfig
+from infra.device import machine
+from infra.files import UserError
+
+SECTIONS: dict[str, Callable[[Options], list[dict]]] = {
+    "decoder": bench_decoder, "train": bench_train, "loss": bench_loss, "eval": bench_eval,
+    "recommend": bench_recommend, "catalogue": bench_catalogue, "movies": bench_movies, "prepare": bench_prepare,
+    "fsdp": bench_fsdp, "memory": bench_memory, "llm": bench_llm}
+NUM, PCT, SPREAD = "{:,.0f}".format, "{:.1%}".format, ("spread", "spread", "±{:.0%}".format)
+SPEED = [("precision", "precision", str), ("tokens_per_s", "tokens/s", NUM), ("mfu", "MFU", PCT),
+         ("peak_mem_mib", "step peak mem MiB", NUM)]
+COLUMNS = {  # (row key, header, format); format str = a text column
+    "decoder": [("impl", "impl", str), ("mode", "mode", str), *SPEED, SPREAD, ("ratio", "ratio", "{:.2f}x".format)],
+    "train": [("model", "model", str), ("params", "params", lambda n: f"{n / 1e6:,.1f}M"),
+              ("batch", "tokens/step", str), *SPEED, ("peak_total_mib", "peak MiB", NUM), SPREAD],
+    "loss": [("impl", "loss", str), ("tokens", "tokens", NUM), *[c for c in SPEED if c[0] != "mfu"], SPREAD],
+    "eval": [("ranker", "ranker", str), ("precision", "precision", str), ("items", "items", NUM),
+             ("users", "users", NUM), ("users_per_s", "users/s", "{:,.1f}".format),
+             ("speedup", "speed-up", "{:.1f}x".format), ("overlap", "top-10 overlap", PCT),
+             ("same_order", "same top-10 order", PCT)],
+    "recommend": [("precision", "precision", str), ("items", "items", NUM), ("calls", "calls", NUM),
+                  ("p50_ms", "p50 ms", "{:,.1f}".format), ("p95_ms", "p95 ms", "{:,.1f}".format),
+                  ("users", "batch users", NUM), ("users_per_s", "batch users/s", "{:,.1f}".format)],
+    "catalogue": [("ranker", "ranker", str), ("precision", "precision", str), ("items", "items", NUM),
+                  ("users", "users", NUM), ("trie_s", "trie build s", "{:.2f}".format),
+                  ("trie_peak_mib", "trie build peak MiB", NUM), ("users_per_s", "users/s", "{:,.2f}".format),
+                  ("resident_mib", "resident MiB", NUM), ("peak_mem_mib", "ranking peak MiB", NUM)],
+    "fsdp": [("model", "model", str), ("params", "params", lambda n: f"{n / 1e6:,.1f}M"),
+             ("processes", "processes", str), ("checkpointing", "act. ckpt", str), ("batch", "tokens/step", str),
+             ("precision", "precision", str), ("step_s", "step s", "{:.3f}".format), ("tokens_per_s", "tokens/s", NUM),
+             ("mfu", "MFU", PCT), ("state_mib", "state MiB/process", NUM), ("peak_total_mib", "peak MiB/process", NUM),
+             SPREAD, ("note", "note", str)],
+    "memory": [("model", "model", str), ("params", "params", lambda n: f"{n / 1e9:,.2f}B"), ("shard", "shard", str),
+               ("checkpointing", "act. ckpt", str), ("state_gib", "state GiB", "{:.1f}".format),
+               ("activations_gib", "activations GiB", "{:.1f}".format), ("total_gib", "total GiB", "{:.1f}".format),
+               ("fits", "fits 80 GB", str)],
+    "llm": [("model", "model", str), ("params", "params", lambda n: f"{n / 1e6:,.1f}M"),
+            ("precision", "precision", str), ("cpt_tokens_per_s", "CPT tokens/s", NUM),
+            ("sft_tokens_per_s", "SFT tokens/s", NUM), ("users", "eval users", NUM),
+            ("users_per_s", "eval users/s", "{:,.2f}".format), ("ndcg", "N@10", "{:.3f}".format)],
+    "movies": [("ranker", "ranker", str), ("precision", "precision", str), ("items", "items", NUM),
+               ("users", "users", NUM), ("users_per_s", "users/s", "{:,.1f}".format),
+               ("passes", "each pass", lambda v: " / ".join(f"{x:.1f}" for x in v)),
+               ("vs_exact", "vs exact", "{:.1f}x".format),
+               ("overlap", "top-10 overlap", PCT), ("same_order", "same top-10 order", PCT)],
+    "prepare": [("phase", "phase", str), ("records", "records", NUM), ("seconds", "seconds", "{:.1f}".format),
+                ("records_per_s", "records/s", NUM), ("rss_before_mib", "RSS before MiB", NUM),
+                ("peak_rss_mib", "peak RSS MiB", NUM)],
+}
+
+
+def render(section: str, rows: list[dict]) -> Table:
+    table = Table(title=section, title_justify="left")
+    for _, header, fmt in COLUMNS[section]:
+        table.add_column(header, justify="left" if fmt is str else "right")
+    for row in rows:
+        table.add_row(*(fmt(row[key]) if row.get(key) is not None else "-" for key, _, fmt in COLUMNS[section]))
+    return table
+
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+Opt = typer.Option
+
+
+@app.command(help="Run benchmark sections; print a table per section (all rows also to --json).")
+def main(
+    only: Annotated[str, Opt(help=f"comma-separated sections of: {', '.join(SECTIONS)}")] = ",".join(SECTIONS),
+    device: Annotated[str, Opt(help="cpu or cuda[:i]")] = "cpu",
+    threads: Annotated[int, Opt(help="torch threads; 0 = every core this process may use")] = 0,
+    precisions: Annotated[str | None, Opt(help="fp32,bf16 (bf16 = autocast) [CPU: fp32,bf16; CUDA: bf16]")] = None,
+    quick: Annotated[bool, Opt(help="smoke test: decoder shape d=64 L=2 T=64 B=4, train batch 64×4×1, "
+                                    "20 eval users, 5k catalogue items, 20k prepare records")] = False,
+    shape: Annotated[str, Opt(help="decoder shape changes, e.g. dim=1024,seq=256; fields and defaults: "
+                                   + ",".join(f"{k}={v}" for k, v in DECODER.items()))] = "",
+    reps: Annotated[int | None, Opt(help="timed reps per step [5; quick 20]")] = None,
+    warmup: Annotated[int, Opt(help="untimed reps first")] = 1,
+    seed: Annotated[int, Opt(help="seed of weights, inputs, user subsets and synthetic reviews")] = 0,
+    memory: Annotated[bool, Opt(help="measure each row's step peak memory (CPU: a process per row)")] = True,
+    compiled: Annotated[bool, Opt("--compile", help="train section: also torch.compile each model, timed beside "
+                                                    "eager")] = False,
+    data: Annotated[Path, Opt(help="eval/recommend dataset, with a games domain [the built-in world]")] = DEFAULT_DATA,
+    model: Annotated[Path | None, Opt(help=f"eval checkpoint [{DEFAULT_CPT / 'final'}, else {DEFAULT_MODEL}]")] = None,
+    eval_users: Annotated[int | None, Opt(help="eval beam-search and recommend users [1,000; quick 20]")] = None,
+    exact_users: Annotated[int, Opt(help="of those, users also scored exactly (slow)")] = 40,
+    beams: Annotated[int, Opt(help="eval section's beam width (>= 20)")] = 20,
+    catalogue_items: Annotated[int | None, Opt(help="synthetic catalogue items [100,000; quick 5,000]")] = None,
+    movie_users: Annotated[int | None, Opt(help="users of the movies section's beam searches [200; quick 8]")] = None,
+    movie_reps: Annotated[int | None, Opt(help="movies section: passes over the users per ranker [3; quick 1]")] = None,
+    prepare_records: Annotated[int | None, Opt(help="synthetic reviews [1,000,000; quick 20,000]")] = None,
+    llm: Annotated[Path, Opt(help="pretrained LLM of the llm section [$CPREC_SMOLLM2, else /tmp/smollm2-135m-hf]")] = (
+        Options.llm),
+    llm_users: Annotated[int | None, Opt(help="eval users of the llm section [40; quick 4]")] = None,
+    peak_tflops: Annotated[float | None, Opt(help="MFU denominator for every precision, TFLOP/s "
+                                                  "[CPU: measured matmul; CUDA: the GPU's datasheet]")] = None,
+    json_path: Annotated[Path | None, Opt("--json", help="also write machine, peaks and rows here")] = None,
+) -> None:
+    sections = [name.strip() for name in only.split(",") if name.strip()]
+    if unknown := [name for name in sections if name not in SECTIONS]:
+        raise typer.BadParameter(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}", param_hint="--only")
+    cuda = device.startswith("cuda")
+    precision_list = [p.strip() for p in (precisions or ("bf16" if cuda else "fp32,bf16")).split(",")]
+    if bad := [p for p in precision_list if p not in DTYPES]:
+        raise typer.BadParameter(f"unknown precision(s) {bad}; choose fp32, bf16", param_hint="--precisions")
+    try:
+        s = dict(QUICK if quick else DECODER)
+        s.update({k.strip(): int(v) for k, v in (kv.split("=") for kv in shape.split(",") if kv.strip())})
+        seq, batch = s.pop("seq"), s.pop("batch")
+        config = ModelConfig(**s, head_dim=s["dim"] // s["n_heads"], tie_embeddings=False, max_positions=max(2048, seq))
+    except (ValueError, TypeError, ZeroDivisionError):
+        raise typer.BadParameter(f"{shape!r}: want name=int pairs of {list(DECODER)}", param_hint="--shape") from None
+    if config.dim % config.n_heads or config.n_heads % config.n_kv_heads:
+        raise typer.BadParameter("need n_heads | dim and n_kv_heads | n_heads", param_hint="--shape")
+    for name, value in (("--reps", reps), ("--movie-users", movie_users), ("--movie-reps", movie_reps)):
+        if value is not None and value < 1:
+            raise typer.BadParameter(f"{value}: expected a count >= 1", param_hint=name)
+    model = model or next((p for p in (DEFAULT_CPT / "final", DEFAULT_MODEL) if (p / "config.json").exists()), None)
+    if {"eval", "recommend", "llm"} & set(sections) and not (model and (model / "config.json").exists()):
+        raise typer.BadParameter(f"no checkpoint in {model or DEFAULT_CPT / 'final'}: pass another, or run `python "
+                                 "cprec.py pretrain` first", param_hint="--model")
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+    eval_users = eval_users or (20 if quick else 1000)
+    o = Options(device=device, threads=torch.get_num_threads(), precisions=precision_list,
+                reps=reps or (20 if quick else 5), warmup=warmup, seed=seed, memory=memory, quick=quick,
+                shape=config, seq=seq, batch=batch, compile=compiled, data=data, model=model, eval_users=eval_users,
+                beams=beams,
+                exact_users=min(exact_users, eval_users),
+                catalogue_items=catalogue_items or (5_000 if quick else 100_000),
+                movie_users=movie_users or (8 if quick else 200), movie_reps=movie_reps or (1 if quick else 3),
+                prepare_records=prepare_records or (20_000 if quick else 1_000_000), llm=llm,
+                llm_users=llm_users or (4 if quick else 40))
+    info = machine(device)
+    console.print("[bold]machine[/]: " + ", ".join(f"{k} {v}" for k, v in info.items()), highlight=False)
+    if "decoder" in sections:
+        console.print(f"[bold]decoder shape[/]: {s}, seq {seq}, batch {batch}")
+    mfu = {"decoder", "train", "fsdp"} & set(sections)  # only they report FLOP/s: skip the peak matmuls otherwise
+    measured = measure_peaks(device, precision_list) if mfu else {}
+    rows = []
+    for name in sections:
+        t = time.perf_counter()
+        rows += SECTIONS[name](o)
+        console.print(f"section {name}: {time.perf_counter() - t:.0f} s")
+    # Peaks are measured before and after the sections and the best kept: on a shared box one measurement can land
+    # in someone else's busy spell, and an MFU above 100% would follow.
+    again = measure_peaks(device, precision_list) if mfu else {}
+    measured = {p: max(measured[p], again[p]) for p in measured}
+    peaks, peak_notes = choose_peaks(measured, device, peak_tflops)
+    if mfu:
+        console.print("[bold]peak[/]: " + "; ".join(peak_notes))
+    for row in rows:  # sections report achieved FLOP/s; MFU is one division by the peak, done here for all
+        if row.get("flops_per_s") is not None and row.get("precision") in peaks:
+            row["mfu"] = row["flops_per_s"] / peaks[row["precision"]]
+    for name in sections:
+        console.print(render(name, [r for r in rows if r["section"] == name]))
+        console.print(f"{name}: what the columns mean in docs/benchmarks.md#{name}", style="dim")
+    if any(row.get("mfu", 0) > 1 for row in rows):
+        console.print("MFU above 100%: the peak matmuls ran in a busy spell; rerun, or pass --peak-tflops",
+                      style="yellow")
+    if json_path:
+        json_path.write_text(json.dumps({"machine": info, "peaks": peaks, "measured_peaks": measured,
+                                         "options": asdict(o), "rows": rows}, indent=2, default=str) + "\n")
+        console.print(f"wrote {json_path}")
+
+
+if __name__ == "__main__":
+    try:
+        app()
+    except UserError as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        raise SystemExit(2) from None

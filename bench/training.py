@@ -1,0 +1,245 @@
+"""Training sections: optimizer steps as `cprec.py pretrain` runs them (train.step: the loop's own step), the chunked
+loss against full logits, FSDP2 steps on 1 and 2 processes (CUDA: every GPU), and the memory model of DDP and FSDP
+(infra.device.memory_estimate: computed, not measured)."""
+from __future__ import annotations
+
+import gc
+import math
+import multiprocessing as mp
+import os
+import queue
+import socket
+from dataclasses import asdict, replace
+from unittest import mock
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+
+from bench.harness import Options, Step, add_memory, peak_memory, throughput, time_interleaved, timed
+from data import IGNORE, Blocks
+from infra.config import SMALL, ModelConfig
+from infra.device import autocast, memory_estimate
+from infra.distributed import Supervised, checkpoint_layers, setup_distributed, shard_fsdp
+from model import Decoder, init_weights
+from train import cross_entropy_sum, lm_loss, param_groups, step
+
+# --------------------------------------------------------------------------------------------------- train
+QWEN_05B = ModelConfig(vocab_size=151936, dim=896, n_layers=24, n_heads=14, n_kv_heads=2, head_dim=64,
+                       intermediate_size=4864, norm_eps=1e-6, rope_theta=1e6, qkv_bias=True, tie_embeddings=True,
+                       max_positions=32768, architecture="Qwen2ForCausalLM")
+
+
+def train_step(config: ModelConfig, batch: tuple[int, int, int], precision: str, o: Options,
+               supervised: int = 0, compiled: bool = False) -> Step:
+    """One optimizer step of `cprec.py pretrain` on packed random blocks (block, micro-batch, accumulation): collate,
+    then train.step (the loop's own: accumulation, autocast, clip, AdamW, schedule). `supervised` > 0: a `finetune`
+    step, whose loss is only on the last `supervised` tokens of each row (the next item's title after a prompt).
+    `compiled`: the model through torch.compile (the step's first run, untimed, compiles it)."""
+    (block, micro, accum), device = batch, torch.device(o.device)
+    model = Decoder(config)
+    init_weights(model, o.seed)
+    model.to(device).train()
+    net = Supervised(torch.compile(model) if compiled else model, lm_loss)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    stream = np.random.default_rng(o.seed).integers(0, config.vocab_size, micro * accum * block + 1, dtype=np.uint32)
+    blocks = Blocks(stream, block, micro, o.seed)
+    plan = blocks.micro_batches(0)[:accum]
+
+    def run():
+        batches = [blocks.collate(b) for b in plan]
+        if supervised:  # targets are a view of the inputs (shifted by one): mask a copy
+            batches = [(inputs, np.where(np.arange(block) < block - supervised, IGNORE, targets))
+                       for inputs, targets in batches]
+        step(net, model, batches, (supervised or block) * micro * accum, optimizer, sched, scaler,
+             precision=precision, device=device)
+    return (lambda: None), run
+
+
+def bench_train(o: Options) -> list[dict]:
+    runs = [("small", SMALL, (64, 4, 1) if o.quick else (256, 16, 4), o.precisions)]
+    if o.device.startswith("cuda"):
+        runs.append(("qwen2.5-0.5b", QWEN_05B, (2048, 4, 2), ["bf16"]))
+    rows, probes = [], []
+    for name, config, batch, precisions in runs:
+        variants = [(p, compiled) for p in precisions for compiled in ([False, True] if o.compile else [False])]
+        steps = {v: train_step(config, batch, v[0], o, compiled=v[1]) for v in variants}
+        times, slots = time_interleaved(steps, max(o.warmup, int(o.compile)), o.reps, o.device)  # compiling: untimed
+        del steps
+        gc.collect()
+        flops_per_token = config.train_flops_per_token(batch[0])
+        for p, compiled in variants:
+            rows.append(dict(section="train", model=name + " compiled" * compiled, params=config.n_params,
+                             precision=p, batch="×".join(map(str, batch)), config=asdict(config),
+                             **throughput(times[p, compiled], math.prod(batch), flops_per_token,
+                                             slots[p, compiled])))
+            if not compiled:  # memory of the eager step; a fresh process would spend the probe compiling
+                probes.append((rows[-1], train_step, (config, batch, p, o)))
+    add_memory(o, probes)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------- loss
+LOSSES = ("chunked (train.py)", "full logits")
+QUICK_HEAD = ModelConfig(vocab_size=8192, dim=128)  # --quick: a small vocabulary and width for the loss section
+
+
+def loss_shape(o: Options) -> ModelConfig:
+    return QUICK_HEAD if o.quick else QWEN_05B
+
+
+def loss_step(impl: str, tokens: int, precision: str, o: Options) -> Step:
+    """Forward+backward of the training loss from N supervised hidden states at Qwen2.5-0.5B's vocabulary and width:
+    ours (train.cross_entropy_sum) or the usual N x V logits, upcast to fp32 for the cross-entropy."""
+    gen = torch.Generator().manual_seed(o.seed)
+    config, device = loss_shape(o), o.device
+    hidden = torch.randn(tokens, config.dim, generator=gen).to(device).requires_grad_()
+    weight = (torch.randn(config.vocab_size, config.dim, generator=gen) * 0.02).to(device).requires_grad_()
+    targets = torch.randint(0, config.vocab_size, (tokens,), generator=gen).to(device)
+
+    def reset():
+        hidden.grad = weight.grad = None
+
+    def run():
+        with autocast(precision, torch.device(device)):
+            loss = (cross_entropy_sum(hidden, weight, targets) if impl == LOSSES[0] else
+                    F.cross_entropy((hidden @ weight.t()).float(), targets, reduction="sum"))
+        loss.backward()  # outside autocast, as its documentation asks
+    return reset, run
+
+
+def bench_loss(o: Options) -> list[dict]:
+    tokens = 256 if o.quick else 2048
+    config = loss_shape(o)
+    flops = 6 * config.dim * config.vocab_size  # the projection's forward and backward, per token
+    rows, probes = [], []
+    for precision in o.precisions:
+        steps = {impl: loss_step(impl, tokens, precision, o) for impl in LOSSES}
+        times, slots = time_interleaved(steps, o.warmup, o.reps, o.device)
+        for impl in LOSSES:
+            rows.append(dict(section="loss", impl=impl, precision=precision, tokens=tokens, vocab=config.vocab_size,
+                             **throughput(times[impl], tokens, flops, slots[impl])))
+            probes.append((rows[-1], loss_step, (impl, tokens, precision, o)))
+    add_memory(o, probes)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------- fsdp
+QWEN_15B = replace(QWEN_05B, dim=1536, n_layers=28, n_heads=12, head_dim=128, intermediate_size=8960)
+QWEN_7B = replace(QWEN_05B, vocab_size=152064, dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, head_dim=128,
+                  intermediate_size=18944, tie_embeddings=False)
+
+
+def fsdp_rank(results, rank: int, world: int, port: int, config: ModelConfig, batch: tuple[int, int, int],
+              precision: str, checkpointing: bool, o: Options) -> None:
+    """One process of an FSDP run as `cprec.py pretrain --shard fsdp` trains (infra.distributed.shard_fsdp, then
+    train.step): warm-up steps, then timed steps; puts its times and memory on `results`."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    # CPU: every process gets half the threads, so 2 processes use them all and 1 shows the cost per process alone.
+    torch.set_num_threads(max(1, o.threads // 2) if o.device == "cpu" else o.threads)
+    _, _, device = setup_distributed()
+    model = Decoder(config)
+    init_weights(model, o.seed)
+    if checkpointing:
+        checkpoint_layers(model)
+    root = shard_fsdp(model, Supervised(model, lm_loss), device, precision)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    block, micro, accum = batch
+    stream = np.random.default_rng(o.seed).integers(0, config.vocab_size, micro * accum * block + 1, dtype=np.uint32)
+    blocks = Blocks(stream, block, micro, o.seed)
+    mine = [blocks.collate(b) for b in blocks.micro_batches(0)[:accum][rank::world]]  # this process's share
+
+    def one_step():
+        step(root, model, mine, block * micro * accum, optimizer, sched, scaler, precision=precision, device=device,
+             world=world)
+
+    for _ in range(max(1, o.warmup)):  # the first step allocates AdamW's state
+        one_step()
+    state = [*model.parameters(), *(t for s in optimizer.state.values() for t in s.values() if t.dim())]
+    state_bytes = sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in state)  # this process's shards
+    times = []
+
+    def timed_steps():
+        for _ in range(o.reps):
+            torch.distributed.barrier()
+            times.append(timed(one_step, o.device))
+    gc.collect()
+    _, memory = peak_memory(timed_steps, o.device)
+    results.put(dict(rank=rank, step_s_all=times, state_mib=state_bytes / 2**20, **memory))
+    torch.distributed.destroy_process_group()
+
+
+def fsdp_run(world: int, *args) -> list[dict]:
+    """Each rank of an FSDP run in a fresh spawned process (no inherited threads or CUDA state); their results."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    # Spawned children copy os.environ when they start; glibc returns freed tensors to the OS (see fresh_processes).
+    with mock.patch.dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072"):
+        procs = [ctx.Process(target=fsdp_rank, args=(results, rank, world, port, *args)) for rank in range(world)]
+        for p in procs:
+            p.start()
+    ranks = []
+    while len(ranks) < world:
+        try:
+            ranks.append(results.get(timeout=5))
+        except queue.Empty:
+            if any(p.exitcode not in (None, 0) for p in procs):
+                for p in procs:
+                    p.kill()
+                codes = [p.exitcode for p in procs]
+                raise RuntimeError(f"an FSDP benchmark process failed: exit codes {codes}") from None
+    for p in procs:
+        p.join()
+    return sorted(ranks, key=lambda r: r["rank"])
+
+
+def bench_fsdp(o: Options) -> list[dict]:
+    cuda = o.device.startswith("cuda")
+    if cuda:
+        gpus = torch.cuda.device_count()
+        runs = [(name, config, (2048, 4, gpus), gpus, "bf16", ac) for name, config in
+                (("qwen2.5-0.5b", QWEN_05B), ("qwen2.5-1.5b", QWEN_15B)) for ac in (False, True)]
+    else:
+        runs = [("small", SMALL, (64, 4, 2) if o.quick else (256, 8, 2), world, "fp32", False) for world in (1, 2)]
+    rows = []
+    for name, config, batch, world, precision, checkpointing in runs:
+        ranks = fsdp_run(world, config, batch, precision, checkpointing, o)
+        tokens, flops = math.prod(batch), config.train_flops_per_token(batch[0])
+        speed = throughput(ranks[0]["step_s_all"], tokens, flops)
+        speed["flops_per_s"] /= world if cuda else 1  # per device: GPUs each have their own, CPU processes share one
+        rows.append(dict(section="fsdp", model=name, params=config.n_params, processes=world, precision=precision,
+                         checkpointing=checkpointing, batch="×".join(map(str, batch)), **speed,
+                         state_mib=max(r["state_mib"] for r in ranks),
+                         peak_total_mib=max(r.get("peak_total_mib", math.nan) for r in ranks)))
+    if not cuda:
+        rows += [dict(section="fsdp", model=name, params=config.n_params, note="needs a GPU")
+                 for name, config in (("qwen2.5-0.5b", QWEN_05B), ("qwen2.5-1.5b", QWEN_15B))]
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------- memory
+def bench_memory(o: Options) -> list[dict]:
+    rows = []
+    for name, config in (("qwen2.5-0.5b", QWEN_05B), ("qwen2.5-1.5b", QWEN_15B), ("qwen2.5-7b", QWEN_7B)):
+        embedding = config.vocab_size * config.dim * (1 if config.tie_embeddings else 2)
+        for shard in ("ddp", "fsdp"):
+            for checkpointing in (False, True):
+                estimate = memory_estimate(config.n_params, config.n_layers, config.dim, embedding, MEMORY_TOKENS,
+                                           8, shard, checkpointing)
+                fits = estimate["total_gib"] < 0.9 * 80e9 / 2**30
+                rows.append(dict(section="memory", model=name, params=config.n_params, shard=shard,
+                                 checkpointing=checkpointing, **estimate, fits=fits))
+    return rows
+
+
+MEMORY_TOKENS = 2048 * 4  # docs/scaling.md's pretrain micro-batch: --block-len 2048 --micro-batch 4
+

@@ -1,0 +1,314 @@
+"""`cprec baseline`: an item-ID baseline on the LLM's own split, a SASRec-style next-item transformer (Kang and
+McAuley, ICDM 2018).
+
+Each item of the domain is one token of a vocabulary of catalogue size + 1 (the last id pads), run through the
+project's decoder (model.Decoder: pre-norm causal attention, SwiGLU MLP) with dropout on the embeddings and on both
+residual branches, the decoder's RoPE (or SASRec's learned absolute positions; RoPE ranked better on MovieLens-100k)
+and input embeddings tied to the output layer. Training reads each user's TRAIN items of the domain as one sequence
+with a cross-entropy over every item of the domain at every position, so one forward pass serves every target. It is
+the project's one training loop (train.train: its optimizer step, clipping, non-finite-step skip, checkpoints and
+resume), one step per batch of users, validated once per epoch; the epoch with the best validation NDCG@10 is kept
+(early stopping). Ranking is exact: one forward pass over a user's history, then scores = last hidden state @ item
+embeddings for the whole catalogue, ranked with eval.py's pessimistic-tie rank.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import typer
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from data import IGNORE, TEST, VALID, Dataset, eval_cases, sample, train_sequences
+from eval import evaluation_result, popularity, rank_in_scores
+from extras.world import open_dataset
+from infra.cli import OVERWRITE, RESUME, show
+from infra.config import DEFAULT_DATA, ModelConfig
+from infra.console import say
+from infra.device import autocast, resolve_precision
+from infra.distributed import setup_distributed
+from infra.files import UserError, atomic_dir, write_json
+from infra.runs import open_run, save_result
+from model import Decoder, init_weights
+from schedule import Schedule
+from train import TrainConfig, cross_entropy_sum, train
+
+POSITIONS = ("learned", "rope")
+
+
+@dataclass
+class BaselineConfig:
+    max_len: int = 200  # items the model sees; SASRec's MovieLens setting (50 on sparse data)
+    dim: int = 64
+    layers: int = 2
+    heads: int = 1  # SASRec found one head enough
+    ffn: int = 64  # SASRec's point-wise feed-forward is dim -> dim
+    dropout: float = 0.2  # SASRec on dense data (MovieLens); 0.5 on sparse data
+    positions: str = "rope"  # the decoder's RoPE: better than SASRec's learned positions on MovieLens-100k
+    lr: float = 1e-3
+    batch: int = 128  # users per step
+    epochs: int = 200  # at most; early stopping usually ends sooner
+    patience: int = 10  # epochs without a better validation NDCG@10 before stopping (RecBole's stopping_step)
+    val_users: int = 0  # a seeded subset of validation users (0 = all)
+    mask_history: bool = False  # RecBole's and the LLM evaluation's default: history items stay candidates
+    precision: str = "fp32"
+    seed: int = 0
+
+    def check(self) -> None:
+        """Refuse impossible settings, naming the option, before anything is trained or written."""
+        positive = {"max-len": self.max_len, "dim": self.dim, "layers": self.layers, "heads": self.heads,
+                    "ffn": self.ffn, "batch": self.batch, "epochs": self.epochs, "patience": self.patience}
+        for name, value in positive.items():
+            if value < 1:
+                raise UserError(f"--{name} {value}: expected a positive integer")
+        if self.dim % self.heads or (self.positions == "rope" and (self.dim // self.heads) % 2):
+            raise UserError(f"--dim {self.dim} must split into --heads {self.heads} equal heads (of even size for "
+                            "RoPE)")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"--dropout {self.dropout}: expected a value in [0, 1)")
+        if not self.lr > 0:
+            raise UserError(f"--lr {self.lr}: expected a positive learning rate")
+        if self.positions not in POSITIONS:
+            raise UserError(f"--positions {self.positions!r}: expected {' or '.join(POSITIONS)}")
+        if self.val_users < 0:
+            raise UserError(f"--val-users {self.val_users}: expected 0 (all) or a positive count")
+
+
+# --------------------------------------------------------------------------------------------------- model
+class SASRec(nn.Module):
+    """The decoder over item ids plus what SASRec adds: dropout and (optionally) learned positions."""
+
+    def __init__(self, n_items: int, cfg: BaselineConfig):
+        super().__init__()
+        self.n_items, self.pad, self.cfg = n_items, n_items, cfg
+        self.decoder = Decoder(ModelConfig(vocab_size=n_items + 1, dim=cfg.dim, n_layers=cfg.layers,
+                                           n_heads=cfg.heads, n_kv_heads=cfg.heads, head_dim=cfg.dim // cfg.heads,
+                                           intermediate_size=cfg.ffn, max_positions=cfg.max_len,
+                                           tie_embeddings=True))
+        self.config = self.decoder.config  # the shape the training loop's MFU counts
+        self.positions = nn.Embedding(cfg.max_len, cfg.dim) if cfg.positions == "learned" else None
+        self.dropout = nn.Dropout(cfg.dropout)
+        init_weights(self.decoder, cfg.seed)
+        if self.positions is not None:
+            with torch.no_grad():
+                generator = torch.Generator().manual_seed(cfg.seed + 1)
+                self.positions.weight.copy_(torch.randn(self.positions.weight.shape, generator=generator) * 0.02)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Final normed hidden states (B, T, dim) of right-padded item ids: under causal attention no real
+        position sees the padding after it, so no mask is needed. Without dropout and with RoPE this is exactly
+        Decoder.forward(ids, hidden=True)."""
+        d = self.decoder
+        T = ids.shape[1]
+        x = d.embed_tokens(ids)
+        if self.positions is not None:
+            x = x + self.positions.weight[:T]
+            head_dim = d.config.head_dim
+            cos, sin = x.new_ones(1, 1, T, head_dim), x.new_zeros(1, 1, T, head_dim)  # RoPE as the identity
+        else:
+            cos, sin = (t.to(x.dtype) for t in d.rope(torch.arange(T, device=ids.device)[None]))
+        x = self.dropout(x)
+        for i, block in enumerate(d.layers):
+            x = x + self.dropout(block.self_attn(block.input_layernorm(x), cos, sin, None, None, i))
+            x = x + self.dropout(block.mlp(block.post_attention_layernorm(x)))
+        return d.norm(x)
+
+    @property
+    def items(self) -> torch.Tensor:
+        """The item embeddings (n_items, dim): the input table, tied to the output layer (the pad row left out)."""
+        return self.decoder.embed_tokens.weight[:self.n_items]
+
+    # What the training loop's checkpoints ask of a model (as of model.Decoder): files in, files out.
+    def write_checkpoint(self, directory: Path, tokenizer=None) -> None:
+        """model.safetensors (the output layer is the item table, tied: stored once) and the settings."""
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
+                   if k != "decoder.lm_head.weight"}, str(directory / "model.safetensors"))
+        write_json(directory / "baseline.json", {"n_items": self.n_items, **asdict(self.cfg)})
+
+    def save_pretrained(self, path: Path, tokenizer=None) -> None:
+        with atomic_dir(path) as tmp:
+            self.write_checkpoint(tmp)
+
+    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.load_state_dict({**tensors, "decoder.lm_head.weight": tensors["decoder.embed_tokens.weight"]})
+
+
+def sasrec_loss(model: SASRec, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy over every item of the domain at every real position (train.train's `loss`)."""
+    real = targets != IGNORE
+    return cross_entropy_sum(model(inputs)[real], model.items, targets[real])
+
+
+class Sequences:
+    """Users' training sequences (catalogue positions, oldest first) as batches of `batch` users for train.train:
+    inputs are items 0..n-2, targets items 1..n-1, a loss at every real position.
+
+    Users come in a fresh seeded order each epoch (a function of seed and epoch alone, so a resumed run repeats it);
+    each run of 4 batches of the shuffled users is sorted by length before it is cut into batches, and the batches
+    are then shuffled: similar lengths share a batch, so little is computed on padding (a random batch of MovieLens
+    users is 60% padding), while which users meet in a batch still changes every epoch."""
+
+    def __init__(self, sequences: list[np.ndarray], batch: int, pad: int, seed: int, bucket: int = 4):
+        self.sequences, self.batch, self.pad, self.seed, self.bucket = sequences, batch, pad, seed, bucket
+        self.lengths = np.array([len(s) for s in sequences])
+
+    def micro_batches(self, epoch: int) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.lengths))
+        span = self.batch * self.bucket
+        order = np.concatenate([chunk[np.argsort(self.lengths[chunk], kind="stable")]
+                                for chunk in np.split(order, range(span, len(order), span))])
+        batches = [order[i:i + self.batch].tolist() for i in range(0, len(order), self.batch)]
+        return [batches[k] for k in rng.permutation(len(batches))]
+
+    def n_targets(self, batch: list[int]) -> int:
+        return int(self.lengths[batch].sum()) - len(batch)
+
+    n_tokens = n_targets
+
+    def collate(self, batch: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.full((len(batch), int(self.lengths[batch].max())), self.pad, np.int64)
+        for row, k in enumerate(batch):
+            ids[row, :self.lengths[k]] = self.sequences[k]
+        targets = ids[:, 1:].copy()
+        targets[np.arange(targets.shape[1]) >= (self.lengths[batch] - 1)[:, None]] = IGNORE
+        return ids[:, :-1], targets
+
+
+@torch.no_grad()
+def catalogue_scores(model: SASRec, histories: list[np.ndarray], batch: int = 256) -> torch.Tensor:
+    """Scores (U, n_items) of every item for each history (catalogue positions, oldest first, at most max_len):
+    one forward pass per history, then its last hidden state against every item embedding."""
+    model.eval()
+    device = model.items.device
+    out = []
+    for start in range(0, len(histories), batch):
+        some = histories[start:start + batch]
+        lengths = torch.tensor([len(h) for h in some], device=device)
+        ids = torch.full((len(some), int(lengths.max())), model.pad, dtype=torch.long)
+        for row, h in enumerate(some):
+            ids[row, :len(h)] = torch.as_tensor(h, dtype=torch.long)
+        hidden = model(ids.to(device))
+        last = hidden[torch.arange(len(some), device=device), lengths - 1]
+        out.append((last @ model.items.t()).float().cpu())
+    return torch.cat(out)
+
+
+def catalogue_positions(ds: Dataset, catalogue: np.ndarray) -> np.ndarray:
+    """Dataset item index -> its position in the catalogue (= its id in the model's vocabulary), -1 elsewhere."""
+    position = np.full(len(ds.item_ids), -1)
+    position[catalogue] = np.arange(len(catalogue))
+    return position
+
+
+def evaluate(model: SASRec, ds: Dataset, key: str, cfg: BaselineConfig, split: str = "test", users: int = 0) -> dict:
+    """Full-ranking evaluation, the same result as eval.evaluate's (eval.evaluation_result)."""
+    catalogue = ds.catalogue(key)
+    position = catalogue_positions(ds, catalogue)
+    cases = eval_cases(ds, key, {"test": TEST, "valid": VALID}[split], cfg.max_len)
+    cases = sample(cases, users, cfg.seed)  # the same users as the LLM's evaluation of the same seed
+    if not cases:
+        raise UserError(f"domain {key!r} has no {split} cases (users need 3+ interactions there)")
+    began = time.perf_counter()
+    scores = catalogue_scores(model, [position[c.history] for c in cases]).numpy()
+    targets = [int(position[c.target]) for c in cases]
+    excluded = [position[c.history] if cfg.mask_history else [] for c in cases]
+    ranks = [rank_in_scores(s, t, ex) for s, t, ex in zip(scores, targets, excluded)]
+    counts = popularity(ds, key)
+    pop_ranks = [rank_in_scores(counts, t, ex) for t, ex in zip(targets, excluded)]
+    for row, ex in enumerate(excluded):
+        scores[row, ex] = -np.inf
+    tops = np.argsort(-scores, axis=1, kind="stable")[:, :10]
+    return evaluation_result(ds, key, split, cases, ranks, tops, pop_ranks,
+                             ranker="SASRec-style item-ID model, exact scores of every item",
+                             mask_history=cfg.mask_history, window=cfg.max_len, seconds=time.perf_counter() - began)
+
+
+# --------------------------------------------------------------------------------------------------- training
+def train_baseline(ds: Dataset, key: str, cfg: BaselineConfig, run: Path, device: torch.device | str = "cpu",
+                   resume: bool = False, progress: bool = False) -> tuple[dict, dict]:
+    """Train on the domain's TRAIN sequences with train.train, one step per batch of users and a validation per
+    epoch, keep the epoch with the best validation NDCG@10 (early stopping after cfg.patience epochs without a better
+    one), and evaluate it on the test split. Returns (training summary, test result)."""
+    cfg.check()
+    device = torch.device(device)
+    catalogue = ds.catalogue(key)
+    position = catalogue_positions(ds, catalogue)
+    # The last max_len + 1 items give max_len inputs, each with its next item as target; one item has no target.
+    sequences = [position[s[-(cfg.max_len + 1):]] for s in train_sequences(ds, key) if len(s) >= 2]
+    if not sequences:
+        raise UserError(f"domain {key!r}: no user has 2 or more training items, nothing to train on")
+    model = SASRec(len(catalogue), cfg)
+    data = Sequences(sequences, cfg.batch, model.pad, cfg.seed)
+    per_epoch = len(data.micro_batches(0))
+    train_cfg = TrainConfig(steps=cfg.epochs * per_epoch, accum=1, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.98),
+                            schedule=Schedule("constant", warmup=0), precision=cfg.precision, seed=cfg.seed,
+                            save_every=per_epoch, eval_every=per_epoch, select="ndcg@10", patience=cfg.patience,
+                            progress=progress, shard="none")  # SASRec's Adam: betas 0.9, 0.98, no weight decay
+    say(f"SASRec baseline on {key}: {len(sequences):,} training sequences, {len(catalogue):,} items, "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters; at most {cfg.epochs} epochs of {per_epoch} steps, "
+        f"patience {cfg.patience}")
+    began = time.perf_counter()
+    summary = train(model, data, train_cfg, run, loss=sasrec_loss, device=device, resume=resume,
+                    validate=lambda m: evaluate(m, ds, key, cfg, "valid", cfg.val_users)["model"])
+    model.load_weights(load_file(run / "best" / "model.safetensors"))
+    with autocast(resolve_precision(cfg.precision, device), device):
+        result = evaluate(model, ds, key, cfg, "test")
+    epochs = math.ceil(summary["last_step"] / per_epoch)
+    summary.update(epochs=epochs, best_epoch=summary["best"]["step"] // per_epoch,
+                   best_valid_ndcg_at_10=summary["best"]["ndcg@10"], early_stopped=epochs < cfg.epochs,
+                   train_sequences=len(sequences), parameters=sum(p.numel() for p in model.parameters()),
+                   wall_seconds=time.perf_counter() - began, sequences_per_s=len(sequences) * epochs /
+                   max(summary["seconds"], 1e-9))
+    return summary, result
+
+
+# --------------------------------------------------------------------------------------------------- the command
+def command(domain: str = typer.Option(..., help="Domain to train on and rank (its whole catalogue)."),
+            data: Path = typer.Option(DEFAULT_DATA, help="Dataset; the built-in world is created if missing."),
+            out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/baseline-DOMAIN)."),
+            max_len: int = typer.Option(200, help="Items of history the model sees (SASRec: 200 on MovieLens, 50 on "
+                                        "sparse data)."),
+            dim: int = typer.Option(64, help="Hidden size (= item embedding size)."),
+            layers: int = typer.Option(2, help="Self-attention blocks."),
+            heads: int = typer.Option(1, help="Attention heads."),
+            ffn: int = typer.Option(64, help="MLP intermediate size (SASRec: = hidden size)."),
+            dropout: float = typer.Option(0.2, help="Dropout on embeddings and block outputs (SASRec: 0.2 dense, 0.5 "
+                                          "sparse data)."),
+            positions: str = typer.Option("rope", help="rope (the decoder's; better on MovieLens) or learned "
+                                          "(SASRec's)."),
+            lr: float = typer.Option(1e-3, help="Adam learning rate."),
+            batch: int = typer.Option(128, help="Users per step."),
+            epochs: int = typer.Option(200, help="Most epochs; early stopping usually ends sooner."),
+            patience: int = typer.Option(10, help="Epochs without a better validation NDCG@10 before stopping."),
+            val_users: int = typer.Option(0, help="Validation users, a seeded subset (0 = all)."),
+            mask_history: bool = typer.Option(False, help="Exclude items already in the history."),
+            precision: str = typer.Option("fp32", help="fp32, bf16, auto (bf16 where supported)."),
+            seed: int = typer.Option(0, help="Seed for initialisation, dropout and data order."),
+            resume: bool = RESUME, overwrite: bool = OVERWRITE,
+            progress: bool = typer.Option(True, help="Show progress bars with ETA (on a terminal only).")):
+    """SASRec-style item-ID baseline on the LLM's split: trained with early stopping on validation NDCG@10, then
+    the same full-ranking test evaluation, results and per-user ranks as every other command."""
+    _, _, device = setup_distributed()
+    ds = open_dataset(data)
+    ds.domain(domain)
+    cfg = BaselineConfig(max_len=max_len, dim=dim, layers=layers, heads=heads, ffn=ffn, dropout=dropout,
+                         positions=positions, lr=lr, batch=batch, epochs=epochs, patience=patience,
+                         val_users=val_users, mask_history=mask_history,
+                         precision=resolve_precision(precision, device), seed=seed)
+    cfg.check()
+    config = {"command": "baseline", "domain": domain, "data": str(data), "data_fingerprint": ds.fingerprint,
+              "baseline": asdict(cfg)}
+    run = open_run(out or Path(f"runs/baseline-{domain}"), config, resume, overwrite)
+    summary, result = train_baseline(ds, domain, cfg, run, device, resume, progress)
+    say(f"best epoch {summary['best_epoch']} of {summary['epochs']} (validation NDCG@10 "
+        f"{summary['best_valid_ndcg_at_10']:.4f}), {summary['wall_seconds']:.1f} s, {summary['sequences_per_s']:,.0f} "
+        "training sequences/s")
+    save_result(result, run / "results.json", {"config": config, "training": summary})
+    show(result)

@@ -1,0 +1,82 @@
+"""`cprec init`: a new tokenizer for a dataset's texts and a randomly initialised Llama-architecture model, saved as
+an HF checkpoint, from then on loaded exactly like a downloaded one; and the default small model, made on first use."""
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from data import tokenizer_corpus
+from extras.world import open_dataset
+from infra.config import DEFAULT_DATA, DEFAULT_MODEL, INIT_MARKER, SMALL, ModelConfig
+from infra.console import say
+from infra.distributed import barrier
+from infra.files import UserError, atomic_dir, own_output, read_json, write_json
+from infra.tokenizer import Tokenizer, train_tokenizer
+from model import Decoder, init_weights
+
+INIT_FILES = {"config.json", "model.safetensors", "tokenizer.model"}  # what init writes
+
+
+def create_model(texts, out_dir: str | Path, config: ModelConfig, seed: int = 0) -> Decoder:
+    """A tokenizer trained on `texts` and a model initialised with `seed`, written to `out_dir` atomically."""
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        train_tokenizer(texts, tmp, config.vocab_size)
+        tokenizer = Tokenizer.from_pretrained(tmp)
+        # The tokenizer decides the vocabulary and special ids; the caller's config is left as it was.
+        config = replace(config, vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
+                         eos_token_id=tokenizer.eos_id, extra={**config.extra, INIT_MARKER: {"seed": seed}})
+        model = Decoder(config)
+        init_weights(model, seed)
+        model.write_checkpoint(tmp)
+        write_json(tmp / "config.json", {**read_json(tmp / "config.json"), INIT_MARKER: {"seed": seed, "fresh": True}})
+    return model
+
+
+def written_by_init(path: str | Path) -> bool:
+    """True if `path` holds exactly what `init` writes, with init's marker in config.json, so init may replace it."""
+    path = Path(path)
+    try:
+        marker = read_json(path / "config.json").get(INIT_MARKER)
+        return set(os.listdir(path)) <= INIT_FILES and isinstance(marker, dict) and marker.get("fresh") is True
+    except (UserError, OSError):
+        return False
+
+
+def model_out(out: Path, overwrite: bool) -> Path:
+    """infra.files.own_output for init: it replaces only a model init wrote (init's fresh marker in config.json, no
+    other files there), and only on --overwrite. Returns the directory to write."""
+    return own_output(out, what="model", overwrite=overwrite, check=lambda p: None if written_by_init(p) else
+                      "a model init made holds its config.json, model.safetensors and tokenizer.model, nothing else")
+
+
+def base_model(path: Optional[Path], data: Path, rank: int) -> Path:
+    """--model, or the default small model, created on first use."""
+    if path is not None:
+        return path
+    if not (DEFAULT_MODEL / "config.json").exists():
+        model_out(DEFAULT_MODEL, overwrite=False)
+        if rank == 0:
+            say(f"creating the default small model in {DEFAULT_MODEL} (once)")
+            create_model(tokenizer_corpus(open_dataset(data)), DEFAULT_MODEL, ModelConfig())
+        barrier()
+    return DEFAULT_MODEL
+
+
+def command(data: Path = typer.Option(DEFAULT_DATA, help="Dataset whose texts train the tokenizer."),
+            out: Path = typer.Option(DEFAULT_MODEL, help="Output checkpoint directory (HF layout)."),
+            vocab: int = typer.Option(SMALL.vocab_size, help="Tokenizer vocabulary size."),
+            dim: int = typer.Option(SMALL.dim), layers: int = typer.Option(SMALL.n_layers),
+            heads: int = typer.Option(SMALL.n_heads), kv_heads: int = typer.Option(SMALL.n_kv_heads),
+            ffn: int = typer.Option(SMALL.intermediate_size, help="MLP intermediate size."),
+            seed: int = typer.Option(0), overwrite: bool = typer.Option(False, help="Replace an existing model.")):
+    """Train a SentencePiece tokenizer on a dataset and write a small random Llama-architecture checkpoint."""
+    out = model_out(out, overwrite)
+    config = ModelConfig(vocab_size=vocab, dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=kv_heads,
+                         head_dim=dim // heads, intermediate_size=ffn)
+    model = create_model(tokenizer_corpus(open_dataset(data)), out, config, seed)
+    say(f"wrote {out}: {model.config.n_params / 1e6:.2f}M parameters, vocabulary {model.config.vocab_size}")

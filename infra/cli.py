@@ -1,0 +1,90 @@
+"""What every command shares: the options several commands take, the results table, and `main`, which turns every
+error a user can cause into one line on stderr with exit status 2 (never a traceback or a usage box)."""
+from __future__ import annotations
+
+import errno
+import signal
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from infra.console import say
+from infra.files import WRITE_ERRORS, UserError, release_locks
+from infra.runs import Interrupted
+
+console = Console()
+clicks = sys.modules[typer.BadParameter.__module__]  # click's exceptions, or the copy newer typers vendor
+
+PROGRESS = typer.Option(True, help="Show progress bars with ETA (on a terminal only).")
+PRECISION = typer.Option("auto", help="auto (bf16 where supported, else fp32), fp32, bf16, fp16 (CUDA).")
+RESUME = typer.Option(False, help="Continue the run in --out from its latest checkpoint, exactly.")
+OVERWRITE = typer.Option(False, help="Replace a run already in --out.")
+
+
+def positive(**options) -> None:
+    """Refuse counts and amounts that must be > 0 (None = not given), naming the option."""
+    for name, value in options.items():
+        if value is not None and not value > 0:
+            raise UserError(f"--{name.replace('_', '-')} {value}: expected a value > 0")
+
+
+def split_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def show(result: dict) -> None:
+    """An evaluation result as a table (the model beside popularity) and its protocol line."""
+    keys = [k for k in result["model"] if k != "mrr"] + ["mrr"]
+    table = Table("ranker", *[k.replace("recall", "R").replace("ndcg", "N").upper() for k in keys])
+    for name in ("model", "popularity"):
+        table.add_row(name, *[f"{result[name][k]:.4f}" for k in keys])
+    console.print(table)
+    console.print(f"protocol: {result['protocol']}", highlight=False, soft_wrap=True)
+    console.print(f"{result['users_per_s']:.1f} users/s", highlight=False)
+
+
+def main(app: typer.Typer) -> None:
+    """Run a command; bad input of any kind (a file, a record, an option, a misspelt option, an output that cannot be
+    written) ends as one line on stderr and exit status 2; an interrupted command (Ctrl-C or SIGTERM; a training run
+    saves its checkpoint first) says so and exits 130."""
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM outside training: as Ctrl-C
+    try:
+        sys.exit(app(standalone_mode=False) or 0)  # --help returns 0 here; click's own error boxes are ours below
+    except getattr(clicks, "NoArgsIsHelpError", ()) as e:  # click >= 8.2
+        e.show()  # `cprec.py` or `cprec.py prepare` alone: the help text, as before
+        sys.exit(e.exit_code)
+    except clicks.ClickException as e:
+        command = e.ctx.command_path if getattr(e, "ctx", None) else Path(sys.argv[0]).name
+        fail(f"{e.format_message()} (see `{command} --help`)")
+    except typer.Abort as e:  # Ctrl-C outside training (which saves and exits 130 itself)
+        if isinstance(e.__cause__, EOFError):
+            raise e.__cause__ from None  # click takes any EOFError for a closed prompt; here a file was cut short
+        say("[yellow]interrupted")
+        sys.exit(130)
+    except Interrupted as stop:
+        say(f"[yellow]{escape(str(stop))}")
+        sys.exit(130)
+    except KeyboardInterrupt:  # outside click's own handling (before a command starts)
+        say("[yellow]interrupted")
+        sys.exit(130)
+    except UserError as e:
+        fail(str(e))
+    except OSError as e:  # a full disk, a read-only or immutable folder, permissions: the one line a user can act on
+        if e.errno not in WRITE_ERRORS:
+            raise
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        fail(f"{e.filename or 'a file'}: cannot be written ({e.strerror}); "
+             + ("free some space, then run the same command again (a training run: with --resume)" if full else
+                "choose an output folder you can write"))
+    finally:
+        release_locks()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def fail(message: str) -> None:
+    Console(stderr=True).print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(2)

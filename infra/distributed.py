@@ -1,0 +1,178 @@
+"""Several processes: torchrun's environment, DDP or FSDP2 around the model and its loss, the gradient-sync toggle,
+the gradient norm over shards, and FSDP's sharded checkpoints. PyTorch's own DDP and FSDP2, nothing home-made."""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from infra.files import UserError, atomic_dir
+from infra.runs import point_latest, prune
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device); under torchrun one process per GPU (NCCL), or per CPU process (gloo)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def resolve_shard(shard: str, world: int) -> str:
+    """none, ddp or fsdp: auto is DDP on several processes, and DDP over one process is plain training."""
+    if shard not in ("auto", "none", "ddp", "fsdp"):
+        raise UserError(f"--shard {shard!r}: expected auto, none, ddp or fsdp")
+    if shard in ("auto", "ddp"):
+        return "ddp" if world > 1 else "none"
+    if shard == "none" and world > 1:
+        raise UserError(f"--shard none with {world} processes would train {world} separate models; use ddp or fsdp")
+    return shard
+
+
+class Supervised(nn.Module):
+    """The model and its loss as one forward, `(*batch) -> summed loss`: what DDP and FSDP wrap. FSDP gathers a
+    module's parameters only inside its forward, so the loss must run there to see the whole lm_head (tied to the
+    embedding or not); DDP then sees every parameter used in its forward."""
+
+    def __init__(self, model: nn.Module, loss: Callable[..., torch.Tensor]):
+        super().__init__()
+        self.model, self.loss = model, loss
+
+    def forward(self, *batch: torch.Tensor) -> torch.Tensor:
+        return self.loss(self.model, *batch)
+
+
+def wrap(model: nn.Module, loss: Callable, device: torch.device, precision: str, shard: str,
+         activation_checkpointing: bool = False, compile: bool = False) -> nn.Module:
+    """`model` on its device with its loss, under DDP, FSDP2 or neither (one process), optionally compiled."""
+    if activation_checkpointing:
+        checkpoint_layers(model)
+    if shard != "fsdp":
+        model.to(device)  # FSDP moves one layer at a time, sharding it
+    inner = torch.compile(model) if compile else model  # compiles at the first micro-batch, again at a new shape
+    net = Supervised(inner, loss)
+    if shard == "ddp":
+        return nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    if shard == "fsdp":
+        return shard_fsdp(model, net, device, precision)
+    return net
+
+
+def checkpoint_layers(model: nn.Module) -> None:
+    """Activation checkpointing: each decoder layer keeps only its input for backward and recomputes the rest there
+    (non-reentrant autograd, so gradients are exact); parameter names and state dicts are unchanged."""
+    for i, block in enumerate(model.layers):
+        model.layers[i] = checkpoint_wrapper(block)
+
+
+def shard_fsdp(model: nn.Module, root: nn.Module, device: torch.device, precision: str) -> nn.Module:
+    """FSDP2 over all processes: each decoder layer, then the root (embedding, final norm, lm_head, which stay tied).
+
+    Master weights, AdamW's state and gradients stay fp32 and sharded; under bf16 on CUDA each layer computes with a
+    gathered bf16 copy and gradients are reduced in fp32. One process gets a one-member process group, so a sharded
+    run resumes on any count (torch.distributed.checkpoint reshards on load)."""
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    bf16 = device.type == "cuda" and precision == "bf16"
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+        MixedPrecisionPolicy()
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    return fully_shard(root, mesh=mesh, mp_policy=policy)
+
+
+@contextlib.contextmanager
+def gradient_sync(net: nn.Module, last: bool):
+    """Reduce gradients over the processes only on a step's last micro-batch: DDP's no_sync, FSDP's
+    set_requires_gradient_sync (the others accumulate unreduced gradients locally)."""
+    if isinstance(net, FSDPModule):
+        net.set_requires_gradient_sync(last)
+    with (net.no_sync() if not last and hasattr(net, "no_sync") else contextlib.nullcontext()):
+        yield
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    """torch.nn.utils.clip_grad_norm_ that also takes FSDP's sharded gradients; returns the norm before clipping."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if isinstance(norm, DTensor):  # FSDP: each process holds its shards' part of the norm
+        norm = norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm.item()
+
+
+def consolidate(model: nn.Module, rank: int) -> nn.Module | None:
+    """The whole sharded model as a plain fp32 copy on rank 0's CPU (None on the others), built as
+    `type(model)(model.config)`. Every process takes part; the tensors are gathered one at a time, so rank 0 holds
+    about one copy of the weights besides its shards."""
+    tied = model.config.tie_embeddings
+    full = {}
+    for name, tensor in model.state_dict().items():
+        if tied and name == "lm_head.weight":
+            continue  # the embedding, again
+        whole = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        if rank == 0:
+            full[name] = whole.detach().to("cpu", torch.float32)
+        del whole
+    if rank != 0:
+        return None
+    with torch.device("meta"):
+        copy = type(model)(model.config)
+    copy.load_state_dict(full, strict=not tied, assign=True)
+    if tied:
+        copy.lm_head.weight = copy.embed_tokens.weight
+    return copy
+
+
+def save_sharded_checkpoint(run: Path, step: int, net: nn.Module, optimizer, state: dict, keep: int,
+                            rank: int) -> None:
+    """FSDP's resumable checkpoint: each process writes its shards of the model and AdamW's state with
+    torch.distributed.checkpoint, rank 0 the rest of the training `state`; all into rank 0's temporary directory,
+    renamed once complete, and only then `latest` is switched."""
+    name = f"step-{step:07d}"
+    with (atomic_dir(run / "checkpoints" / name) if rank == 0 else contextlib.nullcontext()) as tmp:
+        where = [tmp]
+        dist.broadcast_object_list(where, src=0)
+        model_state, optimizer_state = get_state_dict(net, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=where[0])
+        if rank == 0:  # dcp.save returns once every process's shards and the metadata are written
+            torch.save({"step": step, **state}, tmp / "state.pt")
+    if rank == 0:
+        point_latest(run, name)
+        prune(run, keep)
+
+
+def load_sharded_checkpoint(net: nn.Module, optimizer, path: Path) -> None:
+    """Load a sharded checkpoint's model and AdamW state into this run's shards, whatever the process count."""
+    model_state, optimizer_state = get_state_dict(net, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(net, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
