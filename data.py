@@ -269,6 +269,16 @@ def target_example(ds: Dataset, encoder: Encoder, case: Case, key: str) -> Examp
 
 
 # --------------------------------------------------------------------------------------------------- batches
+def pad(rows, fill: int, left: bool = False) -> np.ndarray:
+    """Sequences of different lengths as one (rows, longest) int64 array, filled with `fill` after each (or before
+    it, `left`: prompts, whose last tokens then line up). The one padding rule of every batch in the project."""
+    out = np.full((len(rows), max(map(len, rows), default=0)), fill, np.int64)
+    for row, seq in enumerate(rows):
+        start = out.shape[1] - len(seq) if left else 0
+        out[row, start:start + len(seq)] = seq
+    return out
+
+
 class Blocks:
     """CPT: the token stream cut into fixed blocks of `length` + 1 tokens (consecutive blocks share one token), so
     every position is a real token with a loss and nothing is padding."""
@@ -336,11 +346,6 @@ class Examples:
 
     def collate(self, batch: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Right-padded (inputs, targets); targets are IGNORE wherever there is no loss, padding included."""
-        width = max(len(self.examples[i]) for i in batch)
-        inputs = np.full((len(batch), width), self.pad_id, np.int64)
-        targets = np.full((len(batch), width), IGNORE, np.int64)
-        for row, i in enumerate(batch):
-            e = self.examples[i]
-            inputs[row, :len(e)] = e.ids[:-1]
-            targets[row, :len(e)] = np.where(e.supervised[1:], e.ids[1:], IGNORE)
-        return inputs, targets
+        examples = [self.examples[i] for i in batch]
+        return (pad([e.ids[:-1] for e in examples], self.pad_id),
+                pad([np.where(e.supervised[1:], e.ids[1:], IGNORE) for e in examples], IGNORE))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data import Case, Dataset, Encoder, eval_cases, item_text, sample, train_sequences
+from data import Case, Dataset, Encoder, eval_cases, item_text, pad, sample, train_sequences
 from infra.console import progress as progress_bar
 from infra.files import UserError
 from model import Decoder, KVCache
@@ -183,14 +183,10 @@ class BeamCache:
 
 def prompt_cache(model: Decoder, prompts: list[list[int]], pad_id: int) -> tuple[KVCache, torch.Tensor]:
     """Run left-padded prompts through the model; return their cache and next-token log-probabilities (U, V)."""
-    width = max(map(len, prompts))
     device = model.embed_tokens.weight.device
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p):], mask[row, width - len(p):] = torch.tensor(p), 1
-    ids, mask = ids.to(device), mask.to(device)
-    cache = KVCache(model.config, len(prompts), width, model.embed_tokens.weight.dtype, device)
+    ids = torch.as_tensor(pad(prompts, pad_id, left=True), device=device)
+    mask = torch.as_tensor(pad([[1] * len(p) for p in prompts], 0, left=True), device=device)
+    cache = KVCache(model.config, len(prompts), ids.shape[1], model.embed_tokens.weight.dtype, device)
     hidden = model(ids, (mask.cumsum(-1) - 1).clamp(min=0), mask, cache, hidden=True, last_only=True)[:, -1]
     return cache, torch.log_softmax(model.lm_head(hidden).float(), -1)
 
@@ -274,10 +270,7 @@ def continuation_scores(model: Decoder, prompt_kv: KVCache, first: torch.Tensor,
                         pad_id: int) -> torch.Tensor:
     """Log-likelihoods of `items` after a one-prompt cache; `first` holds the log-probabilities after the prompt."""
     device, longest = first.device, max(map(len, items))
-    ids = torch.full((len(items), longest), pad_id, dtype=torch.long)
-    for row, seq in enumerate(items):
-        ids[row, :len(seq)] = torch.tensor(seq)
-    ids = ids.to(device)
+    ids = torch.as_tensor(pad(items, pad_id), device=device)
     total = first[ids[:, 0]]
     if longest == 1:
         return total

@@ -42,12 +42,8 @@ def train_step(config: ModelConfig, batch: tuple[int, int, int], precision: str,
     init_weights(model, o.seed)
     model.to(device).train()
     net = Supervised(torch.compile(model) if compiled else model, lm_loss)
-    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
-    stream = np.random.default_rng(o.seed).integers(0, config.vocab_size, micro * accum * block + 1, dtype=np.uint32)
-    blocks = Blocks(stream, block, micro, o.seed)
-    plan = blocks.micro_batches(0)[:accum]
+    optimizer, sched, scaler = optimizer_of(model, device)
+    blocks, plan = random_blocks(config, batch, o.seed)
 
     def run():
         batches = [blocks.collate(b) for b in plan]
@@ -57,6 +53,21 @@ def train_step(config: ModelConfig, batch: tuple[int, int, int], precision: str,
         step(net, model, batches, (supervised or block) * micro * accum, optimizer, sched, scaler,
              precision=precision, device=device)
     return (lambda: None), run
+
+
+def optimizer_of(model: Decoder, device: torch.device):
+    """AdamW as `pretrain` builds it, a constant schedule and a disabled scaler: what train.step takes."""
+    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), \
+        torch.amp.GradScaler(device.type, enabled=False)
+
+
+def random_blocks(config: ModelConfig, batch: tuple[int, int, int], seed: int) -> tuple[Blocks, list[list[int]]]:
+    """Packed blocks of random tokens and one step's plan of (block, micro-batch, accumulation)."""
+    block, micro, accum = batch
+    stream = np.random.default_rng(seed).integers(0, config.vocab_size, micro * accum * block + 1, dtype=np.uint32)
+    blocks = Blocks(stream, block, micro, seed)
+    return blocks, blocks.micro_batches(0)[:accum]
 
 
 def bench_train(o: Options) -> list[dict]:
@@ -147,13 +158,10 @@ def fsdp_rank(results, rank: int, world: int, port: int, config: ModelConfig, ba
     if checkpointing:
         checkpoint_layers(model)
     root = shard_fsdp(model, Supervised(model, lm_loss), device, precision)
-    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    optimizer, sched, scaler = optimizer_of(model, device)
+    blocks, plan = random_blocks(config, batch, o.seed)
+    mine = [blocks.collate(b) for b in plan[rank::world]]  # this process's share
     block, micro, accum = batch
-    stream = np.random.default_rng(o.seed).integers(0, config.vocab_size, micro * accum * block + 1, dtype=np.uint32)
-    blocks = Blocks(stream, block, micro, o.seed)
-    mine = [blocks.collate(b) for b in blocks.micro_batches(0)[:accum][rank::world]]  # this process's share
 
     def one_step():
         step(root, model, mine, block * micro * accum, optimizer, sched, scaler, precision=precision, device=device,

@@ -25,7 +25,7 @@ import typer
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from data import IGNORE, TEST, VALID, Dataset, eval_cases, sample, train_sequences
+from data import IGNORE, TEST, VALID, Dataset, eval_cases, pad, sample, train_sequences
 from eval import evaluation_result, popularity, rank_in_scores
 from extras.world import open_dataset
 from infra.cli import OVERWRITE, RESUME, show
@@ -173,9 +173,7 @@ class Sequences:
     n_tokens = n_targets
 
     def collate(self, batch: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        ids = np.full((len(batch), int(self.lengths[batch].max())), self.pad, np.int64)
-        for row, k in enumerate(batch):
-            ids[row, :self.lengths[k]] = self.sequences[k]
+        ids = pad([self.sequences[k] for k in batch], self.pad)
         targets = ids[:, 1:].copy()
         targets[np.arange(targets.shape[1]) >= (self.lengths[batch] - 1)[:, None]] = IGNORE
         return ids[:, :-1], targets
@@ -191,10 +189,7 @@ def catalogue_scores(model: SASRec, histories: list[np.ndarray], batch: int = 25
     for start in range(0, len(histories), batch):
         some = histories[start:start + batch]
         lengths = torch.tensor([len(h) for h in some], device=device)
-        ids = torch.full((len(some), int(lengths.max())), model.pad, dtype=torch.long)
-        for row, h in enumerate(some):
-            ids[row, :len(h)] = torch.as_tensor(h, dtype=torch.long)
-        hidden = model(ids.to(device))
+        hidden = model(torch.as_tensor(pad(some, model.pad), device=device))
         last = hidden[torch.arange(len(some), device=device), lengths - 1]
         out.append((last @ model.items.t()).float().cpu())
     return torch.cat(out)
