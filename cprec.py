@@ -9,6 +9,18 @@ extras/ (prepare, init, recommend, baseline, reproduce).
 """
 from __future__ import annotations
 
+import signal
+import sys
+
+
+def _interrupted(*_) -> None:
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
+
+
+if __name__ == "__main__":  # Ctrl-C while torch is still importing (seconds): one word, not a traceback
+    signal.signal(signal.SIGINT, _interrupted)
+
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -26,7 +38,7 @@ from infra.config import DEFAULT_CPT, DEFAULT_DATA, config_from_hf
 from infra.console import say
 from infra.device import autocast, resolve_precision
 from infra.distributed import barrier, setup_distributed
-from infra.files import UserError, own_output, read_json, write_json
+from infra.files import UserError, own_output, quote, read_json, write_json
 from infra.runs import open_run, save_result
 from infra.tokenizer import Tokenizer
 from model import Decoder
@@ -169,6 +181,9 @@ def finetune(domain: str = typer.Option(..., help="Target domain, e.g. games."),
     if not (start / "config.json").exists():
         raise UserError(f"{start}: no checkpoint; run `python cprec.py pretrain` first or pass --model")
     out = out or Path(f"runs/finetune-{domain}")
+    if not eval_cases(ds, domain, VALID):
+        raise UserError(f"domain {quote(domain)} has no validation cases (users need 3+ interactions there), so no "
+                        "checkpoint could be chosen; choose another --domain")
     tokenizer = Tokenizer.from_pretrained(start)
     encoder = Encoder(tokenizer)
     sequences = train_sequences(ds, domain)
@@ -262,4 +277,5 @@ app.command("baseline")(baseline.command)
 app.command("reproduce")(reproduce.command)
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # imported: Ctrl-C is a KeyboardInterrupt again
     main(app)

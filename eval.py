@@ -19,7 +19,8 @@ import torch
 
 from data import Case, Dataset, Encoder, eval_cases, item_text, pad, sample, train_sequences
 from infra.console import progress as progress_bar
-from infra.files import UserError
+from infra.console import warn
+from infra.files import UserError, quote
 from model import Decoder, KVCache
 
 KS = (5, 10, 20)
@@ -202,7 +203,27 @@ def beam_search(model: Decoder, prompts: list[list[int]], trie: Trie, beams: int
     dropped, and a user whose prefixes are all dropped is done. Only live prefixes are decoded, one row each; the
     result is that of keeping all `beams` prefixes of every user to the deepest item. With beams >= the catalogue
     size nothing is ever pruned and the result is exact.
+
+    A user whose excluded items took the place of others may end with fewer than `beams` items while the catalogue
+    holds more: such users are searched again keeping twice as many prefixes, until their list is full (at the
+    catalogue's size the search is exhaustive), so a short list means the catalogue has no more allowed items.
     """
+    items, scores = search(model, prompts, trie, beams, pad_id, exclude, beams)
+    catalogue = int((trie.item >= 0).sum())
+    allowed = [catalogue - len(set(ex)) for ex in exclude or [[]] * len(prompts)]
+    keep = beams
+    while keep < catalogue and (short := [u for u in range(len(prompts))
+                                          if int((items[u] >= 0).sum()) < min(beams, allowed[u])]):
+        keep = min(2 * keep, catalogue)
+        again = search(model, [prompts[u] for u in short], trie, beams, pad_id,
+                       [exclude[u] for u in short] if exclude else None, keep)
+        items[short], scores[short] = again
+    return items, scores
+
+
+def search(model: Decoder, prompts: list[list[int]], trie: Trie, beams: int, pad_id: int,
+           exclude: list[list[int]] | None, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """beam_search's one pass: the top-`beams` finished items of each prompt, keeping `keep` open prefixes."""
     device = model.embed_tokens.weight.device
     U = len(prompts)
     prompt, logp = prompt_cache(model, prompts, pad_id)
@@ -224,7 +245,7 @@ def beam_search(model: Decoder, prompts: list[list[int]], trie: Trie, beams: int
         active, first, counts = torch.unique_consecutive(user, return_inverse=True, return_counts=True)
         width = int(counts.max())
         rank = torch.arange(len(user), device=device) - (counts.cumsum(0) - counts)[first]
-        columns = max(width * fan, beams)  # at least `beams` candidates per user
+        columns = max(width * fan, keep)  # at least `keep` candidates per user
         at = (first * columns + rank * fan)[:, None] + torch.arange(fan, device=device)
         cand, tokens, child = (torch.full((len(active) * columns,), fill, dtype=x.dtype, device=device).index_copy_(
             0, at.flatten(), x.flatten()).view(len(active), columns)
@@ -235,7 +256,7 @@ def beam_search(model: Decoder, prompts: list[list[int]], trie: Trie, beams: int
         pool_score[active] = merged.values
         # An excluded item never enters the pool, not even as a -inf filler when fewer than `beams` items finished.
         pool_item[active] = torch.cat([pool_item[active], item.masked_fill(~finished, -1)], 1).gather(1, merged.indices)
-        top, pick = cand.masked_fill(item >= 0, -torch.inf).topk(beams, dim=1)
+        top, pick = cand.masked_fill(item >= 0, -torch.inf).topk(keep, dim=1)
         live = top > pool_score[active][:, -1:]  # a prefix of each user's best-first beams
         if not live.any():
             break
@@ -360,13 +381,13 @@ def evaluate(model: Decoder, encoder: Encoder, ds: Dataset, key: str, *, split: 
     """Rank the whole catalogue of domain `key` for each evaluation user; the model and popularity side by side.
     `progress` shows a bar with ETA per batch of users (quiet when stderr is no terminal)."""
     if split not in ("test", "valid"):
-        raise UserError(f"--split {split!r}: expected test or valid")
+        raise UserError(f"--split {quote(split)}: expected test or valid")
     if beams < max(ks):
         raise UserError(f"--beams {beams}: must be at least the largest K ({max(ks)})")
     cases = eval_cases(ds, key, {"test": 2, "valid": 1}[split], window)  # an unknown domain is refused here
     cases = sample(cases, users, seed)
     if not cases:
-        raise UserError(f"domain {key!r} has no {split} cases (users need 3+ interactions there)")
+        raise UserError(f"domain {quote(key)} has no {split} cases (users need 3+ interactions there)")
     catalogue = ds.catalogue(key)
     position = {item: k for k, item in enumerate(catalogue)}
     item_tokens = catalogue_tokens(encoder, ds, key)
@@ -387,6 +408,10 @@ def evaluate(model: Decoder, encoder: Encoder, ds: Dataset, key: str, *, split: 
                 scores[ex] = -np.inf
                 tops[k] = np.argsort(-scores, kind="stable")[:beams]
                 advance(1, f"{(k + 1) / (time.perf_counter() - began):.1f} users/s")
+                if k == 0 and (total := (time.perf_counter() - began) * len(cases)) > 600:
+                    warn(f"--exact: {total / len(cases):.1f} s per user for {len(item_tokens):,} items, about "
+                         f"{total / 3600:.1f} h for {len(cases):,} users; beam search ranks the top-{beams} far "
+                         "faster (Ctrl-C to stop)")
         else:
             trie = build_trie(item_tokens, model.embed_tokens.weight.device)
             order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths share a batch: less padding

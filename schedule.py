@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from infra.files import UserError
+from infra.files import UserError, quote
 
 SCHEDULES = ("wsa", "cosine", "linear", "constant")
 SHAPES = ("1-sqrt", "cosine", "linear", "exp")
@@ -42,7 +42,7 @@ def anneal(progress: float, shape: str, floor: float) -> float:
         return floor + (1 - floor) * (1 - math.sqrt(progress))
     if shape == "exp":
         return floor ** progress
-    raise UserError(f"--anneal-shape {shape!r}: expected one of {', '.join(SHAPES)}")
+    raise UserError(f"--anneal-shape {quote(shape)}: expected one of {', '.join(SHAPES)}")
 
 
 def factor(step: int, total: int, s: Schedule) -> float:
@@ -67,7 +67,7 @@ def factor(step: int, total: int, s: Schedule) -> float:
 def validate(s: Schedule, total: int) -> None:
     """Refuse settings the schedule cannot follow (called by train.check before a run starts)."""
     if s.name not in SCHEDULES:
-        raise UserError(f"--schedule {s.name!r}: expected one of {', '.join(SCHEDULES)}")
+        raise UserError(f"--schedule {quote(s.name)}: expected one of {', '.join(SCHEDULES)}")
     anneal(1.0, s.shape, s.floor)  # unknown shapes fail here, before training starts
     if s.name == "wsa" and s.shape == "exp" and s.floor <= 0:
         raise UserError("--lr-floor must be > 0 for the exp annealing shape")
@@ -78,6 +78,10 @@ def validate(s: Schedule, total: int) -> None:
         raise UserError(f"--lr-floor {s.floor}: expected a fraction of the peak in [0, 1]")
     if not 0 < s.start <= 1:
         raise ValueError(f"Schedule.start {s.start}: expected a fraction of the peak in (0, 1]")
+    for option, amount in (("--warmup", s.warmup), ("--anneal", s.anneal)):
+        if amount >= 1 and int(amount) > total:
+            raise UserError(f"{option} {amount:g}: more steps than the run's {total}; give a count up to {total} or a "
+                            "fraction below 1")
     decay = steps(s.anneal, total) if s.name == "wsa" else 0
     if steps(s.warmup, total) + decay > total:
         raise UserError(f"warmup ({steps(s.warmup, total)}) + annealing ({decay}) steps exceed the {total} steps")

@@ -33,7 +33,7 @@ from infra.config import DEFAULT_DATA, ModelConfig
 from infra.console import say
 from infra.device import autocast, resolve_precision
 from infra.distributed import setup_distributed
-from infra.files import UserError, atomic_dir, write_json
+from infra.files import UserError, atomic_dir, quote, write_json
 from infra.runs import open_run, save_result
 from model import Decoder, init_weights
 from schedule import Schedule
@@ -75,7 +75,7 @@ class BaselineConfig:
         if not self.lr > 0:
             raise UserError(f"--lr {self.lr}: expected a positive learning rate")
         if self.positions not in POSITIONS:
-            raise UserError(f"--positions {self.positions!r}: expected {' or '.join(POSITIONS)}")
+            raise UserError(f"--positions {quote(self.positions)}: expected {' or '.join(POSITIONS)}")
         if self.val_users < 0:
             raise UserError(f"--val-users {self.val_users}: expected 0 (all) or a positive count")
 

@@ -5,8 +5,8 @@ Reviews are streamed first, then only the titles of reviewed items are kept from
 the kept interactions, not with the files. Every record that is not kept or kept changed is counted in the report
 (manifest["report"]):
 files: {path: {lines, malformed, malformed_lines (the first 5), expected, ended_early (a truncated .gz: the lines before
-the cut were used), unused (meta rows of items nobody interacted with), repaired_titles (bytes that are not UTF-8
-replaced by U+FFFD)}},
+the cut were used), unused (meta rows of items nobody interacted with), duplicate_ids (a RecBole .item row of an id
+already read: the first is kept), repaired_titles (bytes that are not UTF-8 replaced by U+FFFD)}},
 dropped: {no_title_items, no_title_interactions, duplicates, no_domain_items, no_domain_interactions (--domain-field),
 k_core_/min_len_ interactions, users, items}, renamed_ids (one id in two categories gets "@domain"), titles:
 {with_year (repeated titles told apart by their year), numbered (" (2)"), truncated (infra.datasets.MAX_TITLE_CHARS)},
@@ -36,7 +36,7 @@ from infra.config import DEFAULT_DATA
 from infra.console import progress as progress_bar
 from infra.console import say
 from infra.datasets import Domain, clean_text, dataset_out, write_dataset
-from infra.files import UserError
+from infra.files import UserError, quote
 
 # The C scanner that json.loads ends in, called directly: it skips loads()'s two whitespace regexes per line (~10% of
 # the parse time); _json() keeps loads()'s verdict on leading whitespace and trailing garbage.
@@ -227,6 +227,7 @@ def convert_amazon(version: int, source: Path, categories: list[str], out_dir: P
     the files' unit (2023: ms, 2018: s). `progress`: a bar per file read. Returns the manifest."""
     if version not in AMAZON:
         raise UserError(f"Amazon Reviews version {version}: expected one of {', '.join(map(str, AMAZON))}")
+    _counts(min_domain_items=min_domain_items, k_core=k_core, min_len=min_len)
     source = Path(source)
     if not source.is_dir():
         raise UserError(f"{source}: not a directory; expected the folder holding the Amazon Reviews {version} files")
@@ -239,11 +240,11 @@ def convert_amazon(version: int, source: Path, categories: list[str], out_dir: P
     for c in categories:
         reviews, meta = _find(source, review_names, c), _find(source, meta_names, c)
         if reviews is None:
-            raise UserError(f"{source}: no reviews for category {c!r}: expected "
+            raise UserError(f"{source}: no reviews for category {quote(c)}: expected "
                             f"{' or '.join(p.format(c) for p in review_names)}; categories present: "
                             f"{', '.join(_present(source, review_names)) or 'none'}")
         if meta is None:
-            raise UserError(f"{source}: no item titles for category {c!r}: expected "
+            raise UserError(f"{source}: no item titles for category {quote(c)}: expected "
                             f"{' or '.join(p.format(c) for p in meta_names)}")
         paths.append((reviews, meta))
     report, users, logs, titles = {"files": {}}, {}, [], []
@@ -360,13 +361,16 @@ def _split_domains(log: tuple, values: list[str], titles: list[str], years: list
 def convert_recbole(source: Path, out_dir: Path, *, name: str | None = None, domain: str | None = None,
                     title_field: str | None = None, year_field: str | None = None, title_year: bool = False,
                     domain_field: str | None = None, downstream: list[str] = (), min_domain_items: int = 0,
-                    k_core: int = 0, min_len: int = 0, strict: bool = False, progress: bool = False) -> dict:
+                    k_core: int = 0, min_len: int = 0, strict: bool = False, progress: bool = False,
+                    domain_values: str | None = None) -> dict:
     """A RecBole atomic dataset directory (NAME.inter with user_id, item_id, timestamp; NAME.item with item_id and a
     title column) -> one domain, or with `domain_field` one domain per first value of that item column (e.g.
     MovieLens's `class`: its first genre). Repeated titles within a domain are told apart by the year column
     (`year_field`, default release_year or year when present) before " (2)"; `title_year` appends the year to every
-    title. Fractional timestamps become integers that keep their order. `progress`: a bar per file read. Returns the
-    manifest."""
+    title. Fractional timestamps become integers that keep their order. `domain_values`: the first word of a
+    `domain_field` value or the whole value (default: first for :token_seq columns, whole for :token ones, which
+    are refused when they hold several words). `progress`: a bar per file read. Returns the manifest."""
+    _counts(min_domain_items=min_domain_items, k_core=k_core, min_len=min_len)
     source = Path(source)
     name = name or source.name
     inter, item = source / f"{name}.inter", source / f"{name}.item"
@@ -395,17 +399,31 @@ def convert_recbole(source: Path, out_dir: Path, *, name: str | None = None, dom
         columns = _columns(item, ["item_id", title, year, field])(header)
         sequence[0] = field is not None and header[columns[3]].endswith(":token_seq")
         return columns
+    if domain_values not in (None, "first", "whole"):
+        raise UserError(f"--domain-values {quote(domain_values)}: expected first or whole")
     index, n_items, sequence = log[0], len(log[0]), [False]
-    titles, years, values = [""] * n_items, [""] * n_items, [""] * n_items
+    titles, years, values, seen = [""] * n_items, [""] * n_items, [""] * n_items, np.zeros(n_items, bool)
     stats = _file_stats(report, item)
     stats["unused"] = 0
+    spaced, example = 0, ""  # --domain-field values holding spaces in a :token column (one token, several words)
     for _, (item_id, title, year, value) in _tsv(item, report, strict, pick, progress):
         i = index.get(item_id)
         if i is None:
             stats["unused"] += 1
-        elif not titles[i]:
+        elif seen[i]:
+            stats["duplicate_ids"] = stats.get("duplicate_ids", 0) + 1  # the first row of an id is kept
+        else:
+            seen[i] = True
             titles[i], years[i] = _text(title, stats), clean_text(year)
-            values[i] = (value.split() or [""])[0] if sequence[0] else clean_text(value)
+            first = domain_values == "first" or domain_values is None and sequence[0]
+            values[i] = (value.split() or [""])[0] if first else clean_text(value)
+            if not sequence[0] and domain_values is None and " " in value.strip():
+                spaced, example = spaced + 1, example or value.strip()
+    if spaced:
+        raise UserError(f"{item}: --domain-field {domain_field} is typed :token, but {spaced:,} rows hold several "
+                        f"words (e.g. {quote(example)}), so every combination would become its own domain; pass "
+                        "--domain-values first (the first word, as for :token_seq) or --domain-values whole (each "
+                        "combination a domain)")
     origin = f"recbole:{source}" + f", domains from {domain_field}" * bool(domain_field)
     if not domain_field:
         key = domain or name
@@ -415,6 +433,13 @@ def convert_recbole(source: Path, out_dir: Path, *, name: str | None = None, dom
                                                   min_domain_items, report)
     return _finish(out_dir, origin, domains, users, logs, titles, [(inter, item)] * len(domains), report, k_core,
                    min_len, years, title_year)
+
+
+def _counts(**options) -> None:
+    """Refuse a negative filter setting, naming the option (0 is always "off")."""
+    for name, value in options.items():
+        if value < 0:
+            raise UserError(f"--{name.replace('_', '-')} {value}: expected 0 (off) or a positive count")
 
 
 def _integer_times(t: np.ndarray) -> tuple[np.ndarray, int]:
@@ -521,11 +546,14 @@ app = typer.Typer(no_args_is_help=True, help="Write a dataset in the canonical f
 def prepare_synthetic(out: Path = typer.Option(DEFAULT_DATA, help="Output dataset directory."),
                       seed: int = typer.Option(0, help="World seed: same seed, same dataset and fingerprint."),
                       users: int = typer.Option(6000, help="Number of users."),
-                      overwrite: bool = typer.Option(False, help="Replace an existing dataset.")):
+                      overwrite: bool = typer.Option(False, help="Replace an existing dataset."),
+                      progress: bool = PROGRESS):
     """Generate the built-in multi-domain world (seven pre-training domains, three downstream incl. games)."""
     from extras.world import WorldConfig, write_world
-    dataset_out(out, overwrite)
-    report(write_world(out, WorldConfig(seed=seed, users=users)), out)
+    if users < 1:
+        raise UserError(f"--users {users}: expected a positive number of users")
+    out = dataset_out(out, overwrite)
+    report(write_world(out, WorldConfig(seed=seed, users=users), progress), out)
 
 
 def amazon_command(version: int):
@@ -542,7 +570,7 @@ def amazon_command(version: int):
                 min_len: int = typer.Option(0, help="Drop a user's domain history shorter than this (0 = off)."),
                 strict: bool = typer.Option(False, help="Stop at the first malformed line instead of counting it."),
                 overwrite: bool = typer.Option(False, help="Replace an existing dataset."), progress: bool = PROGRESS):
-        dataset_out(out, overwrite, [source])
+        out = dataset_out(out, overwrite, [source])
         report(convert_amazon(version, source, split_list(categories), out, downstream=split_list(downstream),
                               domain_field=domain_field, min_domain_items=min_domain_items, k_core=k_core,
                               min_len=min_len, strict=strict, progress=progress), out)
@@ -564,6 +592,9 @@ def prepare_recbole(source: Path = typer.Argument(..., help="RecBole dataset fol
                                                    "--domain-field)."),
                     min_domain_items: int = typer.Option(0, help="Merge domains with fewer items into 'other' "
                                                          "(0 = off)."),
+                    domain_values: Optional[str] = typer.Option(None, help="first (the first word of the field) or "
+                                                                "whole (default: first for :token_seq, whole for "
+                                                                ":token columns)."),
                     title_field: Optional[str] = typer.Option(None, help="Item title column (default: auto)."),
                     year_field: Optional[str] = typer.Option(None, help="Year column telling repeated titles apart "
                                                              "(default: release_year or year if present)."),
@@ -575,11 +606,11 @@ def prepare_recbole(source: Path = typer.Argument(..., help="RecBole dataset fol
                     progress: bool = PROGRESS):
     """Convert RecBole atomic files (MovieLens and RecBole's whole collection) into one domain, or one per value of
     an item column (--domain-field class: MovieLens genres)."""
-    dataset_out(out, overwrite, [source])
+    out = dataset_out(out, overwrite, [source])
     report(convert_recbole(source, out, domain=domain, domain_field=domain_field, downstream=split_list(downstream),
                            min_domain_items=min_domain_items, title_field=title_field, year_field=year_field,
-                           title_year=title_year, k_core=k_core, min_len=min_len, strict=strict, progress=progress),
-           out)
+                           title_year=title_year, k_core=k_core, min_len=min_len, strict=strict, progress=progress,
+                           domain_values=domain_values), out)
 
 
 def report(manifest: dict, out: Path) -> None:

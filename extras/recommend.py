@@ -31,7 +31,7 @@ from infra.console import progress as progress_bar
 from infra.console import say
 from infra.device import autocast, resolve_precision
 from infra.distributed import setup_distributed
-from infra.files import UserError, own_output
+from infra.files import UserError, own_output, quote
 from infra.tokenizer import Tokenizer
 from model import Decoder
 
@@ -84,14 +84,14 @@ class Recommender:
             if index.get(text):
                 return min(index[text], key=lambda i: (self.ds.item_domain[i] != target, i))
         close = difflib.get_close_matches(title.casefold(), list(self._titles[1]), n=3, cutoff=0.5)
-        shown = ", ".join(repr(self.ds.titles[self._titles[1][c][0]]) for c in close) or "none near it"
-        raise UserError(f"title {title!r} is not in {self.ds.path}; closest: {shown}")
+        shown = ", ".join(quote(self.ds.titles[self._titles[1][c][0]]) for c in close) or "none near it"
+        raise UserError(f"title {quote(title)} is not in {self.ds.path}; closest: {shown}")
 
     def item(self, item_id: str) -> int:
         if self._items is None:
             self._items = {item: i for i, item in enumerate(self.ds.item_ids)}
         if item_id not in self._items:
-            raise UserError(f"item id {item_id!r} is not in {self.ds.path}")
+            raise UserError(f"item id {quote(item_id)} is not in {self.ds.path}")
         return self._items[item_id]
 
     def user_history(self, user_id: str, key: str) -> np.ndarray:
@@ -100,7 +100,7 @@ class Recommender:
         if self._users is None:
             self._users = {u: k for k, u in enumerate(self.ds.user_ids)}
         if user_id not in self._users:
-            raise UserError(f"user {user_id!r} is not in {self.ds.path}")
+            raise UserError(f"user {quote(user_id)} is not in {self.ds.path}")
         u = self._users[user_id]
         items = self.ds.item[self.ds.user_start[u]:self.ds.user_start[u + 1]]
         in_domain = items[self.ds.item_domain[items] == self.ds.domain_index(key)]
@@ -310,6 +310,8 @@ def command(model: Path = typer.Option(..., help="Checkpoint: fine-tuned, or CPT
                           "recommendations": [{"rank": r + 1, **asdict(x)} for r, x in enumerate(top)]},
                          ensure_ascii=False, indent=2))
         return
+    if len(top) < k:
+        say(f"[yellow]only {len(top)} of the {k} asked: the rest of {domain}'s catalogue is in the history")
     table = Table("#", "item", "title", "log-prob", "share", title=f"top {len(top)} of {ds.domain(domain).name}")
     for r, x in enumerate(top, 1):
         table.add_row(str(r), x.item_id, x.title, f"{x.logprob:.3f}", f"{x.share:.1%}")

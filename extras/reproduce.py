@@ -13,6 +13,7 @@ real effect from the luck of one test set.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -24,10 +25,12 @@ import typer
 from eval import paired_bootstrap
 from extras.init import base_model
 from extras.world import open_dataset
-from infra.cli import console
+from infra.cli import PROGRESS, console
 from infra.config import DEFAULT_DATA
+from infra.console import progress as progress_bar
 from infra.console import say
-from infra.files import UserError, read_json
+from infra.files import UserError, lock, marked, own_output, read_json, write_json
+from infra.runs import Interrupted, has_checkpoint
 from infra.tokenizer import Tokenizer
 from model import Decoder
 
@@ -58,51 +61,90 @@ SFT_RUNS = {  # name -> (start: a CPT run or "base", fraction of training users)
 
 
 def run(args: list[str], result: Path, resume: bool, log) -> None:
-    """Run one cprec.py command unless --resume finds its result already written (a finished run)."""
-    line = " ".join(["python cprec.py", *args])
+    """Run one cprec.py command: on --resume, not at all when its result is written (a finished run), with --resume
+    when its run directory holds a checkpoint (an interrupted one), else afresh (--overwrite: only its own output).
+
+    The command runs in a session of its own, so a Ctrl-C reaches this process alone, which passes it on once and
+    waits while the command saves its checkpoint (a second Ctrl-C is passed on too: stop now)."""
     if resume and result.exists():
-        log.write(f"$ {line}\n# reused {result}\n")
+        log.write(f"$ python cprec.py {' '.join(args)}\n# reused {result}\n")
         return
+    folder = Path(args[args.index("--out") + 1])
+    continued = resume and folder.is_dir() and has_checkpoint(folder)
+    args = [*args, "--resume" if continued else "--overwrite"]
+    line = " ".join(["python cprec.py", *args])
     log.write(f"$ {line}\n")
     log.flush()
-    began = time.time()
-    done = subprocess.run([sys.executable, str(CPREC), *args], stdout=log,
-                          stderr=subprocess.STDOUT)
+    began, interrupted = time.time(), False
+    child = subprocess.Popen([sys.executable, str(CPREC), *args], stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    while True:
+        try:
+            code = child.wait()
+            break
+        except KeyboardInterrupt:
+            interrupted = True
+            child.send_signal(signal.SIGINT)
     log.write(f"# {time.time() - began:.0f} s\n")
-    if done.returncode:
-        raise UserError(f"`{line}` failed (exit {done.returncode}); see {log.name}; fix it and rerun with --resume")
+    if interrupted:
+        raise Interrupted(f"interrupted during `{line}` (exit {code}; a training run saved a checkpoint); continue "
+                          "with the same reproduce command plus --resume")
+    if code:
+        raise UserError(f"`{line}` failed (exit {code}); see {log.name}; fix it and rerun with --resume")
+
+
+SETTINGS = {"data_fingerprint": "--data", "model": "--model", "domain": "--domain", "cpt_tokens": "--cpt-tokens",
+            "sft_epochs": "--sft-epochs", "seed": "--seed", "core": "--core", "test_users": "--test-users",
+            "val_users": "--val-users"}  # reproduce.json's settings, and the option each comes from
+
+
+def settings_of(out: Path, settings: dict, resume: bool) -> None:
+    """Record the reproduction's settings in reproduce.json; on --resume they must be the recorded ones, since its
+    finished runs are reused as they are."""
+    saved = out / "reproduce.json"
+    if resume and saved.exists():
+        old = read_json(saved)
+        if changed := [option for key, option in SETTINGS.items() if old.get(key) != settings[key]]:
+            raise UserError(f"{out}: --resume with other settings ({', '.join(changed)}) than the reproduction "
+                            "there; give the recorded ones (reproduce.json) or --overwrite to start over")
+    write_json(saved, settings)
 
 
 def reproduce(out: Path, data: Path, model: Path, domain: str, cpt_tokens: int, sft_epochs: float, seed: int,
               resume: bool, overwrite: bool, core: bool = False, test_users: int = 0,
-              val_users: int | None = None) -> dict:
+              val_users: int | None = None, fingerprint: str = "", progress: bool = False) -> dict:
     """Every comparison, or with `core` only zero-shot before/after CPT and SFT on 10% of the users from either start
     (the claims a pretrained LLM can be measured on with CPU budgets); `test_users` > 0 evaluates a seeded subset,
     `val_users` sets each SFT run's validation users (None: finetune's default)."""
-    if out.exists() and any(out.iterdir()) and not (out / "commands.log").is_file():
-        raise UserError(f"{out}: exists and is not a reproduction (no commands.log); choose another --out "
-                        "(it was left as is)")
+    out = own_output(out, what="reproduction", overwrite=True, check=lambda p: marked(p, "reproduce.json"),
+                     inputs=[data, model])
     if out.exists() and any(out.iterdir()) and not (resume or overwrite):
         raise UserError(f"{out}: already holds a reproduction; pass --resume to reuse its finished runs or "
                         "--overwrite to start over")
     out.mkdir(parents=True, exist_ok=True)
-    train = ["--data", str(data), "--seed", str(seed), "--overwrite", "--no-progress"]
-    with open(out / "commands.log", "a" if resume else "w") as log:
-        for name, (kinds, schedule) in [(n, r) for n, r in CPT_RUNS.items() if measured(n, core)]:
-            run(["pretrain", *train, "--model", str(model), "--out", str(out / name), "--kinds", kinds,
-                     "--schedule", schedule, "--tokens", str(cpt_tokens), "--save-every", "0"],
-                    out / name / "results.json", resume, log)
-        for name, start in [("zero-shot-base", model), ("zero-shot-cpt", out / "cpt" / "final")]:
-            run(["evaluate", "--data", str(data), "--model", str(start), "--domain", domain, "--seed", str(seed),
-                     "--users", str(test_users), "--out", str(out / f"{name}.json")], out / f"{name}.json", resume, log)
-        for name, (start, fraction) in [(n, r) for n, r in SFT_RUNS.items() if measured(n, core)]:
-            start_model = model if start == "base" else out / start / "final"
-            run(["finetune", *train, "--domain", domain, "--model", str(start_model), "--out", str(out / name),
-                     "--users-fraction", str(fraction), "--epochs", str(sft_epochs), "--test-users", str(test_users),
-                     *([] if val_users is None else ["--val-users", str(val_users)])],
-                    out / name / "results.json", resume, log)
-        run(["baseline", "--data", str(data), "--domain", domain, "--seed", str(seed), "--out",
-                 str(out / "baseline"), "--overwrite"], out / "baseline" / "results.json", resume, log)
+    lock(out, "reproduction")
+    settings_of(out, {"data_fingerprint": fingerprint, "model": str(Path(model).resolve()), "domain": domain,
+                      "cpt_tokens": cpt_tokens, "sft_epochs": sft_epochs, "seed": seed, "core": core,
+                      "test_users": test_users, "val_users": val_users}, resume)
+    train = ["--data", str(data), "--seed", str(seed), "--no-progress"]
+    plan = [(["pretrain", *train, "--model", str(model), "--out", str(out / name), "--kinds", kinds, "--schedule",
+              schedule, "--tokens", str(cpt_tokens), "--save-every", "0"], out / name / "results.json")
+            for name, (kinds, schedule) in CPT_RUNS.items() if measured(name, core)]
+    plan += [(["evaluate", "--data", str(data), "--model", str(start), "--domain", domain, "--seed", str(seed),
+               "--users", str(test_users), "--no-progress", "--out", str(out / f"{name}.json")], out / f"{name}.json")
+             for name, start in [("zero-shot-base", model), ("zero-shot-cpt", out / "cpt" / "final")]]
+    plan += [(["finetune", *train, "--domain", domain, "--model", str(model if start == "base" else
+                                                                       out / start / "final"),
+               "--out", str(out / name), "--users-fraction", str(fraction), "--epochs", str(sft_epochs),
+               "--test-users", str(test_users), *([] if val_users is None else ["--val-users", str(val_users)])],
+              out / name / "results.json") for name, (start, fraction) in SFT_RUNS.items() if measured(name, core)]
+    plan += [(["baseline", "--data", str(data), "--domain", domain, "--seed", str(seed), "--no-progress", "--out",
+               str(out / "baseline")], out / "baseline" / "results.json")]
+    with open(out / "commands.log", "a" if resume else "w") as log, \
+            progress_bar(len(plan), "reproduce runs", progress) as advance:
+        for args, result in plan:
+            run(args, result, resume, log)
+            advance(1, args[0])
     report = collect(out, domain, core)
     report["seconds"] = wall_time(out / "commands.log")
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -217,10 +259,15 @@ def command(out: Path = typer.Option(Path("runs/reproduce"), help="Directory of 
                                       "either start (a pretrained LLM on CPU budgets)."),
             test_users: int = typer.Option(0, help="Evaluate a seeded subset of test users (0 = all)."),
             val_users: Optional[int] = typer.Option(None, help="Validation users of each SFT run (default: finetune's "
-                                                    "500; a large LLM on CPU: fewer).")):
+                                                    "500; a large LLM on CPU: fewer)."),
+            progress: bool = PROGRESS):
     """Run the comparisons behind CPRec's claims (zero-shot, CPT vs no CPT, limited SFT, sequence kinds, schedules)
     with one budget and seed, and write runs/reproduce/report.md."""
-    open_dataset(data).domain(domain)
+    for option, amount in (("--cpt-tokens", cpt_tokens), ("--sft-epochs", sft_epochs)):
+        if not amount > 0:
+            raise UserError(f"{option} {amount}: expected a value > 0")
+    ds = open_dataset(data)
+    ds.domain(domain)
     start = base_model(model, data, 0)
     Tokenizer.from_pretrained(start)  # a broken model is refused here rather than as the first of many failed runs
     Decoder.from_pretrained(start)
@@ -228,6 +275,6 @@ def command(out: Path = typer.Option(Path("runs/reproduce"), help="Directory of 
         if count is not None and count < 0:
             raise UserError(f"{option} {count}: expected 0 (all) or a positive count")
     report = reproduce(out, data, start, domain, cpt_tokens, sft_epochs, seed, resume, overwrite, core, test_users,
-                       val_users)
+                       val_users, ds.fingerprint, progress)
     console.print((out / "report.md").read_text(), highlight=False)
     say(f"report in {out / 'report.md'} ({report['seconds'] / 60:.1f} min)")

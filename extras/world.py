@@ -19,7 +19,7 @@ import numpy as np
 
 from data import load_dataset
 from infra.config import DEFAULT_DATA
-from infra.console import say
+from infra.console import counted, say
 from infra.datasets import Domain, write_dataset
 from infra.distributed import barrier
 
@@ -85,7 +85,7 @@ def catalogue(rng: np.random.Generator, cfg: WorldConfig):
     return franchises, items
 
 
-def generate(cfg: WorldConfig):
+def generate(cfg: WorldConfig, progress: bool = False):
     """Returns (items {id: (domain, title)}, interactions [(user, item id, timestamp)])."""
     rng = np.random.default_rng(cfg.seed)
     franchises, items = catalogue(rng, cfg)
@@ -104,7 +104,7 @@ def generate(cfg: WorldConfig):
     theme_popularity = rng.dirichlet(np.full(len(THEMES), 2.0))
     domain_reach = np.array([0.55, 0.5, 0.45, 0.4, 0.4, 0.35, 0.35, 0.5, 0.35, 0.3])
     interactions = []
-    for u in range(cfg.users):
+    for u in counted(range(cfg.users), "generate users", progress):
         user = f"u{u:05d}"
         n_fav = 1 + (rng.random() < 0.4)
         favourites = rng.choice(len(THEMES), n_fav, replace=False, p=theme_popularity)
@@ -138,9 +138,9 @@ def generate(cfg: WorldConfig):
     return {item_ids[i]: (DOMAINS[d][0], title) for i, (d, _, _, title, _) in enumerate(items)}, interactions
 
 
-def write_world(out_dir: str | Path, cfg: WorldConfig = WorldConfig()) -> dict:
+def write_world(out_dir: str | Path, cfg: WorldConfig = WorldConfig(), progress: bool = False) -> dict:
     """`cprec prepare synthetic`: generate the world and write it as a canonical dataset."""
-    items, interactions = generate(cfg)
+    items, interactions = generate(cfg, progress)
     domains = [Domain(key, name, role) for key, name, role, _, _ in DOMAINS]
     return write_dataset(out_dir, source=f"synthetic world, {cfg}", domains=domains, items=items,
                          interactions=interactions, report={"generator": vars(cfg)})

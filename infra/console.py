@@ -61,3 +61,4 @@ def counted(sequence: list, label: str, enabled: bool, every: int = 1000):
             if k and k % every == 0:
                 advance(every)
             yield x
+        advance(len(sequence) - (len(sequence) - 1) // every * every if len(sequence) else 0)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from infra.files import UserError, atomic_dir, marked, own_output, read_json, write_json
+from infra.files import UserError, atomic_dir, marked, own_output, quote, read_json, write_json
 
 FORMAT_VERSION = 1
 DATASET_FILES = ("manifest.json", "items.jsonl", "interactions.tsv", "cache")  # everything a dataset dir may hold
@@ -138,7 +138,7 @@ class Dataset:
 
     def domain(self, key: str) -> Domain:
         if key not in self.domains:
-            raise UserError(f"unknown domain {key!r} in {self.path}; known: {', '.join(self.domains)}")
+            raise UserError(f"unknown domain {quote(key)} in {self.path}; known: {', '.join(self.domains)}")
         return self.domains[key]
 
     def domain_index(self, key: str) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from infra.files import UserError, write_json
+from infra.files import UserError, quote, write_json
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -25,7 +25,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "bf16" if torch.cpu._is_avx512_bf16_supported() else "fp32"  # emulated bf16 would be slower
     if precision not in DTYPES:
-        raise UserError(f"--precision {precision!r}: expected auto, fp32, bf16 or fp16")
+        raise UserError(f"--precision {quote(precision)}: expected auto, fp32, bf16 or fp16")
     if precision == "fp16" and device.type != "cuda":
         raise UserError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
     return precision

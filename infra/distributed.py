@@ -17,7 +17,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from infra.files import UserError, atomic_dir
+from infra.files import UserError, atomic_dir, quote
 from infra.runs import point_latest, prune
 
 
@@ -41,7 +41,7 @@ def barrier() -> None:
 def resolve_shard(shard: str, world: int) -> str:
     """none, ddp or fsdp: auto is DDP on several processes, and DDP over one process is plain training."""
     if shard not in ("auto", "none", "ddp", "fsdp"):
-        raise UserError(f"--shard {shard!r}: expected auto, none, ddp or fsdp")
+        raise UserError(f"--shard {quote(shard)}: expected auto, none, ddp or fsdp")
     if shard in ("auto", "ddp"):
         return "ddp" if world > 1 else "none"
     if shard == "none" and world > 1:

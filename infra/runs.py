@@ -97,8 +97,9 @@ def open_run(out_dir: str | Path, config: dict, resume: bool, overwrite: bool, r
         new, before = flatten(config), flatten(old)
         differ = sorted(k for k in set(new) | set(before) if before.get(k) != new.get(k) and k not in PATHS)
         if refused := [k for k in differ if k not in RESUMABLE]:
+            free = [o.removeprefix("train.") for o in RESUMABLE if o in new]
             raise UserError(f"{out}: --resume with different settings ({', '.join(refused)}); use the original ones "
-                            f"(only {', '.join(o.removeprefix('train.') for o in RESUMABLE)} may change)")
+                            + (f"(only {', '.join(free)} may change)" if free else "(none of this run's may change)"))
         if differ and rank == 0:
             changes = {k: [before.get(k), new.get(k)] for k in differ}
             warn(f"{out}: resuming with changed settings " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in

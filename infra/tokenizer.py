@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import shutil
 from pathlib import Path
 
@@ -109,6 +110,8 @@ def train_tokenizer(texts, out_dir: Path, vocab_size: int) -> None:
     One thread and a fixed input order make the result reproducible.
     """
     import sentencepiece as spm
+    if vocab_size < 1:
+        raise UserError(f"--vocab {vocab_size}: expected a positive vocabulary size")
     buffer = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
@@ -117,5 +120,9 @@ def train_tokenizer(texts, out_dir: Path, vocab_size: int) -> None:
             remove_extra_whitespaces=True, split_digits=True, user_defined_symbols=["\n"], num_threads=1,
             unk_id=0, bos_id=1, eos_id=2, pad_id=3, hard_vocab_limit=False, minloglevel=2)
     except RuntimeError as e:
-        raise UserError(f"tokenizer training failed: {e}") from None
+        if needed := re.search(r"Vocabulary size is smaller than required_chars\. \d+ vs (\d+)", str(e)):
+            least = int(needed[1]) + 4  # the characters, the unknown token, BOS, EOS and padding
+            raise UserError(f"--vocab {vocab_size}: too small for the characters of the dataset's texts "
+                            f"(SentencePiece needs {needed[1]} pieces for them); expected at least {least}") from None
+        raise UserError(f"tokenizer training failed: {str(e).strip()[:200]}") from None
     (out_dir / "tokenizer.model").write_bytes(buffer.getvalue())

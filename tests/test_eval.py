@@ -162,6 +162,21 @@ def test_history_masking_drops_items_from_the_ranking(random_model):
     assert rank_in_list(wide[0].numpy(), wide_scores[0].numpy(), int(full[0, 0])) == math.inf
 
 
+def test_a_list_short_of_excluded_items_is_searched_again_until_full(random_model):
+    """29 of 39 items excluded: the first pass's beams end mostly in excluded items; the list must still hold the 10
+    best allowed items, those of the exhaustive search."""
+    rng = np.random.default_rng(1)
+    items = [list(t) for t in {tuple(rng.integers(2, 12, 2).tolist()) + (1,): None for _ in range(200)}][:39]
+    trie, prompt = build_trie(items), PROMPTS[0]
+    exact = exact_scores(random_model, prompt, items, pad_id=0)
+    excluded = torch.argsort(exact, descending=True)[:29].tolist()  # the model's favourites: they fill the beams
+    got, _ = beam_search(random_model, [prompt], trie, beams=10, pad_id=0, exclude=[excluded])
+    allowed = [i for i in torch.argsort(exact, descending=True).tolist() if i not in excluded]
+    assert got[0].tolist() == allowed[:10]
+    few, _ = beam_search(random_model, [prompt], trie, beams=20, pad_id=0, exclude=[excluded])  # only 10 allowed
+    assert few[0, :10].tolist() == allowed and (few[0, 10:] == -1).all()
+
+
 def test_popularity_counts_training_interactions(small):
     counts = popularity(small, "games")  # u2's g1, g2 (g3 valid, g4 test) and u3's g2, g3 (fewer than 3: train)
     assert counts.tolist() == [1, 2, 1, 0]
