@@ -121,7 +121,7 @@ def pretrain(data: Path = typer.Option(DEFAULT_DATA, help="Dataset; the built-in
         losses = {k: target_loss(m, encoder, ds, c, k) for k, c in cases.items() if c}
         return {"val_loss": float(np.mean(list(losses.values()))), "per_domain": losses}
 
-    run = open_run(out, config, resume, overwrite, rank)  # only now: a start that fails before leaves nothing behind
+    run = open_run(out, config, resume, overwrite, rank, [data, start])  # only now: a failed start leaves nothing
     say(f"CPT on {', '.join(pretrain_domains)}: {len(stream):,} tokens of {'+'.join(split_list(kinds))} sequences, "
         f"{steps} steps of {batch_tokens:,} tokens ({accum} micro-batches), {net.config.n_params / 1e6:.1f}M params")
     summary = train(net, blocks, cfg, run, tokenizer=tokenizer, device=device, rank=rank, world=world, resume=resume,
@@ -209,7 +209,7 @@ def finetune(domain: str = typer.Option(..., help="Target domain, e.g. games."),
     check(cfg, device, world, context_of(start), examples.longest, "--window", str(start))
     net = Decoder.from_pretrained(start)  # on --resume, train() loads the checkpoint's weights into it
     options = dict(beams=beams, seed=seed, mask_history=mask_history, window=window, progress=progress)
-    run = open_run(out, config, resume, overwrite, rank)  # only now: a start that fails before leaves nothing behind
+    run = open_run(out, config, resume, overwrite, rank, [data, start])  # only now: a failed start leaves nothing
     say(f"SFT on {domain}: {len(sequences):,} users, {len(examples.examples):,} examples ({config['padding']:.1%} "
         f"padding), {steps} steps ({accum} micro-batches each), validation every {cfg.eval_every} steps on "
         f"{val_users or 'all'} users")

@@ -44,7 +44,7 @@ from infra.distributed import (
     save_sharded_checkpoint,
     wrap,
 )
-from infra.files import WRITE_ERRORS, UserError, read_json, write_json
+from infra.files import UserError, read_json, write_error, write_json
 from infra.runs import (
     Interrupted,
     Log,
@@ -245,12 +245,12 @@ def train(model: nn.Module, data, cfg: TrainConfig, run: Path, *, loss: Callable
                 save_sharded_checkpoint(run, at, net, optimizer, training, cfg.keep, rank)
             elif rank == 0:
                 save_checkpoint(run, at, model, tokenizer, {"optimizer": optimizer.state_dict(), **training}, cfg.keep)
-        except OSError as e:
-            if e.errno not in WRITE_ERRORS:
+        except Exception as e:  # OSError, or safetensors' own error for the same
+            if (failed := write_error(e)) is None:
                 raise
-            raise UserError(f"{e.filename or run}: cannot be written ({e.strerror}); the checkpoint of step {at} was "
-                            f"not saved; the last intact one is {latest_name(run)}; free space and continue with the "
-                            "same command plus --resume") from None
+            raise UserError(f"{getattr(e, 'filename', None) or run}: cannot be written ({failed[1]}); the checkpoint "
+                            f"of step {at} was not saved; the last intact one is {latest_name(run)}; free space and "
+                            "continue with the same command plus --resume") from None
         barrier()
 
     def validation(at: int) -> None:  # rank 0 validates (a gathered copy under FSDP), keeps best/, then logs

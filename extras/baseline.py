@@ -300,7 +300,7 @@ def command(domain: str = typer.Option(..., help="Domain to train on and rank (i
     cfg.check()
     config = {"command": "baseline", "domain": domain, "data": str(data), "data_fingerprint": ds.fingerprint,
               "baseline": asdict(cfg)}
-    run = open_run(out or Path(f"runs/baseline-{domain}"), config, resume, overwrite)
+    run = open_run(out or Path(f"runs/baseline-{domain}"), config, resume, overwrite, inputs=[data])
     summary, result = train_baseline(ds, domain, cfg, run, device, resume, progress)
     say(f"best epoch {summary['best_epoch']} of {summary['epochs']} (validation NDCG@10 "
         f"{summary['best_valid_ndcg_at_10']:.4f}), {summary['wall_seconds']:.1f} s, {summary['sequences_per_s']:,.0f} "

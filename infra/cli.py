@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from infra.console import say
-from infra.files import WRITE_ERRORS, UserError, release_locks
+from infra.files import UserError, release_locks, write_error
 from infra.runs import Interrupted
 
 console = Console()
@@ -53,7 +53,10 @@ def main(app: typer.Typer) -> None:
     saves its checkpoint first) says so and exits 130."""
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM outside training: as Ctrl-C
     try:
-        sys.exit(app(standalone_mode=False) or 0)  # --help returns 0 here; click's own error boxes are ours below
+        code = app(standalone_mode=False) or 0  # --help returns 0 here; click's own error boxes are ours below
+        if code == 130:  # typer's answer to a KeyboardInterrupt (Ctrl-C, SIGTERM) outside training: say so
+            say("[yellow]interrupted")
+        sys.exit(code)
     except getattr(clicks, "NoArgsIsHelpError", ()) as e:  # click >= 8.2
         e.show()  # `cprec.py` or `cprec.py prepare` alone: the help text, as before
         sys.exit(e.exit_code)
@@ -73,11 +76,12 @@ def main(app: typer.Typer) -> None:
         sys.exit(130)
     except UserError as e:
         fail(str(e))
-    except OSError as e:  # a full disk, a read-only or immutable folder, permissions: the one line a user can act on
-        if e.errno not in WRITE_ERRORS:
+    except Exception as e:  # a full disk, a read-only or immutable folder, permissions: the one line a user can act on
+        if (failed := write_error(e)) is None:
             raise
-        full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-        fail(f"{e.filename or 'a file'}: cannot be written ({e.strerror}); "
+        code, text = failed
+        full = code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        fail(f"{getattr(e, 'filename', None) or 'a file'}: cannot be written ({text}); "
              + ("free some space, then run the same command again (a training run: with --resume)" if full else
                 "choose an output folder you can write"))
     finally:

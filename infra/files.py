@@ -22,6 +22,15 @@ class UserError(Exception):
 WRITE_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
+def write_error(e: BaseException) -> tuple[int, str] | None:
+    """(errno, text) of a failed write a user can act on (WRITE_ERRORS), else None. safetensors reports its own I/O
+    errors as SafetensorError("... File too large (os error 27)"), so those are read from the text."""
+    code = e.errno if isinstance(e, OSError) else None
+    if code is None and type(e).__name__ == "SafetensorError" and (m := re.search(r"os error (\d+)", str(e))):
+        code = int(m[1])
+    return (code, os.strerror(code)) if code in WRITE_ERRORS else None
+
+
 def read_json(path: str | Path) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
@@ -52,12 +61,16 @@ def atomic_dir(path: str | Path):
     loss) are removed on the next successful write of the same path.
     """
     path = Path(path)
+    created = [p for p in path.parents if not p.exists()]  # made here, so removed again if the write fails
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _fresh(path, "tmp")
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in created:  # deepest first; rmdir leaves a folder something else wrote to meanwhile
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
     old = _fresh(path, "old") if path.exists() else None
     try:

@@ -1,5 +1,6 @@
 """Fixtures: a small hand-made dataset, a tiny built-in world and a tiny model, all created in the test session.
-MFU's peak probe (seconds of matmuls on a busy CPU) is replaced by a fixed peak, except in the test of the probe."""
+MFU's peak probe (seconds of matmuls on a busy CPU) is replaced by a fixed peak, except in the test of the probe, and
+the run-folder locks a test took are released after it."""
 import pytest
 
 from data import load_dataset, tokenizer_corpus
@@ -7,6 +8,7 @@ from extras.init import create_model
 from extras.world import WorldConfig, write_world
 from helpers import TINY
 from infra.datasets import Domain, write_dataset
+from infra.files import release_locks
 
 # Two pre-training domains and one downstream. u1 shops in both pre-training domains, interleaved in time; the
 # books items "b3" and "b4" tie at t=40 and t=40 (broken by item id); u3 has only 2 games items (no eval case).
@@ -29,6 +31,8 @@ DOMAINS = [Domain("books", "Books", "pretrain"), Domain("movies", "Movies and TV
 def fixed_peak(request, monkeypatch):
     if "peak_probe" not in request.node.name:
         monkeypatch.setattr("train.peak_flops", lambda device, precision, remeasure=False: 1e12)
+    yield
+    release_locks()  # run folders opened in this process (the CLI releases them at its end, train.train does not)
 
 
 @pytest.fixture

@@ -160,3 +160,32 @@ def test_metrics_are_finite_on_a_domain_with_one_eval_user(tmp_path):
     (tmp_path / "run").mkdir()
     summary, result = train_baseline(ds, "seq", BaselineConfig(**TINY, epochs=1), tmp_path / "run")
     assert result["users"] == 1 and math.isfinite(result["model"]["mrr"]) and summary["train_sequences"] == 2
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "state.pt"])
+def test_resume_falls_back_from_a_corrupt_checkpoint_to_the_previous_one(tmp_path, monkeypatch, damaged):
+    """Before: a multi-line traceback naming no file. The baseline's checkpoints are the training loop's."""
+    rng = np.random.default_rng(2)
+    ds = sequences_dataset(tmp_path / "d", [rng.integers(0, 25, rng.integers(3, 12)) for _ in range(50)], 25)
+    cfg = BaselineConfig(**{**TINY, "dropout": 0.3}, epochs=4, patience=10)
+    for name in ("full", "cut"):
+        (tmp_path / name).mkdir()
+    full = train_baseline(ds, "seq", cfg, tmp_path / "full")
+    collate, calls = Sequences.collate, []
+
+    def ctrl_c_in_epoch_4(self, batch):
+        calls.append(1)
+        if len(calls) == 11:
+            os.kill(os.getpid(), signal.SIGINT)
+        return collate(self, batch)
+
+    monkeypatch.setattr(Sequences, "collate", ctrl_c_in_epoch_4)
+    with pytest.raises(Interrupted):
+        train_baseline(ds, "seq", cfg, tmp_path / "cut")
+    monkeypatch.setattr(Sequences, "collate", collate)
+    checkpoints = tmp_path / "cut" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-0000009", "step-0000011"]
+    file = checkpoints / "step-0000011" / damaged
+    file.write_bytes(file.read_bytes()[:len(file.read_bytes()) // 2])
+    resumed = train_baseline(ds, "seq", cfg, tmp_path / "cut", resume=True)
+    assert (checkpoints / "corrupt-step-0000011").exists() and resumed[1]["per_user"] == full[1]["per_user"]

@@ -1,6 +1,7 @@
 """Fault injection, systematically: every command that reads files, given a missing, empty, truncated, corrupted or
 wrong-type input, ends with exit status 2 and one line naming the file, never a traceback; every command that writes
 never deletes a directory it did not write. The CLI runs in-process (tests/helpers.cli) to stay fast."""
+import errno
 import json
 import os
 import shutil
@@ -13,7 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from data import Encoder, cpt_stream, load_dataset
 from extras.init import written_by_init
-from helpers import cli, refused
+from helpers import cli, ok, refused
+from infra.datasets import Domain, write_dataset
 from infra.files import atomic_dir
 from infra.tokenizer import Tokenizer
 from model import Decoder
@@ -237,6 +239,41 @@ def test_evaluate_options(args, fragments, tiny_model, world, tmp_path):
     assert not (tmp_path / "eval.json").exists()
 
 
+@pytest.mark.parametrize("args, fragments", [
+    (["recommend", "--domain", "games", "--model", "M", "--user", "u00001", "--window", -1], ["--window -1"]),
+    (["recommend", "--domain", "games", "--model", "M", "--user", "u00001", "-k", 0], ["--k 0: expected at least"]),
+    (["recommend", "--domain", "games", "--model", "M", "--input", "DIR", "--output", "OUT/r.jsonl"],
+     ["--input", "is a directory"]),
+    (["recommend", "--domain", "games", "--model", "M", "--history", "x" * 10000], ["title 'xxx", "...", "closest"]),
+    (["pretrain", "--model", "M", "--out", "OUT/run", "--tokens", 256, "--block-len", 32, "--micro-batch", 4,
+      "--batch-tokens", 128, "--warmup", 50], ["--warmup 50: more steps than the run's 2"]),
+    (["reproduce", "--model", "M", "--out", "OUT/r", "--sft-epochs", 0], ["--sft-epochs 0.0: expected a value > 0"]),
+    (["reproduce", "--model", "M", "--out", "OUT/r", "--cpt-tokens", -1], ["--cpt-tokens -1: expected a value > 0"]),
+    (["init", "--out", "OUT/m", "--vocab", 40], ["--vocab 40: too small for the characters", "at least"]),
+    (["prepare", "synthetic", "--out", "OUT/w", "--users", 0], ["--users 0: expected a positive"]),
+])
+def test_options_are_checked_before_any_work(args, fragments, tiny_model, world, tmp_path):
+    (tmp_path / "dir").mkdir()
+    args = [{"M": tiny_model, "DIR": tmp_path / "dir"}.get(a, a) for a in args]
+    args = [str(a).replace("OUT", str(tmp_path / "out")) for a in args]
+    line = refused(cli(*args, *([] if args[0] == "prepare" else ["--data", world])), *fragments, alone=False)
+    assert len(line) < 400 and not (tmp_path / "out").exists()  # a 10,000-character title is quoted in 80
+
+
+def test_a_domain_without_validation_users_is_refused_before_training(tiny_model, tmp_path):
+    """Before: finetune trained, then found no validation case to choose its checkpoint by."""
+    items = {"b1": ("books", "Red Dragon Tales"), "b2": ("books", "Jazz Poems"), "b3": ("books", "Star Diaries"),
+             "g1": ("games", "Red Dragon Quest"), "g2": ("games", "Jazz Arena")}
+    interactions = [("u1", "b1", 1), ("u1", "b2", 2), ("u1", "b3", 3), ("u2", "g1", 1), ("u2", "g2", 2),
+                    ("u3", "g2", 1), ("u3", "g1", 2)]  # 2 games each: training items only
+    write_dataset(tmp_path / "d", source="test", domains=[Domain("books", "Books", "pretrain"),
+                                                        Domain("games", "Video Games", "downstream")],
+                  items=items, interactions=interactions)
+    refused(cli("finetune", "--domain", "games", "--data", tmp_path / "d", "--model", tiny_model, "--out",
+                tmp_path / "run", "--no-progress"), "domain 'games' has no validation cases")
+    assert not (tmp_path / "run").exists()
+
+
 def test_usage_errors_are_one_line(tmp_path):
     refused(cli("frobnicate"), "No such command 'frobnicate'")
     refused(cli("evaluate", "--domain", "games"), "Missing option '--model'")
@@ -305,28 +342,114 @@ def test_prepare_sources_are_valid(tmp_path):
         assert code == 0 and (tmp_path / name / "out" / "manifest.json").exists(), output
 
 
-# --------------------------------------------------------------------------------------------------- foreign --out
-def foreign(path: Path) -> Path:
+# --------------------------------------------------------------------------------------------------- outputs
+def foreign(path: Path, file: bool = False) -> Path:
+    """Something of the user's at `path`: a folder holding a file, or a file."""
+    if file:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("not yours")
+        return path
     path.mkdir(parents=True)
     (path / "keep.txt").write_text("not yours")
     return path
 
 
-FOREIGN = [  # command -> where its --out is under tmp_path (see command()); xfail: fixed on another branch
-    ("init", False, None), ("init", True, None), ("evaluate", False, None),
-    ("reproduce", False, None), ("reproduce", True, None),
-    ("pretrain", False, None), ("pretrain", True, None), ("finetune", False, None), ("finetune", True, None),
-]
+def untouched(path: Path) -> bool:
+    return (path.read_text() if path.is_file() else (path / "keep.txt").read_text()) == "not yours"
 
 
-@pytest.mark.parametrize("name, overwrite", [(n, o) for n, o, _ in FOREIGN])
-def test_foreign_out_is_never_deleted(name, overwrite, tiny_model, world, tmp_path):
-    out = {"init": "model", "evaluate": "eval.json"}.get(name, "run")
-    foreign(tmp_path / out)
-    why = {"init": "is not a model written by this project", "evaluate": "exists and is a directory; expected a file",
-           "reproduce": "is not a reproduction"}.get(name, "is not a run written by this project")
-    refused(cli(*command(name, tiny_model, world, tmp_path, overwrite)), f"{tmp_path / out}: ", why)
-    assert (tmp_path / out / "keep.txt").read_text() == "not yours"
+def writer(name: str, model: Path, data: Path, out: Path) -> list:
+    """Every command that writes, with the smallest settings, writing `out`."""
+    if name in ("pretrain", "finetune", "reproduce", "init", "evaluate"):
+        args = command(name, model, data, out.parent)
+        args[args.index("--out") + 1] = out
+        return args
+    return {
+        "baseline": ["baseline", "--domain", "games", "--data", data, "--out", out, "--epochs", 1, "--dim", 8,
+                     "--max-len", 8, "--no-progress"],
+        "recommend": ["recommend", "--domain", "games", "--model", model, "--data", data, "--input", INPUT,
+                      "--output", out, "--no-progress"],
+        "prepare": ["prepare", "synthetic", "--users", 20, "--out", out],
+    }[name]
+
+
+WRITERS = ["prepare", "init", "pretrain", "finetune", "baseline", "evaluate", "recommend", "reproduce"]
+FILES = {"evaluate", "recommend"}  # their --out is a file
+INPUT = Path("histories.jsonl")  # recommend's input, written by each test in its folder (see histories())
+
+
+@pytest.fixture
+def histories(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    INPUT.write_text('{"id": 1, "items": []}\n')
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("name", WRITERS)
+def test_a_foreign_out_is_never_replaced(name, overwrite, tiny_model, world, tmp_path, histories):
+    """With or without --overwrite, given directly or through a symbolic link: refused, nothing of the user's
+    touched."""
+    out = foreign(tmp_path / "mine", file=name in FILES)
+    link = tmp_path / "link"
+    link.symlink_to(out)
+    for target in (out, link):
+        refused(cli(*writer(name, tiny_model, world, target), *["--overwrite"] * overwrite),
+                "is not a" if name not in FILES else "written by this project", alone=name != "reproduce")
+        assert untouched(out) and link.is_symlink()
+
+
+@pytest.mark.parametrize("name", ["prepare", "init", "pretrain", "evaluate", "recommend"])
+def test_own_output_behind_a_symbolic_link_is_replaced_in_place(name, tiny_model, world, tmp_path, histories):
+    real, link = tmp_path / "real", tmp_path / "link"
+    link.symlink_to(real, target_is_directory=name not in FILES)
+    ok(cli(*writer(name, tiny_model, world, real)))
+    refused(cli(*writer(name, tiny_model, world, link)), "already", "--overwrite")
+    ok(cli(*writer(name, tiny_model, world, link), "--overwrite"))
+    assert link.is_symlink() and real.exists() and sorted(p.name for p in tmp_path.iterdir() if p.name != "histories"
+                                                          ".jsonl" and not p.name.startswith("real-")) == ["link",
+                                                                                                          "real"]
+
+
+@pytest.mark.parametrize("name", ["pretrain", "finetune", "baseline"])
+def test_a_run_inside_the_dataset_is_refused(name, tiny_model, data_copy, tmp_path):
+    refused(cli(*writer(name, tiny_model, data_copy, data_copy / "run")), f"inside {data_copy}", alone=False)
+    assert not (data_copy / "run").exists()
+
+
+@pytest.mark.parametrize("name", WRITERS)
+def test_an_unwritable_out_is_one_line(name, tiny_model, world, tmp_path, histories, monkeypatch):
+    """A read-only, immutable or another user's folder (os.access says no): one line naming it, before any work."""
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == tmp_path / "ro" else
+                        real(path, mode, **kw))
+    (tmp_path / "ro").mkdir()
+    refused(cli(*writer(name, tiny_model, world, tmp_path / "ro" / "out")), f"{tmp_path / 'ro'}: not writable")
+    assert list((tmp_path / "ro").iterdir()) == []
+
+
+@pytest.mark.parametrize("error", [errno.EACCES, errno.ENOSPC])
+def test_a_write_that_fails_midway_is_one_line(error, tiny_model, world, tmp_path, monkeypatch):
+    """The folder looked writable, the write failed (an immutable file, a full disk): one line naming the file."""
+    monkeypatch.setattr("extras.init.write_json", lambda path, obj: (_ for _ in ()).throw(
+        OSError(error, os.strerror(error), str(path))))
+    line = refused(cli(*writer("init", tiny_model, world, tmp_path / "m")), "cannot be written", alone=False)
+    assert os.strerror(error) in line
+
+
+def test_evaluate_never_replaces_another_commands_result(tiny_model, world, tmp_path):
+    """Before: pointed at a fine-tuning run's results.json, evaluate replaced it and its per-user ranks."""
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"protocol": "full ranking", "model": {}, "config": {"command": "finetune"}}))
+    refused(cli(*writer("evaluate", tiny_model, world, results), "--overwrite"), "is not a result of evaluate")
+    assert json.loads(results.read_text())["config"] == {"command": "finetune"}
+
+
+@pytest.mark.parametrize("target", ["input", "items"])
+def test_recommend_never_replaces_its_input_or_a_dataset_file(target, tiny_model, data_copy, tmp_path, histories):
+    out = INPUT if target == "input" else data_copy / "items.jsonl"
+    before = out.read_text()
+    refused(cli(*writer("recommend", tiny_model, data_copy, out), "--overwrite"))
+    assert out.read_text() == before
 
 
 @pytest.mark.parametrize("name", ["synthetic", "recbole", "amazon2023"])

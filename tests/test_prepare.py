@@ -463,3 +463,31 @@ def test_amazon2018_domains_from_main_cat(tmp_path):
     assert m["report"]["dropped"] == {"no_domain_items": 1, "no_domain_interactions": 1, "no_title_items": 0,
                                       "no_title_interactions": 0, "duplicates": 0}
     assert load_dataset(tmp_path / "out").titles == ["Dune", "Emma", "Scarf", "Lego"]  # x1: the first title found
+
+
+def test_a_token_field_of_several_words_is_refused_unless_told_which_rule(tmp_path):
+    """Before: `Animation Children's Comedy` typed :token made every combination its own domain without a word."""
+    src = genres(tmp_path)
+    item = src / "ml.item"
+    item.write_text(item.read_text().replace("class:token_seq", "class:token"))
+    with pytest.raises(UserError, match=r"ml\.item: --domain-field class is typed :token, but 3 rows hold several "
+                                        r"words \(e\.g\. 'Drama Romance'\).*--domain-values first"):
+        convert_recbole(src, tmp_path / "out", domain_field="class")
+    first = convert_recbole(src, tmp_path / "first", domain_field="class", domain_values="first")
+    assert [d["key"] for d in first["domains"]] == ["drama", "childrens", "sci-fi", "crime"]  # as :token_seq
+    whole = convert_recbole(src, tmp_path / "whole", domain_field="class", domain_values="whole")
+    assert "drama-romance" in [d["key"] for d in whole["domains"]]
+
+
+def test_duplicate_item_ids_keep_the_first_row_and_are_counted(tmp_path):
+    src = recbole(tmp_path, ["u1\ti1\t5\t1", "u1\ti2\t5\t2"], ["i1\tToy Story\t1995", "i2\tHeat\t1995",
+                                                               "i1\tToy Story 2\t1999"], name="dup")
+    m = convert_recbole(src, tmp_path / "out")
+    assert m["report"]["files"][str(src / "dup.item")]["duplicate_ids"] == 1
+    assert load_dataset(tmp_path / "out").titles == ["Toy Story", "Heat"]
+
+
+@pytest.mark.parametrize("option", ["k_core", "min_len", "min_domain_items"])
+def test_negative_filters_are_refused(option, amazon2023, tmp_path):
+    with pytest.raises(UserError, match=f"--{option.replace('_', '-')} -3: expected 0"):
+        convert_amazon(2023, amazon2023, ["Video_Games"], tmp_path / "out", **{option: -3})

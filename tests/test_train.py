@@ -442,3 +442,54 @@ def test_defaults_fit_the_checkpoint_init_models_keep_todays_and_pretrained_llms
     assert "cprec_init" not in json.loads((tmp_path / "run-llm" / "final" / "config.json").read_text())
 
 
+
+
+class BlowUp:
+    """Wraps the data and, while step `step` is being assembled, multiplies every weight by 30: a finite blow-up
+    (as after a too-large learning rate) whose loss stays far above the run's best."""
+
+    def __init__(self, data, model, step, accum):
+        self.data, self.model, self.calls, self.at = data, model, 0, (step - 1) * accum + 1
+
+    def __getattr__(self, name):
+        return getattr(self.data, name)
+
+    def collate(self, batch):
+        self.calls += 1
+        if self.calls == self.at:
+            with torch.no_grad():
+                for p in self.model.parameters():
+                    p.mul_(30)
+        return self.data.collate(batch)
+
+
+def test_a_diverged_run_is_never_checkpointed_so_resume_starts_from_a_healthy_one(world, tiny_model, tmp_path):
+    """Before: the last "intact" checkpoint was finite but held the blown-up weights, so every --resume diverged."""
+    blocks, tokenizer = cpt_setup(world, tiny_model)
+    cfg = config(steps=24, schedule=Schedule("constant", warmup=2), save_every=4)
+    reference = tmp_path / "ref"
+    train(Decoder.from_pretrained(tiny_model), blocks, cfg, open_run(reference, {"t": 1}, False, False),
+          tokenizer=tokenizer, device=torch.device("cpu"))
+    model = Decoder.from_pretrained(tiny_model)
+    run = open_run(tmp_path / "r", {"t": 1}, False, False)
+    with pytest.raises(UserError, match=r"the loss diverged: .* step 20 was not saved; the last healthy checkpoint is "
+                                        r".*step-0000016; lower --lr"):
+        train(model, BlowUp(blocks, model, 17, 2), cfg, run, tokenizer=tokenizer, device=torch.device("cpu"))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000012", "step-0000016"]
+    train(Decoder.from_pretrained(tiny_model), blocks, cfg, open_run(run, {"t": 1}, True, False), tokenizer=tokenizer,
+          device=torch.device("cpu"), resume=True)
+    assert_same_weights(load_file(reference / "final" / "model.safetensors"), run)
+
+
+def test_early_stopping_keeps_the_first_best_and_waits_patience_validations(world, tiny_model, tmp_path):
+    blocks, tokenizer = cpt_setup(world, tiny_model)
+    scores = iter([0.1, 0.3, 0.2, 0.3, 0.25, 0.9])  # a tie (0.3 again) is not an improvement
+
+    def validate(model):
+        return {"score": next(scores)}
+
+    cfg = config(steps=12, eval_every=2, select="score", patience=2)
+    summary = train(Decoder.from_pretrained(tiny_model), blocks, cfg, open_run(tmp_path / "r", {"t": 1}, False, False),
+                    tokenizer=tokenizer, device=torch.device("cpu"), validate=validate)
+    assert summary["best"] == {"step": 4, "score": 0.3} and summary["last_step"] == 8  # stopped after 2 waits
+    assert [r["step"] for r in read_records(tmp_path / "r") if "validation" in r] == [2, 4, 6, 8]
