@@ -70,7 +70,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     schedule: Schedule = field(default_factory=Schedule)
-    precision: str = "auto"  # auto, fp32, bf16, fp16 (CUDA only, with a GradScaler)
+    precision: str = "auto"  # auto, fp32, bf16, fp16 (with a GradScaler; on CPU slow, but the same logic)
     seed: int = 0
     save_every: int = 0  # steps between resumable checkpoints; 0 = only at the end (and on interrupt)
     eval_every: int = 0  # steps between validations; 0 = only at the end
@@ -301,7 +301,8 @@ def train(model: nn.Module, data, cfg: TrainConfig, run: Path, *, loss: Callable
             out = step(net, model, batches, sum(data.n_targets(b) for b in plan), optimizer, sched, scaler,
                        precision=precision, device=device, world=world, grad_clip=cfg.grad_clip, stop=stop.requested)
             record = {"step": s + 1, "loss": finite(out.loss, 5), "lr": out.lr, "grad_norm": finite(out.grad_norm, 4),
-                      "tokens": sum(data.n_tokens(b) for b in plan), **({} if out.applied else {"skipped": True})}
+                      "tokens": sum(data.n_tokens(b) for b in plan), **({} if out.applied else {"skipped": True}),
+                      **({"scale": scaler.get_scale()} if scaler.is_enabled() else {})}  # fp16's loss scale
             flops = sum(x.size * model.config.train_flops_per_token(x.shape[1]) for x, *_ in batches)
             bar(timing(record, began, flops))
             log.write(record)

@@ -110,11 +110,12 @@ def _remove_stale(path: Path) -> None:
     for sibling in path.parent.iterdir():
         match = TEMPORARY_DIR.fullmatch(sibling.name)
         ours = match and match["name"] == path.name and match["fresh"] and sibling.is_dir()
-        if ours and not _alive(int(match["pid"])):
+        if ours and not alive(int(match["pid"])):
             shutil.rmtree(sibling, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process `pid` of this machine still runs."""
     if os.name != "posix":  # Windows' os.kill(pid, 0) would send Ctrl-C, not ask
         return True
     try:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
@@ -157,14 +158,19 @@ def test_dataset_cut_at_a_line_boundary_is_caught_by_the_fingerprint(tiny_model,
             "items.jsonl and interactions.tsv do not match the fingerprint in manifest.json")
 
 
+def corrupt_header(data: bytes) -> bytes:
+    return b"\x00" * 16 + data[16:]
+
+
 def test_corrupted_token_cache_is_rebuilt(tiny_model, data_copy):
     """The CPT token cache is ours: damaged, it is rebuilt rather than crashing pretrain."""
     ds, encoder = load_dataset(data_copy), Encoder(Tokenizer.from_pretrained(tiny_model))
-    stream = cpt_stream(ds, encoder)
+    stream = np.array(cpt_stream(ds, encoder))  # a copy: the returned stream is the file, memory-mapped
     cache = next((data_copy / "cache").glob("cpt-*.npy"))
     good = cache.read_bytes()
-    cache.write_bytes(truncate(good))
-    assert (cpt_stream(ds, encoder) == stream).all() and cache.read_bytes() == good
+    for damage in (truncate, corrupt_header):
+        cache.write_bytes(damage(good))
+        assert (cpt_stream(ds, encoder) == stream).all() and cache.read_bytes() == good
 
 
 @pytest.fixture(scope="session")

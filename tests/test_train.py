@@ -1,5 +1,6 @@
 """The training loop: the chunked loss, exact gradient accumulation, bitwise resume after Ctrl-C or a crash at any
 phase of a save, non-finite steps, early stopping, the pre-run checks and the defaults fitted to a checkpoint."""
+import contextlib
 import json
 import math
 import os
@@ -493,3 +494,42 @@ def test_early_stopping_keeps_the_first_best_and_waits_patience_validations(worl
                     tokenizer=tokenizer, device=torch.device("cpu"), validate=validate)
     assert summary["best"] == {"step": 4, "score": 0.3} and summary["last_step"] == 8  # stopped after 2 waits
     assert [r["step"] for r in read_records(tmp_path / "r") if "validation" in r] == [2, 4, 6, 8]
+
+
+class Overflow:
+    """Wraps the data and, while step `step` is assembled, makes the gradients infinite (an fp16 overflow)."""
+
+    def __init__(self, data, model, step, accum):
+        self.data, self.calls, self.step, self.accum, self.on = data, 0, step, accum, False
+        model.norm.weight.register_hook(lambda g: g * math.inf if self.on else g)
+
+    def __getattr__(self, name):
+        return getattr(self.data, name)
+
+    def collate(self, batch):
+        self.calls += 1
+        self.on = (self.calls - 1) // self.accum + 1 == self.step
+        return self.data.collate(batch)
+
+
+def test_fp16_with_its_loss_scaler_skips_an_overflow_halves_the_scale_and_resumes_exactly(world, tiny_model, tmp_path):
+    """The design's fp16 + GradScaler path, on CPU (torch's CPU autocast takes float16)."""
+    blocks, tokenizer = cpt_setup(world, tiny_model)
+    cfg = config(precision="fp16", save_every=2)
+    runs = {}
+    for name, stop in (("whole", None), ("cut", 5)):
+        model = Decoder.from_pretrained(tiny_model)
+        data = Overflow(blocks, model, 3, cfg.accum)
+        run = open_run(tmp_path / name, {"t": 1}, False, False)
+        with pytest.raises(Interrupted) if stop else contextlib.nullcontext():
+            train(model, StopAt(data, stop, cfg.accum) if stop else data, cfg, run, tokenizer=tokenizer,
+                  device=torch.device("cpu"))
+        runs[name] = run
+    train(Decoder.from_pretrained(tiny_model), blocks, cfg, open_run(runs["cut"], {"t": 1}, True, False),
+          tokenizer=tokenizer, device=torch.device("cpu"), resume=True)
+    records = read_records(runs["whole"])
+    assert records[2]["skipped"] is True and records[2]["grad_norm"] is None  # step 3: not applied
+    assert records[2]["scale"] == records[1]["scale"] / 2 == 2.0 ** 15 and not any("skipped" in r for r in
+                                                                                   records[3:8])
+    assert [r["loss"] for r in read_records(runs["cut"])] == [r["loss"] for r in records]
+    assert_same_weights(load_file(runs["whole"] / "final" / "model.safetensors"), runs["cut"])
