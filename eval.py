@@ -355,13 +355,16 @@ def popularity(ds: Dataset, key: str) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------- driver
-def auto_batch_users(model: Decoder, beams: int, prompt_len: int, depth: int, budget: float = 2**29) -> int:
+def auto_batch_users(model: Decoder, beams: int, prompt_len: int, depth: int, budget: float | None = None) -> int:
     """Users per beam-search batch so that the caches (the prompt once, each beam's own `depth` slots, twice while
-    beams are reordered) and a step's fp32 logits each stay within `budget` bytes."""
-    c = model.config
-    slot = c.n_layers * 2 * c.n_kv_heads * c.head_dim * model.embed_tokens.weight.element_size()
+    beams are reordered) and a step's fp32 logits each stay within `budget` bytes: 512 MiB and at most 256 users on
+    CPU; on a GPU a quarter of its free memory and at most 4,096 users."""
+    c, weight = model.config, model.embed_tokens.weight
+    cuda = weight.device.type == "cuda"
+    budget = budget or (torch.cuda.mem_get_info(weight.device)[0] / 4 if cuda else 2**29)
+    slot = c.n_layers * 2 * c.n_kv_heads * c.head_dim * weight.element_size()
     return max(1, int(min(budget / (slot * (prompt_len + 2 * beams * depth)), budget / (beams * c.vocab_size * 4),
-                          256)))
+                          4096 if cuda else 256)))
 
 
 def catalogue_tokens(encoder: Encoder, ds: Dataset, key: str) -> list[list[int]]:
