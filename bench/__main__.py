@@ -19,7 +19,7 @@ import torch
 import typer
 from rich.table import Table
 
-from bench.data import bench_prepare
+from bench.data import bench_prepare, bench_scale
 from bench.decoder import bench_decoder
 from bench.harness import DECODER, DTYPES, QUICK, Options, choose_peaks, console, measure_peaks
 from bench.ranking import bench_catalogue, bench_eval, bench_llm, bench_movies, bench_recommend
@@ -31,7 +31,8 @@ from infra.files import UserError
 SECTIONS: dict[str, Callable[[Options], list[dict]]] = {
     "decoder": bench_decoder, "train": bench_train, "loss": bench_loss, "eval": bench_eval,
     "recommend": bench_recommend, "catalogue": bench_catalogue, "movies": bench_movies, "prepare": bench_prepare,
-    "fsdp": bench_fsdp, "memory": bench_memory, "llm": bench_llm}
+    "fsdp": bench_fsdp, "memory": bench_memory, "llm": bench_llm, "scale": bench_scale}
+DEFAULT = [name for name in SECTIONS if name != "scale"]  # scale writes 3 corpora of up to 8 GB: only when asked
 NUM, PCT, SPREAD = "{:,.0f}".format, "{:.1%}".format, ("spread", "spread", "±{:.0%}".format)
 SPEED = [("precision", "precision", str), ("tokens_per_s", "tokens/s", NUM), ("mfu", "MFU", PCT),
          ("peak_mem_mib", "step peak mem MiB", NUM)]
@@ -69,6 +70,10 @@ COLUMNS = {  # (row key, header, format); format str = a text column
                ("passes", "each pass", lambda v: " / ".join(f"{x:.1f}" for x in v)),
                ("vs_exact", "vs exact", "{:.1f}x".format),
                ("overlap", "top-10 overlap", PCT), ("same_order", "same top-10 order", PCT)],
+    "scale": [("reviews", "reviews", NUM), ("phase", "phase", str), ("records", "records", NUM), ("unit", "of", str),
+              ("seconds", "seconds", "{:.1f}".format), ("records_per_s", "records/s", NUM),
+              ("peak_rss_mib", "peak RSS MiB", NUM), ("rss_anon_mib", "+ private MiB/rank", NUM),
+              ("rss_file_mib", "+ shared MiB/rank", NUM), ("stream_mib", "stream MiB", NUM)],
     "prepare": [("phase", "phase", str), ("records", "records", NUM), ("seconds", "seconds", "{:.1f}".format),
                 ("records_per_s", "records/s", NUM), ("rss_before_mib", "RSS before MiB", NUM),
                 ("peak_rss_mib", "peak RSS MiB", NUM)],
@@ -90,7 +95,8 @@ Opt = typer.Option
 
 @app.command(help="Run benchmark sections; print a table per section (all rows also to --json).")
 def main(
-    only: Annotated[str, Opt(help=f"comma-separated sections of: {', '.join(SECTIONS)}")] = ",".join(SECTIONS),
+    only: Annotated[str, Opt(help=f"comma-separated sections of: {', '.join(SECTIONS)} [all but scale]")] = ",".join(
+        DEFAULT),
     device: Annotated[str, Opt(help="cpu or cuda[:i]")] = "cpu",
     threads: Annotated[int, Opt(help="torch threads; 0 = every core this process may use")] = 0,
     precisions: Annotated[str | None, Opt(help="fp32,bf16 (bf16 = autocast) [CPU: fp32,bf16; CUDA: bf16]")] = None,
@@ -113,6 +119,9 @@ def main(
     movie_users: Annotated[int | None, Opt(help="users of the movies section's beam searches [200; quick 8]")] = None,
     movie_reps: Annotated[int | None, Opt(help="movies section: passes over the users per ranker [3; quick 1]")] = None,
     prepare_records: Annotated[int | None, Opt(help="synthetic reviews [1,000,000; quick 20,000]")] = None,
+    scale_reviews: Annotated[str | None, Opt(help="scale section: corpus sizes [1000000,4000000,16000000; quick "
+                                                  "20000,40000]")] = None,
+    scale_dir: Annotated[str | None, Opt(help="scale section: where its datasets go [the temporary folder]")] = None,
     llm: Annotated[Path, Opt(help="pretrained LLM of the llm section [$CPREC_SMOLLM2, else /tmp/smollm2-135m-hf]")] = (
         Options.llm),
     llm_users: Annotated[int | None, Opt(help="eval users of the llm section [40; quick 4]")] = None,
@@ -153,6 +162,8 @@ def main(
                 catalogue_items=catalogue_items or (5_000 if quick else 100_000),
                 movie_users=movie_users or (8 if quick else 200), movie_reps=movie_reps or (1 if quick else 3),
                 prepare_records=prepare_records or (20_000 if quick else 1_000_000), llm=llm,
+                scale_reviews=tuple(int(x) for x in scale_reviews.split(",")) if scale_reviews else (
+                    (20_000, 40_000) if quick else (1_000_000, 4_000_000, 16_000_000)), scale_dir=scale_dir,
                 llm_users=llm_users or (4 if quick else 40))
     info = machine(device)
     console.print("[bold]machine[/]: " + ", ".join(f"{k} {v}" for k, v in info.items()), highlight=False)

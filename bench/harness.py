@@ -58,6 +58,8 @@ class Options:
     movie_reps: int = 3
     llm: Path = Path(os.environ.get("CPREC_SMOLLM2", "/tmp/smollm2-135m-hf"))
     llm_users: int = 40
+    scale_reviews: tuple[int, ...] = (1_000_000, 4_000_000, 16_000_000)
+    scale_dir: str | None = None  # where the scale section's datasets are written (default: the temporary folder)
 
 
 # --------------------------------------------------------------------------------------------------- MFU
