@@ -5,7 +5,7 @@ With no arguments everything runs on the built-in world (data/world) and a small
     python cprec.py pretrain && python cprec.py finetune --domain games
 
 pretrain, finetune and evaluate are the paper's recipes and live here; the other commands live beside their code in
-extras/ (prepare, init, recommend, baseline, reproduce).
+extras/ (prepare, init, align, recommend, baseline, reproduce).
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ if __name__ == "__main__":  # Ctrl-C while torch is still importing (seconds): o
     signal.signal(signal.SIGINT, _interrupted)
 
 import math
-from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -31,7 +30,7 @@ import typer
 
 import eval as evaluation
 from data import VALID, Blocks, Encoder, Examples, cpt_stream, eval_cases, sample, sft_examples, train_sequences
-from extras import baseline, init, prepare, recommend, reproduce
+from extras import align, baseline, init, prepare, recommend, reproduce
 from extras.world import open_dataset
 from infra.cli import OVERWRITE, PRECISION, PROGRESS, RESUME, main, positive, show, split_list
 from infra.config import DEFAULT_CPT, DEFAULT_DATA, config_from_hf
@@ -43,7 +42,7 @@ from infra.runs import open_run, save_result
 from infra.tokenizer import Tokenizer
 from model import Decoder
 from schedule import Schedule
-from train import MicroBatches, TrainConfig, check, fitting_defaults, target_loss, train
+from train import MicroBatches, TrainConfig, check, fitting_defaults, run_settings, target_loss, train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
 app.add_typer(prepare.app, name="prepare")
@@ -135,14 +134,6 @@ def pretrain(data: Path = typer.Option(DEFAULT_DATA, help="Dataset; the built-in
 def context_of(start: Path) -> int:
     """The longest sequence the checkpoint at `start` computes exactly."""
     return config_from_hf(read_json(start / "config.json"), str(start / "config.json")).context
-
-
-def run_settings(cfg: TrainConfig) -> dict:
-    """The training settings recorded in run_config.json (and compared on --resume)."""
-    settings = asdict(cfg)
-    settings.pop("progress")  # presentation, not part of the run
-    settings.pop("activation_checkpointing")  # memory, not math: a resumed run may switch it
-    return settings
 
 
 # --------------------------------------------------------------------------------------------------- SFT
@@ -272,6 +263,7 @@ def evaluation_file(path: Path) -> str | None:
     return None if ours else "no \"command\": \"evaluate\" in it"
 
 
+app.command("align")(align.command)
 app.command("recommend")(recommend.command)
 app.command("baseline")(baseline.command)
 app.command("reproduce")(reproduce.command)

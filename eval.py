@@ -345,6 +345,20 @@ def paired_bootstrap(ranks_a, ranks_b, k: int = 10, samples: int = 2000, seed: i
     return float(diff.mean()), float(low), float(high)
 
 
+def beyond_accuracy(ds: Dataset, key: str, tops) -> dict:
+    """What a ranking costs beyond its accuracy, over every user's top-10 (catalogue positions): the share of the
+    catalogue it ever recommends (coverage), and the mean popularity percentile of what it recommends (0: the least
+    bought item of the domain's training interactions, 1: the most; popularity's own top-10 is near 1)."""
+    counts = popularity(ds, key)
+    ordered = np.sort(counts)  # mid-rank percentile: equally popular items share one
+    middle = (np.searchsorted(ordered, counts, "left") + np.searchsorted(ordered, counts, "right") - 1) / 2
+    percentile = middle / max(len(counts) - 1, 1)
+    shown = [np.asarray(top[:10], np.int64) for top in tops]
+    every = np.concatenate(shown) if shown else np.zeros(0, np.int64)
+    return {"coverage": len(np.unique(every)) / len(counts),
+            "popularity_percentile": float(percentile[every].mean()) if len(every) else float("nan")}
+
+
 def popularity(ds: Dataset, key: str) -> np.ndarray:
     """Training-interaction count of each catalogue item: the popularity baseline's scores."""
     position = {item: k for k, item in enumerate(ds.catalogue(key))}
@@ -443,7 +457,7 @@ def evaluation_result(ds: Dataset, key: str, split: str, cases: list[Case], rank
     return {
         "protocol": protocol, "domain": key, "split": split, "users": len(cases), "items": len(catalogue),
         "beams": beams, "exact": beams is None, "mask_history": mask_history,
-        "model": metrics(ranks, ks), "popularity": metrics(pop_ranks, ks),
+        "model": metrics(ranks, ks), "popularity": metrics(pop_ranks, ks), "top10": beyond_accuracy(ds, key, tops),
         "seconds": seconds, "users_per_s": len(cases) / seconds,
         "per_user": [{"user": ds.user_ids[c.user], "target": ds.item_ids[c.target],
                       "rank": None if np.isinf(r) else int(r), "popularity_rank": int(p),

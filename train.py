@@ -20,7 +20,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -410,6 +410,14 @@ def check(cfg: TrainConfig, device: torch.device, world: int, context: int | Non
                         f"processes; use a multiple of {world} micro-batches")
     if context is not None and longest > context:
         raise UserError(f"{option}: {longest}-token sequences exceed the context of {model} ({context} tokens)")
+
+
+def run_settings(cfg: TrainConfig) -> dict:
+    """The training settings recorded in run_config.json (and compared on --resume)."""
+    settings = asdict(cfg)
+    settings.pop("progress")  # presentation, not part of the run
+    settings.pop("activation_checkpointing")  # memory, not math: a resumed run may switch it
+    return settings
 
 
 def fitting_defaults(start: Path, lr: float | None, warmup: float | None, steps: int, schedule: str,

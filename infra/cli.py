@@ -45,6 +45,9 @@ def show(result: dict) -> None:
         table.add_row(name, *[f"{result[name][k]:.4f}" for k in keys])
     console.print(table)
     console.print(f"protocol: {result['protocol']}", highlight=False, soft_wrap=True)
+    if "top10" in result:
+        console.print(f"top-10: {result['top10']['coverage']:.1%} of the catalogue recommended to someone, mean "
+                      f"popularity percentile {result['top10']['popularity_percentile']:.2f}", highlight=False)
     console.print(f"{result['users_per_s']:.1f} users/s", highlight=False)
 
 

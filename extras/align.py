@@ -1,0 +1,304 @@
+"""`cprec align`: preference post-training after SFT, the step CPRec's authors announce as their future work.
+
+Softmax DPO (S-DPO, Chen et al., NeurIPS 2024): for each training user of the domain, the next training item is the
+chosen one and k items are rejected; the policy's and the reference's log-likelihoods of each item's text after the
+user's prompt (the evaluation's scoring rule) give r = log pi(y|x) - log pi_ref(y|x), and the loss is
+    -log sigmoid( -log sum_j exp( beta (r_rejected_j - r_chosen) ) ),
+which with k = 1 is DPO's -log sigmoid(beta (r_chosen - r_rejected)). Rejected items are by default the starting
+model's own highest-ranked wrong items from the trie beam search (hard negatives, RosePO's "rejected sampling"),
+never the chosen item nor (unless --history-negatives) the user's history; --negatives random draws them from the
+catalogue. The reference is the starting checkpoint: its log-likelihoods are computed once, before the first step,
+and kept in the run folder (reference.npz), so training holds one model. Training is train.train (exact accumulation
+over preference cases, resume, atomic checkpoints, best by validation NDCG@10), then the test evaluation with 50
+beams reports, beside NDCG@10, what post-training may cost: Recall@50, catalogue coverage and popularity of the
+top-10, and the held-out items' mean log-likelihood before and after.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import typer
+
+import eval as evaluation
+from data import IGNORE, TEST, VALID, Dataset, Encoder, eval_cases, item_text, pad, sample, train_sequences
+from extras.world import open_dataset
+from infra.cli import OVERWRITE, PRECISION, PROGRESS, RESUME, show
+from infra.config import DEFAULT_DATA, INIT_MARKER
+from infra.console import say
+from infra.device import autocast, resolve_precision
+from infra.distributed import setup_distributed
+from infra.files import UserError, quote
+from infra.runs import open_run, save_result
+from infra.tokenizer import Tokenizer
+from model import Decoder
+from schedule import Schedule
+from train import TrainConfig, check, run_settings, train
+
+NEGATIVES = ("hard", "random")
+
+
+@dataclass
+class AlignConfig:
+    beta: float = 1.0  # S-DPO's
+    k: int = 3  # rejected items per case: S-DPO's 3
+    negatives: str = "hard"  # hard: the starting model's top wrong items; random: uniform over the catalogue
+    history_negatives: bool = False  # may a rejected item be one of the user's history?
+    window: int = 20  # history items in a prompt, as in SFT and evaluation
+
+    def check(self, catalogue: int) -> None:
+        if not self.beta > 0:
+            raise UserError(f"--beta {self.beta}: expected a value > 0 (the KL weight of DPO)")
+        if not 1 <= self.k < catalogue:
+            raise UserError(f"--k {self.k}: expected 1 to {catalogue - 1} rejected items (the catalogue has "
+                            f"{catalogue})")
+        if self.negatives not in NEGATIVES:
+            raise UserError(f"--negatives {quote(self.negatives)}: expected {' or '.join(NEGATIVES)}")
+        if self.window < 1:
+            raise UserError(f"--window {self.window}: expected a positive number of history items")
+
+
+# --------------------------------------------------------------------------------------------------- the loss
+def item_logps(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Each row's summed log-probability of its supervised tokens (an item's text after the prompt), (rows,)."""
+    supervised = targets != IGNORE
+    hidden = model(inputs, hidden=True, select=supervised)
+    logp = torch.log_softmax((hidden @ model.lm_head.weight.t()).float(), -1)
+    token = logp.gather(1, targets[supervised][:, None])[:, 0]
+    row = torch.arange(len(targets), device=targets.device)[:, None].expand_as(targets)[supervised]
+    return torch.zeros(len(targets), device=token.device).index_add(0, row, token)
+
+
+def sdpo(policy: torch.Tensor, reference: torch.Tensor, beta: float) -> torch.Tensor:
+    """Each case's S-DPO loss from the policy's and the reference's log-likelihoods, (cases, 1 + k), chosen first."""
+    reward = policy - reference
+    return -F.logsigmoid(-torch.logsumexp(beta * (reward[:, 1:] - reward[:, :1]), dim=1))
+
+
+def dpo_loss(model, inputs: torch.Tensor, targets: torch.Tensor, reference: torch.Tensor, *,
+             beta: float) -> torch.Tensor:
+    """Summed S-DPO loss of a micro-batch of cases (train.train's `loss`); rows come chosen first, then the k
+    rejected, case by case."""
+    return sdpo(item_logps(model, inputs, targets).view(reference.shape), reference, beta).sum()
+
+
+# --------------------------------------------------------------------------------------------------- the cases
+@dataclass
+class Cases:
+    """One preference case per training user: the prompt of its history, the chosen item and k rejected ones
+    (catalogue positions)."""
+    prompts: list[list[int]]
+    items: np.ndarray  # (cases, 1 + k): the chosen first
+
+
+def preference_cases(model: Decoder, encoder: Encoder, ds: Dataset, key: str, cfg: AlignConfig, seed: int,
+                     users: int = 0) -> Cases:
+    """The chosen item is each training user's last training item, its prompt the items before it."""
+    catalogue = ds.catalogue(key)
+    position = {int(item): p for p, item in enumerate(catalogue)}
+    sequences = sample([s for s in train_sequences(ds, key) if len(s) >= 2], users, seed)
+    if not sequences:
+        raise UserError(f"domain {quote(key)}: no user has 2 or more training items, nothing to prefer")
+    histories = [s[:-1][-cfg.window:] for s in sequences]
+    chosen = [position[int(s[-1])] for s in sequences]
+    banned = [[c] + ([] if cfg.history_negatives else [position[int(i)] for i in s[:-1]])
+              for s, c in zip(sequences, chosen)]
+    if short := [k for k, b in enumerate(banned) if len(catalogue) - len(set(b)) < cfg.k]:
+        raise UserError(f"--k {cfg.k}: {len(short)} users have fewer allowed rejected items (the catalogue's "
+                        f"{len(catalogue)} minus the chosen one and their history); lower --k or pass "
+                        "--history-negatives")
+    prompts = evaluation.user_prompts(encoder, ds, histories, key)
+    if cfg.negatives == "random":
+        rng = np.random.default_rng(seed)
+        rejected = [rng.choice(np.setdiff1d(np.arange(len(catalogue)), b), cfg.k, replace=False) for b in banned]
+    else:
+        trie = evaluation.build_trie(evaluation.catalogue_tokens(encoder, ds, key), model.embed_tokens.weight.device)
+        beams, rejected = max(20, cfg.k), [None] * len(prompts)
+        order = np.argsort([len(p) for p in prompts], kind="stable")
+        step = evaluation.auto_batch_users(model, beams, max(map(len, prompts)), trie.depth)
+        model.eval()
+        for start in range(0, len(order), step):
+            rows = order[start:start + step]
+            found, _ = evaluation.beam_search(model, [prompts[r] for r in rows], trie, beams,
+                                              encoder.tokenizer.pad_id, [banned[r] for r in rows])
+            for r, items in zip(rows, found.cpu().numpy()):
+                rejected[r] = items[:cfg.k]  # the model's own best wrong items (filled: beam_search searches on)
+    items = np.column_stack([chosen, np.stack(rejected)]).astype(np.int64)
+    return Cases(prompts, items)
+
+
+class Preferences:
+    """The cases as micro-batches for train.train: each case's 1 + k rows (prompt + item text, the item's tokens
+    supervised), and the reference's log-likelihoods of them; a step's targets are its cases."""
+
+    def __init__(self, cases: Cases, item_tokens: list[list[int]], pad_id: int, batch: int, seed: int,
+                 reference: np.ndarray | None = None):
+        self.cases, self.item_tokens, self.pad_id, self.batch, self.seed = cases, item_tokens, pad_id, batch, seed
+        self.reference = reference
+        self.lengths = np.array([len(p) for p in cases.prompts])
+
+    def micro_batches(self, epoch: int) -> list[list[int]]:
+        """A fresh seeded order each epoch, sorted by prompt length within runs of 4 batches (less padding)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        order, span = rng.permutation(len(self.lengths)), 4 * self.batch
+        order = np.concatenate([chunk[np.argsort(self.lengths[chunk], kind="stable")]
+                                for chunk in np.split(order, range(span, len(order), span))])
+        batches = [order[i:i + self.batch].tolist() for i in range(0, len(order), self.batch)]
+        return [batches[k] for k in rng.permutation(len(batches))]
+
+    def n_targets(self, batch: list[int]) -> int:
+        return len(batch)
+
+    def n_tokens(self, batch: list[int]) -> int:
+        return sum(len(self.cases.prompts[c]) + len(self.item_tokens[i]) - 1 for c in batch
+                   for i in self.cases.items[c])
+
+    def rows(self, batch: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(inputs, targets) of the batch's rows: targets are the item's tokens, IGNORE elsewhere."""
+        ids, targets = [], []
+        for c in batch:
+            prompt = self.cases.prompts[c]
+            for i in self.cases.items[c]:
+                tokens = self.item_tokens[i]
+                ids.append(prompt + tokens)
+                targets.append([IGNORE] * (len(prompt) - 1) + tokens)
+        ids, targets = pad(ids, self.pad_id), pad(targets, IGNORE)
+        return ids[:, :-1], targets
+
+    def collate(self, batch: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        inputs, targets = self.rows(batch)
+        return inputs, targets, self.reference[batch].astype(np.float32)
+
+
+@torch.no_grad()
+def reference_logps(model: Decoder, data: Preferences, precision: str) -> np.ndarray:
+    """The starting model's log-likelihood of every case's items, (cases, 1 + k), computed once."""
+    device = model.embed_tokens.weight.device
+    out = np.zeros(data.cases.items.shape, np.float64)
+    model.eval()
+    order = list(range(len(data.lengths)))
+    with autocast(precision, device):
+        for start in range(0, len(order), data.batch):
+            batch = order[start:start + data.batch]
+            inputs, targets = (torch.as_tensor(a, device=device) for a in data.rows(batch))
+            out[batch] = item_logps(model, inputs, targets).view(len(batch), -1).double().cpu().numpy()
+    return out
+
+
+@torch.no_grad()
+def held_out_loglik(model: Decoder, encoder: Encoder, ds: Dataset, key: str, users: int, seed: int,
+                    window: int) -> float:
+    """The mean log-likelihood of the test users' held-out items (title and terminator) after their history."""
+    cases = sample(eval_cases(ds, key, TEST, window), users, seed)
+    device = model.embed_tokens.weight.device
+    prompts = evaluation.user_prompts(encoder, ds, [c.history for c in cases], key)
+    items = [encoder(item_text(ds.titles[c.target])) for c in cases]
+    total = 0.0
+    for start in range(0, len(cases), 64):
+        rows = range(start, min(start + 64, len(cases)))
+        ids = pad([prompts[r] + items[r] for r in rows], encoder.tokenizer.pad_id)
+        targets = pad([[IGNORE] * (len(prompts[r]) - 1) + items[r] for r in rows], IGNORE)
+        total += float(item_logps(model, torch.as_tensor(ids[:, :-1], device=device),
+                                  torch.as_tensor(targets, device=device)).sum())
+    return total / len(cases)
+
+
+# --------------------------------------------------------------------------------------------------- the command
+def command(domain: str = typer.Option(..., help="Domain of the fine-tuned model."),
+            data: Path = typer.Option(DEFAULT_DATA, help="Dataset."),
+            model: Optional[Path] = typer.Option(None, help="The SFT checkpoint to post-train (default: "
+                                                 "runs/finetune-DOMAIN/best); it is also the reference."),
+            out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/align-DOMAIN)."),
+            beta: float = typer.Option(1.0, help="DPO's KL weight beta (S-DPO: 1)."),
+            k: int = typer.Option(3, "--k", "-k", help="Rejected items per case (S-DPO: 3)."),
+            negatives: str = typer.Option("hard", help="hard (the model's own top wrong items, by beam search) or "
+                                          "random (uniform over the catalogue)."),
+            history_negatives: bool = typer.Option(False, help="Let rejected items be from the user's history."),
+            epochs: float = typer.Option(1.0, help="Passes over the training users' cases."),
+            lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: 1e-4 for a model `init` "
+                                               "made; 1e-5 for a pretrained LLM, S-DPO's)."),
+            batch_cases: int = typer.Option(32, help="Preference cases per optimizer step."),
+            micro_cases: int = typer.Option(8, help="Cases per micro-batch and process."),
+            window: int = typer.Option(20, help="History items in a prompt."),
+            users: int = typer.Option(0, help="Training users, a seeded subset (0 = all)."),
+            val_users: int = typer.Option(500, help="Validation users (0 = all)."),
+            test_users: int = typer.Option(0, help="Test users, a seeded subset (0 = all)."),
+            beams: int = typer.Option(50, help="Beam width of the evaluations (>= 50 for Recall@50)."),
+            eval_every: int = typer.Option(0, help="Steps between validations (0 = 4 per epoch)."),
+            precision: str = PRECISION, seed: int = typer.Option(0, help="Seed for data order, user samples and "
+                                                                  "random negatives."),
+            save_every: int = typer.Option(0, help="Steps between resumable checkpoints (0 = at the end)."),
+            resume: bool = RESUME, overwrite: bool = OVERWRITE, progress: bool = PROGRESS):
+    """Preference post-training (softmax DPO) of a fine-tuned model on its domain's training users, validation-
+    selected, then the full-ranking test evaluation with the costs post-training may bring."""
+    cfg = AlignConfig(beta, k, negatives, history_negatives, window)
+    for name, value in (("--epochs", epochs), ("--batch-cases", batch_cases), ("--micro-cases", micro_cases)):
+        if not value > 0:
+            raise UserError(f"{name} {value}: expected a value > 0")
+    if batch_cases % micro_cases:
+        raise UserError(f"--batch-cases {batch_cases} must be a multiple of --micro-cases ({micro_cases})")
+    if beams < 50:
+        raise UserError(f"--beams {beams}: expected at least 50 (the test reports Recall@50)")
+    rank, world, device = setup_distributed()
+    ds = open_dataset(data, rank)
+    start = model or Path(f"runs/finetune-{domain}") / "best"
+    if not (start / "config.json").exists():
+        raise UserError(f"{start}: no checkpoint; run `python cprec.py finetune --domain {domain}` first or pass "
+                        "--model")
+    cfg.check(len(ds.catalogue(domain)))
+    if not eval_cases(ds, domain, VALID):
+        raise UserError(f"domain {quote(domain)} has no validation cases, so no checkpoint could be chosen")
+    out = out or Path(f"runs/align-{domain}")
+    tokenizer = Tokenizer.from_pretrained(start)
+    encoder = Encoder(tokenizer)
+    net = Decoder.from_pretrained(start, device=device)
+    lr = lr if lr is not None else (1e-4 if INIT_MARKER in net.config.extra else 1e-5)  # init's lineage, or an LLM
+    cases = preference_cases(net, encoder, ds, domain, cfg, seed, users)
+    item_tokens = evaluation.catalogue_tokens(encoder, ds, domain)
+    prefs = Preferences(cases, item_tokens, tokenizer.pad_id, micro_cases, seed)
+    per_epoch = len(prefs.micro_batches(0))
+    accum = batch_cases // micro_cases
+    steps = max(1, math.ceil(epochs * per_epoch / accum))
+    train_cfg = TrainConfig(steps, accum, lr, weight_decay=0.0, schedule=Schedule("cosine", warmup=0.1, floor=0.1),
+                            precision=precision, seed=seed, save_every=save_every,
+                            eval_every=eval_every or max(1, steps // 4), select="ndcg@10", progress=progress,
+                            shard="auto")
+    config = {"command": "align", "domain": domain, "data": str(data), "data_fingerprint": ds.fingerprint,
+              "model": str(start), "tokenizer_fingerprint": tokenizer.fingerprint(), "align": asdict(cfg),
+              "cases": len(cases.prompts), "batch_cases": batch_cases, "micro_cases": micro_cases, "users": users,
+              "val_users": val_users, "test_users": test_users, "beams": beams, "train": run_settings(train_cfg)}
+    check(train_cfg, device, world)
+    run = open_run(out, config, resume, overwrite, rank, [data, start])
+    say(f"S-DPO on {domain}: {len(cases.prompts):,} cases of 1 chosen + {k} {negatives} rejected items, beta {beta:g}, "
+        f"{steps} steps of {batch_cases} cases, lr {lr:g}")
+    saved = run / "reference.npz"
+    if saved.exists():  # the reference of this run, kept: after a resume the model is no longer the reference
+        prefs.reference = np.load(saved)["logps"]
+    else:
+        prefs.reference = reference_logps(net, prefs, resolve_precision(train_cfg.precision, device))
+        if rank == 0:
+            tmp = run / "reference.tmp.npz"
+            np.savez(tmp, logps=prefs.reference)
+            tmp.replace(saved)
+    options = dict(beams=beams, seed=seed, window=window, progress=progress)
+    before = held_out_loglik(net, encoder, ds, domain, test_users, seed, window)
+    summary = train(net, prefs, train_cfg, run, loss=functools.partial(dpo_loss, beta=beta), tokenizer=tokenizer,
+                    device=device, rank=rank, world=world, resume=resume,
+                    validate=lambda m: evaluation.evaluate(m, encoder, ds, domain, split="valid", users=val_users,
+                                                           **options)["model"])
+    if rank == 0:
+        best = Decoder.from_pretrained(run / "best", device=device)
+        with autocast(summary["precision"], device):
+            result = evaluation.evaluate(best, encoder, ds, domain, split="test", users=test_users,
+                                         ks=evaluation.KS + (50,), **options)
+            after = held_out_loglik(best, encoder, ds, domain, test_users, seed, window)
+        result["held_out_loglik"] = {"before": before, "after": after}
+        save_result(result, run / "results.json", {"config": config, "training": summary})
+        show(result)
+        say(f"held-out items' mean log-likelihood: {before:.3f} before, {after:.3f} after")
