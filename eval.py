@@ -55,31 +55,39 @@ class Trie:
 
 def build_trie(sequences: list[list[int]], device: torch.device | str = "cpu") -> Trie:
     """Item k's tokens lead from the root to a leaf holding k; items may share prefixes but none may be another's
-    prefix (the template's terminator after every item guarantees it for distinct texts)."""
-    edges: list[dict[int, int]] = [{}]
-    item = [-1]
-    for k, sequence in enumerate(sequences):
-        node = 0
-        for token in sequence:
-            if item[node] >= 0:
-                break
-            if token not in edges[node]:
-                edges[node][token] = len(edges)
-                edges.append({})
-                item.append(-1)
-            node = edges[node][token]
-        if item[node] >= 0 or edges[node]:
-            other = item[node] if item[node] >= 0 else "another item"
-            raise UserError(f"item {k}'s tokens are a prefix of (or equal to) item {other}'s; item texts must be "
-                            "unique after tokenization")
-        item[node] = k
-    edges.append({})  # the sink
-    item.append(-1)
-    ordered = [sorted(e.items()) for e in edges]
-    offsets = np.cumsum([0] + [len(e) for e in ordered])
-    as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
-    return Trie(as_tensor(offsets), as_tensor([t for e in ordered for t, _ in e]),
-                as_tensor([c for e in ordered for _, c in e]), as_tensor(item), max(map(len, sequences)))
+    prefix (the template's terminator after every item guarantees it for distinct texts).
+
+    Built depth by depth over the items in lexicographic order, with numpy: the items sharing a prefix are then
+    consecutive, so a node is where a prefix first appears and its children are consecutive and sorted by token
+    (nodes numbered breadth-first). A million items of 40 tokens take a few hundred MB, not tens of GB of dicts."""
+    lengths = np.array([len(x) for x in sequences], np.int64)
+    order = np.lexsort(pad(sequences, -1).T[::-1])  # -1 after an item's end: a prefix sorts before its extensions
+    grid, lengths = pad(sequences, -1)[order], lengths[order]
+    node, leaf = np.zeros(len(order), np.int64), np.full(len(order), -1)
+    fresh = np.zeros(len(order), bool)  # the prefix so far differs from the previous row's
+    parents, tokens, children, nodes = [], [], [], 1
+    for d in range(int(lengths.max())):
+        alive = lengths > d
+        fresh |= np.r_[True, grid[1:, d] != grid[:-1, d]]
+        first = alive & fresh  # where a node of depth d + 1 begins
+        ids = nodes - 1 + np.cumsum(first)
+        parents.append(node[first]), tokens.append(grid[first, d]), children.append(ids[first])
+        node = np.where(alive, ids, node)
+        leaf = np.where(lengths == d + 1, ids, leaf)
+        nodes += int(first.sum())
+    parents, tokens, children = (np.concatenate(x) for x in (parents, tokens, children))
+    inner = np.zeros(nodes + 1, bool)
+    inner[parents] = True
+    clash = inner[leaf] | np.r_[leaf[1:] == leaf[:-1], False]  # a prefix of the next item, or equal to it
+    if clash.any():
+        k = int(np.flatnonzero(clash)[0])
+        raise UserError(f"item {order[k]}'s tokens are a prefix of (or equal to) item {order[k + 1]}'s; item texts "
+                        "must be unique after tokenization")
+    item = np.full(nodes + 1, -1)  # the last node is the sink
+    item[leaf] = order
+    offsets = np.searchsorted(parents, np.arange(nodes + 2))
+    as_tensor = lambda values: torch.as_tensor(values, dtype=torch.long, device=device)  # noqa: E731
+    return Trie(as_tensor(offsets), as_tensor(tokens), as_tensor(children), as_tensor(item), int(lengths.max()))
 
 
 # --------------------------------------------------------------------------------------------------- rankers
@@ -338,11 +346,23 @@ def metrics(ranks, ks=KS) -> dict:
 def paired_bootstrap(ranks_a, ranks_b, k: int = 10, samples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
     """NDCG@k of ranker A minus ranker B on the same users, with a 95% paired-bootstrap interval (resampling users):
     the interval excludes 0 when the difference is unlikely to be the luck of this particular test set."""
-    diff = ndcg_gains(np.asarray(ranks_a, float), k) - ndcg_gains(np.asarray(ranks_b, float), k)
+    return seeded_bootstrap([(ranks_a, ranks_b)], k, samples, seed)[:3]
+
+
+def seeded_bootstrap(pairs, k: int = 10, samples: int = 2000,
+                     seed: int = 0) -> tuple[float, float, float, list[float]]:
+    """NDCG@k of A minus B over several training seeds, each seed's pair of runs ranked on the same users: the mean
+    difference, a 95% interval of a two-level bootstrap (draw the seeds with replacement, then each drawn seed's
+    users), and each seed's difference. It widens with the spread between seeds as well as with the users'."""
+    diffs = [ndcg_gains(np.asarray(a, float), k) - ndcg_gains(np.asarray(b, float), k) for a, b in pairs]
     rng = np.random.default_rng(seed)
-    means = [diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(samples)]  # one test set at a time
+    means = []
+    for _ in range(samples):
+        drawn = rng.integers(0, len(diffs), len(diffs)) if len(diffs) > 1 else [0]
+        means.append(np.mean([diffs[s][rng.integers(0, len(diffs[s]), len(diffs[s]))].mean() for s in drawn]))
     low, high = np.percentile(means, [2.5, 97.5])
-    return float(diff.mean()), float(low), float(high)
+    per_seed = [float(d.mean()) for d in diffs]
+    return float(np.mean(per_seed)), float(low), float(high), per_seed
 
 
 def beyond_accuracy(ds: Dataset, key: str, tops) -> dict:
@@ -383,7 +403,9 @@ def auto_batch_users(model: Decoder, beams: int, prompt_len: int, depth: int, bu
 
 def catalogue_tokens(encoder: Encoder, ds: Dataset, key: str) -> list[list[int]]:
     """Every item of the domain's catalogue as the template writes it (title and terminator): the trie's paths."""
-    return [encoder(item_text(ds.titles[i])) for i in ds.catalogue(key)]
+    texts = [item_text(ds.titles[i]) for i in ds.catalogue(key)]
+    encoder.warm(texts)  # one batch: a large catalogue tokenizes on every core
+    return [encoder(t) for t in texts]
 
 
 def user_prompts(encoder: Encoder, ds: Dataset, histories, key: str) -> list[list[int]]:
@@ -394,12 +416,14 @@ def user_prompts(encoder: Encoder, ds: Dataset, histories, key: str) -> list[lis
 
 def evaluate(model: Decoder, encoder: Encoder, ds: Dataset, key: str, *, split: str = "test", beams: int = 20,
              exact: bool = False, users: int | None = None, seed: int = 0, mask_history: bool = False,
-             window: int = 20, batch_users: int | None = None, ks=KS, progress: bool = False) -> dict:
+             window: int = 20, batch_users: int | None = None, ks=None, progress: bool = False) -> dict:
     """Rank the whole catalogue of domain `key` for each evaluation user; the model and popularity side by side.
-    `progress` shows a bar with ETA per batch of users (quiet when stderr is no terminal)."""
+    Metrics at K = 5, 10, 20, and 50 when the ranking is deep enough (50 beams or exact). `progress` shows a bar with
+    ETA per batch of users (quiet when stderr is no terminal)."""
+    ks = ks or (KS + (50,) if exact or beams >= 50 else KS)
     if split not in ("test", "valid"):
         raise UserError(f"--split {quote(split)}: expected test or valid")
-    if beams < max(ks):
+    if beams < max(ks) and not exact:
         raise UserError(f"--beams {beams}: must be at least the largest K ({max(ks)})")
     cases = eval_cases(ds, key, {"test": 2, "valid": 1}[split], window)  # an unknown domain is refused here
     cases = sample(cases, users, seed)

@@ -295,8 +295,7 @@ def command(domain: str = typer.Option(..., help="Domain of the fine-tuned model
     if rank == 0:
         best = Decoder.from_pretrained(run / "best", device=device)
         with autocast(summary["precision"], device):
-            result = evaluation.evaluate(best, encoder, ds, domain, split="test", users=test_users,
-                                         ks=evaluation.KS + (50,), **options)
+            result = evaluation.evaluate(best, encoder, ds, domain, split="test", users=test_users, **options)
             after = held_out_loglik(best, encoder, ds, domain, test_users, seed, window)
         result["held_out_loglik"] = {"before": before, "after": after}
         save_result(result, run / "results.json", {"config": config, "training": summary})

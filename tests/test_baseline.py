@@ -128,7 +128,7 @@ def test_command_writes_results_that_reproduce_compares(world, tmp_path):
     (tmp_path / "sft-cpt").mkdir()  # an LLM run that ranks every target first
     (tmp_path / "sft-cpt" / "results-per_user.jsonl").write_text(
         "".join(json.dumps({"user": r["user"], "rank": 0}) + "\n" for r in rows))
-    delta = difference(tmp_path, "sft-cpt", "baseline")["ndcg@10"]
+    delta = difference([tmp_path], "sft-cpt", "baseline")["ndcg@10"]
     assert delta == pytest.approx(1 - results["model"]["ndcg@10"])
     refused(cli("baseline", "--domain", "games", "--data", world, "--out", run, "--epochs", 2),
                    "already holds a run")

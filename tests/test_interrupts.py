@@ -164,7 +164,8 @@ def test_reproduce_interrupted_then_resumed_equals_uninterrupted(world, tiny_mod
             "--test-users", 5, "--val-users", 2, "--out", out]
     child = python(ROOT / "cprec.py", *args)
     deadline = time.time() + 240
-    while not [r for r in out.glob("*/latest") if not (r.parent / "results.json").exists()] and time.time() < deadline:
+    while not [r for r in out.glob("seed-*/*/latest") if not (r.parent / "results.json").exists()] and \
+            time.time() < deadline:
         time.sleep(0.05)  # until a running arm's first checkpoint: inside its training
     child.send_signal(signal.SIGINT)
     _, err = child.communicate(timeout=240)
