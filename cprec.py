@@ -38,7 +38,7 @@ from infra.console import say
 from infra.device import autocast, resolve_precision
 from infra.distributed import barrier, setup_distributed
 from infra.files import UserError, own_output, quote, read_json, write_json
-from infra.runs import open_run, save_result
+from infra.runs import open_run, per_user_file, save_result
 from infra.tokenizer import Tokenizer
 from model import Decoder
 from schedule import Schedule
@@ -240,7 +240,9 @@ def evaluate_command(domain: str = typer.Option(..., help="Domain whose whole ca
         raise UserError(f"--window {window}: expected a positive number of history items")
     out = out or Path("runs/eval") / f"{model.name}-{domain}-{split}{'-exact' if exact else ''}.json"
     out = own_output(out, what="result of evaluate", overwrite=overwrite, check=evaluation_file, inputs=[model, data],
-                     file=True)
+                     outside=[data], file=True)
+    own_output(per_user_file(out), what="per-user ranks of evaluate", overwrite=overwrite, file=True,
+               check=lambda p: evaluation_file(out))  # its per-user ranks beside it: replaced only with it
     _, _, device = setup_distributed()
     ds = open_dataset(data)
     ds.domain(domain)

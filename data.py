@@ -17,7 +17,7 @@ import numpy as np
 from infra.console import counted
 from infra.console import progress as progress_bar
 from infra.datasets import Dataset, Domain, read_dataset
-from infra.files import UserError, alive
+from infra.files import UserError, temporary_file
 from infra.tokenizer import Tokenizer
 
 TRAIN, VALID, TEST = 0, 1, 2
@@ -235,10 +235,7 @@ def cpt_stream(ds: Dataset, encoder: Encoder, kinds=SEQUENCE_KINDS, seed: int = 
         return np.concatenate([ends[:1], [h], middle, ends[1:]]).T
     total = sum(int(pieces(*sequences[i])[1].sum()) for i in order)
     cache.parent.mkdir(exist_ok=True)
-    for stale in cache.parent.glob(f".{cache.name}.tmp*"):  # a build that was killed
-        if not alive(int(stale.name.rsplit(".tmp", 1)[1])):
-            stale.unlink(missing_ok=True)
-    tmp = cache.with_name(f".{cache.name}.tmp{os.getpid()}")
+    tmp = temporary_file(cache)
     stream = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint32, shape=(total,))
     at = 0
     with progress_bar(len(order), "tokenize CPT sequences", progress) as advance:

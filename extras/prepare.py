@@ -6,7 +6,8 @@ the kept interactions, not with the files. Every record that is not kept or kept
 (manifest["report"]):
 files: {path: {lines, malformed, malformed_lines (the first 5), expected, ended_early (a truncated .gz: the lines before
 the cut were used), unused (meta rows of items nobody interacted with), duplicate_ids (a RecBole .item row of an id
-already read: the first is kept), repaired_titles (bytes that are not UTF-8 replaced by U+FFFD)}},
+already read: the first is kept), repaired_titles (bytes that are not UTF-8 replaced by U+FFFD, control characters
+by spaces)}},
 dropped: {no_title_items, no_title_interactions, duplicates, no_domain_items, no_domain_interactions (--domain-field),
 k_core_/min_len_ interactions, users, items}, renamed_ids (one id in two categories gets "@domain"), titles:
 {with_year (repeated titles told apart by their year), numbered (" (2)"), truncated (infra.datasets.MAX_TITLE_CHARS)},
@@ -49,6 +50,8 @@ AMAZON = {  # version -> review file names (first found wins), meta file names, 
 TITLE_FIELDS = ("title", "movie_title", "name", "item_name")
 YEAR_FIELDS = ("release_year", "year")
 SHOWN_LINES = 5  # malformed line numbers kept per file
+CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # not whitespace, not printable
+LATEST = 10**15  # timestamps beyond +-1e15 (milliseconds: the year 33,658) cannot be times; int64 holds them exactly
 
 
 def _json(s: str):
@@ -98,13 +101,16 @@ def _lines(path: Path, stats: dict, strict: bool, progress: bool = False):
 
 def _text(s, stats: dict) -> str:
     """A title as stored (cleaned), "" if it is not a string. Bytes that were not UTF-8 (lone surrogates after
-    _open's surrogateescape, or escaped ones in JSON) become U+FFFD, counted in stats["repaired_titles"]."""
+    _open's surrogateescape, or escaped ones in JSON) become U+FFFD and control characters (a NUL, a terminal
+    escape) a space: either counted in stats["repaired_titles"]."""
     if not isinstance(s, str):
         return ""
     try:
         s.encode()
+        repaired = CONTROL.search(s) is not None
     except UnicodeEncodeError:
-        s = re.sub("[\ud800-\udfff]", "\ufffd", s)
+        s, repaired = re.sub("[\ud800-\udfff]", "\ufffd", s), True
+    if repaired:
         stats["repaired_titles"] = stats.get("repaired_titles", 0) + 1
     return clean_text(s)
 
@@ -146,14 +152,14 @@ def _collect(records, users: dict) -> tuple[dict, array, array, array]:
 def _read_reviews(path: Path, fields: tuple[str, str, str], report: dict, strict: bool, progress: bool = False):
     """(user, item, time) of every well-formed review line."""
     user_f, item_f, time_f = fields
-    expected = f"a JSON object with non-empty string {user_f!r}, {item_f!r} and an integer {time_f!r}"
+    expected = f"a JSON object with non-empty string {user_f!r}, {item_f!r} and an integer {time_f!r} within +-1e15"
     stats = _file_stats(report, path)
     for n, line in _lines(path, stats, strict, progress):
         try:
             r = _json(line)
             user, item, t = r[user_f], r[item_f], r[time_f]
             ok = type(t) is int and type(user) is type(item) is str and user.isprintable() and item.isprintable() \
-                and user != "" != item  # _valid_id() inlined: this is the hottest loop
+                and user != "" != item and -LATEST < t < LATEST  # _valid_id() inlined: this is the hottest loop
         except (ValueError, KeyError, TypeError):
             ok = False
         if ok:
@@ -308,10 +314,11 @@ def _read_inter(path: Path, report: dict, strict: bool, progress: bool = False):
             t = float(ts)
         except ValueError:
             t = math.nan
-        if math.isfinite(t) and _valid_id(user) and _valid_id(item):
+        if -LATEST < t < LATEST and _valid_id(user) and _valid_id(item):  # NaN fails too
             yield user, item, t
         else:
-            _malformed(stats, path, n, "non-empty user_id and item_id and a numeric timestamp", strict)
+            _malformed(stats, path, n, "non-empty, printable UTF-8 user_id and item_id and a numeric timestamp "
+                       "within +-1e15", strict)
 
 
 def _slug(value: str) -> str:

@@ -31,7 +31,7 @@ from infra.console import progress as progress_bar
 from infra.console import say
 from infra.device import autocast, resolve_precision
 from infra.distributed import setup_distributed
-from infra.files import UserError, own_output, quote
+from infra.files import UserError, own_output, quote, temporary_file
 from infra.tokenizer import Tokenizer
 from model import Decoder
 
@@ -139,7 +139,7 @@ class Recommender:
         if k < 1:
             raise UserError(f"k = {k}: expected at least 1")
         catalogue, position, trie = self.catalogue(domain)
-        beams = max(k, self.beams)
+        beams = min(max(k, self.beams), len(catalogue))  # at the catalogue's size the search is exhaustive
         prompts = [self.prompt(h, domain)[0] for h in histories]
         exclude = [[position[int(i)] for i in h if int(i) in position] if exclude_history else [] for h in histories]
         out: list[list[Recommendation]] = [[] for _ in histories]
@@ -176,6 +176,8 @@ def parse_request(rec: Recommender, line: str, key: str) -> tuple[object, list[i
     record = json.loads(line)
     if not isinstance(record, dict) or "id" not in record:
         raise ValueError('expected a JSON object with an "id"')
+    if not (isinstance(record["id"], str) or type(record["id"]) is int):  # written back as it came: valid JSON
+        raise ValueError('"id" must be a string or an integer')
     fields = [f for f in ("titles", "items") if f in record]
     if len(fields) != 1:
         raise ValueError('expected exactly one of "titles" (item titles) or "items" (item ids)')
@@ -192,10 +194,10 @@ def recommendation_file(path: Path) -> str | None:
     first line must be {"id", "recommendations"}, so an input, a dataset's items.jsonl or a stranger's file is safe."""
     try:
         with open(path, encoding="utf-8") as f:
-            first = json.loads(f.readline() or "{}")
+            first = json.loads(f.readline())
     except (OSError, ValueError):
         return "not JSONL"
-    ours = isinstance(first, dict) and set(first) == {"id", "recommendations"} or first == {}
+    ours = isinstance(first, dict) and set(first) == {"id", "recommendations"}
     return None if ours else 'its first line is not {"id", "recommendations"}'
 
 
@@ -205,27 +207,28 @@ def recommend_file(rec: Recommender, source: Path, target: Path, key: str, k: in
     {"id", "recommendations": [{"item_id", "title", "logprob", "share"}, ...]}. Histories are ranked `batch` at a
     time; malformed lines are counted and the first few quoted. `target` appears complete or not at all."""
     try:
-        with open(source, encoding="utf-8") as f:
+        with open(source, encoding="utf-8-sig") as f:
             total = sum(1 for line in f if line.strip())
     except FileNotFoundError:
         raise UserError(f"{source}: file not found") from None
     except UnicodeDecodeError as e:
         raise UserError(f"{source}: not UTF-8 text ({e})") from None
     stats = {"lines": total, "users": 0, "malformed": 0, "first_malformed": []}
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    tmp = temporary_file(target)
     pending: list[tuple[object, list[int]]] = []
 
     def flush(out, advance):
         ranked = rec.recommend_items([h for _, h in pending], key, k, exclude_history)
         for (user, _), recs in zip(pending, ranked):
-            out.write(json.dumps({"id": user, "recommendations": [asdict(r) for r in recs]}, ensure_ascii=False)
+            out.write(json.dumps({"id": user, "recommendations": [asdict(r) for r in recs]}, ensure_ascii=False,
+                                 allow_nan=False)
                       + "\n")
         advance(len(pending))
         stats["users"] += len(pending)
         pending.clear()
 
     try:
-        with progress_bar(total, "recommend users", progress) as advance, open(source, encoding="utf-8") as f, \
+        with progress_bar(total, "recommend users", progress) as advance, open(source, encoding="utf-8-sig") as f, \
                 open(tmp, "w", encoding="utf-8") as out:
             for n, line in enumerate(f, 1):
                 if not line.strip():
@@ -272,11 +275,14 @@ def command(model: Path = typer.Option(..., help="Checkpoint: fine-tuned, or CPT
         raise UserError("--input and --output go together: histories in, recommendations out")
     if input_file is not None and (history or user):
         raise UserError("--input replaces --history and --user; give one of them")
-    if input_file is None and bool(history) == (user is not None):
+    if history and user is not None:
+        raise UserError("--history and --user: give one (a history of titles, or a dataset user's)")
+    if input_file is None and not history and user is None:
         raise UserError("give the history: --history TITLE (repeatable), --user ID, or --input FILE --output FILE")
     if output_file is not None:
         output_file = own_output(output_file, what="recommendation file", overwrite=overwrite, file=True,
-                                 check=recommendation_file, inputs=[input_file, data, model])
+                                 check=recommendation_file, inputs=[input_file, data, model], outside=[data],
+                                 option="--output")
         if not input_file.is_file():
             raise UserError(f"--input {input_file}: {'is a directory' if input_file.is_dir() else 'file not found'}; "
                             "expected a JSONL file of histories")
@@ -311,7 +317,10 @@ def command(model: Path = typer.Option(..., help="Checkpoint: fine-tuned, or CPT
                          ensure_ascii=False, indent=2))
         return
     if len(top) < k:
-        say(f"[yellow]only {len(top)} of the {k} asked: the rest of {domain}'s catalogue is in the history")
+        size = len(rec.catalogue(domain)[0])
+        say(f"[yellow]only {len(top)} of the {k} asked: " + (f"{domain}'s catalogue has {size:,} items" if size <= k
+                                                             else f"the rest of {domain}'s catalogue is in the "
+                                                             "history"))
     table = Table("#", "item", "title", "log-prob", "share", title=f"top {len(top)} of {ds.domain(domain).name}")
     for r, x in enumerate(top, 1):
         table.add_row(str(r), x.item_id, x.title, f"{x.logprob:.3f}", f"{x.share:.1%}")

@@ -16,6 +16,8 @@ luck of one seed or one test set; each arm's mean and spread over the seeds are 
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import signal
 import statistics
@@ -86,7 +88,7 @@ def run(args: list[str], result: Path, resume: bool, log) -> None:
     log.flush()
     began, interrupted = time.time(), False
     child = subprocess.Popen([sys.executable, str(CPREC), *args], stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True)
+                             start_new_session=True, preexec_fn=stop_with_parent)
     while True:
         try:
             code = child.wait()
@@ -96,12 +98,19 @@ def run(args: list[str], result: Path, resume: bool, log) -> None:
             child.send_signal(signal.SIGINT)
     log.write(f"# {time.time() - began:.0f} s\n")
     if interrupted:
-        raise Interrupted(f"interrupted during `{line}` (exit {code}; a training run saved a checkpoint); continue "
-                          "with the same reproduce command plus --resume")
+        raise Interrupted(f"interrupted during `{line}` (exit {code}; a training run saves a checkpoint first); "
+                          "continue with the same reproduce command plus --resume")
     if code:
         raise UserError(f"`{line}` failed (exit {code}); see {log.name}; fix it and rerun with --resume")
 
 
+
+
+def stop_with_parent() -> None:
+    """In the child, before it runs: SIGTERM when reproduce itself dies (killed), so no run goes on orphaned; the
+    run saves its checkpoint and --resume continues it (Linux; elsewhere nothing)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 SETTINGS = {"data_fingerprint": "--data", "model": "--model", "domain": "--domain", "cpt_tokens": "--cpt-tokens",
@@ -119,6 +128,12 @@ def settings_of(out: Path, settings: dict, resume: bool) -> None:
             raise UserError(f"{out}: --resume with other settings ({', '.join(changed)}) than the reproduction "
                             "there; give the recorded ones (reproduce.json) or --overwrite to start over")
     write_json(saved, settings)
+
+
+def reproduction_files(out: Path) -> str | None:
+    """own_output's check: a reproduction holds reproduce.json, its log, its report and its seeds' folders only."""
+    names = {"reproduce.json", "commands.log", "report.md", "report.json"}
+    return marked(out, "reproduce.json", names=names | {p.name for p in out.glob("seed-*") if p.name[5:].isdigit()})
 
 
 def seeded_base(model: Path, folder: Path, seed: int) -> Path:
@@ -170,13 +185,15 @@ def reproduce(out: Path, data: Path, model: Path, domain: str, cpt_tokens: int, 
     """Every comparison (or with `core` the claims a pretrained LLM can be measured on with CPU budgets: zero-shot
     before/after CPT, SFT on 10% of the users from either start, post-training after it) for each of `seeds` seeds;
     `test_users` > 0 evaluates a seeded subset, `val_users` sets each SFT run's validation users."""
-    out = own_output(out, what="reproduction", overwrite=True, check=lambda p: marked(p, "reproduce.json"),
-                     inputs=[data, model])
+    out = own_output(out, what="reproduction", overwrite=True, check=reproduction_files, inputs=[data, model])
     if out.exists() and any(out.iterdir()) and not (resume or overwrite):
         raise UserError(f"{out}: already holds a reproduction; pass --resume to reuse its finished runs or "
                         "--overwrite to start over")
     out.mkdir(parents=True, exist_ok=True)
     lock(out, "reproduction")
+    if not resume:  # a report of the earlier runs never stands beside the new ones
+        for name in ("report.md", "report.json"):
+            (out / name).unlink(missing_ok=True)
     settings_of(out, {"data_fingerprint": fingerprint, "model": str(Path(model).resolve()), "domain": domain,
                       "cpt_tokens": cpt_tokens, "sft_epochs": sft_epochs, "seed": seed, "seeds": seeds,
                       "core": core, "test_users": test_users, "val_users": val_users}, resume)
@@ -354,7 +371,13 @@ def command(out: Path = typer.Option(Path("runs/reproduce"), help="Directory of 
         if not amount > 0:
             raise UserError(f"{option} {amount}: expected a value > 0")
     ds = open_dataset(data)
-    ds.domain(domain)
+    if ds.domain(domain).role != "downstream":
+        downstream = [k for k, d in ds.domains.items() if d.role == "downstream"]
+        raise UserError(f"--domain {quote(domain)} is a pre-training domain: CPT reads it, so the zero-shot and CPT "
+                        f"claims would not be about an unseen domain; choose one of {', '.join(downstream) or 'none'}"
+                        " (prepare the data with --downstream)")
+    if model is not None and not (model / "config.json").is_file():
+        raise UserError(f"--model {model}: no checkpoint there (config.json not found)")
     start = base_model(model, data, 0)
     Tokenizer.from_pretrained(start)  # a broken model is refused here rather than as the first of many failed runs
     Decoder.from_pretrained(start)

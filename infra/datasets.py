@@ -35,8 +35,9 @@ class Domain:
 
 
 def clean_text(text) -> str:
-    """Titles as the template shows them: HTML entities decoded, all whitespace (tabs, CR/LF) collapsed."""
-    return re.sub(r"\s+", " ", html.unescape(str(text))).strip() if text is not None else ""
+    """Titles as the template shows them: HTML entities decoded, control characters (NUL, terminal escapes) and
+    all whitespace (tabs, CR/LF) collapsed into single spaces."""
+    return re.sub(r"[\s\x00-\x1f\x7f-\x9f]+", " ", html.unescape(str(text))).strip() if text is not None else ""
 
 
 def dataset_out(out: str | Path, overwrite: bool, inputs: Sequence[str | Path] = ()) -> Path:

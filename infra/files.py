@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
 import re
@@ -114,6 +115,16 @@ def _remove_stale(path: Path) -> None:
             shutil.rmtree(sibling, ignore_errors=True)
 
 
+def temporary_file(target: Path) -> Path:
+    """A hidden sibling `.NAME.tmp<pid>` to write `target` into before renaming it over `target`; leftovers of
+    writers that died (killed) are removed first."""
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.tmp*"):
+        pid = stale.name.rsplit(".tmp", 1)[1]
+        if pid.isdigit() and not alive(int(pid)):
+            stale.unlink(missing_ok=True)
+    return target.with_name(f".{target.name}.tmp{os.getpid()}")
+
+
 def alive(pid: int) -> bool:
     """Whether process `pid` of this machine still runs."""
     if os.name != "posix":  # Windows' os.kill(pid, 0) would send Ctrl-C, not ask
@@ -135,7 +146,8 @@ def quote(value, limit: int = 80) -> str:
 
 # --------------------------------------------------------------------------------------------------- the guard
 def own_output(out: str | Path, *, what: str, overwrite: bool, check: Callable[[Path], str | None],
-               inputs: Sequence[str | Path] = (), outside: Sequence[str | Path] = (), file: bool = False) -> Path:
+               inputs: Sequence[str | Path] = (), outside: Sequence[str | Path] = (), file: bool = False,
+               option: str = "--out") -> Path:
     """The one guard every writing command passes before any work: may `out` be written? Returns the path to write
     (the target, when `out` is a symbolic link). Refused, in one line, when `out` is one of the command's `inputs`
     or holds one, lies inside a folder of `outside` (a dataset), exists and is not this project's own output of this
@@ -144,28 +156,28 @@ def own_output(out: str | Path, *, what: str, overwrite: bool, check: Callable[[
     out = Path(out)
     if out.is_symlink():
         if not out.exists():
-            raise UserError(f"--out {out}: a symbolic link to {os.readlink(out)}, which does not exist; choose another "
-                            "--out")
+            raise UserError(f"{option} {out}: a symbolic link to {os.readlink(out)}, which does not exist; choose "
+                            f"another {option}")
         out = out.resolve()
     here = out.resolve()
     for source in map(lambda x: Path(x).resolve(), inputs):
         if source == here or here in source.parents:
-            raise UserError(f"--out {out}: would replace the input {source}; choose an output outside it")
+            raise UserError(f"{option} {out}: would replace the input {source}; choose an output outside it")
     for folder in map(lambda x: Path(x).resolve(), outside):
         if folder == here or folder in here.parents:
-            raise UserError(f"--out {out}: inside {folder}, which this command reads; choose an output outside it")
+            raise UserError(f"{option} {out}: inside {folder}, which this command reads; choose an output outside it")
     if out.exists():
         if out.is_dir() != (not file):
-            raise UserError(f"--out {out}: exists and is {'a directory' if file else 'not a directory'}; expected "
-                            f"{'a file' if file else 'a directory'}; choose another --out")
+            raise UserError(f"{option} {out}: exists and is {'a directory' if file else 'not a directory'}; expected "
+                            f"{'a file' if file else 'a directory'}; choose another {option}")
         if file or any(out.iterdir()):
             why = check(out)
             if why is not None:
-                raise UserError(f"--out {out}: exists and is not a {what} written by this project ({why}); nothing "
-                                "was changed; choose another --out")
+                raise UserError(f"{option} {out}: exists and is not a {what} written by this project ({why}); nothing "
+                                f"was changed; choose another {option}")
             if not overwrite:
                 raise UserError(f"{out}: a {what} already exists there; pass --overwrite to replace it")
-    writable(out)
+    writable(out, option)
     return out
 
 
@@ -183,13 +195,13 @@ def marked(out: Path, marker: str, keys: Collection[str] = (), names: Collection
     return f"it holds {quote(foreign[0])}, which this project did not write there" if foreign else None
 
 
-def writable(path: Path) -> None:
+def writable(path: Path, option: str = "--out") -> None:
     """Refuse an output whose nearest existing folder cannot be written (read-only, another user's)."""
     folder = path if path.is_dir() else path.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"{folder}: not writable (permission denied or a read-only file system); choose an --out "
+        raise UserError(f"{folder}: not writable (permission denied or a read-only file system); choose an {option} "
                         "where you can write")
 
 

@@ -18,7 +18,17 @@ from safetensors.torch import load_file
 from torch import nn
 
 from infra.console import say, warn
-from infra.files import TEMPORARY_DIR, UserError, atomic_dir, lock, marked, own_output, read_json, write_json
+from infra.files import (
+    TEMPORARY_DIR,
+    UserError,
+    atomic_dir,
+    lock,
+    marked,
+    own_output,
+    read_json,
+    temporary_file,
+    write_json,
+)
 
 # What a crashed save leaves behind: atomic_dir's `.NAME.tmpPID-HEX` / `.NAME.oldPID-HEX` siblings, write_json's
 # `FILE.tmpPID`, `latest.tmp` and the log's rewrite. Only these names are ever removed.
@@ -345,12 +355,20 @@ def plot_curves(run: Path) -> str:
     return str(run / "curves.png")
 
 
+def per_user_file(path: Path) -> Path:
+    """Where save_result writes the per-user ranks of the result `path`."""
+    return path.with_name(path.stem + "-per_user.jsonl")
+
+
 def save_result(result: dict, path: Path, extra: dict) -> None:
-    """Summary JSON plus a JSONL of per-user ranks beside it (for significance tests)."""
+    """Summary JSON plus a JSONL of per-user ranks beside it (for significance tests), each written whole or not
+    at all; the summary last, so a result that exists has its per-user ranks."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    per_user = result.pop("per_user")
-    with open(path.with_name(path.stem + "-per_user.jsonl"), "w") as f:
+    per_user, ranks = result.pop("per_user"), per_user_file(path)
+    tmp = temporary_file(ranks)
+    with open(tmp, "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in per_user)
+    os.replace(tmp, ranks)
     write_json(path, {**extra, **result})
     say(f"results in {path}")
 

@@ -545,3 +545,45 @@ def test_atomic_dir_leaves_nothing_when_path_cannot_be_moved(tmp_path):
         (tmp / "v").write_text("x")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"] and (tmp_path / "ckpt").read_text() == "a file"
 
+
+
+@pytest.mark.parametrize("sibling", ["directory", "file"])
+def test_evaluates_per_user_file_is_guarded_like_its_result(sibling, tiny_model, world, tmp_path):
+    """Before: a directory there was a traceback after the whole evaluation; a user's file there was replaced."""
+    ranks = tmp_path / "e-per_user.jsonl"
+    foreign(ranks, file=sibling == "file")
+    for extra in ([], ["--overwrite"]):
+        refused(cli(*writer("evaluate", tiny_model, world, tmp_path / "e.json"), *extra), "e-per_user.jsonl")
+        assert untouched(ranks) and not (tmp_path / "e.json").exists()
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--history", "x", "--user", "u00001"], ["--history and --user: give one"]),
+    (["--input", "IN", "--output", "EMPTY", "--overwrite"], ["--output", "is not a recommendation file"]),
+])
+def test_recommend_refusals_name_the_right_option(args, fragments, tiny_model, world, tmp_path):
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "items": []}\n')
+    (tmp_path / "empty.jsonl").write_text("{}\n")  # a user's file, not an earlier output
+    args = [{"IN": tmp_path / "in.jsonl", "EMPTY": tmp_path / "empty.jsonl"}.get(a, a) for a in args]
+    refused(cli("recommend", "--domain", "games", "--model", tiny_model, "--data", world, *args), *fragments)
+    assert (tmp_path / "empty.jsonl").read_text() == "{}\n"
+
+
+def test_recommend_input_ids_must_be_strings_or_integers(tiny_model, world, tmp_path):
+    (tmp_path / "in.jsonl").write_text('\ufeff{"id": 3, "items": []}\n{"id": NaN, "items": []}\n'
+                                       '{"id": {"a": 1}, "items": []}\n')  # a BOM first, as some editors write
+    code, output = cli("recommend", "--domain", "games", "--model", tiny_model, "--data", world, "--input",
+                       tmp_path / "in.jsonl", "--output", tmp_path / "out.jsonl", "--no-progress")
+    assert code == 0 and "skipped 2 malformed line(s) of 3" in output
+    assert '"id" must be a string or an integer' in output
+    assert [json.loads(line)["id"] for line in (tmp_path / "out.jsonl").read_text().splitlines()] == [3]
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--domain", "books"], "--domain 'books' is a pre-training domain"),
+    (["--model", "nowhere"], "--model nowhere: no checkpoint there"),
+])
+def test_reproduce_refuses_a_pretraining_domain_and_a_missing_model(args, fragment, tiny_model, world, tmp_path):
+    base = ["reproduce", "--data", world, "--out", tmp_path / "r", "--model", tiny_model]
+    refused(cli(*base, *args), fragment)
+    assert not (tmp_path / "r").exists()

@@ -52,7 +52,8 @@ def test_amazon2023_two_categories(amazon2023, tmp_path):
     files = m["report"]["files"]
     assert files[str(amazon2023 / "Video_Games.jsonl")] == {
         "lines": 7, "malformed": 2, "malformed_lines": [3, 7],
-        "expected": "a JSON object with non-empty string 'user_id', 'parent_asin' and an integer 'timestamp'"}
+        "expected": "a JSON object with non-empty string 'user_id', 'parent_asin' and an integer 'timestamp' within "
+                    "+-1e15"}
     assert files[str(amazon2023 / "meta_Video_Games.jsonl.gz")] == {"lines": 4, "malformed": 0, "unused": 1}
     assert m["report"]["dropped"] == {"no_title_items": 1, "no_title_interactions": 1, "duplicates": 1}
     assert m["report"]["renamed_ids"] == 1  # g3 is in both categories
@@ -491,3 +492,26 @@ def test_duplicate_item_ids_keep_the_first_row_and_are_counted(tmp_path):
 def test_negative_filters_are_refused(option, amazon2023, tmp_path):
     with pytest.raises(UserError, match=f"--{option.replace('_', '-')} -3: expected 0"):
         convert_amazon(2023, amazon2023, ["Video_Games"], tmp_path / "out", **{option: -3})
+
+
+def test_timestamps_beyond_any_time_are_malformed_not_reversed(tmp_path):
+    """Before: 1e308 was cast to int64's minimum, and the latest item became the earliest."""
+    src = recbole(tmp_path, ["u1\ti1\t5\t1e308", "u1\ti2\t5\t2", "u1\ti3\t5\t-1e20", "u1\ti4\t5\t3"],
+                  ["i1\tA\t1", "i2\tB\t2", "i3\tC\t3", "i4\tD\t4"], name="big")
+    m = convert_recbole(src, tmp_path / "out")
+    assert m["report"]["files"][str(src / "big.inter")]["malformed_lines"] == [2, 4]
+    assert load_dataset(tmp_path / "out").time.tolist() == [2, 3]
+    amazon = tmp_path / "amazon"
+    amazon.mkdir()
+    write(amazon / "Toys.jsonl", [review("u1", "g1", 10**25), review("u1", "g2", 5), review("u1", "g3", 6)])
+    write(amazon / "meta_Toys.jsonl", [meta(f"g{k}", f"Toy {k}") for k in range(1, 4)])
+    m = convert_amazon(2023, amazon, ["Toys"], tmp_path / "out2")
+    assert m["report"]["files"][str(amazon / "Toys.jsonl")]["malformed"] == 1 and m["interactions"] == 2
+
+
+def test_control_characters_in_titles_are_replaced_and_counted(tmp_path):
+    src = recbole(tmp_path, ["u1\ti1\t5\t1", "u1\ti2\t5\t2"], ["i1\tTi\x00tle\x1b[31m 8\t1", "i2\tPlain\t2"],
+                  name="ctl")
+    m = convert_recbole(src, tmp_path / "out")
+    assert m["report"]["files"][str(src / "ctl.item")]["repaired_titles"] == 1
+    assert load_dataset(tmp_path / "out").titles == ["Ti tle [31m 8", "Plain"]
