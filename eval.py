@@ -319,12 +319,18 @@ def rank_in_list(items: np.ndarray, scores: np.ndarray, target: int) -> float:
     return float((scores >= scores[hit[0]]).sum() - 1)
 
 
-def rank_in_scores(scores: np.ndarray, target: int, excluded=()) -> float:
-    """0-based rank of `target` among all candidates (ties pessimistic), ignoring `excluded` candidates."""
-    keep = np.ones(len(scores), bool)
-    keep[list(excluded)] = False
-    keep[target] = True
-    return float((scores[keep] >= scores[target]).sum() - 1)
+def rank_in_scores(scores: np.ndarray, target, excluded=()):
+    """0-based rank of `target` among all candidates (ties pessimistic), ignoring `excluded` candidates. Scores of
+    several users at once, (users, items), take a target and an excluded list per row and give an array of ranks."""
+    scores = np.asarray(scores)
+    if scores.ndim == 1:
+        return float(rank_in_scores(scores[None], [target], [excluded])[0])
+    rows, target = np.arange(len(scores)), np.asarray(target)
+    ahead = scores >= scores[rows, target][:, None]
+    for row, ex in enumerate(excluded):
+        ahead[row, np.asarray(ex, np.int64)] = False
+    ahead[rows, target] = True
+    return ahead.sum(1) - 1.0
 
 
 def ndcg_gains(ranks: np.ndarray, k: int) -> np.ndarray:

@@ -257,6 +257,7 @@ def train(model: nn.Module, data, cfg: TrainConfig, run: Path, *, loss: Callable
         nonlocal best
         copy = consolidate(model, rank) if shard == "fsdp" and validate is not None else model
         if rank == 0 and validate is not None:
+            began = time.perf_counter()
             copy.to(device).eval()
             with torch.no_grad(), autocast(precision, device):
                 result = validate(copy)
@@ -265,7 +266,8 @@ def train(model: nn.Module, data, cfg: TrainConfig, run: Path, *, loss: Callable
                 best = {"step": at, cfg.select: result[cfg.select]}
                 copy.save_pretrained(run / "best", tokenizer)
                 write_json(run / "best.json", best)
-            log.write({"step": at, "validation": result})  # after best/: a logged validation has its best/ on disk
+            # Logged after best/ is written: a logged validation has its best/ on disk.
+            log.write({"step": at, "validation": result, "seconds": round(time.perf_counter() - began, 4)})
         barrier()
 
     def agreed(flag: bool) -> bool:  # rank 0 decides from the log (the others hold none): every process follows
@@ -328,6 +330,7 @@ def train(model: nn.Module, data, cfg: TrainConfig, run: Path, *, loss: Callable
         return {"steps": cfg.steps, "precision": precision, "world_size": world}
     final.save_pretrained(run / "final", tokenizer)
     return {"steps": cfg.steps, "precision": precision, "world_size": world, **log.summary(),
+            "seconds_to_best": log.seconds_until(best["step"]) if best else None,
             "peak_mem_gb": peak_memory_gb(device), "best": best, "curves": plot_curves(run)}
 
 

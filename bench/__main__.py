@@ -3,7 +3,8 @@ in one run and prints a table (--json writes every row with the machine and the 
 and the figures measured so far with their commands and machines: docs/benchmarks.md.
 
 Sections (area files in bench/): decoder (ours vs transformers), train, loss, fsdp and memory (training.py), eval,
-recommend, catalogue, movies and llm (ranking.py), prepare (data.py).
+recommend, catalogue, movies and llm (ranking.py), prepare and scale (data.py), baseline (baseline.py: ours beside
+RecBole's SASRec).
 """
 from __future__ import annotations
 
@@ -19,11 +20,13 @@ import torch
 import typer
 from rich.table import Table
 
+from bench.baseline import bench_baseline
 from bench.data import bench_prepare, bench_scale
 from bench.decoder import bench_decoder
 from bench.harness import DECODER, DTYPES, QUICK, Options, choose_peaks, console, measure_peaks
 from bench.ranking import bench_catalogue, bench_eval, bench_llm, bench_movies, bench_recommend
 from bench.training import bench_fsdp, bench_loss, bench_memory, bench_train
+from infra.cli import split_list
 from infra.config import DEFAULT_CPT, DEFAULT_DATA, DEFAULT_MODEL, ModelConfig
 from infra.device import machine
 from infra.files import UserError
@@ -31,8 +34,9 @@ from infra.files import UserError
 SECTIONS: dict[str, Callable[[Options], list[dict]]] = {
     "decoder": bench_decoder, "train": bench_train, "loss": bench_loss, "eval": bench_eval,
     "recommend": bench_recommend, "catalogue": bench_catalogue, "movies": bench_movies, "prepare": bench_prepare,
-    "fsdp": bench_fsdp, "memory": bench_memory, "llm": bench_llm, "scale": bench_scale}
-DEFAULT = [name for name in SECTIONS if name != "scale"]  # scale writes 3 corpora of up to 8 GB: only when asked
+    "fsdp": bench_fsdp, "memory": bench_memory, "llm": bench_llm, "scale": bench_scale, "baseline": bench_baseline}
+# Only when asked: scale writes 3 corpora of up to 8 GB; baseline needs RecBole (an extra) and trains for minutes.
+DEFAULT = [name for name in SECTIONS if name not in ("scale", "baseline")]
 NUM, PCT, SPREAD = "{:,.0f}".format, "{:.1%}".format, ("spread", "spread", "±{:.0%}".format)
 SPEED = [("precision", "precision", str), ("tokens_per_s", "tokens/s", NUM), ("mfu", "MFU", PCT),
          ("peak_mem_mib", "step peak mem MiB", NUM)]
@@ -74,6 +78,12 @@ COLUMNS = {  # (row key, header, format); format str = a text column
               ("seconds", "seconds", "{:.1f}".format), ("records_per_s", "records/s", NUM),
               ("peak_rss_mib", "peak RSS MiB", NUM), ("rss_anon_mib", "+ private MiB/rank", NUM),
               ("rss_file_mib", "+ shared MiB/rank", NUM), ("stream_mib", "stream MiB", NUM)],
+    "baseline": [("domain", "domain", str), ("impl", "SASRec", str), ("window", "window", NUM),
+                 ("epochs", "epochs", NUM), ("best_epoch", "best epoch", NUM), ("epoch_s", "s/epoch", "{:.2f}".format),
+                 ("valid_s", "s/validation", "{:.2f}".format), ("to_best_s", "s to best", "{:.0f}".format),
+                 *[(f"{p} {k}", f"{k.replace('recall', 'R').replace('ndcg', 'N')} {p}", "{:.4f}".format)
+                   for p in ("unmasked", "masked") for k in ("ndcg@10", "recall@10", "recall@50")],
+                 ("own ndcg@10", "RecBole's own N@10", "{:.4f}".format)],
     "prepare": [("phase", "phase", str), ("records", "records", NUM), ("seconds", "seconds", "{:.1f}".format),
                 ("records_per_s", "records/s", NUM), ("rss_before_mib", "RSS before MiB", NUM),
                 ("peak_rss_mib", "peak RSS MiB", NUM)],
@@ -125,6 +135,13 @@ def main(
     llm: Annotated[Path, Opt(help="pretrained LLM of the llm section [$CPREC_SMOLLM2, else /tmp/smollm2-135m-hf]")] = (
         Options.llm),
     llm_users: Annotated[int | None, Opt(help="eval users of the llm section [40; quick 4]")] = None,
+    baseline_data: Annotated[Path, Opt(help="baseline section: dataset [data/ml-100k]")] = Options.baseline_data,
+    baseline_domains: Annotated[str, Opt(help="baseline section: its domains, comma-separated")] = "ml-100k",
+    baseline_epochs: Annotated[int, Opt(help="baseline section: most epochs of each, early stopping as usual")] = 200,
+    baseline_before: Annotated[bool, Opt(help="baseline section: also our defaults before the section existed")] = True,
+    baseline_recbole: Annotated[bool, Opt(help="baseline section: RecBole's SASRec beside ours")] = True,
+    baseline_recbole_window: Annotated[int, Opt(help="baseline section: RecBole's history window [0: ours, cut to "
+                                                     "the longest history]")] = 0,
     peak_tflops: Annotated[float | None, Opt(help="MFU denominator for every precision, TFLOP/s "
                                                   "[CPU: measured matmul; CUDA: the GPU's datasheet]")] = None,
     json_path: Annotated[Path | None, Opt("--json", help="also write machine, peaks and rows here")] = None,
@@ -164,7 +181,10 @@ def main(
                 prepare_records=prepare_records or (20_000 if quick else 1_000_000), llm=llm,
                 scale_reviews=tuple(int(x) for x in scale_reviews.split(",")) if scale_reviews else (
                     (20_000, 40_000) if quick else (1_000_000, 4_000_000, 16_000_000)), scale_dir=scale_dir,
-                llm_users=llm_users or (4 if quick else 40))
+                llm_users=llm_users or (4 if quick else 40), baseline_data=baseline_data,
+                baseline_domains=tuple(split_list(baseline_domains)), baseline_epochs=baseline_epochs,
+                baseline_before=baseline_before, baseline_recbole=baseline_recbole,
+                baseline_recbole_window=baseline_recbole_window)
     info = machine(device)
     console.print("[bold]machine[/]: " + ", ".join(f"{k} {v}" for k, v in info.items()), highlight=False)
     if "decoder" in sections:
@@ -202,5 +222,5 @@ if __name__ == "__main__":
     try:
         app()
     except UserError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
+        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)  # one line, however long
         raise SystemExit(2) from None

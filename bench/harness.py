@@ -58,6 +58,12 @@ class Options:
     movie_reps: int = 3
     llm: Path = Path(os.environ.get("CPREC_SMOLLM2", "/tmp/smollm2-135m-hf"))
     llm_users: int = 40
+    baseline_data: Path = Path("data/ml-100k")
+    baseline_domains: tuple[str, ...] = ("ml-100k",)
+    baseline_epochs: int = 200
+    baseline_before: bool = True
+    baseline_recbole: bool = True
+    baseline_recbole_window: int = 0
     scale_reviews: tuple[int, ...] = (1_000_000, 4_000_000, 16_000_000)
     scale_dir: str | None = None  # where the scale section's datasets are written (default: the temporary folder)
 

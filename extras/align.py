@@ -230,7 +230,7 @@ def command(domain: str = typer.Option(..., help="Domain of the fine-tuned model
             val_users: int = typer.Option(500, help="Validation users (0 = all)."),
             test_users: int = typer.Option(0, help="Test users, a seeded subset (0 = all)."),
             beams: int = typer.Option(50, help="Beam width of the evaluations (>= 50 for Recall@50)."),
-            eval_every: int = typer.Option(0, help="Steps between validations (0 = 4 per epoch)."),
+            eval_every: int = typer.Option(0, help="Steps between validations (0 = four over the run)."),
             precision: str = PRECISION, seed: int = typer.Option(0, help="Seed for data order, user samples and "
                                                                   "random negatives."),
             save_every: int = typer.Option(0, help="Steps between resumable checkpoints (0 = at the end)."),
@@ -278,7 +278,7 @@ def command(domain: str = typer.Option(..., help="Domain of the fine-tuned model
     say(f"S-DPO on {domain}: {len(cases.prompts):,} cases of 1 chosen + {k} {negatives} rejected items, beta {beta:g}, "
         f"{steps} steps of {batch_cases} cases, lr {lr:g}")
     saved = run / "reference.npz"
-    if saved.exists():  # the reference of this run, kept: after a resume the model is no longer the reference
+    if resume and saved.exists():  # this run's reference, kept: after a resume the model is no longer the reference
         prefs.reference = np.load(saved)["logps"]
     else:
         prefs.reference = reference_logps(net, prefs, resolve_precision(train_cfg.precision, device))

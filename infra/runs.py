@@ -33,10 +33,11 @@ from infra.files import (
 # What a crashed save leaves behind: atomic_dir's `.NAME.tmpPID-HEX` / `.NAME.oldPID-HEX` siblings, write_json's
 # `FILE.tmpPID`, `latest.tmp` and the log's rewrite. Only these names are ever removed.
 CHECKPOINT_NAME = re.compile(r"step-\d{7}|best|final")  # the directories a run writes through atomic_dir
-LEFTOVER_FILE = re.compile(r"latest\.tmp|(run_config|best|results)\.json\.tmp\d+|metrics\.jsonl\.tmp\d+")
+LEFTOVER_FILE = re.compile(r"latest\.tmp|(run_config|best|results)\.json\.tmp\d+|metrics\.jsonl\.tmp\d+|"
+                           r"reference\.tmp\.npz")
 RUN_FILES = {"run_config.json", "metrics.jsonl", "checkpoints", "latest", "final", "best", "best.json", "results.json",
-             "results-per_user.jsonl", "curves.png"}
-REUSABLE = {"run_config.json", "metrics.jsonl", "checkpoints", "curves.png"}  # a start that got to no checkpoint
+             "results-per_user.jsonl", "curves.png", "reference.npz"}  # reference.npz: align's cached reference
+REUSABLE = {"run_config.json", "metrics.jsonl", "checkpoints", "curves.png", "reference.npz"}  # got to no checkpoint
 RESUMABLE = ("train.lr", "train.save_every", "train.eval_every", "train.keep", "train.compile")  # same batch plan
 PATHS = ("data", "model")  # where the dataset and the start are: their fingerprints, recorded too, are what counts
 
@@ -319,6 +320,10 @@ class Log:
                 "tokens_per_s": tokens / max(seconds, 1e-9),
                 "loss": losses[-1] if losses else None, "skipped_steps": sum(r.get("skipped", False) for r in steps),
                 "validation": checks[-1] if checks else None}
+
+    def seconds_until(self, step: int) -> float:
+        """Seconds of training and validation up to and including `step` (a resumed run's earlier part too)."""
+        return sum(r.get("seconds", 0) for r in self.records if r["step"] <= step)
 
     def __enter__(self) -> Log:
         return self

@@ -100,6 +100,8 @@ def test_resume_equals_uninterrupted(world, tiny_model, tmp_path, monkeypatch):
     assert strip(tmp_path / "cut") == strip(tmp_path / "whole")
     whole = np.load(tmp_path / "whole" / "reference.npz")["logps"]
     assert np.array_equal(np.load(tmp_path / "cut" / "reference.npz")["logps"], whole)
+    ok(cli(*args, "--out", tmp_path / "cut", "--overwrite"))  # its reference.npz is this project's own output
+    assert_same_weights(load_file(tmp_path / "whole" / "final" / "model.safetensors"), tmp_path / "cut")
 
 
 @pytest.mark.parametrize("option, fragment", [

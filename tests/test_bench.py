@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from helpers import ROOT
 
 
@@ -30,3 +32,36 @@ def test_bench_sections_hold_their_relations(world, tiny_model, tmp_path):
     train = rows["train", "small"]
     assert train["batch"] == "64×4×1" and math.isclose(train["mfu"], train["flops_per_s"] / report["peaks"]["fp32"])
     assert math.isclose(train["flops_per_s"], train["tokens_per_s"] * train["flops_per_token"])
+
+
+def run_bench(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", **(env or {})})
+
+
+def test_baseline_section_without_recbole_says_how_to_install_it(world, tmp_path):
+    blocked = tmp_path / "site" / "recbole"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text("raise ImportError('No module named recbole')\n")
+    done = run_bench("--quick", "--only", "baseline", "--baseline-data", str(world), "--baseline-domains", "games",
+                     env={"PYTHONPATH": str(blocked.parent)})
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "pip install --no-deps recbole==1.2.1" in done.stdout and "Traceback" not in done.stderr
+
+
+def test_baseline_section_ranks_recboles_scores_as_recbole_does(world, tmp_path):
+    """Side by side with RecBole (when installed): the same split user by user, and our ranking of RecBole's test
+    scores equal to RecBole's own evaluator (it masks no history for sequential models)."""
+    pytest.importorskip("recbole")
+    out = tmp_path / "baseline.json"
+    done = run_bench("--quick", "--only", "baseline", "--baseline-data", str(world), "--baseline-domains", "games",
+                     "--no-baseline-before", "--json", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    ours, theirs = json.loads(out.read_text())["rows"]
+    assert ours["impl"] == "ours (defaults)" and theirs["impl"] == "RecBole 1.2.1 SASRec"
+    assert "the same history and test item in both pipelines" in theirs["split_check"]
+    assert theirs["own"]["ndcg@10"] == pytest.approx(theirs["unmasked"]["ndcg@10"], abs=1e-4)  # RecBole rounds
+    assert theirs["own"]["recall@10"] == pytest.approx(theirs["unmasked"]["recall@10"], abs=1e-4)
+    for row in (ours, theirs):
+        assert row["masked"]["recall@50"] >= row["unmasked"]["recall@50"]  # masking only removes competitors
+        assert 1 <= row["best_epoch"] <= row["epochs"] <= 2 and row["to_best_s"] > 0

@@ -53,6 +53,12 @@ def test_ranks_count_ties_against_the_target():
     assert rank_in_scores(scores, 0) == 3  # 0.9 and the two other 0.5s go first
     assert rank_in_scores(scores, 1) == 0
     assert rank_in_scores(scores, 0, excluded=[1, 4]) == 1  # masked items do not count
+    rng = np.random.default_rng(0)
+    matrix = rng.integers(0, 4, (5, 9)).astype(float)  # many ties
+    targets, excluded = rng.integers(0, 9, 5), [rng.choice(9, k, replace=False) for k in range(5)]
+    counted = [sum(j != t and j not in ex and row[j] >= row[t] for j in range(9))  # every user's rank at once
+               for row, t, ex in zip(matrix, targets, excluded)]
+    assert rank_in_scores(matrix, targets, excluded).tolist() == counted
     items, top = np.array([7, 3, 9]), np.array([-1.0, -2.0, -2.0])
     assert rank_in_list(items, top, 9) == 2 and rank_in_list(items, top, 3) == 2 and rank_in_list(items, top, 7) == 0
     assert rank_in_list(items, top, 5) == math.inf
