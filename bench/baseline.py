@@ -166,7 +166,7 @@ def ranked(scores: np.ndarray, cases, position: np.ndarray) -> dict:
     return out
 
 
-def run_recbole(ds, key: str, cfg: BaselineConfig, work: Path, window: int = 0) -> dict:
+def run_recbole(ds, key: str, cfg: BaselineConfig, work: Path, window: int = 0, device: str = "cpu") -> dict:
     """RecBole's SASRec on the domain, history window `window` (0: ours, cut to the longest test history, which
     changes nothing but RecBole's cost: it pads every prefix to its window)."""
     rb = recbole()
@@ -179,7 +179,8 @@ def run_recbole(ds, key: str, cfg: BaselineConfig, work: Path, window: int = 0) 
         "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "full"},
         "metrics": ["Recall", "NDCG"], "topk": [10, 50], "valid_metric": "NDCG@10", "train_neg_sample_args": None,
         "loss_type": "CE", "MAX_ITEM_LIST_LENGTH": window, "epochs": cfg.epochs, "stopping_step": cfg.patience,
-        "eval_step": 1, "seed": cfg.seed, "reproducibility": True, "device": "cpu", "use_gpu": False,
+        "eval_step": 1, "seed": cfg.seed, "reproducibility": True,
+        "gpu_id": "0" if device.startswith("cuda") else "",  # RecBole picks its device from gpu_id
         "show_progress": False, "checkpoint_dir": str(work / "recbole-saved"), "worker": 0, "state": "ERROR"}
     # RecBole's trainer writes log_tensorboard/ into the working directory and its Config reads sys.argv; pandas 3
     # warns about each of its in-place fills (of columns that have no missing values here).
@@ -194,7 +195,7 @@ def run_recbole(ds, key: str, cfg: BaselineConfig, work: Path, window: int = 0) 
         if extra := len(theirs) - len(ours):
             split_note += f"; RecBole also tests {extra:,} users of 2 items, on whom we train"
         console.print(f"baseline {key}: {split_note}")
-        model = rb.SASRec(config, train_data.dataset)
+        model = rb.SASRec(config, train_data.dataset).to(config["device"])
         trainer = rb.Trainer(config, model)
         began = time.perf_counter()
         trainer.fit(train_data, valid_data, verbose=False, saved=True, show_progress=False)
@@ -216,7 +217,8 @@ def run_recbole(ds, key: str, cfg: BaselineConfig, work: Path, window: int = 0) 
                 seq[r, :len(ids)] = torch.as_tensor(ids)
             inter = rb.Interaction({"item_id_list": seq, "item_length": torch.tensor(
                 [min(len(c.history), window) for c in some])})
-            rows.append(model.full_sort_predict(inter).view(len(some), -1)[:, column].numpy())
+            scores = model.full_sort_predict(inter.to(config["device"])).view(len(some), -1)
+            rows.append(scores[:, column].float().cpu().numpy())
     best = trainer.best_epoch  # 0-based
     return {"impl": "RecBole 1.2.1 SASRec", "window": window, "split_check": split_note,
             "epochs": len(trainer.train_seconds), "best_epoch": best + 1,
@@ -226,11 +228,11 @@ def run_recbole(ds, key: str, cfg: BaselineConfig, work: Path, window: int = 0) 
             **ranked(np.concatenate(rows), cases, position)}
 
 
-def run_ours(ds, key: str, cfg: BaselineConfig, work: Path, label: str) -> dict:
+def run_ours(ds, key: str, cfg: BaselineConfig, work: Path, label: str, device: str = "cpu") -> dict:
     run = work / f"ours-{label}-{key}"
     run.mkdir()
     began = time.perf_counter()
-    summary, _ = train_baseline(ds, key, cfg, run)
+    summary, _ = train_baseline(ds, key, cfg, run, device)
     wall = time.perf_counter() - began
     model = SASRec(len(ds.catalogue(key)), cfg)
     model.load_weights(load_file(run / "best" / "model.safetensors"))
@@ -264,10 +266,10 @@ def bench_baseline(o: Options) -> list[dict]:
                                          if o.baseline_before else {})}
             for label, arm in arms.items():
                 rows.append({"section": "baseline", "domain": key, "config": asdict(arm), "window": arm.max_len,
-                             **run_ours(ds, key, arm, work, label)})
+                             **run_ours(ds, key, arm, work, label, o.device)})
             if o.baseline_recbole:
                 rows.append({"section": "baseline", "domain": key,
-                             **run_recbole(ds, key, cfg, work, o.baseline_recbole_window)})
+                             **run_recbole(ds, key, cfg, work, o.baseline_recbole_window, o.device)})
     for row in rows:
         for protocol in PROTOCOLS:
             for k in ("ndcg@10", "recall@10", "recall@50"):
