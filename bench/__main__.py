@@ -3,8 +3,8 @@ in one run and prints a table (--json writes every row with the machine and the 
 and the figures measured so far with their commands and machines: docs/benchmarks.md.
 
 Sections (area files in bench/): decoder (ours vs transformers), train, loss, fsdp and memory (training.py), eval,
-recommend, catalogue, movies and llm (ranking.py), prepare and scale (data.py), baseline (baseline.py: ours beside
-RecBole's SASRec).
+recommend, catalogue, movies and llm (ranking.py), prepare, scale and scale-eval (data.py), baseline (baseline.py:
+ours beside RecBole's SASRec).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import typer
 from rich.table import Table
 
 from bench.baseline import bench_baseline
-from bench.data import bench_prepare, bench_scale
+from bench.data import bench_prepare, bench_scale, bench_scale_eval
 from bench.decoder import bench_decoder
 from bench.harness import DECODER, DTYPES, QUICK, Options, choose_peaks, console, measure_peaks
 from bench.ranking import bench_catalogue, bench_eval, bench_llm, bench_movies, bench_recommend
@@ -34,9 +34,11 @@ from infra.files import UserError
 SECTIONS: dict[str, Callable[[Options], list[dict]]] = {
     "decoder": bench_decoder, "train": bench_train, "loss": bench_loss, "eval": bench_eval,
     "recommend": bench_recommend, "catalogue": bench_catalogue, "movies": bench_movies, "prepare": bench_prepare,
-    "fsdp": bench_fsdp, "memory": bench_memory, "llm": bench_llm, "scale": bench_scale, "baseline": bench_baseline}
-# Only when asked: scale writes 3 corpora of up to 8 GB; baseline needs RecBole (an extra) and trains for minutes.
-DEFAULT = [name for name in SECTIONS if name not in ("scale", "baseline")]
+    "fsdp": bench_fsdp, "memory": bench_memory, "llm": bench_llm, "scale": bench_scale, "scale-eval": bench_scale_eval,
+    "baseline": bench_baseline}
+# Only when asked: scale writes 3 corpora of up to 8 GB, scale-eval 2 of up to 1.3 GB; baseline needs RecBole (an
+# extra) and trains for minutes.
+DEFAULT = [name for name in SECTIONS if name not in ("scale", "scale-eval", "baseline")]
 NUM, PCT, SPREAD = "{:,.0f}".format, "{:.1%}".format, ("spread", "spread", "±{:.0%}".format)
 SPEED = [("precision", "precision", str), ("tokens_per_s", "tokens/s", NUM), ("mfu", "MFU", PCT),
          ("peak_mem_mib", "step peak mem MiB", NUM)]
@@ -78,6 +80,11 @@ COLUMNS = {  # (row key, header, format); format str = a text column
               ("seconds", "seconds", "{:.1f}".format), ("records_per_s", "records/s", NUM),
               ("peak_rss_mib", "peak RSS MiB", NUM), ("rss_anon_mib", "+ private MiB/rank", NUM),
               ("rss_file_mib", "+ shared MiB/rank", NUM), ("stream_mib", "stream MiB", NUM)],
+    "scale-eval": [("items", "items", NUM), ("title_tokens", "tokens/title", "{:.1f}".format), ("users", "users", NUM),
+                   ("users_per_s", "users/s", "{:,.2f}".format), ("rank_s", "ranking s", "{:.1f}".format),
+                   ("eval_s", "evaluate s", "{:.1f}".format), ("peak_rss_mib", "evaluate peak RSS MiB", NUM),
+                   ("finetune_s", "finetune s", "{:.0f}".format), ("ndcg", "N@10", "{:.4f}".format),
+                   ("popularity_ndcg", "popularity N@10", "{:.4f}".format)],
     "baseline": [("domain", "domain", str), ("impl", "SASRec", str), ("window", "window", NUM),
                  ("epochs", "epochs", NUM), ("best_epoch", "best epoch", NUM), ("epoch_s", "s/epoch", "{:.2f}".format),
                  ("valid_s", "s/validation", "{:.2f}".format), ("to_best_s", "s to best", "{:.0f}".format),
@@ -131,17 +138,23 @@ def main(
     prepare_records: Annotated[int | None, Opt(help="synthetic reviews [1,000,000; quick 20,000]")] = None,
     scale_reviews: Annotated[str | None, Opt(help="scale section: corpus sizes [1000000,4000000,16000000; quick "
                                                   "20000,40000]")] = None,
-    scale_dir: Annotated[str | None, Opt(help="scale section: where its datasets go [the temporary folder]")] = None,
+    scale_dir: Annotated[str | None, Opt(help="scale and scale-eval sections: where their datasets go [the temporary "
+                                              "folder]")] = None,
+    scale_eval_items: Annotated[str | None, Opt(help="scale-eval section: catalogue sizes [10000,100000; quick "
+                                                     "500,2000]")] = None,
+    scale_eval_users: Annotated[int | None, Opt(help="scale-eval section: test users [200; quick 10]")] = None,
     llm: Annotated[Path, Opt(help="pretrained LLM of the llm section [$CPREC_SMOLLM2, else /tmp/smollm2-135m-hf]")] = (
         Options.llm),
     llm_users: Annotated[int | None, Opt(help="eval users of the llm section [40; quick 4]")] = None,
     baseline_data: Annotated[Path, Opt(help="baseline section: dataset [data/ml-100k]")] = Options.baseline_data,
     baseline_domains: Annotated[str, Opt(help="baseline section: its domains, comma-separated")] = "ml-100k",
     baseline_epochs: Annotated[int, Opt(help="baseline section: most epochs of each, early stopping as usual")] = 200,
+    baseline_recbole_epochs: Annotated[int, Opt(help="baseline section: most epochs of RecBole's, whose epoch is "
+                                                     "every prefix of every user [0: --baseline-epochs]")] = 0,
     baseline_before: Annotated[bool, Opt(help="baseline section: also our defaults before the section existed")] = True,
     baseline_recbole: Annotated[bool, Opt(help="baseline section: RecBole's SASRec beside ours")] = True,
-    baseline_recbole_window: Annotated[int, Opt(help="baseline section: RecBole's history window [0: ours, cut to "
-                                                     "the longest history]")] = 0,
+    baseline_window: Annotated[int, Opt(help="baseline section: both pipelines' history window [0: ours 200, "
+                                             "RecBole's cut to the longest test history]")] = 0,
     peak_tflops: Annotated[float | None, Opt(help="MFU denominator for every precision, TFLOP/s "
                                                   "[CPU: measured matmul; CUDA: the GPU's datasheet]")] = None,
     json_path: Annotated[Path | None, Opt("--json", help="also write machine, peaks and rows here")] = None,
@@ -181,10 +194,14 @@ def main(
                 prepare_records=prepare_records or (20_000 if quick else 1_000_000), llm=llm,
                 scale_reviews=tuple(int(x) for x in scale_reviews.split(",")) if scale_reviews else (
                     (20_000, 40_000) if quick else (1_000_000, 4_000_000, 16_000_000)), scale_dir=scale_dir,
+                scale_eval_items=tuple(int(x) for x in scale_eval_items.split(",")) if scale_eval_items else (
+                    (500, 2_000) if quick else (10_000, 100_000)),
+                scale_eval_users=scale_eval_users or (10 if quick else 200),
                 llm_users=llm_users or (4 if quick else 40), baseline_data=baseline_data,
                 baseline_domains=tuple(split_list(baseline_domains)), baseline_epochs=baseline_epochs,
+                baseline_recbole_epochs=baseline_recbole_epochs,
                 baseline_before=baseline_before, baseline_recbole=baseline_recbole,
-                baseline_recbole_window=baseline_recbole_window)
+                baseline_window=baseline_window)
     info = machine(device)
     console.print("[bold]machine[/]: " + ", ".join(f"{k} {v}" for k, v in info.items()), highlight=False)
     if "decoder" in sections:

@@ -74,6 +74,8 @@ def recbole():
             score, result = super()._valid_epoch(*args, **kwargs)
             self.valid_seconds.append(time.perf_counter() - began)
             self.scores.append(score)
+            console.print(f"RecBole epoch {len(self.scores)}: {self.train_seconds[-1]:.0f} s, validation NDCG@10 "
+                          f"{score:.4f}", highlight=False)  # its own logging is off: a long run shows it is alive
             return score, result
 
         def _save_checkpoint(self, epoch, *args, **kwargs):
@@ -85,7 +87,8 @@ def recbole():
 
 
 def export(ds, key: str, folder: Path) -> Path:
-    """The domain as RecBole atomic files: items are catalogue positions, users dataset indices."""
+    """The domain as RecBole atomic files named after `folder` (RecBole's dataset name): items are catalogue
+    positions, users dataset indices."""
     position = catalogue_positions(ds, ds.catalogue(key))
     d = ds.domain_index(key)
     rows = np.flatnonzero(ds.item_domain[ds.item] == d)  # interactions are grouped by user in time order
@@ -93,10 +96,10 @@ def export(ds, key: str, folder: Path) -> Path:
     first = np.r_[True, users[1:] != users[:-1]]
     start = np.maximum.accumulate(np.where(first, np.arange(len(users)), 0))
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / f"{key}.inter", "w") as f:
+    with open(folder / f"{folder.name}.inter", "w") as f:
         f.write("user_id:token\titem_id:token\ttimestamp:float\n")
         f.writelines(f"{u}\t{i}\t{t}\n" for u, i, t in zip(users, items, np.arange(len(users)) - start))
-    with open(folder / f"{key}.item", "w") as f:
+    with open(folder / f"{folder.name}.item", "w") as f:
         f.write("item_id:token\n")
         f.writelines(f"{i}\n" for i in range(len(ds.catalogue(key))))
     return folder.parent
@@ -133,7 +136,7 @@ def recbole_splits(datasets, rb_dataset) -> dict[int, tuple]:
     out = {}
     for u, s in seen.items():
         if "test" in s:
-            rows = sorted(s["train"], key=lambda r: r[0])  # by prefix length: in time order (our users stay < max_len)
+            rows = sorted(s["train"], key=lambda r: r[0])  # by prefix length, stable: ties at the window in time order
             out[u] = (tuple([int(rows[0][1])] + [t for _, _, t in rows]) if rows else (), s.get("valid"), s["test"])
     return out
 
@@ -166,13 +169,14 @@ def ranked(scores: np.ndarray, cases, position: np.ndarray) -> dict:
     return out
 
 
-def run_recbole(ds, key: str, cfg: BaselineConfig, work: Path, window: int = 0, device: str = "cpu") -> dict:
-    """RecBole's SASRec on the domain, history window `window` (0: ours, cut to the longest test history, which
-    changes nothing but RecBole's cost: it pads every prefix to its window)."""
+def run_recbole(ds, key: str, cfg: BaselineConfig, work: Path, device: str = "cpu") -> dict:
+    """RecBole's SASRec on the domain, our history window cut to the longest test history (which changes nothing
+    but RecBole's cost: it pads every prefix to its window)."""
     rb = recbole()
     longest = max(len(s) for s in train_sequences(ds, key)) + 1
-    window = window or min(cfg.max_len, longest)
-    root = export(ds, key, work / "recbole" / key)
+    window = min(cfg.max_len, longest)
+    name = f"cprec-{key}"  # never a name RecBole knows: for "ml-100k" it reads the copy in its wheel instead
+    root = export(ds, key, work / "recbole" / name)
     settings = {
         "data_path": str(root), "USER_ID_FIELD": "user_id", "ITEM_ID_FIELD": "item_id", "TIME_FIELD": "timestamp",
         "load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id"]},
@@ -186,7 +190,7 @@ def run_recbole(ds, key: str, cfg: BaselineConfig, work: Path, window: int = 0, 
     # warns about each of its in-place fills (of columns that have no missing values here).
     with contextlib.chdir(work), mock.patch.object(sys, "argv", sys.argv[:1]), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        config = rb.Config(model="SASRec", dataset=key, config_dict=settings)
+        config = rb.Config(model="SASRec", dataset=name, config_dict=settings)
         dataset = rb.create_dataset(config)
         train_data, valid_data, test_data = rb.data_preparation(config, dataset)
         ours = our_splits(ds, key)
@@ -259,7 +263,8 @@ def bench_baseline(o: Options) -> list[dict]:
         work = Path(tmp)
         for key in o.baseline_domains:
             ds.domain(key)
-            cfg = BaselineConfig(epochs=o.baseline_epochs, seed=o.seed)
+            cfg = BaselineConfig(epochs=o.baseline_epochs, seed=o.seed, **(
+                {"max_len": o.baseline_window} if o.baseline_window else {}))
             if o.quick:
                 cfg = replace(cfg, epochs=2, patience=2)
             arms = {"defaults": cfg, **({"before": replace(cfg, batch=128)}
@@ -268,8 +273,8 @@ def bench_baseline(o: Options) -> list[dict]:
                 rows.append({"section": "baseline", "domain": key, "config": asdict(arm), "window": arm.max_len,
                              **run_ours(ds, key, arm, work, label, o.device)})
             if o.baseline_recbole:
-                rows.append({"section": "baseline", "domain": key,
-                             **run_recbole(ds, key, cfg, work, o.baseline_recbole_window, o.device)})
+                theirs = replace(cfg, epochs=o.baseline_recbole_epochs or cfg.epochs)
+                rows.append({"section": "baseline", "domain": key, **run_recbole(ds, key, theirs, work, o.device)})
     for row in rows:
         for protocol in PROTOCOLS:
             for k in ("ndcg@10", "recall@10", "recall@50"):

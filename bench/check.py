@@ -23,14 +23,13 @@ import torch
 import typer
 
 from bench.decoder import bench_decoder
-from bench.harness import QUICK, Options, choose_peaks, console, measure_peaks
+from bench.harness import QUICK, ROOT, Options, choose_peaks, console, cprec, measure_peaks
 from eval import auto_batch_users, beam_search, build_trie
 from infra.config import SMALL, ModelConfig
 from infra.device import autocast, machine
 from infra.files import write_json
 from model import Decoder, init_weights
 
-ROOT = Path(__file__).resolve().parents[1]
 QWEN_05B = dict(vocab_size=151936, dim=896, n_layers=24, n_heads=14, n_kv_heads=2, intermediate_size=4864)
 ML1M = dict(items=3700, title_tokens=(10, 40), prompt=600, beams=20, users=512)  # MovieLens-1M-like ranking
 TINY_ML1M = dict(items=300, title_tokens=(3, 8), prompt=60, beams=20, users=8)
@@ -113,12 +112,9 @@ def end_to_end(out: Path, tiny: bool) -> dict:
                      "--out", work / "sft", "--epochs", epochs, "--val-users", 50, "--test-users", 200,
                      "--no-progress", "--overwrite"]}
     for name, args in commands.items():
-        began = time.perf_counter()
-        done = subprocess.run([sys.executable, str(ROOT / "cprec.py"), *map(str, args)], cwd=ROOT,
-                              capture_output=True, text=True)
-        (out / f"{name}.log").write_text(done.stdout + done.stderr)
-        figures[name] = {"exit": done.returncode, "seconds": time.perf_counter() - began}
-        if done.returncode:
+        status, seconds = cprec(args, out / f"{name}.log")
+        figures[name] = {"exit": status, "seconds": seconds}
+        if status:
             break
     if figures.get("finetune", {}).get("exit") == 0:
         cpt = json.loads((work / "cpt" / "results.json").read_text())["training"]

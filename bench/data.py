@@ -1,7 +1,10 @@
-"""The data section: Amazon Reviews 2023 conversion of a synthetic category (records/s and peak RSS per phase)."""
+"""The data sections over synthetic Amazon Reviews 2023 corpora: prepare (records/s and peak RSS of the conversion),
+scale (every phase of the data path at growing sizes) and scale-eval (evaluation of large catalogues)."""
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
+import resource
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -9,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.harness import Options, console, rss_kib
+from bench.harness import Options, console, cprec, rss_kib
 
 # --------------------------------------------------------------------------------------------------- prepare
 CATEGORY = "Bench_Synthetic"
@@ -176,4 +179,55 @@ def bench_scale(o: Options) -> list[dict]:
                              checksums_equal=ranks[0]["checksum"] == ranks[1]["checksum"],
                              rss_file_mib=max(r["rss_file_mib"] for r in ranks),
                              stream_mib=stream.stat().st_size / 2**20))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------- scale-eval
+def cprec_checked(args: list, log: Path) -> float:
+    status, seconds = cprec(args, log)
+    if status:
+        raise RuntimeError(f"`cprec.py {' '.join(map(str, args))}` exited {status}; its output: {log}")
+    return seconds
+
+
+def evaluate_probe(args: list, log: Path) -> dict:
+    """`cprec.py evaluate ARGS` from this (fresh) process, so RUSAGE_CHILDREN's peak RSS is that command's alone."""
+    seconds = cprec_checked(args, log)
+    return dict(eval_s=seconds, peak_rss_mib=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+
+
+def bench_scale_eval(o: Options) -> list[dict]:
+    """Full-ranking evaluation of catalogues of 10^4 and 10^5 items of 8-20-word titles by a briefly fine-tuned
+    model, each step as a user types it: prepare, init, finetune on about `scale_eval_train_users` users for an
+    epoch, then evaluate (20 beams) `scale_eval_users` test users in a fresh process (users/s, the command's seconds
+    with loading, tokenizing the catalogue and building the trie, and its peak RSS)."""
+    from data import Encoder, load_dataset
+    from eval import catalogue_tokens
+    from infra.tokenizer import Tokenizer
+    rows = []
+    for items in o.scale_eval_items:
+        reviews = 25 * items  # amazon_source makes an item per ~25 reviews and a user per ~8
+        source = amazon_source(reviews, o.seed, title_words=(8, 20))
+        with tempfile.TemporaryDirectory(prefix="bench-scale-eval-", dir=o.scale_dir) as work:
+            work = Path(work)
+            data, model, run, result = work / "data", work / "model", work / "sft", work / "eval.json"
+            cprec_checked(["prepare", "amazon2023", source, "--categories", CATEGORY, "--out", data],
+                          work / "prepare.log")
+            cprec_checked(["init", "--data", data, "--out", model], work / "init.log")
+            fraction = min(1.0, o.scale_eval_train_users / (reviews // 8))
+            sft_s = cprec_checked(["finetune", "--domain", CATEGORY, "--data", data, "--model", model, "--out", run,
+                                   "--users-fraction", f"{fraction:.6f}", "--epochs", 1, "--val-users", 20,
+                                   "--test-users", 1, "--no-progress"], work / "finetune.log")
+            args = ["evaluate", "--domain", CATEGORY, "--data", data, "--model", run / "best", "--users",
+                    o.scale_eval_users, "--out", result, "--no-progress"]
+            with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+                probe = pool.submit(evaluate_probe, args, work / "evaluate.log").result()
+            r = json.loads(result.read_text())
+            titles = catalogue_tokens(Encoder(Tokenizer.from_pretrained(model)), load_dataset(data), CATEGORY)
+            rows.append(dict(section="scale-eval", items=r["items"], users=r["users"],
+                             title_tokens=float(np.mean([len(t) for t in titles])), users_per_s=r["users_per_s"],
+                             rank_s=r["seconds"], **probe,
+                             finetune_s=sft_s, ndcg=r["model"]["ndcg@10"], popularity_ndcg=r["popularity"]["ndcg@10"]))
+            console.print(f"scale-eval {r['items']:,} items: {r['users_per_s']:.2f} users/s, evaluate "
+                          f"{probe['eval_s']:.0f} s, peak {probe['peak_rss_mib']:,.0f} MiB")
     return rows

@@ -8,6 +8,8 @@ import multiprocessing as mp
 import os
 import re
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -61,11 +63,15 @@ class Options:
     baseline_data: Path = Path("data/ml-100k")
     baseline_domains: tuple[str, ...] = ("ml-100k",)
     baseline_epochs: int = 200
+    baseline_recbole_epochs: int = 0  # 0: baseline_epochs
     baseline_before: bool = True
     baseline_recbole: bool = True
-    baseline_recbole_window: int = 0
+    baseline_window: int = 0  # both pipelines' history window (0: each one's default)
     scale_reviews: tuple[int, ...] = (1_000_000, 4_000_000, 16_000_000)
     scale_dir: str | None = None  # where the scale section's datasets are written (default: the temporary folder)
+    scale_eval_items: tuple[int, ...] = (10_000, 100_000)
+    scale_eval_users: int = 200
+    scale_eval_train_users: int = 300
 
 
 # --------------------------------------------------------------------------------------------------- MFU
@@ -130,6 +136,18 @@ def throughput(times: list[float], tokens: int, flops_per_token: float, slots: l
     return dict(tokens_per_s=tokens / median, flops_per_s=tokens / median * flops_per_token, step_s=median,
                 spread=(max(times) - min(times)) / 2 / median, step_s_all=times, flops_per_token=flops_per_token,
                 slots=slots)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cprec(args: list, log: Path) -> tuple[int, float]:
+    """Run `python cprec.py ARGS` as a user types it, its output written to `log`: its exit status and seconds."""
+    began = time.perf_counter()
+    done = subprocess.run([sys.executable, str(ROOT / "cprec.py"), *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True)
+    log.write_text(done.stdout + done.stderr)
+    return done.returncode, time.perf_counter() - began
 
 
 def rss_kib(field: str) -> int:

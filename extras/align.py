@@ -221,8 +221,8 @@ def command(domain: str = typer.Option(..., help="Domain of the fine-tuned model
                                           "random (uniform over the catalogue)."),
             history_negatives: bool = typer.Option(False, help="Let rejected items be from the user's history."),
             epochs: float = typer.Option(1.0, help="Passes over the training users' cases."),
-            lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: 1e-4 for a model `init` "
-                                               "made; 1e-5 for a pretrained LLM, S-DPO's)."),
+            lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: 3e-5 for a model `init` "
+                                               "made, chosen on validation; 1e-5 for a pretrained LLM, S-DPO's)."),
             batch_cases: int = typer.Option(32, help="Preference cases per optimizer step."),
             micro_cases: int = typer.Option(8, help="Cases per micro-batch and process."),
             window: int = typer.Option(20, help="History items in a prompt."),
@@ -258,7 +258,7 @@ def command(domain: str = typer.Option(..., help="Domain of the fine-tuned model
     tokenizer = Tokenizer.from_pretrained(start)
     encoder = Encoder(tokenizer)
     net = Decoder.from_pretrained(start, device=device)
-    lr = lr if lr is not None else (1e-4 if INIT_MARKER in net.config.extra else 1e-5)  # init's lineage, or an LLM
+    lr = lr if lr is not None else (3e-5 if INIT_MARKER in net.config.extra else 1e-5)  # docs/results.md#learning-rate
     cases = preference_cases(net, encoder, ds, domain, cfg, seed, users)
     item_tokens = evaluation.catalogue_tokens(encoder, ds, domain)
     prefs = Preferences(cases, item_tokens, tokenizer.pad_id, micro_cases, seed)

@@ -55,10 +55,12 @@ def test_baseline_section_ranks_recboles_scores_as_recbole_does(world, tmp_path)
     pytest.importorskip("recbole")
     out = tmp_path / "baseline.json"
     done = run_bench("--quick", "--only", "baseline", "--baseline-data", str(world), "--baseline-domains", "games",
-                     "--no-baseline-before", "--json", str(out))
+                     "--no-baseline-before", "--baseline-window", "7", "--baseline-recbole-epochs", "1", "--json",
+                     str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     ours, theirs = json.loads(out.read_text())["rows"]
     assert ours["impl"] == "ours (defaults)" and theirs["impl"] == "RecBole 1.2.1 SASRec"
+    assert ours["window"] == theirs["window"] == 7 and theirs["epochs"] == 1 and "RecBole epoch 1:" in done.stdout
     assert "the same history and test item in both pipelines" in theirs["split_check"]
     assert theirs["own"]["ndcg@10"] == pytest.approx(theirs["unmasked"]["ndcg@10"], abs=1e-4)  # RecBole rounds
     assert theirs["own"]["recall@10"] == pytest.approx(theirs["unmasked"]["recall@10"], abs=1e-4)
