@@ -106,6 +106,17 @@ def render(section: str, rows: list[dict]) -> Table:
     return table
 
 
+def counts(text: str | None, option: str) -> tuple[int, ...]:
+    """A comma-separated list of counts >= 1 (empty when not given)."""
+    try:
+        values = tuple(int(x) for x in split_list(text or ""))
+    except ValueError:
+        values = ()
+    if text and (not values or min(values) < 1):
+        raise typer.BadParameter(f"{text!r}: expected comma-separated counts >= 1, e.g. 1000,10000", param_hint=option)
+    return values
+
+
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 Opt = typer.Option
 
@@ -175,9 +186,15 @@ def main(
         raise typer.BadParameter(f"{shape!r}: want name=int pairs of {list(DECODER)}", param_hint="--shape") from None
     if config.dim % config.n_heads or config.n_heads % config.n_kv_heads:
         raise typer.BadParameter("need n_heads | dim and n_kv_heads | n_heads", param_hint="--shape")
-    for name, value in (("--reps", reps), ("--movie-users", movie_users), ("--movie-reps", movie_reps)):
+    for name, value in (("--reps", reps), ("--movie-users", movie_users), ("--movie-reps", movie_reps),
+                        ("--scale-eval-users", scale_eval_users)):
         if value is not None and value < 1:
             raise typer.BadParameter(f"{value}: expected a count >= 1", param_hint=name)
+    for name, value in (("--baseline-window", baseline_window), ("--baseline-recbole-epochs", baseline_recbole_epochs)):
+        if value < 0:
+            raise typer.BadParameter(f"{value}: expected a count >= 0 (0: the default)", param_hint=name)
+    sizes = {name: counts(text, name) for name, text in (("--scale-reviews", scale_reviews),
+                                                         ("--scale-eval-items", scale_eval_items))}
     model = model or next((p for p in (DEFAULT_CPT / "final", DEFAULT_MODEL) if (p / "config.json").exists()), None)
     if {"eval", "recommend", "llm"} & set(sections) and not (model and (model / "config.json").exists()):
         raise typer.BadParameter(f"no checkpoint in {model or DEFAULT_CPT / 'final'}: pass another, or run `python "
@@ -192,9 +209,9 @@ def main(
                 catalogue_items=catalogue_items or (5_000 if quick else 100_000),
                 movie_users=movie_users or (8 if quick else 200), movie_reps=movie_reps or (1 if quick else 3),
                 prepare_records=prepare_records or (20_000 if quick else 1_000_000), llm=llm,
-                scale_reviews=tuple(int(x) for x in scale_reviews.split(",")) if scale_reviews else (
+                scale_reviews=sizes["--scale-reviews"] or (
                     (20_000, 40_000) if quick else (1_000_000, 4_000_000, 16_000_000)), scale_dir=scale_dir,
-                scale_eval_items=tuple(int(x) for x in scale_eval_items.split(",")) if scale_eval_items else (
+                scale_eval_items=sizes["--scale-eval-items"] or (
                     (500, 2_000) if quick else (10_000, 100_000)),
                 scale_eval_users=scale_eval_users or (10 if quick else 200),
                 llm_users=llm_users or (4 if quick else 40), baseline_data=baseline_data,

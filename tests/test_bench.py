@@ -67,3 +67,12 @@ def test_baseline_section_ranks_recboles_scores_as_recbole_does(world, tmp_path)
     for row in (ours, theirs):
         assert row["masked"]["recall@50"] >= row["unmasked"]["recall@50"]  # masking only removes competitors
         assert 1 <= row["best_epoch"] <= row["epochs"] <= 2 and row["to_best_s"] > 0
+
+
+@pytest.mark.parametrize("args", [["--scale-eval-items", "abc"], ["--scale-reviews", "0,5"],
+                                  ["--baseline-window", "-3"], ["--baseline-recbole-epochs", "-1"],
+                                  ["--scale-eval-users", "0"]])
+def test_bad_counts_are_refused_before_any_section_runs(args):
+    done = run_bench("--only", "scale", *args)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"Invalid value for {args[0]}" in " ".join((done.stdout + done.stderr).split())
