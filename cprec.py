@@ -29,7 +29,18 @@ import numpy as np
 import typer
 
 import eval as evaluation
-from data import VALID, Blocks, Encoder, Examples, cpt_stream, eval_cases, sample, sft_examples, train_sequences
+from data import (
+    VALID,
+    Blocks,
+    Encoder,
+    Examples,
+    cpt_stream,
+    eval_cases,
+    limited_users,
+    sample,
+    sft_examples,
+    train_sequences,
+)
 from extras import align, baseline, init, prepare, recommend, reproduce
 from extras.world import open_dataset
 from infra.cli import OVERWRITE, PRECISION, PROGRESS, RESUME, main, positive, show, split_list
@@ -177,10 +188,7 @@ def finetune(domain: str = typer.Option(..., help="Target domain, e.g. games."),
                         "checkpoint could be chosen; choose another --domain")
     tokenizer = Tokenizer.from_pretrained(start)
     encoder = Encoder(tokenizer)
-    sequences = train_sequences(ds, domain)
-    if not 0 < users_fraction <= 1:
-        raise UserError(f"--users-fraction {users_fraction}: expected a value in (0, 1]")
-    sequences = sample(sequences, max(1, round(users_fraction * len(sequences))), seed)
+    sequences = limited_users(train_sequences(ds, domain), users_fraction, seed)
     examples = Examples(sft_examples(ds, encoder, sequences, domain, window, progress), micro_tokens, tokenizer.pad_id,
                         seed)
     accum = batch_tokens // micro_tokens

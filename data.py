@@ -154,6 +154,14 @@ def sample(cases: list, n: int, seed: int) -> list:
     return cases
 
 
+def limited_users(sequences: list, fraction: float, seed: int) -> list:
+    """The limited-SFT setting: a seeded `fraction` of the users' training sequences (at least one). finetune and
+    align both draw it here, so post-training after SFT on 10% of the users sees the same users, not more data."""
+    if not 0 < fraction <= 1:
+        raise UserError(f"--users-fraction {fraction}: expected a value in (0, 1]")
+    return sample(sequences, max(1, round(fraction * len(sequences))), seed)
+
+
 def tokenizer_corpus(ds: Dataset, seed: int = 0, sequences: int = 20000) -> list[str]:
     """Text a new tokenizer should cover: every header, tag and title, plus `sequences` rendered CPT sequences."""
     texts = [header(None)] + [header(d) + TAG.format(name=d.name) for d in ds.domains.values()]

@@ -27,14 +27,26 @@ import torch.nn.functional as F
 import typer
 
 import eval as evaluation
-from data import IGNORE, TEST, VALID, Dataset, Encoder, eval_cases, item_text, pad, sample, train_sequences
+from data import (
+    IGNORE,
+    TEST,
+    VALID,
+    Dataset,
+    Encoder,
+    eval_cases,
+    item_text,
+    limited_users,
+    pad,
+    sample,
+    train_sequences,
+)
 from extras.world import open_dataset
 from infra.cli import OVERWRITE, PRECISION, PROGRESS, RESUME, show
 from infra.config import DEFAULT_DATA, INIT_MARKER
 from infra.console import say
 from infra.device import autocast, resolve_precision
 from infra.distributed import setup_distributed
-from infra.files import UserError, quote
+from infra.files import UserError, quote, read_json
 from infra.runs import open_run, save_result
 from infra.tokenizer import Tokenizer
 from model import Decoder
@@ -98,11 +110,13 @@ class Cases:
 
 
 def preference_cases(model: Decoder, encoder: Encoder, ds: Dataset, key: str, cfg: AlignConfig, seed: int,
-                     users: int = 0) -> Cases:
-    """The chosen item is each training user's last training item, its prompt the items before it."""
+                     users: int = 0, fraction: float = 1.0) -> Cases:
+    """The chosen item is each training user's last training item, its prompt the items before it; the users are
+    SFT's `fraction` of them (the same users for the same seed), then a seeded `users` of those."""
     catalogue = ds.catalogue(key)
     position = {int(item): p for p, item in enumerate(catalogue)}
-    sequences = sample([s for s in train_sequences(ds, key) if len(s) >= 2], users, seed)
+    sequences = sample([s for s in limited_users(train_sequences(ds, key), fraction, seed) if len(s) >= 2], users,
+                       seed)
     if not sequences:
         raise UserError(f"domain {quote(key)}: no user has 2 or more training items, nothing to prefer")
     histories = [s[:-1][-cfg.window:] for s in sequences]
@@ -177,6 +191,20 @@ class Preferences:
 
 
 @torch.no_grad()
+def note_other_users(start: Path, fraction: float, seed: int) -> None:
+    """Say so when the finetune run of `start` (its run_config.json) drew its users with another fraction or seed:
+    post-training on more users than SFT saw measures more data, not the objective (docs/results.md)."""
+    path = start.parent / "run_config.json"
+    try:
+        sft = read_json(path) if path.is_file() else {}
+    except UserError:
+        return  # only a note: a run folder we cannot read says nothing about its users
+    drawn = (sft.get("users_fraction"), (sft.get("train") or {}).get("seed"))
+    if sft.get("command") == "finetune" and drawn != (fraction, seed):
+        say(f"note: {start} was fine-tuned with --users-fraction {drawn[0]} --seed {drawn[1]}; pass the same to "
+            "post-train on its users")
+
+
 def reference_logps(model: Decoder, data: Preferences, precision: str) -> np.ndarray:
     """The starting model's log-likelihood of every case's items, (cases, 1 + k), computed once."""
     device = model.embed_tokens.weight.device
@@ -226,7 +254,9 @@ def command(domain: str = typer.Option(..., help="Domain of the fine-tuned model
             batch_cases: int = typer.Option(32, help="Preference cases per optimizer step."),
             micro_cases: int = typer.Option(8, help="Cases per micro-batch and process."),
             window: int = typer.Option(20, help="History items in a prompt."),
-            users: int = typer.Option(0, help="Training users, a seeded subset (0 = all)."),
+            users_fraction: float = typer.Option(1.0, help="Fraction of training users, drawn as finetune draws "
+                                                 "it: give the SFT run's to post-train on its users."),
+            users: int = typer.Option(0, help="Training users, a seeded subset of those (0 = all)."),
             val_users: int = typer.Option(500, help="Validation users (0 = all)."),
             test_users: int = typer.Option(0, help="Test users, a seeded subset (0 = all)."),
             beams: int = typer.Option(50, help="Beam width of the evaluations (>= 50 for Recall@50)."),
@@ -259,7 +289,8 @@ def command(domain: str = typer.Option(..., help="Domain of the fine-tuned model
     encoder = Encoder(tokenizer)
     net = Decoder.from_pretrained(start, device=device)
     lr = lr if lr is not None else (3e-5 if INIT_MARKER in net.config.extra else 1e-5)  # docs/results.md#learning-rate
-    cases = preference_cases(net, encoder, ds, domain, cfg, seed, users)
+    note_other_users(start, users_fraction, seed)
+    cases = preference_cases(net, encoder, ds, domain, cfg, seed, users, users_fraction)
     item_tokens = evaluation.catalogue_tokens(encoder, ds, domain)
     prefs = Preferences(cases, item_tokens, tokenizer.pad_id, micro_cases, seed)
     per_epoch = len(prefs.micro_batches(0))
@@ -271,7 +302,8 @@ def command(domain: str = typer.Option(..., help="Domain of the fine-tuned model
                             shard="auto")
     config = {"command": "align", "domain": domain, "data": str(data), "data_fingerprint": ds.fingerprint,
               "model": str(start), "tokenizer_fingerprint": tokenizer.fingerprint(), "align": asdict(cfg),
-              "cases": len(cases.prompts), "batch_cases": batch_cases, "micro_cases": micro_cases, "users": users,
+              "cases": len(cases.prompts), "batch_cases": batch_cases, "micro_cases": micro_cases,
+              "users_fraction": users_fraction, "users": users,
               "val_users": val_users, "test_users": test_users, "beams": beams, "train": run_settings(train_cfg)}
     check(train_cfg, device, world)
     run = open_run(out, config, resume, overwrite, rank, [data, start])

@@ -50,7 +50,7 @@ SFT_RUNS = {  # name -> (start: a CPT run or "base", fraction of training users)
     "sft-cpt": ("cpt", 1.0), "sft-cpt-10%": ("cpt", 0.1), "sft-base": ("base", 1.0), "sft-base-10%": ("base", 0.1),
     "sft-cpt-domain": ("cpt-domain", 1.0), "sft-cpt-mixed": ("cpt-mixed", 1.0),
     "sft-cpt-cosine": ("cpt-cosine", 1.0), "sft-cpt-constant": ("cpt-constant", 1.0)}
-ALIGN_RUNS = {"align-cpt": "sft-cpt", "align-cpt-10%": "sft-cpt-10%"}  # name -> the SFT run it post-trains
+ALIGN_RUNS = {"align-cpt": "sft-cpt", "align-cpt-10%": "sft-cpt-10%"}  # name -> the SFT run it post-trains (its users)
 ZERO_SHOT = ("zero-shot-base", "zero-shot-cpt")  # evaluations, always run
 DEEP = {f"{sft}-50beams": sft for sft in ALIGN_RUNS.values()}  # SFT evaluated as align is: 50 beams, Recall@50
 PAIRS = [  # (claim, run A, run B): each row reports NDCG@10 of A minus B on the same test users
@@ -120,14 +120,22 @@ SETTINGS = {"data_fingerprint": "--data", "model": "--model", "domain": "--domai
 
 def settings_of(out: Path, settings: dict, resume: bool) -> None:
     """Record the reproduction's settings in reproduce.json; on --resume they must be the recorded ones, since its
-    finished runs are reused as they are."""
+    finished runs are reused as they are, or extend them: every arm after a --core one, more seeds. Those add runs
+    without changing any finished run's command, so a CPU budget can be spent over several sessions."""
     saved = out / "reproduce.json"
     if resume and saved.exists():
         old = read_json(saved)
-        if changed := [option for key, option in SETTINGS.items() if old.get(key) != settings[key]]:
+        if changed := [option for key, option in SETTINGS.items()
+                       if old.get(key) != settings[key] and not extends(key, old.get(key), settings[key])]:
             raise UserError(f"{out}: --resume with other settings ({', '.join(changed)}) than the reproduction "
-                            "there; give the recorded ones (reproduce.json) or --overwrite to start over")
+                            "there; give the recorded ones (reproduce.json), extend them (drop --core, raise "
+                            "--seeds) or --overwrite to start over")
     write_json(saved, settings)
+
+
+def extends(key: str, old, new) -> bool:
+    """Whether a setting changed on --resume only adds runs: all arms after --core, or more seeds."""
+    return (key == "core" and old is True and new is False) or (key == "seeds" and isinstance(old, int) and new > old)
 
 
 def reproduction_files(out: Path) -> str | None:
@@ -174,7 +182,8 @@ def plan(out: Path, data: Path, model: Path, domain: str, cpt_tokens: int, sft_e
                str(seed), "--users", str(test_users), "--beams", "50", "--no-progress", "--out",
                str(out / f"{name}.json")], out / f"{name}.json") for name, sft in DEEP.items() if measured(name, core)]
     runs += [(["align", *train, "--domain", domain, "--model", str(out / sft / "best"), "--out", str(out / name),
-               "--test-users", str(test_users), *val], out / name / "results.json")
+               "--users-fraction", str(SFT_RUNS[sft][1]), "--test-users", str(test_users), *val],
+              out / name / "results.json")
              for name, sft in ALIGN_RUNS.items() if measured(name, core)]
     return runs
 

@@ -1,5 +1,6 @@
 """Preference post-training: the S-DPO loss by hand and as DPO for k = 1, one step widens the chosen item's margin,
 negatives never hold the chosen item nor the history, resume equals uninterrupted, bad options get one line."""
+import json
 import math
 import os
 import signal
@@ -10,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import eval as evaluation
-from data import Encoder, load_dataset, train_sequences
+from data import Encoder, limited_users, load_dataset, train_sequences
 from extras.align import AlignConfig, Preferences, dpo_loss, item_logps, preference_cases, reference_logps, sdpo
 from helpers import assert_same_weights, cli, ok, read_records, refused
 from infra.tokenizer import Tokenizer
@@ -54,6 +55,18 @@ def test_negatives_never_hold_the_chosen_item_nor_unless_asked_the_history(setti
         trie = evaluation.build_trie(evaluation.catalogue_tokens(encoder, ds, "games"))
         top, _ = evaluation.beam_search(model, [prompt], trie, 20, encoder.tokenizer.pad_id, [banned])
         assert top[0, :5].tolist() == cases.items[0, 1:].tolist()
+
+
+def test_after_a_limited_sft_post_training_sees_the_same_users(setting):
+    """--users-fraction draws as finetune does (data.limited_users, same seed): post-training after SFT on 10% of the
+    users prefers over those users' last items, not over the other 90%'s (which would be more data, not DPO)."""
+    ds, encoder, model = setting
+    cases = preference_cases(model, encoder, ds, "games", AlignConfig(negatives="random"), seed=3, fraction=0.1)
+    sft = limited_users(train_sequences(ds, "games"), 0.1, seed=3)  # finetune --users-fraction 0.1 --seed 3
+    position = {int(i): p for p, i in enumerate(ds.catalogue("games"))}
+    chosen = [position[int(s[-1])] for s in sft if len(s) >= 2]
+    assert 0 < len(chosen) < len(train_sequences(ds, "games")) // 5 and cases.items[:, 0].tolist() == chosen
+    assert cases.prompts == evaluation.user_prompts(encoder, ds, [s[:-1][-20:] for s in sft if len(s) >= 2], "games")
 
 
 def test_one_step_widens_the_chosen_items_margin(setting, tiny_model):
@@ -108,8 +121,26 @@ def test_resume_equals_uninterrupted(world, tiny_model, tmp_path, monkeypatch):
     (["--beta", 0], "--beta 0.0: expected a value > 0"), (["--k", 0], "--k 0: expected 1 to 99"),
     (["--k", 100], "--k 100: expected 1 to 99"), (["--negatives", "popular"], "--negatives 'popular': expected"),
     (["--k", 95], "users have fewer allowed rejected items"), (["--beams", 20], "--beams 20: expected at least 50"),
+    (["--users-fraction", 0], "--users-fraction 0.0: expected a value in (0, 1]"),
 ])
 def test_bad_options_get_one_line_before_any_run(option, fragment, world, tiny_model, tmp_path):
     refused(cli(*ALIGN, "--data", world, "--model", tiny_model, "--out", tmp_path / "run", *option), fragment,
             alone=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_note_when_post_training_draws_other_users_than_its_sft_run(tmp_path, monkeypatch):
+    from extras import align
+    said = []
+    monkeypatch.setattr(align, "say", said.append)
+    (tmp_path / "best").mkdir()
+    (tmp_path / "run_config.json").write_text(json.dumps({"command": "finetune", "users_fraction": 0.1,
+                                                          "train": {"seed": 2}}))
+    align.note_other_users(tmp_path / "best", 0.1, 2)
+    assert said == []  # the same users
+    align.note_other_users(tmp_path / "best", 1.0, 2)
+    align.note_other_users(tmp_path / "best", 0.1, 0)
+    assert len(said) == 2 and all("--users-fraction 0.1 --seed 2" in s for s in said)
+    (tmp_path / "run_config.json").write_text("{broken")
+    align.note_other_users(tmp_path / "best", 1.0, 2)  # only a note: an unreadable run folder says nothing
+    assert len(said) == 2

@@ -114,8 +114,8 @@ def test_core_report_needs_only_the_core_runs(tmp_path):
 
 def test_core_runs_and_their_options(tmp_path, monkeypatch):
     """--core runs CPT, both zero-shot evaluations, the two 10%-user SFT runs, the baseline, the 50-beam evaluation
-    and post-training, passing --test-users and --val-users on; every seed gets its own folder and, for a model
-    `init` made, its own initialisation."""
+    and post-training (on the 10% SFT's users), passing --test-users and --val-users on; every seed gets its own
+    folder and, for a model `init` made, its own initialisation."""
     from extras import reproduce
     issued = []
     monkeypatch.setattr(reproduce, "run", lambda args, result, resume, log: issued.append([str(a) for a in args]))
@@ -136,6 +136,7 @@ def test_core_runs_and_their_options(tmp_path, monkeypatch):
     for args in issued:
         if args[0] in ("finetune", "align"):
             assert args[args.index("--val-users") + 1] == "50" and args[args.index("--test-users") + 1] == "200"
+            assert args[args.index("--users-fraction") + 1] == "0.1"  # align post-trains on its SFT run's users
         if args[0] == "evaluate":
             assert args[args.index("--users") + 1] == "200"
         if args[0] == "pretrain":
@@ -169,3 +170,21 @@ def test_a_missing_or_truncated_per_user_file_is_one_line(tmp_path):
     path.write_text(path.read_text()[:100])  # three whole records of 31 characters, then a cut one
     with pytest.raises(UserError, match=r"results-per_user.jsonl: line 4 is not a per-user rank .*--resume"):
         difference([tmp_path], "sft-cpt", "sft-base")
+
+
+def test_resume_may_extend_a_reproduction_but_not_change_it(tmp_path):
+    """--resume after a --core reproduction may add every other arm, and may add seeds: neither changes a finished
+    run's command, so they are reused. Any other change (fewer seeds, --core after a full one, another seed or
+    budget) is refused in one line naming the options."""
+    from extras.reproduce import settings_of
+    core = {"data_fingerprint": "f", "model": "m", "domain": "games", "cpt_tokens": 1000, "sft_epochs": 5.0,
+            "seed": 0, "seeds": 3, "core": True, "test_users": 1000, "val_users": None}
+    settings_of(tmp_path, core, resume=False)
+    full = {**core, "core": False, "seeds": 5}
+    settings_of(tmp_path, full, resume=True)
+    assert json.loads((tmp_path / "reproduce.json").read_text()) == full
+    for change, options in (({"core": True}, "--core"), ({"seeds": 4}, "--seeds"),
+                            ({"seed": 1, "cpt_tokens": 10}, "--cpt-tokens, --seed")):
+        with pytest.raises(UserError, match=f"other settings \\({options}\\)"):
+            settings_of(tmp_path, {**full, **change}, resume=True)
+    assert json.loads((tmp_path / "reproduce.json").read_text()) == full  # a refusal records nothing
