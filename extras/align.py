@@ -190,7 +190,6 @@ class Preferences:
         return inputs, targets, self.reference[batch].astype(np.float32)
 
 
-@torch.no_grad()
 def note_other_users(start: Path, fraction: float, seed: int) -> None:
     """Say so when the finetune run of `start` (its run_config.json) drew its users with another fraction or seed:
     post-training on more users than SFT saw measures more data, not the objective (docs/results.md)."""
@@ -205,6 +204,7 @@ def note_other_users(start: Path, fraction: float, seed: int) -> None:
             "post-train on its users")
 
 
+@torch.no_grad()
 def reference_logps(model: Decoder, data: Preferences, precision: str) -> np.ndarray:
     """The starting model's log-likelihood of every case's items, (cases, 1 + k), computed once."""
     device = model.embed_tokens.weight.device
