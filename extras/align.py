@@ -289,8 +289,8 @@ def command(domain: str = typer.Option(..., help="Domain of the fine-tuned model
     encoder = Encoder(tokenizer)
     net = Decoder.from_pretrained(start, device=device)
     lr = lr if lr is not None else (3e-5 if INIT_MARKER in net.config.extra else 1e-5)  # docs/results.md#learning-rate
+    cases = preference_cases(net, encoder, ds, domain, cfg, seed, users, users_fraction)  # refuses a bad fraction
     note_other_users(start, users_fraction, seed)
-    cases = preference_cases(net, encoder, ds, domain, cfg, seed, users, users_fraction)
     item_tokens = evaluation.catalogue_tokens(encoder, ds, domain)
     prefs = Preferences(cases, item_tokens, tokenizer.pad_id, micro_cases, seed)
     per_epoch = len(prefs.micro_batches(0))
