@@ -115,8 +115,8 @@ def preference_cases(model: Decoder, encoder: Encoder, ds: Dataset, key: str, cf
     SFT's `fraction` of them (the same users for the same seed), then a seeded `users` of those."""
     catalogue = ds.catalogue(key)
     position = {int(item): p for p, item in enumerate(catalogue)}
-    sequences = sample([s for s in limited_users(train_sequences(ds, key), fraction, seed) if len(s) >= 2], users,
-                       seed)
+    sft_users = limited_users(train_sequences(ds, key), fraction, seed)
+    sequences = sample([s for s in sft_users if len(s) >= 2], users, seed)
     if not sequences:
         raise UserError(f"domain {quote(key)}: no user has 2 or more training items, nothing to prefer")
     histories = [s[:-1][-cfg.window:] for s in sequences]
