@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from infra.console import say
+from infra.distributed import end_distributed
 from infra.files import UserError, release_locks, write_error
 from infra.runs import Interrupted
 
@@ -56,6 +57,7 @@ def main(app: typer.Typer) -> None:
     written) ends as one line on stderr and exit status 2; an interrupted command (Ctrl-C or SIGTERM; a training run
     saves its checkpoint first) says so and exits 130."""
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM outside training: as Ctrl-C
+    code = None
     try:
         code = app(standalone_mode=False) or 0  # --help returns 0 here; click's own error boxes are ours below
         if code == 130:  # typer's answer to a KeyboardInterrupt (Ctrl-C, SIGTERM) outside training: say so
@@ -90,6 +92,7 @@ def main(app: typer.Typer) -> None:
                 "choose an output folder you can write"))
     finally:
         release_locks()
+        end_distributed(clean=code == 0)
         signal.signal(signal.SIGTERM, previous)
 
 

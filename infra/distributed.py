@@ -33,6 +33,14 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def end_distributed(clean: bool) -> None:
+    """Destroy the process group before the interpreter ends: gloo's worker threads would otherwise outlive it and
+    abort a finished process ("terminate called without an active exception", pytorch#190489). After a failure only
+    gloo's: NCCL's destroy may wait for ranks that never come."""
+    if dist.is_initialized() and (clean or dist.get_backend() == "gloo"):
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

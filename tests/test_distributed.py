@@ -16,7 +16,7 @@ from extras.init import create_model
 from helpers import ROOT, TINY, StopAt, cli, config, cpt_setup, launch, ok, step_gradients
 from infra.config import ModelConfig
 from infra.device import memory_estimate
-from infra.distributed import checkpoint_layers, setup_distributed
+from infra.distributed import checkpoint_layers, end_distributed, setup_distributed
 from infra.runs import Interrupted, open_run
 from model import Decoder
 from train import train
@@ -182,5 +182,15 @@ def test_two_processes_equal_one_with_the_same_global_batch(world, tiny_model, t
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
 
 
+def test_a_command_leaves_no_process_group_behind(world, tiny_model, tmp_path):
+    """gloo's threads outliving the interpreter abort a finished process (pytorch#190489, a flaky CI failure here):
+    every command destroys its process group, here FSDP's one-process group, before it returns."""
+    ok(cli("pretrain", "--data", world, "--model", tiny_model, "--tokens", "512", "--block-len", "32", "--micro-batch",
+           "4", "--batch-tokens", "128", "--precision", "fp32", "--shard", "fsdp", "--no-progress", "--val-users", "5",
+           "--out", tmp_path / "run"))
+    assert not torch.distributed.is_initialized()
+
+
 if __name__ == "__main__":
     worker(sys.argv[1])
+    end_distributed(clean=True)
