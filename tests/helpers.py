@@ -149,3 +149,20 @@ class StopAt:
         if self.calls == self.at:
             os.kill(os.getpid(), signal.SIGINT)
         return self.data.collate(batch)
+
+
+class BadGradients:
+    """Wraps the data and, while a step in `steps` is assembled, multiplies the gradients reaching the final norm by
+    `value` while the loss stays finite: inf as an fp16 overflow, nan as a diverged step (--lr 1e6)."""
+
+    def __init__(self, data, model, steps, accum: int, value: float = math.inf):
+        self.data, self.calls, self.steps, self.accum, self.on = data, 0, set(steps), accum, False
+        model.norm.weight.register_hook(lambda g: g * value if self.on else g)
+
+    def __getattr__(self, name):
+        return getattr(self.data, name)
+
+    def collate(self, batch):
+        self.calls += 1
+        self.on = (self.calls - 1) // self.accum + 1 in self.steps
+        return self.data.collate(batch)

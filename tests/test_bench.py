@@ -57,6 +57,8 @@ def test_baseline_section_ranks_recboles_scores_as_recbole_does(world, tmp_path)
     done = run_bench("--quick", "--only", "baseline", "--baseline-data", str(world), "--baseline-domains", "games",
                      "--no-baseline-before", "--baseline-window", "7", "--baseline-recbole-epochs", "1", "--json",
                      str(out))
+    if done.returncode == 2 and "the baseline section needs RecBole" in done.stdout:  # recbole without its own deps
+        pytest.skip(done.stdout.strip())
     assert done.returncode == 0, done.stderr[-3000:]
     ours, theirs = json.loads(out.read_text())["rows"]
     assert ours["impl"] == "ours (defaults)" and theirs["impl"] == "RecBole 1.2.1 SASRec"

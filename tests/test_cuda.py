@@ -3,7 +3,6 @@ skips an overflow and resumes exactly, fused AdamW equals the unfused one, beam 
 one GPU equals the unsharded run, --compile follows eager, and peak memory matches infra.device.memory_estimate.
 `python -m bench.check` runs this file first on a GPU machine."""
 import contextlib
-import math
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from eval import beam_search, build_trie
-from helpers import StopAt, config, cpt_setup, read_records
+from helpers import BadGradients, StopAt, config, cpt_setup, read_records
 from infra.config import ModelConfig
 from infra.device import memory_estimate
 from infra.distributed import Supervised, wrap
@@ -65,28 +64,12 @@ def test_a_bf16_run_tracks_the_fp32_one(world, tiny_model, tmp_path):
     np.testing.assert_allclose(losses[1], losses[0], rtol=2e-2)
 
 
-class Overflow:
-    """While step `step` is assembled, the gradients become infinite: an fp16 overflow."""
-
-    def __init__(self, data, model, step, accum):
-        self.data, self.calls, self.step, self.accum, self.on = data, 0, step, accum, False
-        model.norm.weight.register_hook(lambda g: g * math.inf if self.on else g)
-
-    def __getattr__(self, name):
-        return getattr(self.data, name)
-
-    def collate(self, batch):
-        self.calls += 1
-        self.on = (self.calls - 1) // self.accum + 1 == self.step
-        return self.data.collate(batch)
-
-
 def test_fp16_skips_an_overflow_lowers_the_scale_and_resumes_exactly(world, tiny_model, tmp_path):
     blocks, tokenizer = cpt_setup(world, tiny_model)
     cfg = config(precision="fp16", save_every=2)
     for name, stop in (("whole", None), ("cut", 5)):
         model = Decoder.from_pretrained(tiny_model)
-        data = Overflow(blocks, model, 3, cfg.accum)
+        data = BadGradients(blocks, model, [3], cfg.accum)
         with pytest.raises(Interrupted) if stop else contextlib.nullcontext():
             train(model, StopAt(data, stop, cfg.accum) if stop else data, cfg,
                   open_run(tmp_path / name, {"t": 1}, False, False), tokenizer=tokenizer, device=CUDA)

@@ -26,7 +26,18 @@ from data import (
     target_example,
     train_sequences,
 )
-from helpers import Fault, StopAt, assert_same_weights, cli, config, cpt_setup, read_records, refused, step_gradients
+from helpers import (
+    BadGradients,
+    Fault,
+    StopAt,
+    assert_same_weights,
+    cli,
+    config,
+    cpt_setup,
+    read_records,
+    refused,
+    step_gradients,
+)
 from infra.files import UserError
 from infra.runs import Interrupted, open_run, save_checkpoint
 from infra.tokenizer import Tokenizer
@@ -183,31 +194,12 @@ def test_resume_truncates_the_log_to_the_checkpoint_and_sums_the_whole_run(world
     same_as_full(tmp_path / "r", full_run)
 
 
-class NaNGradients:
-    """Wraps the data and makes the gradients of the steps in `bad` NaN while the loss stays finite (as with
-    --lr 1e6): a hook on the final norm's weight, switched on while those steps are assembled."""
-
-    def __init__(self, data, bad, accum):
-        self.data, self.calls, self.bad, self.accum, self.on = data, 0, set(bad), accum, False
-
-    def __getattr__(self, name):
-        return getattr(self.data, name)
-
-    def collate(self, batch):
-        self.calls += 1
-        self.on = (self.calls - 1) // self.accum + 1 in self.bad
-        return self.data.collate(batch)
-
-    def attach(self, model):
-        model.norm.weight.register_hook(lambda g: g * math.nan if self.on else g)
-        return model
-
-
 def run_with_nan(world, tiny_model, out, bad, cfg):
     blocks, tokenizer = cpt_setup(world, tiny_model)
-    data = NaNGradients(blocks, bad, cfg.accum)
+    model = Decoder.from_pretrained(tiny_model)
+    data = BadGradients(blocks, model, bad, cfg.accum, math.nan)
     run = open_run(out, {"test": 1}, resume=False, overwrite=False)
-    return train(data.attach(Decoder.from_pretrained(tiny_model)), data, cfg, run, tokenizer=tokenizer,
+    return train(model, data, cfg, run, tokenizer=tokenizer,
                  device=torch.device("cpu"))
 
 
@@ -497,22 +489,6 @@ def test_early_stopping_keeps_the_first_best_and_waits_patience_validations(worl
     assert [r["step"] for r in read_records(tmp_path / "r") if "validation" in r] == [2, 4, 6, 8]
 
 
-class Overflow:
-    """Wraps the data and, while step `step` is assembled, makes the gradients infinite (an fp16 overflow)."""
-
-    def __init__(self, data, model, step, accum):
-        self.data, self.calls, self.step, self.accum, self.on = data, 0, step, accum, False
-        model.norm.weight.register_hook(lambda g: g * math.inf if self.on else g)
-
-    def __getattr__(self, name):
-        return getattr(self.data, name)
-
-    def collate(self, batch):
-        self.calls += 1
-        self.on = (self.calls - 1) // self.accum + 1 == self.step
-        return self.data.collate(batch)
-
-
 def test_fp16_with_its_loss_scaler_skips_an_overflow_halves_the_scale_and_resumes_exactly(world, tiny_model, tmp_path):
     """The design's fp16 + GradScaler path, on CPU (torch's CPU autocast takes float16)."""
     blocks, tokenizer = cpt_setup(world, tiny_model)
@@ -520,7 +496,7 @@ def test_fp16_with_its_loss_scaler_skips_an_overflow_halves_the_scale_and_resume
     runs = {}
     for name, stop in (("whole", None), ("cut", 5)):
         model = Decoder.from_pretrained(tiny_model)
-        data = Overflow(blocks, model, 3, cfg.accum)
+        data = BadGradients(blocks, model, [3], cfg.accum)
         run = open_run(tmp_path / name, {"t": 1}, False, False)
         with pytest.raises(Interrupted) if stop else contextlib.nullcontext():
             train(model, StopAt(data, stop, cfg.accum) if stop else data, cfg, run, tokenizer=tokenizer,
