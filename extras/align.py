@@ -309,24 +309,28 @@ def command(domain: str = typer.Option(..., help="Domain of the fine-tuned model
     run = open_run(out, config, resume, overwrite, rank, [data, start])
     say(f"S-DPO on {domain}: {len(cases.prompts):,} cases of 1 chosen + {k} {negatives} rejected items, beta {beta:g}, "
         f"{steps} steps of {batch_cases} cases, lr {lr:g}")
-    saved = run / "reference.npz"
-    if resume and saved.exists():  # this run's reference, kept: after a resume the model is no longer the reference
-        prefs.reference = np.load(saved)["logps"]
+    saved, precision = run / "reference.npz", resolve_precision(train_cfg.precision, device)
+    if resume and saved.exists():  # this run's cases and reference, kept: after a resume the model is no longer the
+        stored = np.load(saved)    # reference, and the negatives drawn again may differ (another GPU batch, near-ties)
+        if "items" in stored:  # (runs begun before the items were kept hold the log-likelihoods only)
+            cases.items[:] = stored["items"]  # the same shape: open_run refused other cases or another --k
+        prefs.reference = stored["logps"]
     else:
-        prefs.reference = reference_logps(net, prefs, resolve_precision(train_cfg.precision, device))
+        prefs.reference = reference_logps(net, prefs, precision)
         if rank == 0:
             tmp = run / "reference.tmp.npz"
-            np.savez(tmp, logps=prefs.reference)
+            np.savez(tmp, logps=prefs.reference, items=cases.items)
             tmp.replace(saved)
     options = dict(beams=beams, seed=seed, window=window, progress=progress)
-    before = held_out_loglik(net, encoder, ds, domain, test_users, seed, window)
+    with autocast(precision, device):  # as "after" is measured: the two differ by training, not by precision
+        before = held_out_loglik(net, encoder, ds, domain, test_users, seed, window) if rank == 0 else None
     summary = train(net, prefs, train_cfg, run, loss=functools.partial(dpo_loss, beta=beta), tokenizer=tokenizer,
                     device=device, rank=rank, world=world, resume=resume,
                     validate=lambda m: evaluation.evaluate(m, encoder, ds, domain, split="valid", users=val_users,
                                                            **options)["model"])
     if rank == 0:
         best = Decoder.from_pretrained(run / "best", device=device)
-        with autocast(summary["precision"], device):
+        with autocast(precision, device):
             result = evaluation.evaluate(best, encoder, ds, domain, split="test", users=test_users, **options)
             after = held_out_loglik(best, encoder, ds, domain, test_users, seed, window)
         result["held_out_loglik"] = {"before": before, "after": after}

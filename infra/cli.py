@@ -85,8 +85,8 @@ def main(app: typer.Typer) -> None:
     except Exception as e:  # a full disk, a read-only or immutable folder, permissions: the one line a user can act on
         if (failed := write_error(e)) is None:
             raise
-        code, text = failed
-        full = code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        number, text = failed  # not `code`: that is the exit status, read in `finally`
+        full = number in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
         fail(f"{getattr(e, 'filename', None) or 'a file'}: cannot be written ({text}); "
              + ("free some space, then run the same command again (a training run: with --resume)" if full else
                 "choose an output folder you can write"))

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import eval as evaluation
+import extras.align as align
 from data import Encoder, limited_users, load_dataset, train_sequences
 from extras.align import AlignConfig, Preferences, dpo_loss, item_logps, preference_cases, reference_logps, sdpo
 from helpers import assert_same_weights, cli, ok, read_records, refused
@@ -93,7 +94,7 @@ ALIGN = ["align", "--domain", "games", "--epochs", 1, "--batch-cases", 16, "--mi
          "--test-users", 5, "--save-every", 2, "--eval-every", 4, "--no-progress", "--precision", "fp32"]
 
 
-def test_resume_equals_uninterrupted(world, tiny_model, tmp_path, monkeypatch):
+def test_resume_equals_uninterrupted_on_the_negatives_it_began_with(world, tiny_model, tmp_path, monkeypatch):
     args = [*ALIGN, "--data", world, "--model", tiny_model]
     ok(cli(*args, "--out", tmp_path / "whole"))
     collate, calls = Preferences.collate, []
@@ -107,7 +108,16 @@ def test_resume_equals_uninterrupted(world, tiny_model, tmp_path, monkeypatch):
     monkeypatch.setattr(Preferences, "collate", ctrl_c_at_step_3)
     assert cli(*args, "--out", tmp_path / "cut")[0] == 130
     monkeypatch.setattr(Preferences, "collate", collate)
+    drawn = align.preference_cases
+
+    def drawn_otherwise(*a, **kw):  # a redraw may differ (another GPU batch, near-ties): the run keeps its own
+        cases = drawn(*a, **kw)
+        cases.items[:, 1:] = np.roll(cases.items[:, 1:], 1, axis=0)
+        return cases
+
+    monkeypatch.setattr(align, "preference_cases", drawn_otherwise)
     ok(cli(*args, "--out", tmp_path / "cut", "--resume"))
+    monkeypatch.setattr(align, "preference_cases", drawn)
     assert_same_weights(load_file(tmp_path / "whole" / "final" / "model.safetensors"), tmp_path / "cut")
     strip = lambda run: [r.get("loss", r.get("validation")) for r in read_records(run)]  # noqa: E731
     assert strip(tmp_path / "cut") == strip(tmp_path / "whole")
