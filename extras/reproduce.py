@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import json
 import signal
 import statistics
@@ -144,25 +145,34 @@ def reproduction_files(out: Path) -> str | None:
     return marked(out, "reproduce.json", names=names | {p.name for p in out.glob("seed-*") if p.name[5:].isdigit()})
 
 
-def seeded_base(model: Path, folder: Path, seed: int) -> Path:
+def seeded_base(model: Path, folder: Path, seed: int, resume: bool = False) -> Path:
     """The base model of one seed: a model `init` made gets this seed's initialisation (the same tokenizer and shape,
-    weights from init_weights(seed), written once); a pretrained LLM is its own base for every seed."""
+    weights from init_weights(seed), written once and remade when --model is no longer what it was made from); a
+    pretrained LLM is its own base for every seed."""
     marker = read_json(model / "config.json").get(INIT_MARKER)
     if not isinstance(marker, dict) or marker.get("seed") == seed:
         return model
-    if not (folder / "config.json").exists():
-        net = Decoder.from_pretrained(model)
-        init_weights(net, seed)
-        net.config.extra[INIT_MARKER] = {"seed": seed}
-        with atomic_dir(folder) as tmp:
-            net.write_checkpoint(tmp, Tokenizer.from_pretrained(model))
+    source = hashlib.sha256((model / "config.json").read_bytes() + Tokenizer.from_pretrained(model).fingerprint()
+                            .encode()).hexdigest()[:16]  # its shape, init's settings and its tokenizer
+    if (folder / "config.json").exists():
+        made = read_json(folder / "config.json").get(INIT_MARKER) or {}
+        if made.get("from") == source or (resume and "from" not in made):  # (bases made before "from" was kept)
+            return folder
+        if resume:
+            raise UserError(f"{folder}: this seed's base model was made from another {model} (was `init` run again?),"
+                            " so the finished runs are not this model's; --overwrite to start over")
+    net = Decoder.from_pretrained(model)
+    init_weights(net, seed)
+    net.config.extra[INIT_MARKER] = {"seed": seed, "from": source}
+    with atomic_dir(folder) as tmp:  # a base of our own (seed-S/base) is replaced, never anything else
+        net.write_checkpoint(tmp, Tokenizer.from_pretrained(model))
     return folder
 
 
 def plan(out: Path, data: Path, model: Path, domain: str, cpt_tokens: int, sft_epochs: float, seed: int,
-         core: bool, test_users: int, val_users: int | None) -> list[tuple[list, Path]]:
+         core: bool, test_users: int, val_users: int | None, resume: bool = False) -> list[tuple[list, Path]]:
     """Every command of one seed's arms, in order, with the result file that says it is done."""
-    base = seeded_base(model, out / "base", seed)
+    base = seeded_base(model, out / "base", seed, resume)
     train = ["--data", str(data), "--seed", str(seed), "--no-progress"]
     val = [] if val_users is None else ["--val-users", str(val_users)]
     runs = [(["pretrain", *train, "--model", str(base), "--out", str(out / name), "--kinds", kinds, "--schedule",
@@ -207,7 +217,8 @@ def reproduce(out: Path, data: Path, model: Path, domain: str, cpt_tokens: int, 
                       "cpt_tokens": cpt_tokens, "sft_epochs": sft_epochs, "seed": seed, "seeds": seeds,
                       "core": core, "test_users": test_users, "val_users": val_users}, resume)
     runs = [r for s in range(seed, seed + seeds) for r in plan(out / f"seed-{s}", data, model, domain, cpt_tokens,
-                                                                 sft_epochs, s, core, test_users, val_users)]
+                                                                 sft_epochs, s, core, test_users, val_users,
+                                                                 resume)]
     with open(out / "commands.log", "a" if resume else "w") as log, \
             progress_bar(len(runs), "reproduce runs", progress) as advance:
         for args, result in runs:
@@ -303,6 +314,17 @@ def difference(folders: list[Path], a: str, b: str) -> dict:
     return {"ndcg@10": delta, "ci95": [low, high], "users": len(pairs[0][0]), "per_seed": per_seed}
 
 
+def verdict(d: dict) -> str:
+    """A claim holds (or is reversed) when its 95% interval excludes 0 and every seed's difference has that sign: with
+    few seeds the bootstrap's seed level has few distinct draws (10 for 3 seeds) and understates their spread."""
+    low, high = d["ci95"]
+    if low > 0 or high < 0:
+        if all((x > 0) == (low > 0) and x != 0 for x in d["per_seed"]):
+            return "yes" if low > 0 else "no, reversed"
+        return "inconclusive: the seeds disagree"
+    return "inconclusive"
+
+
 def markdown(report: dict) -> str:
     t, loss, n = report["test"], report["cpt_val_loss"], len(report["seeds"])
     spread = lambda x: f"{x['mean']:.4f}" + (f" ± {x['sd']:.4f}" if n > 1 else "")  # noqa: E731
@@ -348,9 +370,8 @@ def markdown(report: dict) -> str:
     lines.append(f"\n| claim | NDCG@10 difference | 95% CI ({interval}) | holds here |\n|---|---|---|---|\n")
     for d in report["differences"]:
         low, high = d["ci95"]
-        verdict = "yes" if low > 0 else "no, reversed" if high < 0 else "inconclusive"
         each = f" (seeds: {', '.join(f'{x:+.4f}' for x in d['per_seed'])})" if n > 1 else ""
-        lines.append(f"| {d['claim']} | {d['ndcg@10']:+.4f}{each} | [{low:+.4f}, {high:+.4f}] | {verdict} |\n")
+        lines.append(f"| {d['claim']} | {d['ndcg@10']:+.4f}{each} | [{low:+.4f}, {high:+.4f}] | {verdict(d)} |\n")
     lines.append(f"\nWall time: {report['seconds'] / 60:.1f} min.\n")
     return "".join(lines)
 

@@ -38,7 +38,8 @@ def end_distributed(clean: bool) -> None:
     abort a finished process ("terminate called without an active exception", pytorch#190489). After a failure only
     gloo's: NCCL's destroy may wait for ranks that never come."""
     if dist.is_initialized() and (clean or dist.get_backend() == "gloo"):
-        dist.destroy_process_group()
+        with contextlib.suppress(Exception):  # the command's work is done: its exit status stands, not a teardown's
+            dist.destroy_process_group()
 
 
 def barrier() -> None:

@@ -153,12 +153,30 @@ def test_a_model_init_made_is_initialised_anew_for_each_seed(tiny_model, tmp_pat
     from model import Decoder
     assert seeded_base(tiny_model, tmp_path / "b0", 0) == tiny_model  # init's own seed: the model itself
     other = seeded_base(tiny_model, tmp_path / "b1", 1)
-    assert other == tmp_path / "b1" and json.loads((other / "config.json").read_text())["cprec_init"] == {"seed": 1}
+    assert other == tmp_path / "b1" and json.loads((other / "config.json").read_text())["cprec_init"]["seed"] == 1
     weights = {k: v.detach() for k, v in Decoder.from_pretrained(other).state_dict().items()}
     with pytest.raises(AssertionError):  # other weights, the same shape and tokenizer
         assert_same_weights({("model." + k if k != "lm_head.weight" else k): v for k, v in weights.items()
                              if k != "lm_head.weight"}, tiny_model, which=".")
     assert (other / "tokenizer.model").read_bytes() == (tiny_model / "tokenizer.model").read_bytes()
+
+
+def test_a_seeds_base_is_remade_when_its_model_is_not_what_it_was_made_from(tiny_model, tmp_path):
+    """`init` run again (here: another shape) under the same --model: --overwrite remakes each seed's base from it,
+    --resume refuses, since the finished runs were trained from the old one."""
+    import shutil
+
+    from extras.reproduce import seeded_base
+    from infra.files import UserError
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    base = seeded_base(model, tmp_path / "b1", 1)
+    assert seeded_base(model, tmp_path / "b1", 1, resume=True) == base  # unchanged: reused
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "rope_theta": 500000.0}))
+    with pytest.raises(UserError, match="base model was made from another"):
+        seeded_base(model, tmp_path / "b1", 1, resume=True)
+    assert json.loads((seeded_base(model, tmp_path / "b1", 1) / "config.json").read_text())["rope_theta"] == 500000.0
 
 
 def test_a_missing_or_truncated_per_user_file_is_one_line(tmp_path):
@@ -188,3 +206,12 @@ def test_resume_may_extend_a_reproduction_but_not_change_it(tmp_path):
         with pytest.raises(UserError, match=f"other settings \\({options}\\)"):
             settings_of(tmp_path, {**full, **change}, resume=True)
     assert json.loads((tmp_path / "reproduce.json").read_text()) == full  # a refusal records nothing
+
+
+def test_a_claim_holds_only_when_its_interval_and_every_seed_agree():
+    from extras.reproduce import verdict
+    assert verdict({"ci95": [0.01, 0.03], "per_seed": [0.02, 0.01, 0.03]}) == "yes"
+    assert verdict({"ci95": [-0.03, -0.01], "per_seed": [-0.02, -0.01, -0.03]}) == "no, reversed"
+    assert verdict({"ci95": [0.001, 0.03], "per_seed": [0.02, -0.001, 0.03]}) == "inconclusive: the seeds disagree"
+    assert verdict({"ci95": [-0.01, 0.03], "per_seed": [0.02, 0.01, 0.03]}) == "inconclusive"
+    assert verdict({"ci95": [0.01, 0.03], "per_seed": [0.02]}) == "yes"  # one seed: the users' interval alone
