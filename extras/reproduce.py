@@ -152,8 +152,8 @@ def seeded_base(model: Path, folder: Path, seed: int, resume: bool = False) -> P
     marker = read_json(model / "config.json").get(INIT_MARKER)
     if not isinstance(marker, dict) or marker.get("seed") == seed:
         return model
-    source = hashlib.sha256((model / "config.json").read_bytes() + Tokenizer.from_pretrained(model).fingerprint()
-                            .encode()).hexdigest()[:16]  # its shape, init's settings and its tokenizer
+    tokenizer = Tokenizer.from_pretrained(model)
+    source = hashlib.sha256((model / "config.json").read_bytes() + tokenizer.fingerprint().encode()).hexdigest()[:16]
     if (folder / "config.json").exists():
         made = read_json(folder / "config.json").get(INIT_MARKER) or {}
         if made.get("from") == source or (resume and "from" not in made):  # (bases made before "from" was kept)
@@ -165,7 +165,7 @@ def seeded_base(model: Path, folder: Path, seed: int, resume: bool = False) -> P
     init_weights(net, seed)
     net.config.extra[INIT_MARKER] = {"seed": seed, "from": source}
     with atomic_dir(folder) as tmp:  # a base of our own (seed-S/base) is replaced, never anything else
-        net.write_checkpoint(tmp, Tokenizer.from_pretrained(model))
+        net.write_checkpoint(tmp, tokenizer)
     return folder
 
 
