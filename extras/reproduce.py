@@ -105,8 +105,6 @@ def run(args: list[str], result: Path, resume: bool, log) -> None:
         raise UserError(f"`{line}` failed (exit {code}); see {log.name}; fix it and rerun with --resume")
 
 
-
-
 def stop_with_parent() -> None:
     """In the child, before it runs: SIGTERM when reproduce itself dies (killed), so no run goes on orphaned; the
     run saves its checkpoint and --resume continues it (Linux; elsewhere nothing)."""
@@ -377,6 +375,7 @@ def markdown(report: dict) -> str:
 
 
 ALIGN_RUNS_OF = {f"{sft}-50beams": name for name, sft in ALIGN_RUNS.items()}  # SFT's row: align's "before"
+
 
 # --------------------------------------------------------------------------------------------------- the command
 def command(out: Path = typer.Option(Path("runs/reproduce"), help="Directory of all runs and the report."),

@@ -21,8 +21,8 @@ console = Console()
 clicks = sys.modules[typer.BadParameter.__module__]  # click's exceptions, or the copy newer typers vendor
 
 PROGRESS = typer.Option(True, help="Show progress bars with ETA (on a terminal only).")
-PRECISION = typer.Option("auto", help="auto (bf16 where supported, else fp32), fp32, bf16, fp16 (with a loss scaler; "
-                         "slow on CPU).")
+PRECISION = typer.Option("auto", help="auto (bf16 where supported, else fp16 on CUDA, fp32 on CPU), fp32, bf16, "
+                         "fp16 (with a loss scaler; slow on CPU).")
 RESUME = typer.Option(False, help="Continue the run in --out from its latest checkpoint, exactly.")
 OVERWRITE = typer.Option(False, help="Replace a run already in --out.")
 
