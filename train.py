@@ -8,21 +8,20 @@ variable-length masked sequences). Data order is a function of the step number a
 step, and a resumed run equals an uninterrupted one bit for bit on CPU.
 
 Read top to bottom: the loss, the batch plan, `step` (one optimizer step: every AMP and accumulation mechanic in one
-place), `train` (steps, log, checkpoints, validation) and the checks made before a run starts. The run directory and
-checkpoint files, DDP/FSDP wrapping and the device helpers are infra/'s.
+place), `train` (setup, then the loop: step, log, skip count, checkpoint, interrupt, validation, early stop) and the
+checks made before a run starts. The run directory and checkpoint files, the checkpoint, validation and timing
+components the loop calls (infra/loop.py), DDP/FSDP wrapping and the device helpers are infra/'s.
 """
 from __future__ import annotations
 
 import bisect
-import contextlib
 import math
 import os
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -31,31 +30,12 @@ from torch import nn
 
 from data import IGNORE, Case, Dataset, Encoder, Examples, target_example
 from infra.config import INIT_MARKER
-from infra.console import progress, say, warn
+from infra.console import say
 from infra.device import autocast, peak_flops, peak_memory_gb, resolve_precision
-from infra.distributed import (
-    all_reduce_sum,
-    barrier,
-    clip_grad_norm,
-    consolidate,
-    gradient_sync,
-    load_sharded_checkpoint,
-    resolve_shard,
-    save_sharded_checkpoint,
-    wrap,
-)
-from infra.files import UserError, read_json, write_error, write_json
-from infra.runs import (
-    Interrupted,
-    Log,
-    StopRequest,
-    latest_name,
-    plot_curves,
-    restore_rng,
-    resume_state,
-    rng_state,
-    save_checkpoint,
-)
+from infra.distributed import agreed, all_reduce_sum, clip_grad_norm, consolidate, gradient_sync, resolve_shard, wrap
+from infra.files import UserError, read_json
+from infra.loop import Checkpoints, StepTimer, Validator
+from infra.runs import Interrupted, Log, StopRequest, latest_name, plot_curves, resume_state
 from schedule import Schedule, scheduler
 from schedule import steps as schedule_steps
 from schedule import validate as validate_schedule  # noqa: I001 (one name, two meanings)
@@ -211,15 +191,22 @@ def step(net: nn.Module, model: nn.Module, batches: list[tuple], n_targets: int,
 
 
 # --------------------------------------------------------------------------------------------------- the loop
-def train(model: nn.Module, data, cfg: TrainConfig, run: Path, *, loss: Callable = lm_loss, tokenizer=None,
-          device: torch.device, rank: int = 0, world: int = 1, resume: bool = False,
-          validate: Callable[[nn.Module], dict] | None = None) -> dict:
-    """Train `model` on `data` (data.Blocks, data.Examples, ...: micro_batches, collate, n_targets, n_tokens) for
-    cfg.steps optimizer steps, `loss(model, *collated)` being a micro-batch's summed loss; return a summary.
-    `validate(model)` (rank 0) returns the validation figures; the best cfg.select is kept in best/.
+class BatchSource(Protocol):
+    """What `train` draws its steps from (data.Blocks, data.Examples, extras' Sequences and Preferences): each epoch's
+    deterministic list of micro-batches, a function of the epoch alone, so that a resumed run repeats it."""
 
-    --resume continues from the latest readable checkpoint; if the steps were all done (a run stopped during its
-    final validation), it writes what is missing."""
+    def micro_batches(self, epoch: int) -> list[list[int]]: ...
+    def collate(self, batch: list[int]) -> tuple[np.ndarray, ...]: ...  # the arrays `loss` takes after the model
+    def n_targets(self, batch: list[int]) -> int: ...  # the supervised targets: what the loss is a mean over
+    def n_tokens(self, batch: list[int]) -> int: ...  # the input tokens, for throughput
+
+
+def train(model: nn.Module, data: BatchSource, cfg: TrainConfig, run: Path, *, loss: Callable = lm_loss,
+          tokenizer=None, device: torch.device, rank: int = 0, world: int = 1, resume: bool = False,
+          validate: Callable[[nn.Module], dict] | None = None) -> dict:
+    """Train `model` on `data` for cfg.steps optimizer steps, `loss(model, *collated)` being a micro-batch's summed
+    loss; return a summary. `validate(model)` (rank 0) returns the validation figures; the best cfg.select is kept in
+    best/. --resume continues from the latest readable checkpoint, or writes what is missing if the steps were done."""
     check(cfg, device, world)
     state = resume_state(run, model, rank) if resume else None  # the checkpoint's weights, into `model` on CPU
     precision, shard = resolve_precision(cfg.precision, device), resolve_shard(cfg.shard, world)
@@ -228,76 +215,20 @@ def train(model: nn.Module, data, cfg: TrainConfig, run: Path, *, loss: Callable
                                   fused=device.type == "cuda")
     sched = scheduler(optimizer, cfg.schedule, cfg.steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # otherwise its calls do nothing
-    best = read_json(run / "best.json") if (run / "best.json").exists() else None
-    peak = peak_flops(device, precision)  # the MFU denominator
-    start = restore(state, net, optimizer, sched, scaler, cfg.lr) if resume else 0
+    validation = Validator(run, model, validate, tokenizer, cfg.select, cfg.patience, shard, rank, device, precision)
+    timer = StepTimer(model, device, precision, peak_flops, rank)  # probes the peak FLOP/s (MFU), before any seeding
+    ckpt = Checkpoints(run, model, net, optimizer, sched, scaler, tokenizer, shard, rank, device, cfg.keep, cfg.diverge)
+    start = ckpt.restore(state, cfg.lr) if resume else 0
     if not resume:
         torch.manual_seed(cfg.seed)
     micro, skipped = MicroBatches(data), 0
-
-    def checkpoint(at: int) -> None:  # a resumable checkpoint; under FSDP every process writes its shards
-        if agreed(bool(why := diverged(log.records, cfg.diverge))):  # a healthy checkpoint is never replaced by this
-            raise UserError(f"{why or 'the loss diverged'}; step {at} was not saved; the last healthy checkpoint is "
-                            f"{latest_name(run)}; lower --lr and continue with the same command plus --resume")
-        training = {"scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state()}
-        try:
-            if shard == "fsdp":
-                save_sharded_checkpoint(run, at, net, optimizer, training, cfg.keep, rank)
-            elif rank == 0:
-                save_checkpoint(run, at, model, tokenizer, {"optimizer": optimizer.state_dict(), **training}, cfg.keep)
-        except Exception as e:  # OSError, or safetensors' own error for the same
-            if (failed := write_error(e)) is None:
-                raise
-            raise UserError(f"{getattr(e, 'filename', None) or run}: cannot be written ({failed[1]}); the checkpoint "
-                            f"of step {at} was not saved; the last intact one is {latest_name(run)}; free space and "
-                            "continue with the same command plus --resume") from None
-        barrier()
-
-    def validation(at: int) -> None:  # rank 0 validates (a gathered copy under FSDP), keeps best/, then logs
-        nonlocal best
-        copy = consolidate(model, rank) if shard == "fsdp" and validate is not None else model
-        if rank == 0 and validate is not None:
-            began = time.perf_counter()
-            copy.to(device).eval()
-            with torch.no_grad(), autocast(precision, device):
-                result = validate(copy)
-            copy.train()
-            if cfg.select and (best is None or result[cfg.select] > best[cfg.select]):
-                best = {"step": at, cfg.select: result[cfg.select]}
-                copy.save_pretrained(run / "best", tokenizer)
-                write_json(run / "best.json", best)
-            # Logged after best/ is written: a logged validation has its best/ on disk.
-            log.write({"step": at, "validation": result, "seconds": round(time.perf_counter() - began, 4)})
-        barrier()
-
-    def agreed(flag: bool) -> bool:  # rank 0 decides from the log (the others hold none): every process follows
-        return bool(all_reduce_sum(torch.tensor(float(flag), device=device)) > 0)
-
-    def patience_spent() -> bool:  # early stopping: cfg.patience validations in a row without a better cfg.select
-        waited = sum("validation" in r and r["step"] > best["step"] for r in log.records) if best else 0
-        return agreed(0 < cfg.patience <= waited)
-
-    def timing(record: dict, began: float, flops: float) -> dict:  # throughput, MFU and memory of the step
-        nonlocal peak
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - began
-        record.update(tokens_per_s=round(record["tokens"] / seconds), mfu=round(flops / seconds / peak, 4),
-                      mem_gb=round(peak_memory_gb(device), 3), seconds=round(seconds, 4))
-        if record["mfu"] > 1 and device.type == "cpu":  # the cached peak was measured on a busy machine
-            peak = peak_flops(device, precision, remeasure=True)
-            warn(f"step {record['step']}: MFU {record['mfu']:.0%} exceeds 100%, so the peak matmul probe had "
-                 f"under-measured; measured again: {peak / 1e9:.1f} GFLOP/s from here on", rank)
-        return record
-
     model.train()
     with Log(run, rank, start if resume else None) as log, StopRequest(announce=rank == 0) as stop, \
-            progress_bar(cfg.steps, start, enabled=rank == 0 and cfg.progress) as bar:
+            timer.shown(cfg.steps, start, enabled=rank == 0 and cfg.progress):
         if resume and due(start, cfg.eval_every, cfg.steps) and not log.validated(start):
-            validation(start)  # stopped between its checkpoint and its validation
-        steps = range(start, start if patience_spent() else cfg.steps)  # none when resumed after it stopped early
-        for s in steps:
-            began = time.perf_counter()
+            validation(start, log)  # stopped between its checkpoint and its validation
+        for s in range(start, start if validation.patience_spent(log) else cfg.steps):  # none: it had stopped early
+            timer.start()
             plan = [micro[s * cfg.accum + j] for j in range(cfg.accum)]  # the same plan on any number of processes
             batches = [data.collate(b) for b in plan[rank::world]]  # this process's share
             out = step(net, model, batches, sum(data.n_targets(b) for b in plan), optimizer, sched, scaler,
@@ -305,24 +236,22 @@ def train(model: nn.Module, data, cfg: TrainConfig, run: Path, *, loss: Callable
             record = {"step": s + 1, "loss": finite(out.loss, 5), "lr": out.lr, "grad_norm": finite(out.grad_norm, 4),
                       "tokens": sum(data.n_tokens(b) for b in plan), **({} if out.applied else {"skipped": True}),
                       **({"scale": scaler.get_scale()} if scaler.is_enabled() else {})}  # fp16's loss scale
-            flops = sum(x.size * model.config.train_flops_per_token(x.shape[1]) for x, *_ in batches)
-            bar(timing(record, began, flops))
-            log.write(record)
+            log.write(timer(record, batches))  # with its throughput, MFU and memory, shown on the progress bar
             skipped = 0 if out.stepped else skipped + 1
             if skipped >= cfg.max_skips:
                 raise UserError(f"non-finite loss or gradients in {skipped} consecutive steps ({s + 2 - skipped}-"
                                 f"{s + 1}), none applied; the last intact checkpoint is {latest_name(run)}; lower "
                                 "--lr and continue with the same command plus --resume")
             if out.stopping or due(s + 1, cfg.save_every, cfg.steps):
-                checkpoint(s + 1)
+                ckpt.save(s + 1, log.records)
             if out.stopping:
                 raise Interrupted(f"interrupted at step {s + 1}/{cfg.steps}; checkpoint saved in {run}; "
                                   "continue with the same command plus --resume")
             if due(s + 1, cfg.eval_every, cfg.steps):
-                validation(s + 1)
-                if patience_spent():
+                validation(s + 1, log)
+                if validation.patience_spent(log):
                     break
-        if agreed(stop.requested):  # Ctrl-C or SIGTERM during the last validation: the last checkpoint is saved
+        if agreed(stop.requested, device):  # Ctrl-C or SIGTERM during the last validation: the last checkpoint is saved
             raise Interrupted(f"interrupted after the last step; checkpoint saved in {run}; continue with the same "
                               "command plus --resume")
     final = consolidate(model, rank) if shard == "fsdp" else model  # every process takes part
@@ -330,38 +259,8 @@ def train(model: nn.Module, data, cfg: TrainConfig, run: Path, *, loss: Callable
         return {"steps": cfg.steps, "precision": precision, "world_size": world}
     final.save_pretrained(run / "final", tokenizer)
     return {"steps": cfg.steps, "precision": precision, "world_size": world, **log.summary(),
-            "seconds_to_best": log.seconds_until(best["step"]) if best else None,
-            "peak_mem_gb": peak_memory_gb(device), "best": best, "curves": plot_curves(run)}
-
-
-def restore(state: dict, net: nn.Module, optimizer, sched, scaler, lr: float) -> int:
-    """Load a checkpoint's optimizer, schedule, scaler and RNG state; return its step. A learning rate changed on
-    --resume replaces the saved one from here on (the schedule's shape is kept)."""
-    if "sharded" in state:  # FSDP: weights and AdamW's state from the shards, into this run's shards
-        load_sharded_checkpoint(net, optimizer, Path(state["sharded"]))
-    else:
-        optimizer.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    restore_rng(state["rng"])
-    if sched.base_lrs[0] != lr:
-        sched.base_lrs = [lr for _ in optimizer.param_groups]
-        for group, rule in zip(optimizer.param_groups, sched.lr_lambdas):
-            group["initial_lr"], group["lr"] = lr, lr * rule(sched.last_epoch)
-    return state["step"]
-
-
-def diverged(records: list[dict], factor: float, window: int = 10) -> str:
-    """Why the run's loss has diverged ("" while it has not): the mean loss of its last `window` steps exceeds `factor`
-    times the lowest such mean so far (a blow-up that stays finite, such as weights grown to 1e6)."""
-    losses = [r["loss"] for r in records if "tokens" in r and r["loss"] is not None]
-    if not factor or len(losses) < window:
-        return ""
-    means = np.convolve(losses, np.ones(window) / window, mode="valid")
-    if means[-1] <= factor * means.min():
-        return ""
-    return (f"the loss diverged: {means[-1]:.4g} over the last {window} steps, more than {factor:g} times the run's "
-            f"best {means.min():.4g}")
+            "seconds_to_best": log.seconds_until(validation.best["step"]) if validation.best else None,
+            "peak_mem_gb": peak_memory_gb(device), "best": validation.best, "curves": plot_curves(run)}
 
 
 def due(step: int, every: int, total: int) -> bool:
@@ -377,14 +276,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     params = [p for p in model.parameters() if p.requires_grad]
     return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-
-
-@contextlib.contextmanager
-def progress_bar(total: int, start: int, enabled: bool):
-    """infra.console.progress with the latest loss, learning rate, throughput and MFU; called once per step."""
-    with progress(total, "step", enabled, start) as advance:
-        yield lambda r: advance(1, f"loss {'non-finite' if r['loss'] is None else format(r['loss'], '.4f')}  "
-                                   f"lr {r['lr']:.2e}  {r['tokens_per_s']:,} tok/s  MFU {r['mfu']:.1%}")
 
 
 # --------------------------------------------------------------------------------------------------- before a run

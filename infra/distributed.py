@@ -128,6 +128,11 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def agreed(flag: bool, device: torch.device) -> bool:
+    """Whether any process raised `flag`, so every process follows one decision (rank 0 alone may hold the reason)."""
+    return bool(all_reduce_sum(torch.tensor(float(flag), device=device)) > 0)
+
+
 def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
     """torch.nn.utils.clip_grad_norm_ that also takes FSDP's sharded gradients; returns the norm before clipping."""
     params = [p for p in model.parameters() if p.grad is not None]

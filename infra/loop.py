@@ -1,0 +1,180 @@
+"""The components train.train's loop calls, so that the loop itself stays in sight: resumable checkpoints
+(`Checkpoints`, with the divergence and write-error guards), validation with best/ and early stopping (`Validator`),
+and each step's throughput, MFU and memory (`StepTimer`). Each holds what the loop hands it (infra imports nothing of
+the top level); the loop alone decides when each is called."""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from infra.console import progress, warn
+from infra.device import autocast, peak_memory_gb
+from infra.distributed import agreed, barrier, consolidate, load_sharded_checkpoint, save_sharded_checkpoint
+from infra.files import UserError, read_json, write_error, write_json
+from infra.runs import Log, latest_name, restore_rng, rng_state, save_checkpoint
+
+
+# --------------------------------------------------------------------------------------------------- checkpoints
+@dataclass
+class Checkpoints:
+    """A run's resumable checkpoints: the weights and the training state (AdamW, schedule, loss scaler, RNG), written
+    by rank 0, or by every process under FSDP (its shards). Never of a diverged run; a write that fails stops the run
+    in one line naming the last intact checkpoint."""
+    run: Path
+    model: nn.Module
+    net: nn.Module  # `model` with its loss, wrapped (infra.distributed.wrap): FSDP's shards are saved through it
+    optimizer: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    tokenizer: object
+    shard: str
+    rank: int
+    device: torch.device
+    keep: int  # checkpoints kept on disk
+    diverge: float  # `diverged`'s factor
+
+    def restore(self, state: dict, lr: float) -> int:
+        """Load a checkpoint's optimizer, schedule, scaler and RNG state; return its step. A learning rate changed on
+        --resume replaces the saved one from here on (the schedule's shape is kept)."""
+        optimizer, sched = self.optimizer, self.sched
+        if "sharded" in state:  # FSDP: weights and AdamW's state from the shards, into this run's shards
+            load_sharded_checkpoint(self.net, optimizer, Path(state["sharded"]))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        restore_rng(state["rng"])
+        if sched.base_lrs[0] != lr:
+            sched.base_lrs = [lr for _ in optimizer.param_groups]
+            for group, rule in zip(optimizer.param_groups, sched.lr_lambdas):
+                group["initial_lr"], group["lr"] = lr, lr * rule(sched.last_epoch)
+        return state["step"]
+
+    def save(self, at: int, records: list[dict]) -> None:
+        """The checkpoint of step `at`, unless the loss in `records` (rank 0's log) has diverged: a healthy
+        checkpoint is never replaced by a blown-up one."""
+        run = self.run
+        if agreed(bool(why := diverged(records, self.diverge)), self.device):  # rank 0 decides, every process follows
+            raise UserError(f"{why or 'the loss diverged'}; step {at} was not saved; the last healthy checkpoint is "
+                            f"{latest_name(run)}; lower --lr and continue with the same command plus --resume")
+        training = {"scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng_state()}
+        try:
+            if self.shard == "fsdp":
+                save_sharded_checkpoint(run, at, self.net, self.optimizer, training, self.keep, self.rank)
+            elif self.rank == 0:
+                save_checkpoint(run, at, self.model, self.tokenizer, {"optimizer": self.optimizer.state_dict(),
+                                                                      **training}, self.keep)
+        except Exception as e:  # OSError, or safetensors' own error for the same
+            if (failed := write_error(e)) is None:
+                raise
+            raise UserError(f"{getattr(e, 'filename', None) or run}: cannot be written ({failed[1]}); the checkpoint "
+                            f"of step {at} was not saved; the last intact one is {latest_name(run)}; free space and "
+                            "continue with the same command plus --resume") from None
+        barrier()
+
+
+def diverged(records: list[dict], factor: float, window: int = 10) -> str:
+    """Why the run's loss has diverged ("" while it has not): the mean loss of its last `window` steps exceeds `factor`
+    times the lowest such mean so far (a blow-up that stays finite, such as weights grown to 1e6)."""
+    losses = [r["loss"] for r in records if "tokens" in r and r["loss"] is not None]
+    if not factor or len(losses) < window:
+        return ""
+    means = np.convolve(losses, np.ones(window) / window, mode="valid")
+    if means[-1] <= factor * means.min():
+        return ""
+    return (f"the loss diverged: {means[-1]:.4g} over the last {window} steps, more than {factor:g} times the run's "
+            f"best {means.min():.4g}")
+
+
+# --------------------------------------------------------------------------------------------------- validation
+@dataclass
+class Validator:
+    """Validation on rank 0 (of a full copy gathered under FSDP), best/ and best.json for the best `select` so far,
+    and early stopping once `patience` validations in a row brought no better one (0: never)."""
+    run: Path
+    model: nn.Module
+    validate: Callable[[nn.Module], dict] | None  # the model's validation figures; None: no validation
+    tokenizer: object
+    select: str | None  # the figure to maximise
+    patience: int
+    shard: str
+    rank: int
+    device: torch.device
+    precision: str
+
+    def __post_init__(self):
+        self.best = read_json(self.run / "best.json") if (self.run / "best.json").exists() else None  # on --resume
+
+    def __call__(self, at: int, log: Log) -> None:
+        """Validate after step `at`, keep best/, then log; every process takes part (FSDP's gather, the barrier)."""
+        model, select = self.model, self.select
+        copy = consolidate(model, self.rank) if self.shard == "fsdp" and self.validate is not None else model
+        if self.rank == 0 and self.validate is not None:
+            began = time.perf_counter()
+            copy.to(self.device).eval()
+            with torch.no_grad(), autocast(self.precision, self.device):
+                result = self.validate(copy)
+            copy.train()
+            if select and (self.best is None or result[select] > self.best[select]):
+                self.best = {"step": at, select: result[select]}
+                copy.save_pretrained(self.run / "best", self.tokenizer)
+                write_json(self.run / "best.json", self.best)
+            # Logged after best/ is written: a logged validation has its best/ on disk.
+            log.write({"step": at, "validation": result, "seconds": round(time.perf_counter() - began, 4)})
+        barrier()
+
+    def patience_spent(self, log: Log) -> bool:
+        """Early stopping: `patience` validations since the best one. Rank 0 decides from its log, every process
+        follows (the others hold none)."""
+        waited = sum("validation" in r and r["step"] > self.best["step"] for r in log.records) if self.best else 0
+        return agreed(0 < self.patience <= waited, self.device)
+
+
+# --------------------------------------------------------------------------------------------------- timing
+@dataclass
+class StepTimer:
+    """Each step's throughput, MFU and peak memory, added to its record and shown on the progress bar.
+    `peak_flops(device, precision, remeasure=False)` is MFU's denominator (infra.device.peak_flops): on CPU a probe,
+    measured again when an MFU above 100% shows it had under-measured on a busy machine."""
+    model: nn.Module
+    device: torch.device
+    precision: str
+    peak_flops: Callable[..., float]
+    rank: int
+
+    def __post_init__(self):
+        self.peak = self.peak_flops(self.device, self.precision)
+        self.began, self.advance = 0.0, lambda n=1, info="": None
+
+    @contextlib.contextmanager
+    def shown(self, total: int, start: int, enabled: bool):
+        """A progress bar of the steps, with the latest loss, learning rate, throughput and MFU."""
+        with progress(total, "step", enabled, start) as advance:
+            self.advance = advance
+            yield self
+
+    def start(self) -> None:
+        self.began = time.perf_counter()
+
+    def __call__(self, record: dict, batches: list[tuple]) -> dict:
+        """Add the timing of the step started last to its `record`, whose `batches` are this process's share."""
+        flops = sum(x.size * self.model.config.train_flops_per_token(x.shape[1]) for x, *_ in batches)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - self.began
+        record.update(tokens_per_s=round(record["tokens"] / seconds), mfu=round(flops / seconds / self.peak, 4),
+                      mem_gb=round(peak_memory_gb(self.device), 3), seconds=round(seconds, 4))
+        if record["mfu"] > 1 and self.device.type == "cpu":  # the cached peak was measured on a busy machine
+            self.peak = self.peak_flops(self.device, self.precision, remeasure=True)
+            warn(f"step {record['step']}: MFU {record['mfu']:.0%} exceeds 100%, so the peak matmul probe had "
+                 f"under-measured; measured again: {self.peak / 1e9:.1f} GFLOP/s from here on", self.rank)
+        self.advance(1, f"loss {'non-finite' if record['loss'] is None else format(record['loss'], '.4f')}  "
+                        f"lr {record['lr']:.2e}  {record['tokens_per_s']:,} tok/s  MFU {record['mfu']:.1%}")
+        return record
