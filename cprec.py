@@ -42,9 +42,10 @@ from data import (
     train_sequences,
 )
 from extras import align, baseline, init, prepare, recommend, reproduce
+from extras.options import Finetune, Pretrain, check, multiple, recipe, run_settings, train_config
 from extras.world import open_dataset
-from infra.cli import OVERWRITE, PRECISION, PROGRESS, RESUME, main, positive, show, split_list
-from infra.config import DEFAULT_CPT, DEFAULT_DATA, config_from_hf
+from infra.cli import PRECISION, PROGRESS, main, positive, show, split_list
+from infra.config import DEFAULT_CPT, DEFAULT_DATA
 from infra.console import say
 from infra.device import autocast, resolve_precision
 from infra.distributed import barrier, setup_distributed
@@ -52,175 +53,106 @@ from infra.files import UserError, own_output, quote, read_json, write_json
 from infra.runs import open_run, per_user_file, save_result
 from infra.tokenizer import Tokenizer
 from model import Decoder
-from schedule import Schedule
-from train import MicroBatches, TrainConfig, check, fitting_defaults, run_settings, target_loss, train
+from train import MicroBatches, target_loss, train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
 app.add_typer(prepare.app, name="prepare")
 app.command("init")(init.command)
 
-SCHEDULE = typer.Option("wsa", help="wsa (Warmup-Stable-Annealing), cosine, linear or constant.")
-WARMUP = typer.Option(None, help="Warmup steps: a count, or a fraction of all steps if < 1 (default: 0.02; for a "
-                      "pretrained LLM checkpoint max(2%, 100 steps), at most half the steps before annealing).")
-LR = typer.Option(None, help="Peak learning rate (default: 1e-3 for a model `init` made; 1e-4 for a pretrained LLM "
-                  "checkpoint, a fraction of its original peak).")
-ANNEAL = typer.Option(0.2, help="WSA annealing steps: a count, or a fraction if < 1; 0 = warmup-stable only.")
-SHAPE = typer.Option("1-sqrt", help="WSA annealing shape: 1-sqrt, cosine, linear or exp.")
-FLOOR = typer.Option(0.1, help="Learning-rate factor reached at the last step.")
-SHARD = typer.Option("auto", help="Several processes: ddp (a whole model per GPU), fsdp (parameters, gradients and "
-                     "AdamW state sharded over GPUs) or none; auto = ddp for several processes, none for one.")
-ACTIVATION_CHECKPOINTING = typer.Option(False, help="Recompute each decoder layer in backward: less activation "
-                                        "memory for long blocks, about a third more compute.")
-COMPILE = typer.Option(False, "--compile", help="torch.compile the model for training (inductor): the first step "
-                       "compiles it; faster steps after (docs/benchmarks.md).")
-
 
 # --------------------------------------------------------------------------------------------------- CPT
 @app.command()
-def pretrain(data: Path = typer.Option(DEFAULT_DATA, help="Dataset; the built-in world is created if missing."),
-             model: Optional[Path] = typer.Option(None, help="HF checkpoint to start from (default: models/small, "
-                                                  "created if missing)."),
-             out: Path = typer.Option(DEFAULT_CPT, help="Run directory."),
-             kinds: str = typer.Option("domain,mixed", help="CPT sequence kinds: domain, mixed or both."),
-             epochs: float = typer.Option(2.0, help="Passes over the CPT text (ignored if --tokens is given)."),
-             tokens: Optional[int] = typer.Option(None, help="Training budget in tokens."),
-             lr: Optional[float] = LR,
-             schedule: str = SCHEDULE, warmup: Optional[float] = WARMUP, anneal: float = ANNEAL,
-             anneal_shape: str = SHAPE, lr_floor: float = FLOOR,
-             batch_tokens: int = typer.Option(2048, help="Tokens per optimizer step over all processes (small "
-                                              "batches learn the most per token here; raise it with the model)."),
-             block_len: int = typer.Option(256, help="Tokens per packed block."),
-             micro_batch: int = typer.Option(8, help="Blocks per micro-batch and process."),
-             precision: str = PRECISION, seed: int = typer.Option(0, help="Seed for data order and initialisation."),
-             shard: str = SHARD, activation_checkpointing: bool = ACTIVATION_CHECKPOINTING, compiled: bool = COMPILE,
-             save_every: int = typer.Option(200, help="Steps between resumable checkpoints (0 = at the end)."),
-             eval_every: int = typer.Option(0, help="Steps between validation losses (0 = at the end)."),
-             val_users: int = typer.Option(100, help="Validation users per pre-training domain."),
-             resume: bool = RESUME, overwrite: bool = OVERWRITE, progress: bool = PROGRESS):
+@recipe(Pretrain)
+def pretrain(o: Pretrain):
     """All-domain continual pre-training (CPT) on the pre-training domains' behaviour text."""
-    positive(epochs=epochs, tokens=tokens, batch_tokens=batch_tokens, block_len=block_len, micro_batch=micro_batch)
+    positive(epochs=o.epochs, tokens=o.tokens, batch_tokens=o.batch_tokens, block_len=o.block_len,
+             micro_batch=o.micro_batch)
     rank, world, device = setup_distributed()
-    ds = open_dataset(data, rank)
-    start = init.base_model(model, data, rank)
+    ds = open_dataset(o.data, rank)
+    start = init.base_model(o.model, o.data, rank)
     tokenizer = Tokenizer.from_pretrained(start)
     encoder = Encoder(tokenizer)
+    kinds = split_list(o.kinds)
     if rank == 0:  # rank 0 tokenizes and caches, the others read the cache
-        cpt_stream(ds, encoder, split_list(kinds), seed, progress=progress)
+        cpt_stream(ds, encoder, kinds, o.seed, progress=o.progress)
     barrier()
-    stream = cpt_stream(ds, encoder, split_list(kinds), seed)
-    blocks = Blocks(stream, block_len, micro_batch, seed)
-    accum = batch_tokens // (micro_batch * block_len)
-    if accum < 1 or accum * micro_batch * block_len != batch_tokens:
-        raise UserError(f"--batch-tokens {batch_tokens} must be a multiple of --micro-batch × --block-len "
-                        f"({micro_batch * block_len})")
-    steps = math.ceil((tokens or epochs * blocks.n * block_len) / batch_tokens)
-    lr, warmup = fitting_defaults(start, lr, warmup, steps, schedule, anneal)
-    cfg = TrainConfig(steps, accum, lr, schedule=Schedule(schedule, warmup, anneal, anneal_shape, lr_floor),
-                      precision=precision, seed=seed, save_every=save_every, eval_every=eval_every, progress=progress,
-                      shard=shard, activation_checkpointing=activation_checkpointing, compile=compiled)
-    config = {"command": "pretrain", "data": str(data), "data_fingerprint": ds.fingerprint, "model": str(start),
-              "tokenizer_fingerprint": tokenizer.fingerprint(), "kinds": split_list(kinds), "cpt_tokens": len(stream),
-              "block_len": block_len, "micro_batch": micro_batch, "batch_tokens": batch_tokens,
-              "train_tokens": steps * batch_tokens, "val_users": val_users, "train": run_settings(cfg)}
-    check(cfg, device, world, context_of(start), block_len, "--block-len", str(start))
+    stream = cpt_stream(ds, encoder, kinds, o.seed)
+    blocks = Blocks(stream, o.block_len, o.micro_batch, o.seed)
+    accum = multiple(o.batch_tokens, o.micro_batch * o.block_len, "--batch-tokens", "--micro-batch × --block-len")
+    steps = math.ceil((o.tokens or o.epochs * blocks.n * o.block_len) / o.batch_tokens)
+    cfg = train_config(o, steps, accum, start)
+    config = {"command": "pretrain", "data": str(o.data), "data_fingerprint": ds.fingerprint, "model": str(start),
+              "tokenizer_fingerprint": tokenizer.fingerprint(), "kinds": kinds, "cpt_tokens": len(stream),
+              "block_len": o.block_len, "micro_batch": o.micro_batch, "batch_tokens": o.batch_tokens,
+              "train_tokens": steps * o.batch_tokens, "val_users": o.val_users, "train": run_settings(cfg)}
+    check(cfg, device, world, "--batch-tokens", start, o.block_len, "--block-len")
     net = Decoder.from_pretrained(start)  # on --resume, train() loads the checkpoint's weights into it
     pretrain_domains = [k for k, d in ds.domains.items() if d.role == "pretrain"]
-    cases = {k: sample(eval_cases(ds, k, VALID), val_users, seed) for k in pretrain_domains}
+    cases = {k: sample(eval_cases(ds, k, VALID), o.val_users, o.seed) for k in pretrain_domains}
 
     def validate(m):
         losses = {k: target_loss(m, encoder, ds, c, k) for k, c in cases.items() if c}
         return {"val_loss": float(np.mean(list(losses.values()))), "per_domain": losses}
 
-    run = open_run(out, config, resume, overwrite, rank, [data, start])  # only now: a failed start leaves nothing
-    say(f"CPT on {', '.join(pretrain_domains)}: {len(stream):,} tokens of {'+'.join(split_list(kinds))} sequences, "
-        f"{steps} steps of {batch_tokens:,} tokens ({accum} micro-batches), {net.config.n_params / 1e6:.1f}M params")
-    summary = train(net, blocks, cfg, run, tokenizer=tokenizer, device=device, rank=rank, world=world, resume=resume,
-                    validate=validate)
+    run = open_run(o.out, config, o.resume, o.overwrite, rank, [o.data, start])  # a failed start leaves nothing
+    say(f"CPT on {', '.join(pretrain_domains)}: {len(stream):,} tokens of {'+'.join(kinds)} sequences, "
+        f"{steps} steps of {o.batch_tokens:,} tokens ({accum} micro-batches), {net.config.n_params / 1e6:.1f}M params")
+    summary = train(net, blocks, cfg, run, tokenizer=tokenizer, device=device, rank=rank, world=world,
+                    resume=o.resume, validate=validate)
     if rank == 0:
         write_json(run / "results.json", {"config": config, "training": summary})
         say(f"done: final loss {summary['loss']:.4f}, validation loss {summary['validation']['val_loss']:.4f}, "
             f"{summary['tokens_per_s']:,.0f} tokens/s, model in {run / 'final'}")
 
 
-def context_of(start: Path) -> int:
-    """The longest sequence the checkpoint at `start` computes exactly."""
-    return config_from_hf(read_json(start / "config.json"), str(start / "config.json")).context
-
-
 # --------------------------------------------------------------------------------------------------- SFT
 @app.command()
-def finetune(domain: str = typer.Option(..., help="Target domain, e.g. games."),
-             data: Path = typer.Option(DEFAULT_DATA, help="Dataset."),
-             model: Optional[Path] = typer.Option(None, help="Checkpoint to fine-tune (default: the latest "
-                                                  "pretrain, runs/pretrain/final; models/small = no-CPT ablation)."),
-             out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/finetune-DOMAIN)."),
-             users_fraction: float = typer.Option(1.0, help="Fraction of training users (limited-SFT setting)."),
-             epochs: float = typer.Option(8.0, help="Passes over the training examples."),
-             lr: Optional[float] = LR,
-             schedule: str = typer.Option("cosine", help="wsa, cosine, linear or constant."),
-             warmup: Optional[float] = WARMUP, anneal: float = ANNEAL, anneal_shape: str = SHAPE,
-             lr_floor: float = FLOOR,
-             batch_tokens: int = typer.Option(2048, help="Padded tokens per optimizer step over all processes."),
-             micro_tokens: int = typer.Option(2048, help="Padded tokens per micro-batch and process."),
-             window: int = typer.Option(20, help="History items in a prompt."),
-             eval_every: int = typer.Option(0, help="Steps between validations (0 = once per epoch)."),
-             val_users: int = typer.Option(500, help="Validation users (0 = all)."),
-             test_users: int = typer.Option(0, help="Test users, a seeded random subset (0 = all)."),
-             beams: int = typer.Option(20, help="Beam width of the evaluation (>= 20)."),
-             mask_history: bool = typer.Option(False, help="Exclude items already in the history from rankings."),
-             precision: str = PRECISION, seed: int = typer.Option(0, help="Seed for data order and user sampling."),
-             shard: str = SHARD, activation_checkpointing: bool = ACTIVATION_CHECKPOINTING, compiled: bool = COMPILE,
-             save_every: int = typer.Option(0, help="Steps between resumable checkpoints (0 = at the end)."),
-             resume: bool = RESUME, overwrite: bool = OVERWRITE, progress: bool = PROGRESS):
+@recipe(Finetune)
+def finetune(o: Finetune):
     """Supervised fine-tuning on one domain, validation-selected, then the full-ranking test evaluation."""
-    positive(epochs=epochs, batch_tokens=batch_tokens, micro_tokens=micro_tokens, window=window)
-    if batch_tokens % micro_tokens:
-        raise UserError(f"--batch-tokens {batch_tokens} must be a multiple of --micro-tokens ({micro_tokens})")
+    positive(epochs=o.epochs, batch_tokens=o.batch_tokens, micro_tokens=o.micro_tokens, window=o.window)
+    accum = multiple(o.batch_tokens, o.micro_tokens, "--batch-tokens", "--micro-tokens")
     rank, world, device = setup_distributed()
-    ds = open_dataset(data, rank)
-    ds.domain(domain)
-    start = model or DEFAULT_CPT / "final"
+    ds = open_dataset(o.data, rank)
+    ds.domain(o.domain)
+    start = o.model or DEFAULT_CPT / "final"
     if not (start / "config.json").exists():
         raise UserError(f"{start}: no checkpoint; run `python cprec.py pretrain` first or pass --model")
-    out = out or Path(f"runs/finetune-{domain}")
-    if not eval_cases(ds, domain, VALID):
-        raise UserError(f"domain {quote(domain)} has no validation cases (users need 3+ interactions there), so no "
+    if not eval_cases(ds, o.domain, VALID):
+        raise UserError(f"domain {quote(o.domain)} has no validation cases (users need 3+ interactions there), so no "
                         "checkpoint could be chosen; choose another --domain")
     tokenizer = Tokenizer.from_pretrained(start)
     encoder = Encoder(tokenizer)
-    sequences = limited_users(train_sequences(ds, domain), users_fraction, seed)
-    examples = Examples(sft_examples(ds, encoder, sequences, domain, window, progress), micro_tokens, tokenizer.pad_id,
-                        seed)
-    accum = batch_tokens // micro_tokens
+    sequences = limited_users(train_sequences(ds, o.domain), o.users_fraction, o.seed)
+    examples = Examples(sft_examples(ds, encoder, sequences, o.domain, o.window, o.progress), o.micro_tokens,
+                        tokenizer.pad_id, o.seed)
     per_epoch = MicroBatches(examples).epoch_size()
-    steps = math.ceil(epochs * per_epoch / accum)
-    lr, warmup = fitting_defaults(start, lr, warmup, steps, schedule, anneal)
-    cfg = TrainConfig(steps, accum, lr, schedule=Schedule(schedule, warmup, anneal, anneal_shape, lr_floor),
-                      precision=precision, seed=seed, save_every=save_every,
-                      eval_every=eval_every or max(1, math.ceil(per_epoch / accum)), select="ndcg@10",
-                      progress=progress, shard=shard, activation_checkpointing=activation_checkpointing,
-                      compile=compiled)
-    config = {"command": "finetune", "domain": domain, "data": str(data), "data_fingerprint": ds.fingerprint,
-              "model": str(start), "tokenizer_fingerprint": tokenizer.fingerprint(), "users_fraction": users_fraction,
-              "train_users": len(sequences), "examples": len(examples.examples), "padding": examples.padding(),
-              "window": window, "batch_tokens": batch_tokens, "micro_tokens": micro_tokens, "val_users": val_users,
-              "test_users": test_users, "beams": beams, "mask_history": mask_history, "train": run_settings(cfg)}
-    check(cfg, device, world, context_of(start), examples.longest, "--window", str(start))
+    steps = math.ceil(o.epochs * per_epoch / accum)
+    cfg = train_config(o, steps, accum, start, eval_every=o.eval_every or max(1, math.ceil(per_epoch / accum)),
+                       select="ndcg@10")
+    config = {"command": "finetune", "domain": o.domain, "data": str(o.data), "data_fingerprint": ds.fingerprint,
+              "model": str(start), "tokenizer_fingerprint": tokenizer.fingerprint(),
+              "users_fraction": o.users_fraction, "train_users": len(sequences), "examples": len(examples.examples),
+              "padding": examples.padding(), "window": o.window, "batch_tokens": o.batch_tokens,
+              "micro_tokens": o.micro_tokens, "val_users": o.val_users, "test_users": o.test_users, "beams": o.beams,
+              "mask_history": o.mask_history, "train": run_settings(cfg)}
+    check(cfg, device, world, "--batch-tokens", start, examples.longest, "--window")
     net = Decoder.from_pretrained(start)  # on --resume, train() loads the checkpoint's weights into it
-    options = dict(beams=beams, seed=seed, mask_history=mask_history, window=window, progress=progress)
-    run = open_run(out, config, resume, overwrite, rank, [data, start])  # only now: a failed start leaves nothing
-    say(f"SFT on {domain}: {len(sequences):,} users, {len(examples.examples):,} examples ({config['padding']:.1%} "
+    options = dict(beams=o.beams, seed=o.seed, mask_history=o.mask_history, window=o.window, progress=o.progress)
+    out = o.out or Path(f"runs/finetune-{o.domain}")
+    run = open_run(out, config, o.resume, o.overwrite, rank, [o.data, start])  # a failed start leaves nothing
+    say(f"SFT on {o.domain}: {len(sequences):,} users, {len(examples.examples):,} examples ({config['padding']:.1%} "
         f"padding), {steps} steps ({accum} micro-batches each), validation every {cfg.eval_every} steps on "
-        f"{val_users or 'all'} users")
+        f"{o.val_users or 'all'} users")
     summary = train(net, examples, cfg, run, tokenizer=tokenizer, device=device, rank=rank, world=world,
-                    resume=resume, validate=lambda m: evaluation.evaluate(m, encoder, ds, domain, split="valid",
-                                                                          users=val_users, **options)["model"])
+                    resume=o.resume, validate=lambda m: evaluation.evaluate(m, encoder, ds, o.domain, split="valid",
+                                                                            users=o.val_users, **options)["model"])
     if rank == 0:
         best = Decoder.from_pretrained(run / "best", device=device)
         say(f"testing the best checkpoint (step {summary['best']['step']}, validation NDCG@10 "
             f"{summary['best']['ndcg@10']:.4f})")
         with autocast(summary["precision"], device):
-            result = evaluation.evaluate(best, encoder, ds, domain, split="test", users=test_users, **options)
+            result = evaluation.evaluate(best, encoder, ds, o.domain, split="test", users=o.test_users, **options)
         save_result(result, run / "results.json", {"config": config, "training": summary})
         show(result)
 

@@ -65,7 +65,7 @@ def factor(step: int, total: int, s: Schedule) -> float:
 
 
 def validate(s: Schedule, total: int) -> None:
-    """Refuse settings the schedule cannot follow (called by train.check before a run starts)."""
+    """Refuse settings the schedule cannot follow (called by extras.options.check before a run starts)."""
     if s.name not in SCHEDULES:
         raise UserError(f"--schedule {quote(s.name)}: expected one of {', '.join(SCHEDULES)}")
     anneal(1.0, s.shape, s.floor)  # unknown shapes fail here, before training starts
@@ -88,5 +88,5 @@ def validate(s: Schedule, total: int) -> None:
 
 
 def scheduler(optimizer: torch.optim.Optimizer, s: Schedule, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Settings are checked before a run starts (train.check calls `validate`)."""
+    """Settings are checked before a run starts (extras.options.check calls `validate`)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(step, total, s))

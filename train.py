@@ -8,18 +8,17 @@ variable-length masked sequences). Data order is a function of the step number a
 step, and a resumed run equals an uninterrupted one bit for bit on CPU.
 
 Read top to bottom: the loss, the batch plan, `step` (one optimizer step: every AMP and accumulation mechanic in one
-place), `train` (setup, then the loop: step, log, skip count, checkpoint, interrupt, validation, early stop) and the
-checks made before a run starts. The run directory and checkpoint files, the checkpoint, validation and timing
-components the loop calls (infra/loop.py), DDP/FSDP wrapping and the device helpers are infra/'s.
+place), `train` (setup, then the loop: step, log, skip count, checkpoint, interrupt, validation, early stop). The run
+directory and checkpoint files, the checkpoint, validation and timing components the loop calls (infra/loop.py),
+DDP/FSDP wrapping and the device helpers are infra/'s; the checks made before a run starts are the command line's
+(extras/options.py).
 """
 from __future__ import annotations
 
 import bisect
 import math
-import os
-import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -29,16 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from data import IGNORE, Case, Dataset, Encoder, Examples, target_example
-from infra.config import INIT_MARKER
-from infra.console import say
 from infra.device import autocast, peak_flops, peak_memory_gb, resolve_precision
 from infra.distributed import agreed, all_reduce_sum, clip_grad_norm, consolidate, gradient_sync, resolve_shard, wrap
-from infra.files import UserError, read_json
+from infra.files import UserError
 from infra.loop import Checkpoints, StepTimer, Validator
 from infra.runs import Interrupted, Log, StopRequest, latest_name, plot_curves, resume_state
 from schedule import Schedule, scheduler
-from schedule import steps as schedule_steps
-from schedule import validate as validate_schedule  # noqa: I001 (one name, two meanings)
 
 
 @dataclass
@@ -63,6 +58,10 @@ class TrainConfig:
     shard: str = "auto"  # auto (ddp for several processes, none for one), none, ddp, fsdp
     activation_checkpointing: bool = False  # recompute each decoder layer in backward
     compile: bool = False  # torch.compile the model (inductor): fused kernels, the same math up to rounding
+
+    def __post_init__(self):  # a caller's bug, not a user's: the command line checks its options before this
+        if min(self.steps, self.accum, self.keep, self.max_skips) < 1 or self.patience < 0:
+            raise ValueError(f"TrainConfig: steps, accum, keep and max_skips must be >= 1, patience >= 0 ({self})")
 
 
 # --------------------------------------------------------------------------------------------------- loss
@@ -207,7 +206,6 @@ def train(model: nn.Module, data: BatchSource, cfg: TrainConfig, run: Path, *, l
     """Train `model` on `data` for cfg.steps optimizer steps, `loss(model, *collated)` being a micro-batch's summed
     loss; return a summary. `validate(model)` (rank 0) returns the validation figures; the best cfg.select is kept in
     best/. --resume continues from the latest readable checkpoint, or writes what is missing if the steps were done."""
-    check(cfg, device, world)
     state = resume_state(run, model, rank) if resume else None  # the checkpoint's weights, into `model` on CPU
     precision, shard = resolve_precision(cfg.precision, device), resolve_shard(cfg.shard, world)
     net = wrap(model, loss, device, precision, shard, cfg.activation_checkpointing, cfg.compile)
@@ -278,58 +276,3 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
-# --------------------------------------------------------------------------------------------------- before a run
-def check(cfg: TrainConfig, device: torch.device, world: int, context: int | None = None, longest: int = 0,
-          option: str = "", model: str = "the model") -> None:
-    """Every check of a run's settings, made before a run directory is created for them: schedule, precision, the
-    split of each step's micro-batches over the processes and, given the model's context, the longest sequence."""
-    if not cfg.lr > 0:
-        raise UserError(f"--lr {cfg.lr}: expected a learning rate > 0")
-    for name, every in (("--save-every", cfg.save_every), ("--eval-every", cfg.eval_every)):
-        if every < 0:
-            raise UserError(f"{name} {every}: expected a step count >= 0 (0 = at the end)")
-    if cfg.steps < 1 or cfg.accum < 1 or cfg.keep < 1 or cfg.max_skips < 1 or cfg.patience < 0:
-        raise ValueError(f"TrainConfig: steps, accum, keep and max_skips must be >= 1, patience >= 0 ({cfg})")
-    validate_schedule(cfg.schedule, cfg.steps)
-    precision = resolve_precision(cfg.precision, device)  # refuses a precision this device cannot run
-    if resolve_shard(cfg.shard, world) == "fsdp" and precision == "fp16":
-        raise UserError("--shard fsdp trains in bf16 or fp32; use --precision bf16 (fp16 loss scaling is not sharded)")
-    if cfg.compile and resolve_shard(cfg.shard, world) == "fsdp":
-        raise UserError("--compile with --shard fsdp: not supported; use --shard ddp or drop --compile")
-    if cfg.compile and device.type == "cpu" and not any(map(shutil.which, (os.environ.get("CXX", "g++"), "c++"))):
-        raise UserError("--compile on CPU needs a C++ compiler for inductor (g++, c++ or $CXX); install one or drop "
-                        "--compile")
-    if cfg.accum % world:  # each process takes an equal share of a step, so the batch plan is the same on any count
-        raise UserError(f"--batch-tokens: {cfg.accum} micro-batches per step do not split evenly over {world} "
-                        f"processes; use a multiple of {world} micro-batches")
-    if context is not None and longest > context:
-        raise UserError(f"{option}: {longest}-token sequences exceed the context of {model} ({context} tokens)")
-
-
-def run_settings(cfg: TrainConfig) -> dict:
-    """The training settings recorded in run_config.json (and compared on --resume)."""
-    settings = asdict(cfg)
-    settings.pop("progress")  # presentation, not part of the run
-    settings.pop("activation_checkpointing")  # memory, not math: a resumed run may switch it
-    return settings
-
-
-def fitting_defaults(start: Path, lr: float | None, warmup: float | None, steps: int, schedule: str,
-                     anneal: float) -> tuple[float, float]:
-    """--lr and --warmup where not given, fitted to the checkpoint at `start`.
-
-    A model `cprec init` made (config.json carries infra.config.INIT_MARKER, kept through training) starts from random
-    weights: peak 1e-3 and 2% warmup, tuned on the small model. Any other checkpoint is a pretrained LLM, whose
-    knowledge a large step would wash out: continual pre-training re-warms it to a fraction of its original peak
-    (Gupta et al. 2023, "Continual Pre-Training of Large Language Models: How to (re)warm your model?"; Ibrahim et al.
-    2024) with a WSD-style warmup (MiniCPM): peak 1e-4 and warmup max(2% of steps, 100 steps), at most half the
-    steps before annealing. Explicit values always win."""
-    if INIT_MARKER in read_json(start / "config.json"):
-        return (1e-3 if lr is None else lr), (0.02 if warmup is None else warmup)
-    decay = schedule_steps(anneal, steps) if schedule == "wsa" and anneal >= 0 else 0
-    fitted_lr = 1e-4 if lr is None else lr
-    fitted_warmup = min(max(math.ceil(0.02 * steps), 100), (steps - decay) // 2) if warmup is None else warmup
-    if lr is None or warmup is None:
-        say(f"{start} is a pretrained checkpoint (no {INIT_MARKER} in its config.json): peak --lr {fitted_lr:g}, "
-            f"--warmup {fitted_warmup:g} steps (continual pre-training defaults; pass either to override)")
-    return fitted_lr, fitted_warmup

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import typer
 
 import eval as evaluation
 from data import (
@@ -40,8 +39,9 @@ from data import (
     sample,
     train_sequences,
 )
+from extras.options import SAVE_EVERY, check, multiple, option, recipe, run_settings, train_config
 from extras.world import open_dataset
-from infra.cli import OVERWRITE, PRECISION, PROGRESS, RESUME, show
+from infra.cli import OVERWRITE, PRECISION, PROGRESS, RESUME, positive, show
 from infra.config import DEFAULT_DATA, INIT_MARKER
 from infra.console import say
 from infra.device import autocast, resolve_precision
@@ -51,18 +51,19 @@ from infra.runs import open_run, save_result
 from infra.tokenizer import Tokenizer
 from model import Decoder
 from schedule import Schedule
-from train import TrainConfig, check, run_settings, train
+from train import train
 
 NEGATIVES = ("hard", "random")
 
 
 @dataclass
 class AlignConfig:
-    beta: float = 1.0  # S-DPO's
-    k: int = 3  # rejected items per case: S-DPO's 3
-    negatives: str = "hard"  # hard: the starting model's top wrong items; random: uniform over the catalogue
-    history_negatives: bool = False  # may a rejected item be one of the user's history?
-    window: int = 20  # history items in a prompt, as in SFT and evaluation
+    beta: float = option(1.0, "DPO's KL weight beta (S-DPO: 1).")
+    k: int = option(3, "Rejected items per case (S-DPO: 3).", "--k", "-k")
+    negatives: str = option("hard", "hard (the model's own top wrong items, by beam search) or random (uniform over "
+                            "the catalogue).")
+    history_negatives: bool = option(False, "Let rejected items be from the user's history.")
+    window: int = option(20, "History items in a prompt.")  # as in SFT and evaluation
 
     def check(self, catalogue: int) -> None:
         if not self.beta > 0:
@@ -238,79 +239,76 @@ def held_out_loglik(model: Decoder, encoder: Encoder, ds: Dataset, key: str, use
 
 
 # --------------------------------------------------------------------------------------------------- the command
-def command(domain: str = typer.Option(..., help="Domain of the fine-tuned model."),
-            data: Path = typer.Option(DEFAULT_DATA, help="Dataset."),
-            model: Optional[Path] = typer.Option(None, help="The SFT checkpoint to post-train (default: "
-                                                 "runs/finetune-DOMAIN/best); it is also the reference."),
-            out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/align-DOMAIN)."),
-            beta: float = typer.Option(1.0, help="DPO's KL weight beta (S-DPO: 1)."),
-            k: int = typer.Option(3, "--k", "-k", help="Rejected items per case (S-DPO: 3)."),
-            negatives: str = typer.Option("hard", help="hard (the model's own top wrong items, by beam search) or "
-                                          "random (uniform over the catalogue)."),
-            history_negatives: bool = typer.Option(False, help="Let rejected items be from the user's history."),
-            epochs: float = typer.Option(1.0, help="Passes over the training users' cases."),
-            lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: 3e-5 for a model `init` "
-                                               "made, chosen on validation; 1e-5 for a pretrained LLM, S-DPO's)."),
-            batch_cases: int = typer.Option(32, help="Preference cases per optimizer step."),
-            micro_cases: int = typer.Option(8, help="Cases per micro-batch and process."),
-            window: int = typer.Option(20, help="History items in a prompt."),
-            users_fraction: float = typer.Option(1.0, help="Fraction of training users, drawn as finetune draws "
-                                                 "it: give the SFT run's to post-train on its users."),
-            users: int = typer.Option(0, help="Training users, a seeded subset of those (0 = all)."),
-            val_users: int = typer.Option(500, help="Validation users (0 = all)."),
-            test_users: int = typer.Option(0, help="Test users, a seeded subset (0 = all)."),
-            beams: int = typer.Option(50, help="Beam width of the evaluations (>= 50 for Recall@50)."),
-            eval_every: int = typer.Option(0, help="Steps between validations (0 = four over the run)."),
-            precision: str = PRECISION, seed: int = typer.Option(0, help="Seed for data order, user samples and "
-                                                                  "random negatives."),
-            save_every: int = typer.Option(0, help="Steps between resumable checkpoints (0 = at the end)."),
-            resume: bool = RESUME, overwrite: bool = OVERWRITE, progress: bool = PROGRESS):
+@dataclass
+class Align:
+    domain: str = option(..., "Domain of the fine-tuned model.")
+    data: Path = option(DEFAULT_DATA, "Dataset.")
+    model: Optional[Path] = option(None, "The SFT checkpoint to post-train (default: runs/finetune-DOMAIN/best); it "
+                                   "is also the reference.")
+    out: Optional[Path] = option(None, "Run directory (default: runs/align-DOMAIN).")
+    align: AlignConfig = field(default_factory=AlignConfig)
+    epochs: float = option(1.0, "Passes over the training users' cases.")
+    lr: Optional[float] = option(None, "Peak learning rate (default: 3e-5 for a model `init` made, chosen on "
+                                 "validation; 1e-5 for a pretrained LLM, S-DPO's).")
+    batch_cases: int = option(32, "Preference cases per optimizer step.")
+    micro_cases: int = option(8, "Cases per micro-batch and process.")
+    users_fraction: float = option(1.0, "Fraction of training users, drawn as finetune draws it: give the SFT run's "
+                                   "to post-train on its users.")
+    users: int = option(0, "Training users, a seeded subset of those (0 = all).")
+    val_users: int = option(500, "Validation users (0 = all).")
+    test_users: int = option(0, "Test users, a seeded subset (0 = all).")
+    beams: int = option(50, "Beam width of the evaluations (>= 50 for Recall@50).")
+    eval_every: int = option(0, "Steps between validations (0 = four over the run).")
+    precision: str = option(PRECISION)
+    seed: int = option(0, "Seed for data order, user samples and random negatives.")
+    save_every: int = option(0, SAVE_EVERY)
+    resume: bool = option(RESUME)
+    overwrite: bool = option(OVERWRITE)
+    progress: bool = option(PROGRESS)
+
+
+@recipe(Align)
+def command(o: Align):
     """Preference post-training (softmax DPO) of a fine-tuned model on its domain's training users, validation-
     selected, then the full-ranking test evaluation with the costs post-training may bring."""
-    cfg = AlignConfig(beta, k, negatives, history_negatives, window)
-    for name, value in (("--epochs", epochs), ("--batch-cases", batch_cases), ("--micro-cases", micro_cases)):
-        if not value > 0:
-            raise UserError(f"{name} {value}: expected a value > 0")
-    if batch_cases % micro_cases:
-        raise UserError(f"--batch-cases {batch_cases} must be a multiple of --micro-cases ({micro_cases})")
-    if beams < 50:
-        raise UserError(f"--beams {beams}: expected at least 50 (the test reports Recall@50)")
+    cfg = o.align
+    positive(epochs=o.epochs, batch_cases=o.batch_cases, micro_cases=o.micro_cases)
+    accum = multiple(o.batch_cases, o.micro_cases, "--batch-cases", "--micro-cases")
+    if o.beams < 50:
+        raise UserError(f"--beams {o.beams}: expected at least 50 (the test reports Recall@50)")
     rank, world, device = setup_distributed()
-    ds = open_dataset(data, rank)
-    start = model or Path(f"runs/finetune-{domain}") / "best"
+    ds = open_dataset(o.data, rank)
+    start = o.model or Path(f"runs/finetune-{o.domain}") / "best"
     if not (start / "config.json").exists():
-        raise UserError(f"{start}: no checkpoint; run `python cprec.py finetune --domain {domain}` first or pass "
+        raise UserError(f"{start}: no checkpoint; run `python cprec.py finetune --domain {o.domain}` first or pass "
                         "--model")
-    cfg.check(len(ds.catalogue(domain)))
-    if not eval_cases(ds, domain, VALID):
-        raise UserError(f"domain {quote(domain)} has no validation cases, so no checkpoint could be chosen")
-    out = out or Path(f"runs/align-{domain}")
+    cfg.check(len(ds.catalogue(o.domain)))
+    if not eval_cases(ds, o.domain, VALID):
+        raise UserError(f"domain {quote(o.domain)} has no validation cases, so no checkpoint could be chosen")
     tokenizer = Tokenizer.from_pretrained(start)
     encoder = Encoder(tokenizer)
     net = Decoder.from_pretrained(start, device=device)
-    lr = lr if lr is not None else (3e-5 if INIT_MARKER in net.config.extra else 1e-5)  # docs/results.md#learning-rate
-    cases = preference_cases(net, encoder, ds, domain, cfg, seed, users, users_fraction)  # refuses a bad fraction
-    note_other_users(start, users_fraction, seed)
-    item_tokens = evaluation.catalogue_tokens(encoder, ds, domain)
-    prefs = Preferences(cases, item_tokens, tokenizer.pad_id, micro_cases, seed)
-    per_epoch = len(prefs.micro_batches(0))
-    accum = batch_cases // micro_cases
-    steps = max(1, math.ceil(epochs * per_epoch / accum))
-    train_cfg = TrainConfig(steps, accum, lr, weight_decay=0.0, schedule=Schedule("cosine", warmup=0.1, floor=0.1),
-                            precision=precision, seed=seed, save_every=save_every,
-                            eval_every=eval_every or max(1, steps // 4), select="ndcg@10", progress=progress,
-                            shard="auto")
-    config = {"command": "align", "domain": domain, "data": str(data), "data_fingerprint": ds.fingerprint,
+    default_lr = 3e-5 if INIT_MARKER in net.config.extra else 1e-5  # docs/results.md#learning-rate
+    lr = o.lr if o.lr is not None else default_lr
+    # refuses a bad --users-fraction
+    cases = preference_cases(net, encoder, ds, o.domain, cfg, o.seed, o.users, o.users_fraction)
+    note_other_users(start, o.users_fraction, o.seed)
+    item_tokens = evaluation.catalogue_tokens(encoder, ds, o.domain)
+    prefs = Preferences(cases, item_tokens, tokenizer.pad_id, o.micro_cases, o.seed)
+    steps = max(1, math.ceil(o.epochs * len(prefs.micro_batches(0)) / accum))
+    train_cfg = train_config(o, steps, accum, lr=lr, weight_decay=0.0, eval_every=o.eval_every or max(1, steps // 4),
+                             schedule=Schedule("cosine", warmup=0.1, floor=0.1), select="ndcg@10")
+    config = {"command": "align", "domain": o.domain, "data": str(o.data), "data_fingerprint": ds.fingerprint,
               "model": str(start), "tokenizer_fingerprint": tokenizer.fingerprint(), "align": asdict(cfg),
-              "cases": len(cases.prompts), "batch_cases": batch_cases, "micro_cases": micro_cases,
-              "users_fraction": users_fraction, "users": users,
-              "val_users": val_users, "test_users": test_users, "beams": beams, "train": run_settings(train_cfg)}
-    check(train_cfg, device, world)
-    run = open_run(out, config, resume, overwrite, rank, [data, start])
-    say(f"S-DPO on {domain}: {len(cases.prompts):,} cases of 1 chosen + {k} {negatives} rejected items, beta {beta:g}, "
-        f"{steps} steps of {batch_cases} cases, lr {lr:g}")
+              "cases": len(cases.prompts), "batch_cases": o.batch_cases, "micro_cases": o.micro_cases,
+              "users_fraction": o.users_fraction, "users": o.users, "val_users": o.val_users,
+              "test_users": o.test_users, "beams": o.beams, "train": run_settings(train_cfg)}
+    check(train_cfg, device, world, "--batch-cases")
+    run = open_run(o.out or Path(f"runs/align-{o.domain}"), config, o.resume, o.overwrite, rank, [o.data, start])
+    say(f"S-DPO on {o.domain}: {len(cases.prompts):,} cases of 1 chosen + {cfg.k} {cfg.negatives} rejected items, "
+        f"beta {cfg.beta:g}, {steps} steps of {o.batch_cases} cases, lr {lr:g}")
     saved, precision = run / "reference.npz", resolve_precision(train_cfg.precision, device)
-    if resume and saved.exists():  # this run's cases and reference, kept: after a resume the model is no longer the
+    if o.resume and saved.exists():  # this run's cases and reference, kept: after a resume the model is no longer the
         stored = np.load(saved)    # reference, and the negatives drawn again may differ (another GPU batch, near-ties)
         if "items" in stored:  # (runs begun before the items were kept hold the log-likelihoods only)
             cases.items[:] = stored["items"]  # the same shape: open_run refused other cases or another --k
@@ -321,18 +319,18 @@ def command(domain: str = typer.Option(..., help="Domain of the fine-tuned model
             tmp = run / "reference.tmp.npz"
             np.savez(tmp, logps=prefs.reference, items=cases.items)
             tmp.replace(saved)
-    options = dict(beams=beams, seed=seed, window=window, progress=progress)
+    options = dict(beams=o.beams, seed=o.seed, window=cfg.window, progress=o.progress)
     with autocast(precision, device):  # as "after" is measured: the two differ by training, not by precision
-        before = held_out_loglik(net, encoder, ds, domain, test_users, seed, window) if rank == 0 else None
-    summary = train(net, prefs, train_cfg, run, loss=functools.partial(dpo_loss, beta=beta), tokenizer=tokenizer,
-                    device=device, rank=rank, world=world, resume=resume,
-                    validate=lambda m: evaluation.evaluate(m, encoder, ds, domain, split="valid", users=val_users,
+        before = held_out_loglik(net, encoder, ds, o.domain, o.test_users, o.seed, cfg.window) if rank == 0 else None
+    summary = train(net, prefs, train_cfg, run, loss=functools.partial(dpo_loss, beta=cfg.beta), tokenizer=tokenizer,
+                    device=device, rank=rank, world=world, resume=o.resume,
+                    validate=lambda m: evaluation.evaluate(m, encoder, ds, o.domain, split="valid", users=o.val_users,
                                                            **options)["model"])
     if rank == 0:
         best = Decoder.from_pretrained(run / "best", device=device)
         with autocast(precision, device):
-            result = evaluation.evaluate(best, encoder, ds, domain, split="test", users=test_users, **options)
-            after = held_out_loglik(best, encoder, ds, domain, test_users, seed, window)
+            result = evaluation.evaluate(best, encoder, ds, o.domain, split="test", users=o.test_users, **options)
+            after = held_out_loglik(best, encoder, ds, o.domain, o.test_users, o.seed, cfg.window)
         result["held_out_loglik"] = {"before": before, "after": after}
         save_result(result, run / "results.json", {"config": config, "training": summary})
         show(result)

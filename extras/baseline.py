@@ -15,20 +15,20 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-import typer
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from data import IGNORE, TEST, VALID, Dataset, eval_cases, pad, sample, train_sequences
 from eval import evaluation_result, metrics, popularity, rank_in_scores
+from extras.options import option, recipe, train_config
 from extras.world import open_dataset
-from infra.cli import OVERWRITE, RESUME, show
+from infra.cli import OVERWRITE, PROGRESS, RESUME, show
 from infra.config import DEFAULT_DATA, ModelConfig
 from infra.console import say
 from infra.device import autocast, resolve_precision
@@ -37,28 +37,32 @@ from infra.files import UserError, atomic_dir, quote, write_json
 from infra.runs import open_run, save_result
 from model import Decoder, init_weights
 from schedule import Schedule
-from train import TrainConfig, cross_entropy_sum, train
+from train import cross_entropy_sum, train
 
 POSITIONS = ("learned", "rope")
 
 
 @dataclass
 class BaselineConfig:
-    max_len: int = 200  # items the model sees; SASRec's MovieLens setting (50 on sparse data)
-    dim: int = 64
-    layers: int = 2
-    heads: int = 1  # SASRec found one head enough
-    ffn: int = 64  # SASRec's point-wise feed-forward is dim -> dim
-    dropout: float = 0.2  # SASRec on dense data (MovieLens); 0.5 on sparse data
-    positions: str = "rope"  # the decoder's RoPE: better than SASRec's learned positions on MovieLens-100k
-    lr: float = 1e-3
-    batch: int = 16  # users per step: 16 reached its best validation in fewer seconds than 32, 64 or 128
-    epochs: int = 200  # at most; early stopping usually ends sooner
-    patience: int = 10  # epochs without a better validation NDCG@10 before stopping (RecBole's stopping_step)
-    val_users: int = 0  # a seeded subset of validation users (0 = all)
-    mask_history: bool = False  # RecBole's and the LLM evaluation's default: history items stay candidates
-    precision: str = "fp32"
-    seed: int = 0
+    max_len: int = option(200, "Items of history the model sees (SASRec: 200 on MovieLens, 50 on sparse data).")
+    dim: int = option(64, "Hidden size (= item embedding size).")
+    layers: int = option(2, "Self-attention blocks.")
+    heads: int = option(1, "Attention heads.")  # SASRec found one head enough
+    ffn: int = option(64, "MLP intermediate size (SASRec: = hidden size).")  # SASRec's feed-forward is dim -> dim
+    dropout: float = option(0.2, "Dropout on embeddings and block outputs (SASRec: 0.2 dense, 0.5 sparse data).")
+    # the decoder's RoPE: better than SASRec's learned positions on MovieLens-100k
+    positions: str = option("rope", "rope (the decoder's; better on MovieLens) or learned (SASRec's).")
+    lr: float = option(1e-3, "Adam learning rate.")
+    # 16 users per step reached its best validation in fewer seconds than 32, 64 or 128
+    batch: int = option(16, "Users per step.")
+    epochs: int = option(200, "Most epochs; early stopping usually ends sooner.")
+    # RecBole's stopping_step
+    patience: int = option(10, "Epochs without a better validation NDCG@10 before stopping.")
+    val_users: int = option(0, "Validation users, a seeded subset (0 = all).")
+    # RecBole's and the LLM evaluation's default: history items stay candidates
+    mask_history: bool = option(False, "Exclude items already in the history.")
+    precision: str = option("fp32", "fp32, bf16, auto (bf16 where supported).")
+    seed: int = option(0, "Seed for initialisation, dropout and data order.")
 
     def check(self) -> None:
         """Refuse impossible settings, naming the option, before anything is trained or written."""
@@ -256,10 +260,9 @@ def train_baseline(ds: Dataset, key: str, cfg: BaselineConfig, run: Path, device
     model = SASRec(len(catalogue), cfg)
     data = Sequences(sequences, cfg.batch, model.pad, cfg.seed)
     per_epoch = len(data.micro_batches(0))
-    train_cfg = TrainConfig(steps=cfg.epochs * per_epoch, accum=1, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.98),
-                            schedule=Schedule("constant", warmup=0), precision=cfg.precision, seed=cfg.seed,
-                            save_every=per_epoch, eval_every=per_epoch, select="ndcg@10", patience=cfg.patience,
-                            progress=progress, shard="none")  # SASRec's Adam: betas 0.9, 0.98, no weight decay
+    train_cfg = train_config(cfg, cfg.epochs * per_epoch, 1, weight_decay=0.0, betas=(0.9, 0.98),  # SASRec's Adam
+                             schedule=Schedule("constant", warmup=0), save_every=per_epoch, eval_every=per_epoch,
+                             select="ndcg@10", progress=progress, shard="none")  # lr, precision, seed, patience: cfg's
     say(f"SASRec baseline on {key}: {len(sequences):,} training sequences, {len(catalogue):,} items, "
         f"{sum(p.numel() for p in model.parameters()):,} parameters; at most {cfg.epochs} epochs of {per_epoch} steps, "
         f"patience {cfg.patience}")
@@ -279,43 +282,30 @@ def train_baseline(ds: Dataset, key: str, cfg: BaselineConfig, run: Path, device
 
 
 # --------------------------------------------------------------------------------------------------- the command
-def command(domain: str = typer.Option(..., help="Domain to train on and rank (its whole catalogue)."),
-            data: Path = typer.Option(DEFAULT_DATA, help="Dataset; the built-in world is created if missing."),
-            out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/baseline-DOMAIN)."),
-            max_len: int = typer.Option(200, help="Items of history the model sees (SASRec: 200 on MovieLens, 50 on "
-                                        "sparse data)."),
-            dim: int = typer.Option(64, help="Hidden size (= item embedding size)."),
-            layers: int = typer.Option(2, help="Self-attention blocks."),
-            heads: int = typer.Option(1, help="Attention heads."),
-            ffn: int = typer.Option(64, help="MLP intermediate size (SASRec: = hidden size)."),
-            dropout: float = typer.Option(0.2, help="Dropout on embeddings and block outputs (SASRec: 0.2 dense, 0.5 "
-                                          "sparse data)."),
-            positions: str = typer.Option("rope", help="rope (the decoder's; better on MovieLens) or learned "
-                                          "(SASRec's)."),
-            lr: float = typer.Option(1e-3, help="Adam learning rate."),
-            batch: int = typer.Option(16, help="Users per step."),
-            epochs: int = typer.Option(200, help="Most epochs; early stopping usually ends sooner."),
-            patience: int = typer.Option(10, help="Epochs without a better validation NDCG@10 before stopping."),
-            val_users: int = typer.Option(0, help="Validation users, a seeded subset (0 = all)."),
-            mask_history: bool = typer.Option(False, help="Exclude items already in the history."),
-            precision: str = typer.Option("fp32", help="fp32, bf16, auto (bf16 where supported)."),
-            seed: int = typer.Option(0, help="Seed for initialisation, dropout and data order."),
-            resume: bool = RESUME, overwrite: bool = OVERWRITE,
-            progress: bool = typer.Option(True, help="Show progress bars with ETA (on a terminal only).")):
+@dataclass
+class Baseline:
+    domain: str = option(..., "Domain to train on and rank (its whole catalogue).")
+    data: Path = option(DEFAULT_DATA, "Dataset; the built-in world is created if missing.")
+    out: Optional[Path] = option(None, "Run directory (default: runs/baseline-DOMAIN).")
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    resume: bool = option(RESUME)
+    overwrite: bool = option(OVERWRITE)
+    progress: bool = option(PROGRESS)
+
+
+@recipe(Baseline)
+def command(o: Baseline):
     """SASRec-style item-ID baseline on the LLM's split: trained with early stopping on validation NDCG@10, then
     the same full-ranking test evaluation, results and per-user ranks as every other command."""
     _, _, device = setup_distributed()
-    ds = open_dataset(data)
-    ds.domain(domain)
-    cfg = BaselineConfig(max_len=max_len, dim=dim, layers=layers, heads=heads, ffn=ffn, dropout=dropout,
-                         positions=positions, lr=lr, batch=batch, epochs=epochs, patience=patience,
-                         val_users=val_users, mask_history=mask_history,
-                         precision=resolve_precision(precision, device), seed=seed)
+    ds = open_dataset(o.data)
+    ds.domain(o.domain)
+    cfg = replace(o.baseline, precision=resolve_precision(o.baseline.precision, device))
     cfg.check()
-    config = {"command": "baseline", "domain": domain, "data": str(data), "data_fingerprint": ds.fingerprint,
+    config = {"command": "baseline", "domain": o.domain, "data": str(o.data), "data_fingerprint": ds.fingerprint,
               "baseline": asdict(cfg)}
-    run = open_run(out or Path(f"runs/baseline-{domain}"), config, resume, overwrite, inputs=[data])
-    summary, result = train_baseline(ds, domain, cfg, run, device, resume, progress)
+    run = open_run(o.out or Path(f"runs/baseline-{o.domain}"), config, o.resume, o.overwrite, inputs=[o.data])
+    summary, result = train_baseline(ds, o.domain, cfg, run, device, o.resume, o.progress)
     say(f"best epoch {summary['best_epoch']} of {summary['epochs']} (validation NDCG@10 "
         f"{summary['best_valid_ndcg_at_10']:.4f}), {summary['wall_seconds']:.1f} s, {summary['sequences_per_s']:,.0f} "
         "training sequences/s")

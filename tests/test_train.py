@@ -26,6 +26,7 @@ from data import (
     target_example,
     train_sequences,
 )
+from extras.options import check, fitting_defaults
 from helpers import (
     BadGradients,
     Fault,
@@ -43,7 +44,7 @@ from infra.runs import Interrupted, open_run, save_checkpoint
 from infra.tokenizer import Tokenizer
 from model import Decoder
 from schedule import Schedule, factor
-from train import cross_entropy_sum, fitting_defaults, target_loss, train
+from train import cross_entropy_sum, target_loss, train
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -153,11 +154,11 @@ def test_compiled_training_follows_the_eager_run_and_saves_plain_weights(world, 
 def test_compile_refusals_need_no_run(monkeypatch):
     cpu = torch.device("cpu")
     with pytest.raises(UserError, match="--compile with --shard fsdp: not supported"):
-        train_module.check(config(compile=True, shard="fsdp"), cpu, 1)
+        check(config(compile=True, shard="fsdp"), cpu, 1)
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(UserError, match="--compile on CPU needs a C\\+\\+ compiler"):
-        train_module.check(config(compile=True), cpu, 1)
-    train_module.check(config(), cpu, 1)  # without --compile no compiler is needed
+        check(config(compile=True), cpu, 1)
+    check(config(), cpu, 1)  # without --compile no compiler is needed
 
 
 def same_as_full(run, full_run):
