@@ -224,10 +224,8 @@ class BeamCache:
         return y.reshape(rows, n_q, T, dim)
 
     def select(self, rows: torch.Tensor) -> BeamCache:
-        """A cache of the given rows (repeats allowed), each under its own prompt, with room for one more token.
-
-        Only filled slots are copied. Once at most half of the prompts still own a row, the others are dropped.
-        """
+        """A cache of the given rows (repeats allowed), each under its own prompt, with room for one more token. Only
+        filled slots are copied. Once at most half of the prompts still own a row, the others are dropped."""
         out = copy.copy(self)
         out.owner, out.next_pos = self.owner[rows], self.next_pos[rows]
         layers, _, heads, _, dim = self.k.shape
@@ -247,19 +245,13 @@ class BeamCache:
 @torch.no_grad()
 def beam_search(model: Decoder, prompts: list[list[int]], trie: Trie, beams: int, pad_id: int,
                 exclude: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-`beams` items (U, B) and their scores for each prompt, best first (-1 / -inf where fewer exist).
+    """plain_beam_search for every prompt at once: the top-`beams` items (U, B) and their scores, best first (-1 /
+    -inf where fewer exist). Pruning changes nothing: log-probabilities only fall, so an open prefix that scores no
+    better than the pool's worst item can never enter the pool; a user whose prefixes are all dropped is done.
 
-    Each user starts from one prefix (the prompt) and then keeps its `beams` best open prefixes. Candidates that
-    complete an item move to a pool of finished items (items in `exclude[u]` are dropped there). Log-probabilities
-    only fall, so an open prefix that scores no better than the pool's worst item can never enter the pool: it is
-    dropped, and a user whose prefixes are all dropped is done. Only live prefixes are decoded, one row each; the
-    result is that of keeping all `beams` prefixes of every user to the deepest item. With beams >= the catalogue
-    size nothing is ever pruned and the result is exact.
-
-    A user whose excluded items took the place of others may end with fewer than `beams` items while the catalogue
-    holds more: such users are searched again keeping twice as many prefixes, until their list is full (at the
-    catalogue's size the search is exhaustive), so a short list means the catalogue has no more allowed items.
-    """
+    One change: a user whose excluded items took the place of others may end with fewer than `beams` items while the
+    catalogue holds more. Such users are searched again keeping twice as many prefixes until their list is full (at
+    the catalogue's size the search is exhaustive), so a short list means the catalogue has no more allowed items."""
     items, scores = search(model, prompts, trie, beams, pad_id, exclude, beams)
     catalogue = int((trie.item >= 0).sum())
     allowed = [catalogue - len(set(ex)) for ex in exclude or [[]] * len(prompts)]
@@ -276,13 +268,12 @@ def beam_search(model: Decoder, prompts: list[list[int]], trie: Trie, beams: int
 def search(model: Decoder, prompts: list[list[int]], trie: Trie, beams: int, pad_id: int,
            exclude: list[list[int]] | None, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
     """beam_search's one pass: the top-`beams` finished items of each prompt, keeping `keep` open prefixes."""
-    device = model.embed_tokens.weight.device
-    U = len(prompts)
-    prompt, logp = prompt_cache(model, prompts, pad_id)
-    banned = torch.full((U, max(1, max(map(len, exclude or [[]])))), -2, dtype=torch.long, device=device)
+    device, U = model.embed_tokens.weight.device, len(prompts)
+    prompt, logp = prompt_cache(model, prompts, pad_id)  # each user's one open prefix, the empty one
+    banned = torch.full((U, max(1, max(map(len, exclude or [[]])))), -2, dtype=torch.long, device=device)  # -2: none
     for row, items in enumerate(exclude or []):
         banned[row, :len(items)] = torch.as_tensor(items, dtype=torch.long)
-    pool_item = torch.full((U, beams), -1, dtype=torch.long, device=device)
+    pool_item = torch.full((U, beams), -1, dtype=torch.long, device=device)  # the finished items, best first
     pool_score = torch.full((U, beams), -torch.inf, device=device)
     # One row per live prefix, grouped by user, best first: its user, trie node and score.
     user = torch.arange(U, device=device)
@@ -290,7 +281,7 @@ def search(model: Decoder, prompts: list[list[int]], trie: Trie, beams: int, pad
     score = torch.zeros(U, device=device)
     cache = BeamCache(prompt, user, 0)
     for _ in range(trie.depth):
-        tokens, child = trie.children(node)  # (R, F)
+        tokens, child = trie.children(node)  # (R, F): each live row's allowed next tokens, padded with -1
         fan = tokens.shape[1]
         cand = score[:, None] + logp.gather(1, tokens.clamp(min=0)).masked_fill(tokens < 0, -torch.inf)
         # Each user's candidates in a row of a (users, width·fan) grid, in beam then token order.
@@ -302,22 +293,22 @@ def search(model: Decoder, prompts: list[list[int]], trie: Trie, beams: int, pad
         cand, tokens, child = (torch.full((len(active) * columns,), fill, dtype=x.dtype, device=device).index_copy_(
             0, at.flatten(), x.flatten()).view(len(active), columns)
             for x, fill in ((cand, -torch.inf), (tokens, -1), (child, trie.sink)))
-        item = trie.item[child]
+        item = trie.item[child]  # the candidates that complete an item join the pool, unless banned
         finished = (item >= 0) & ~(item[..., None] == banned[active][:, None, :]).any(-1)
         merged = torch.cat([pool_score[active], cand.masked_fill(~finished, -torch.inf)], 1).topk(beams, dim=1)
         pool_score[active] = merged.values
         # An excluded item never enters the pool, not even as a -inf filler when fewer than `beams` items finished.
         pool_item[active] = torch.cat([pool_item[active], item.masked_fill(~finished, -1)], 1).gather(1, merged.indices)
-        top, pick = cand.masked_fill(item >= 0, -torch.inf).topk(keep, dim=1)
+        top, pick = cand.masked_fill(item >= 0, -torch.inf).topk(keep, dim=1)  # the `keep` best open prefixes
         live = top > pool_score[active][:, -1:]  # a prefix of each user's best-first beams
         if not live.any():
             break
         a, j = live.nonzero(as_tuple=True)  # grouped by user, best first
-        pick = pick[a, j]
+        pick = pick[a, j]  # column in the user's grid row: beam pick // fan, token pick % fan
         parent = torch.full((len(active) * width,), -1, dtype=torch.long, device=device).index_copy_(
             0, first * width + rank, torch.arange(len(user), device=device))[a * width + pick // fan]
         user, node, score = active[a], child[a, pick], top[a, j]
-        cache = cache.select(parent)
+        cache = cache.select(parent)  # each new row's cache is its parent beam's
         hidden = model(tokens[a, pick][:, None], kv_cache=cache, hidden=True)[:, -1]
         logp = torch.log_softmax(model.lm_head(hidden).float(), -1)
     return pool_item, pool_score
