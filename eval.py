@@ -3,8 +3,10 @@ next item's text after the user's history.
 
 Two rankers share one scoring rule, the sum of the model's log-probabilities (log-softmax over the whole vocabulary,
 not renormalised) over the item's tokens, terminator included:
-  - beam search constrained by a trie of all item texts, batched over users with a KV cache: the top-B items;
-  - exact scoring of every item for every user: the full ranking, and the reference beam search is tested against.
+  - beam search constrained by a trie of all item texts: the top-B items. `plain_beam_search` is the algorithm, one
+    prompt at a time; `beam_search`, batched over users and beams with a KV cache, is the engine evaluation runs, an
+    optimisation the tests prove equal to it;
+  - exact scoring of every item for every user: the full ranking, which the beam search is also tested against.
 Metrics, as RecBole and the peers define them: for 0-based rank r, Recall@K = [r < K], NDCG@K = [r < K] / log2(r + 2),
 MRR = 1/(r+1); ties count against the target.
 """
@@ -20,6 +22,7 @@ import torch
 from data import Case, Dataset, Encoder, eval_cases, item_text, pad, sample, train_sequences
 from infra.console import progress as progress_bar
 from infra.console import warn
+from infra.device import auto_batch_users
 from infra.files import UserError, quote
 from model import Decoder, KVCache
 
@@ -90,7 +93,58 @@ def build_trie(sequences: list[list[int]], device: torch.device | str = "cpu") -
     return Trie(as_tensor(offsets), as_tensor(tokens), as_tensor(children), as_tensor(item), int(lengths.max()))
 
 
-# --------------------------------------------------------------------------------------------------- rankers
+# --------------------------------------------------------------------------------------------------- beam search
+@torch.no_grad()
+def plain_beam_search(model: Decoder, prompt: list[int], trie: Trie, beams: int,
+                      exclude=()) -> tuple[list[int], list[float]]:
+    """The top-`beams` items after one prompt and their scores, best first: trie-constrained beam search as plainly as
+    it goes. The batched engine below (`beam_search`) is an optimisation of it; the tests prove them equal.
+
+    A beam is an open prefix of item texts: its tokens, its trie node and its score, the sum of its tokens' log-
+    probabilities. Each step runs the model on prompt + prefix for every beam, extends the beam by every token the trie
+    allows next, and keeps the `beams` best extensions. An extension that reaches a leaf has written a whole item (its
+    terminator included): it leaves the beams for the pool of finished items, unless excluded (history masking)."""
+    device = model.embed_tokens.weight.device
+    live, pool = [([], 0, 0.0)], []  # one beam at the root (node 0): the empty prefix
+    while live:
+        extensions = []
+        for tokens, node, score in live:
+            logits = model(torch.tensor([prompt + tokens], device=device))[0, -1]  # no cache: the whole text again
+            logp = torch.log_softmax(logits.float(), -1)  # over the whole vocabulary, as exact scoring
+            for edge in range(int(trie.offsets[node]), int(trie.offsets[node + 1])):  # the node's children
+                token = int(trie.tokens[edge])
+                extensions.append((tokens + [token], int(trie.child[edge]), score + float(logp[token])))
+        finished = [(int(trie.item[node]), score) for _, node, score in extensions if trie.item[node] >= 0]
+        pool += [(item, score) for item, score in finished if item not in exclude]
+        live = sorted([e for e in extensions if trie.item[e[1]] < 0], key=lambda e: -e[2])[:beams]
+    pool = sorted(pool, key=lambda p: -p[1])[:beams]
+    return [item for item, _ in pool], [score for _, score in pool]
+
+
+# --------------------------------------------------------------------------------------------------- the engine
+# beam_search is plain_beam_search for many prompts at once. The prompts run once, together, into a KV cache; every
+# live beam of every user is then one row of one batched decoding step, reading its prompt's keys in place (BeamCache).
+# Beams that can no longer reach a user's top items are pruned, and users whose beams are all gone leave the batch.
+class PromptCache(KVCache):
+    """The cache of the prompt pass before decoding. Only the last position's next-token distribution is needed, so
+    the last layer hands on that position only: its output projection and MLP skip the others. Attention still runs
+    at every position, as in a full pass: the cache needs every key, and the same kernel gives the same numbers."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor):
+        y = super().attend(layer, q, k, v, mask)
+        return y[:, :, -1:] if layer == len(self.k) - 1 else y
+
+
+def prompt_cache(model: Decoder, prompts: list[list[int]], pad_id: int) -> tuple[KVCache, torch.Tensor]:
+    """Run left-padded prompts through the model; return their cache and next-token log-probabilities (U, V)."""
+    device = model.embed_tokens.weight.device
+    ids = torch.as_tensor(pad(prompts, pad_id, left=True), device=device)
+    mask = torch.as_tensor(pad([[1] * len(p) for p in prompts], 0, left=True), device=device)
+    cache = PromptCache(model.config, len(prompts), ids.shape[1], model.embed_tokens.weight.dtype, device)
+    hidden = model(ids, (mask.cumsum(-1) - 1).clamp(min=0), mask, cache, hidden=True)[:, -1]
+    return cache, torch.log_softmax(model.lm_head(hidden).float(), -1)
+
+
 class BeamCache:
     """Many continuations of a few prompts decoded together: beam search's live beams, or exact scoring's items.
 
@@ -170,10 +224,8 @@ class BeamCache:
         return y.reshape(rows, n_q, T, dim)
 
     def select(self, rows: torch.Tensor) -> BeamCache:
-        """A cache of the given rows (repeats allowed), each under its own prompt, with room for one more token.
-
-        Only filled slots are copied. Once at most half of the prompts still own a row, the others are dropped.
-        """
+        """A cache of the given rows (repeats allowed), each under its own prompt, with room for one more token. Only
+        filled slots are copied. Once at most half of the prompts still own a row, the others are dropped."""
         out = copy.copy(self)
         out.owner, out.next_pos = self.owner[rows], self.next_pos[rows]
         layers, _, heads, _, dim = self.k.shape
@@ -190,32 +242,16 @@ class BeamCache:
         return out
 
 
-def prompt_cache(model: Decoder, prompts: list[list[int]], pad_id: int) -> tuple[KVCache, torch.Tensor]:
-    """Run left-padded prompts through the model; return their cache and next-token log-probabilities (U, V)."""
-    device = model.embed_tokens.weight.device
-    ids = torch.as_tensor(pad(prompts, pad_id, left=True), device=device)
-    mask = torch.as_tensor(pad([[1] * len(p) for p in prompts], 0, left=True), device=device)
-    cache = KVCache(model.config, len(prompts), ids.shape[1], model.embed_tokens.weight.dtype, device)
-    hidden = model(ids, (mask.cumsum(-1) - 1).clamp(min=0), mask, cache, hidden=True, last_only=True)[:, -1]
-    return cache, torch.log_softmax(model.lm_head(hidden).float(), -1)
-
-
 @torch.no_grad()
 def beam_search(model: Decoder, prompts: list[list[int]], trie: Trie, beams: int, pad_id: int,
                 exclude: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-`beams` items (U, B) and their scores for each prompt, best first (-1 / -inf where fewer exist).
+    """plain_beam_search for every prompt at once: the top-`beams` items (U, B) and their scores, best first (-1 /
+    -inf where fewer exist). Pruning changes nothing: log-probabilities only fall, so an open prefix that scores no
+    better than the pool's worst item can never enter the pool; a user whose prefixes are all dropped is done.
 
-    Each user starts from one prefix (the prompt) and then keeps its `beams` best open prefixes. Candidates that
-    complete an item move to a pool of finished items (items in `exclude[u]` are dropped there). Log-probabilities
-    only fall, so an open prefix that scores no better than the pool's worst item can never enter the pool: it is
-    dropped, and a user whose prefixes are all dropped is done. Only live prefixes are decoded, one row each; the
-    result is that of keeping all `beams` prefixes of every user to the deepest item. With beams >= the catalogue
-    size nothing is ever pruned and the result is exact.
-
-    A user whose excluded items took the place of others may end with fewer than `beams` items while the catalogue
-    holds more: such users are searched again keeping twice as many prefixes, until their list is full (at the
-    catalogue's size the search is exhaustive), so a short list means the catalogue has no more allowed items.
-    """
+    One change: a user whose excluded items took the place of others may end with fewer than `beams` items while the
+    catalogue holds more. Such users are searched again keeping twice as many prefixes until their list is full (at
+    the catalogue's size the search is exhaustive), so a short list means the catalogue has no more allowed items."""
     items, scores = search(model, prompts, trie, beams, pad_id, exclude, beams)
     catalogue = int((trie.item >= 0).sum())
     allowed = [catalogue - len(set(ex)) for ex in exclude or [[]] * len(prompts)]
@@ -232,13 +268,12 @@ def beam_search(model: Decoder, prompts: list[list[int]], trie: Trie, beams: int
 def search(model: Decoder, prompts: list[list[int]], trie: Trie, beams: int, pad_id: int,
            exclude: list[list[int]] | None, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
     """beam_search's one pass: the top-`beams` finished items of each prompt, keeping `keep` open prefixes."""
-    device = model.embed_tokens.weight.device
-    U = len(prompts)
-    prompt, logp = prompt_cache(model, prompts, pad_id)
-    banned = torch.full((U, max(1, max(map(len, exclude or [[]])))), -2, dtype=torch.long, device=device)
+    device, U = model.embed_tokens.weight.device, len(prompts)
+    prompt, logp = prompt_cache(model, prompts, pad_id)  # each user's one open prefix, the empty one
+    banned = torch.full((U, max(1, max(map(len, exclude or [[]])))), -2, dtype=torch.long, device=device)  # -2: none
     for row, items in enumerate(exclude or []):
         banned[row, :len(items)] = torch.as_tensor(items, dtype=torch.long)
-    pool_item = torch.full((U, beams), -1, dtype=torch.long, device=device)
+    pool_item = torch.full((U, beams), -1, dtype=torch.long, device=device)  # the finished items, best first
     pool_score = torch.full((U, beams), -torch.inf, device=device)
     # One row per live prefix, grouped by user, best first: its user, trie node and score.
     user = torch.arange(U, device=device)
@@ -246,7 +281,7 @@ def search(model: Decoder, prompts: list[list[int]], trie: Trie, beams: int, pad
     score = torch.zeros(U, device=device)
     cache = BeamCache(prompt, user, 0)
     for _ in range(trie.depth):
-        tokens, child = trie.children(node)  # (R, F)
+        tokens, child = trie.children(node)  # (R, F): each live row's allowed next tokens, padded with -1
         fan = tokens.shape[1]
         cand = score[:, None] + logp.gather(1, tokens.clamp(min=0)).masked_fill(tokens < 0, -torch.inf)
         # Each user's candidates in a row of a (users, width·fan) grid, in beam then token order.
@@ -258,22 +293,22 @@ def search(model: Decoder, prompts: list[list[int]], trie: Trie, beams: int, pad
         cand, tokens, child = (torch.full((len(active) * columns,), fill, dtype=x.dtype, device=device).index_copy_(
             0, at.flatten(), x.flatten()).view(len(active), columns)
             for x, fill in ((cand, -torch.inf), (tokens, -1), (child, trie.sink)))
-        item = trie.item[child]
+        item = trie.item[child]  # the candidates that complete an item join the pool, unless banned
         finished = (item >= 0) & ~(item[..., None] == banned[active][:, None, :]).any(-1)
         merged = torch.cat([pool_score[active], cand.masked_fill(~finished, -torch.inf)], 1).topk(beams, dim=1)
         pool_score[active] = merged.values
         # An excluded item never enters the pool, not even as a -inf filler when fewer than `beams` items finished.
         pool_item[active] = torch.cat([pool_item[active], item.masked_fill(~finished, -1)], 1).gather(1, merged.indices)
-        top, pick = cand.masked_fill(item >= 0, -torch.inf).topk(keep, dim=1)
+        top, pick = cand.masked_fill(item >= 0, -torch.inf).topk(keep, dim=1)  # the `keep` best open prefixes
         live = top > pool_score[active][:, -1:]  # a prefix of each user's best-first beams
         if not live.any():
             break
         a, j = live.nonzero(as_tuple=True)  # grouped by user, best first
-        pick = pick[a, j]
+        pick = pick[a, j]  # column in the user's grid row: beam pick // fan, token pick % fan
         parent = torch.full((len(active) * width,), -1, dtype=torch.long, device=device).index_copy_(
             0, first * width + rank, torch.arange(len(user), device=device))[a * width + pick // fan]
         user, node, score = active[a], child[a, pick], top[a, j]
-        cache = cache.select(parent)
+        cache = cache.select(parent)  # each new row's cache is its parent beam's
         hidden = model(tokens[a, pick][:, None], kv_cache=cache, hidden=True)[:, -1]
         logp = torch.log_softmax(model.lm_head(hidden).float(), -1)
     return pool_item, pool_score
@@ -349,28 +384,6 @@ def metrics(ranks, ks=KS) -> dict:
     return out
 
 
-def paired_bootstrap(ranks_a, ranks_b, k: int = 10, samples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """NDCG@k of ranker A minus ranker B on the same users, with a 95% paired-bootstrap interval (resampling users):
-    the interval excludes 0 when the difference is unlikely to be the luck of this particular test set."""
-    return seeded_bootstrap([(ranks_a, ranks_b)], k, samples, seed)[:3]
-
-
-def seeded_bootstrap(pairs, k: int = 10, samples: int = 2000,
-                     seed: int = 0) -> tuple[float, float, float, list[float]]:
-    """NDCG@k of A minus B over several training seeds, each seed's pair of runs ranked on the same users: the mean
-    difference, a 95% interval of a two-level bootstrap (draw the seeds with replacement, then each drawn seed's
-    users), and each seed's difference. It widens with the spread between seeds as well as with the users'."""
-    diffs = [ndcg_gains(np.asarray(a, float), k) - ndcg_gains(np.asarray(b, float), k) for a, b in pairs]
-    rng = np.random.default_rng(seed)
-    means = []
-    for _ in range(samples):
-        drawn = rng.integers(0, len(diffs), len(diffs)) if len(diffs) > 1 else [0]
-        means.append(np.mean([diffs[s][rng.integers(0, len(diffs[s]), len(diffs[s]))].mean() for s in drawn]))
-    low, high = np.percentile(means, [2.5, 97.5])
-    per_seed = [float(d.mean()) for d in diffs]
-    return float(np.mean(per_seed)), float(low), float(high), per_seed
-
-
 def beyond_accuracy(ds: Dataset, key: str, tops) -> dict:
     """What a ranking costs beyond its accuracy, over every user's top-10 (catalogue positions): the share of the
     catalogue it ever recommends (coverage), and the mean popularity percentile of what it recommends (0: the least
@@ -395,18 +408,6 @@ def popularity(ds: Dataset, key: str) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------- driver
-def auto_batch_users(model: Decoder, beams: int, prompt_len: int, depth: int, budget: float | None = None) -> int:
-    """Users per beam-search batch so that the caches (the prompt once, each beam's own `depth` slots, twice while
-    beams are reordered) and a step's fp32 logits each stay within `budget` bytes: 512 MiB and at most 256 users on
-    CPU; on a GPU a quarter of its free memory and at most 4,096 users."""
-    c, weight = model.config, model.embed_tokens.weight
-    cuda = weight.device.type == "cuda"
-    budget = budget or (torch.cuda.mem_get_info(weight.device)[0] / 4 if cuda else 2**29)
-    slot = c.n_layers * 2 * c.n_kv_heads * c.head_dim * weight.element_size()
-    return max(1, int(min(budget / (slot * (prompt_len + 2 * beams * depth)), budget / (beams * c.vocab_size * 4),
-                          4096 if cuda else 256)))
-
-
 def catalogue_tokens(encoder: Encoder, ds: Dataset, key: str) -> list[list[int]]:
     """Every item of the domain's catalogue as the template writes it (title and terminator): the trie's paths."""
     texts = [item_text(ds.titles[i]) for i in ds.catalogue(key)]

@@ -68,7 +68,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=c.o_bias)
 
-    def forward(self, x, cos, sin, mask, cache, layer: int, last_only: bool = False) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, cache, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -80,9 +80,8 @@ class Attention(nn.Module):
         else:  # no mask means plain causal attention, which lets SDPA pick its flash kernel
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                enable_gqa=self.n_kv_heads != self.n_heads)
-        if last_only:  # every position attended as usual (same kernel, same numbers); only the last one goes on
-            y, T = y[:, :, -1:], 1
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        # A cache may hand on fewer positions than it attended: eval's prompt pass keeps only the last one.
+        return self.o_proj(y.transpose(1, 2).reshape(B, y.shape[2], -1))
 
 
 class MLP(nn.Module):
@@ -97,25 +96,29 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, c: ModelConfig):
+    def __init__(self, c: ModelConfig, dropout: float = 0.0):
         super().__init__()
         self.input_layernorm = RMSNorm(c.dim, c.norm_eps)
         self.self_attn = Attention(c)
         self.post_attention_layernorm = RMSNorm(c.dim, c.norm_eps)
         self.mlp = MLP(c)
+        self.dropout = dropout  # on each sublayer's output in training: SASRec's (extras/baseline.py); the LLM: 0
 
-    def forward(self, x, cos, sin, mask, cache, layer, last_only: bool = False):
-        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, last_only)
-        x = (x[:, -1:] if last_only else x) + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, mask, cache, layer):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        if h.shape[1] < x.shape[1]:  # the cache handed on the last positions only (see Attention)
+            x = x[:, -h.shape[1]:]
+        x = x + self.drop(h)
+        return x + self.drop(self.mlp(self.post_attention_layernorm(x)))
+
+    def drop(self, h: torch.Tensor) -> torch.Tensor:
+        return F.dropout(h, self.dropout, self.training) if self.dropout else h  # 0: no call, no random draw
 
 
 def padding_causal_mask(valid: torch.Tensor, start: int = 0) -> torch.Tensor:
     """(B, 1, T, L) boolean mask for the queries in slots start..L-1 over keys 0..L-1 (`valid`: (B, L) real tokens).
-
     Each query sees the valid keys up to its own slot. A padding query also sees itself: its output is ignored, but a
-    fully masked row would fill the attention with NaNs.
-    """
+    fully masked row would fill the attention with NaNs."""
     slots = torch.arange(valid.shape[1], device=valid.device)
     query = slots[start:, None]
     return ((valid.bool()[:, None, :] & (slots <= query)) | (slots == query))[:, None]
@@ -125,8 +128,7 @@ class KVCache:
     """A static key/value cache for batched incremental decoding (gpt-fast style: preallocated, written in place).
 
     Slots fill left to right in lockstep for all rows; `valid` marks real tokens, so left-padded prompts of different
-    lengths share one cache, and `next_pos` keeps each row's own next RoPE position.
-    """
+    lengths share one cache, and `next_pos` keeps each row's own next RoPE position."""
 
     def __init__(self, c: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
         shape = (c.n_layers, batch, c.n_kv_heads, max_len, c.head_dim)
@@ -158,11 +160,11 @@ class KVCache:
 
 # --------------------------------------------------------------------------------------------------- decoder
 class Decoder(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, dropout: float = 0.0):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(Block(config, dropout) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -188,21 +190,13 @@ class Decoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, kv_cache = None, *,
-                select: torch.Tensor | None = None, hidden: bool = False, last_only: bool = False) -> torch.Tensor:
+                select: torch.Tensor | None = None, hidden: bool = False) -> torch.Tensor:
         """Logits (B, T, V), or only at `select` (a boolean (B, T) mask or an index) -> (N, V).
 
         `hidden=True` returns the final normed hidden states instead, for a loss that applies lm_head in chunks.
-        `last_only=True` returns only the last position, (B, 1, ·), for left-padded prompts before decoding (the last
-        column must be a real token). Every layer still attends at every position: the cache needs the keys, and the
-        same attention kernel gives the same numbers. Only the last layer's output projection and MLP are skipped
-        elsewhere.
         Without a mask or cache attention is causal; `attention_mask` (B, T) marks real tokens (1) vs padding (0).
         """
-        B, T = input_ids.shape
-        device = input_ids.device
-        if last_only and select is not None:
-            raise ValueError("last_only and select: give one (last_only keeps the last position only)")
-        need = None
+        (B, T), device, need = input_ids.shape, input_ids.device, None
         if position_ids is None:
             first = kv_cache.next_pos[:, None] if kv_cache is not None else 0
             position_ids = first + torch.arange(T, device=device)[None, :].expand(B, T)
@@ -217,10 +211,8 @@ class Decoder(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, mask, kv_cache, i, last_only and i == len(self.layers) - 1)
-        x = self.norm(x)
-        if select is not None:
-            x = x[select]
+            x = block(x, cos, sin, mask, kv_cache, i)
+        x = self.norm(x) if select is None else self.norm(x)[select]
         return x if hidden else self.lm_head(x)
 
     # ------------------------------------------------------------------------------------------- checkpoints

@@ -94,7 +94,7 @@ class SASRec(nn.Module):
         self.decoder = Decoder(ModelConfig(vocab_size=n_items + 1, dim=cfg.dim, n_layers=cfg.layers,
                                            n_heads=cfg.heads, n_kv_heads=cfg.heads, head_dim=cfg.dim // cfg.heads,
                                            intermediate_size=cfg.ffn, max_positions=cfg.max_len,
-                                           tie_embeddings=True))
+                                           tie_embeddings=True), dropout=cfg.dropout)
         self.config = self.decoder.config  # the shape the training loop's MFU counts
         self.positions = nn.Embedding(cfg.max_len, cfg.dim) if cfg.positions == "learned" else None
         self.dropout = nn.Dropout(cfg.dropout)
@@ -118,9 +118,8 @@ class SASRec(nn.Module):
         else:
             cos, sin = (t.to(x.dtype) for t in d.rope(torch.arange(T, device=ids.device)[None]))
         x = self.dropout(x)
-        for i, block in enumerate(d.layers):
-            x = x + self.dropout(block.self_attn(block.input_layernorm(x), cos, sin, None, None, i))
-            x = x + self.dropout(block.mlp(block.post_attention_layernorm(x)))
+        for i, block in enumerate(d.layers):  # each block's dropout on its attention's and its MLP's output
+            x = block(x, cos, sin, None, None, i)
         return d.norm(x)
 
     @property

@@ -28,9 +28,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import typer
 
-from eval import seeded_bootstrap
+from eval import ndcg_gains
 from extras.init import base_model
 from extras.world import open_dataset
 from infra.cli import PROGRESS, console
@@ -295,6 +296,28 @@ def per_user_ranks(folder: Path, name: str) -> dict[str, float]:
             raise UserError(f"{path}: line {number} is not a per-user rank ({quote(line, 60)}); expected "
                             f"{{\"user\": ..., \"rank\": ...}} as evaluate writes it; {redo}") from None
     return ranks
+
+
+def paired_bootstrap(ranks_a, ranks_b, k: int = 10, samples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """NDCG@k of ranker A minus ranker B on the same users, with a 95% paired-bootstrap interval (resampling users):
+    the interval excludes 0 when the difference is unlikely to be the luck of this particular test set."""
+    return seeded_bootstrap([(ranks_a, ranks_b)], k, samples, seed)[:3]
+
+
+def seeded_bootstrap(pairs, k: int = 10, samples: int = 2000,
+                     seed: int = 0) -> tuple[float, float, float, list[float]]:
+    """NDCG@k of A minus B over several training seeds, each seed's pair of runs ranked on the same users: the mean
+    difference, a 95% interval of a two-level bootstrap (draw the seeds with replacement, then each drawn seed's
+    users), and each seed's difference. It widens with the spread between seeds as well as with the users'."""
+    diffs = [ndcg_gains(np.asarray(a, float), k) - ndcg_gains(np.asarray(b, float), k) for a, b in pairs]
+    rng = np.random.default_rng(seed)
+    means = []
+    for _ in range(samples):
+        drawn = rng.integers(0, len(diffs), len(diffs)) if len(diffs) > 1 else [0]
+        means.append(np.mean([diffs[s][rng.integers(0, len(diffs[s]), len(diffs[s]))].mean() for s in drawn]))
+    low, high = np.percentile(means, [2.5, 97.5])
+    per_seed = [float(d.mean()) for d in diffs]
+    return float(np.mean(per_seed)), float(low), float(high), per_seed
 
 
 def difference(folders: list[Path], a: str, b: str) -> dict:

@@ -1,5 +1,6 @@
 """The device side of training and ranking: precision and autocast, the peak FLOP/s behind MFU, peak memory, the
-machine's description and the memory model of DDP and FSDP: one copy for training, the benchmarks and the tools."""
+machine's description, the memory model of DDP and FSDP, and the users per beam-search batch (`auto_batch_users`):
+one copy for training, evaluation, the benchmarks and the tools."""
 from __future__ import annotations
 
 import contextlib
@@ -134,3 +135,17 @@ def memory_estimate(n_params: int, n_layers: int, dim: int, embedding: int, toke
         state = 16 * n_params / gpus + 2 * (embedding + 2 * layer) + 4 * n_params * accumulating
     activations = (2 * n_layers + 34) * dim * tokens if checkpointing else 34 * dim * n_layers * tokens
     return dict(state_gib=state / 2**30, activations_gib=activations / 2**30, total_gib=(state + activations) / 2**30)
+
+
+# --------------------------------------------------------------------------------------------------- ranking
+def auto_batch_users(model: torch.nn.Module, beams: int, prompt_len: int, depth: int,
+                     budget: float | None = None) -> int:
+    """Users per beam-search batch so that the caches (the prompt once, each beam's own `depth` slots, twice while
+    beams are reordered) and a step's fp32 logits each stay within `budget` bytes: 512 MiB and at most 256 users on
+    CPU; on a GPU a quarter of its free memory and at most 4,096 users."""
+    c, weight = model.config, model.embed_tokens.weight
+    cuda = weight.device.type == "cuda"
+    budget = budget or (torch.cuda.mem_get_info(weight.device)[0] / 4 if cuda else 2**29)
+    slot = c.n_layers * 2 * c.n_kv_heads * c.head_dim * weight.element_size()
+    return max(1, int(min(budget / (slot * (prompt_len + 2 * beams * depth)), budget / (beams * c.vocab_size * 4),
+                          4096 if cuda else 256)))

@@ -1,5 +1,5 @@
-"""Metrics against hand-computed ranks, the item trie, beam search against exact scoring and against a naive
-oracle (tests/reference.py), masking, popularity, progress."""
+"""Metrics against hand-computed ranks, the item trie, the batched beam search against exact scoring and against
+the plain one (eval.plain_beam_search), masking, popularity, progress."""
 import math
 import re
 
@@ -15,7 +15,7 @@ from eval import (
     evaluate,
     exact_scores,
     metrics,
-    paired_bootstrap,
+    plain_beam_search,
     popularity,
     prompt_cache,
     rank_in_list,
@@ -25,7 +25,6 @@ from infra.config import ModelConfig
 from infra.files import UserError
 from infra.tokenizer import Tokenizer
 from model import Decoder, init_weights
-from reference import naive_beam_search
 
 
 def test_metrics_match_hand_computed_values():
@@ -33,19 +32,6 @@ def test_metrics_match_hand_computed_values():
     assert m["recall@5"] == 0.5 and m["recall@10"] == 0.5
     assert m["ndcg@5"] == pytest.approx((1 + 1 / math.log2(5)) / 4)
     assert m["mrr"] == pytest.approx((1 + 1 / 4 + 1 / 13) / 4)
-
-
-def test_paired_bootstrap_difference_and_interval():
-    a, b = [0, 0, 1, math.inf], [math.inf, 0, 3, 2]
-    delta, low, high = paired_bootstrap(a, b, k=10, samples=500)
-    hand = ((1 - 0) + (1 - 1) + (1 / math.log2(3) - 1 / math.log2(5)) + (0 - 0.5)) / 4
-    assert delta == pytest.approx(hand) and low <= delta <= high
-    assert paired_bootstrap(b, a, k=10, samples=500)[0] == pytest.approx(-hand)
-    assert paired_bootstrap(a, a) == (0.0, 0.0, 0.0)  # the same ranker: no difference and no uncertainty
-    ones = paired_bootstrap([0] * 50, [math.inf] * 50)
-    assert ones == (1.0, 1.0, 1.0)
-    wide, narrow = (paired_bootstrap([0, math.inf] * n, [0, 0] * n) for n in (10, 1000))  # half the users lost
-    assert wide[0] == narrow[0] == -0.5 and wide[2] - wide[1] > narrow[2] - narrow[1] > 0  # more users: narrower
 
 
 def test_ranks_count_ties_against_the_target():
@@ -100,6 +86,9 @@ def test_beam_search_equals_exact_scoring_when_beam_covers_the_catalogue(random_
         order = torch.argsort(exact, descending=True)
         assert items[row].tolist() == order.tolist()
         torch.testing.assert_close(scores[row], exact[order], atol=1e-4, rtol=1e-5)
+        plain, plain_scores = plain_beam_search(random_model, prompt, trie, beams=len(ITEMS))  # the specification too
+        assert plain == order.tolist()
+        torch.testing.assert_close(torch.tensor(plain_scores), exact[order], atol=1e-4, rtol=1e-5)
 
 
 def test_exact_scores_are_true_log_likelihoods(random_model):
@@ -119,9 +108,9 @@ def test_batched_users_equal_one_at_a_time_and_small_beams_are_a_prefix(random_m
         torch.testing.assert_close(batched_scores[row], alone_scores[0], atol=1e-5, rtol=1e-5)
 
 
-def test_beam_search_equals_the_naive_oracle_on_varied_lengths(random_model):
+def test_the_batched_engine_equals_the_plain_beam_search_on_varied_lengths(random_model):
     """Pruned beams, users finishing at different depths, a prompt cache that shrinks and excluded items must not
-    change a thing: the same items and scores as the naive beam search, one prompt at a time without a cache."""
+    change a thing: the same items and scores as the plain beam search, one prompt at a time without a cache."""
     rng = np.random.default_rng(0)
     items = list({tuple(rng.integers(2, 40, n - 1).tolist()) + (1,): None for n in rng.integers(1, 13, 120)})
     items = [list(i) for i in items]
@@ -132,9 +121,9 @@ def test_beam_search_equals_the_naive_oracle_on_varied_lengths(random_model):
     for beams in (3, 10):
         fast_items, fast_scores = beam_search(random_model, prompts, trie, beams, 0, exclude)
         for row, prompt in enumerate(prompts):
-            oracle_items, oracle_scores = naive_beam_search(random_model, prompt, items, beams, exclude[row])
-            assert fast_items[row].tolist() == oracle_items
-            torch.testing.assert_close(fast_scores[row], torch.tensor(oracle_scores), atol=1e-4, rtol=1e-5)
+            plain_items, plain_scores = plain_beam_search(random_model, prompt, trie, beams, exclude[row])
+            assert fast_items[row].tolist() == plain_items
+            torch.testing.assert_close(fast_scores[row], torch.tensor(plain_scores), atol=1e-4, rtol=1e-5)
         assert not set(fast_items[0].tolist()) & set(exclude[0])
 
 
@@ -250,16 +239,3 @@ def test_beyond_accuracy_by_hand(small):
     from eval import beyond_accuracy
     got = beyond_accuracy(small, "games", [[1, 0], [1, 3]])
     assert got == {"coverage": 3 / 4, "popularity_percentile": pytest.approx((1 + 0.5 + 1 + 0) / 4)}
-
-
-def test_the_two_level_bootstrap_is_zero_for_identical_arms_and_widens_with_the_seeds_spread():
-    from eval import seeded_bootstrap
-    rng = np.random.default_rng(0)
-    ranks = [rng.integers(0, 30, 400).astype(float) for _ in range(3)]
-    assert seeded_bootstrap([(r, r) for r in ranks])[:3] == (0.0, 0.0, 0.0)
-    hit, miss = np.zeros(400), np.full(400, np.inf)  # NDCG@10 1 and 0: the difference is the share of hits
-    def arm(shares):  # per seed: A hits that share of the users, B none
-        return [(np.where(np.arange(400) < 400 * s, hit, miss), miss) for s in shares]
-    steady, spread = seeded_bootstrap(arm([0.2, 0.2, 0.2])), seeded_bootstrap(arm([0.0, 0.2, 0.4]))
-    assert steady[0] == pytest.approx(0.2) and spread[0] == pytest.approx(0.2)
-    assert spread[2] - spread[1] > 3 * (steady[2] - steady[1]) and spread[3] == pytest.approx([0.0, 0.2, 0.4])

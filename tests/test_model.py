@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from eval import BeamCache
+from eval import BeamCache, PromptCache
 from extras.init import create_model
 from helpers import LLAMA, LLAMA3_ROPE, QWEN2
 from infra.config import ModelConfig
@@ -95,27 +95,25 @@ def test_sharded_checkpoint_and_selected_positions(tmp_path):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("rows", [3, 1])  # a batch of left-padded prompts; one prompt (exact scoring, recommend)
-def test_last_only_is_the_full_pass_at_its_last_position(precision, rows, tmp_path):
-    """A prompt pass that finishes only the last position (eval's) gives the full pass's last hidden state and the
-    same cache. Bit for bit in bf16 on CPUs with AVX-512 BF16, where oneDNN's products do not depend on the row
-    count, so beam search's rankings do not move by a rounding; fp32 products of 1-3 rows may differ in the last bit
-    (MKL picks another kernel), and other machines are not measured."""
+def test_the_prompt_cache_finishes_the_full_pass_at_its_last_position(precision, rows, tmp_path):
+    """A prompt pass that finishes only the last position (eval's PromptCache) gives the full pass's last hidden
+    state and the same cache. Bit for bit in bf16 on CPUs with AVX-512 BF16, where oneDNN's products do not depend
+    on the row count, so beam search's rankings do not move by a rounding; fp32 products of 1-3 rows may differ in the
+    last bit (MKL picks another kernel), and other machines are not measured."""
     hf_model("qwen2", tmp_path)
     model = Decoder.from_pretrained(tmp_path / "hf").eval()
     ids, mask, positions = (x[-rows:] for x in batch(True))
     caches, outputs = [], []
     with torch.no_grad(), autocast(precision, torch.device("cpu")):
-        for last_only in (False, True):
-            caches.append(KVCache(model.config, batch=rows, max_len=11, dtype=torch.float32, device="cpu"))
-            outputs.append(model(ids, positions, mask, caches[-1], hidden=True, last_only=last_only))
+        for kind in (KVCache, PromptCache):
+            caches.append(kind(model.config, batch=rows, max_len=11, dtype=torch.float32, device="cpu"))
+            outputs.append(model(ids, positions, mask, caches[-1], hidden=True))
     full, last = outputs
     assert last.shape == (rows, 1, full.shape[-1])
     if precision == "bf16" and torch.cpu._is_avx512_bf16_supported():
         assert torch.equal(last, full[:, -1:])
     torch.testing.assert_close(last, full[:, -1:], atol=1e-6, rtol=1e-6)
     assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
-    with pytest.raises(ValueError, match="last_only and select"):
-        model(ids, last_only=True, select=mask.bool())
 
 
 def test_kv_cache_incremental_decoding_equals_full_forward(tmp_path):

@@ -1,10 +1,23 @@
 """The reproduction report is assembled from the runs' own result files and command log, over one or several seeds."""
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from extras.reproduce import ALIGN_RUNS, CPT_RUNS, DEEP, SFT_RUNS, collect, difference, markdown, wall_time
+from extras.reproduce import (
+    ALIGN_RUNS,
+    CPT_RUNS,
+    DEEP,
+    SFT_RUNS,
+    collect,
+    difference,
+    markdown,
+    paired_bootstrap,
+    seeded_bootstrap,
+    wall_time,
+)
 from infra.files import UserError
 
 
@@ -215,3 +228,28 @@ def test_a_claim_holds_only_when_its_interval_and_every_seed_agree():
     assert verdict({"ci95": [0.001, 0.03], "per_seed": [0.02, -0.001, 0.03]}) == "inconclusive: the seeds disagree"
     assert verdict({"ci95": [-0.01, 0.03], "per_seed": [0.02, 0.01, 0.03]}) == "inconclusive"
     assert verdict({"ci95": [0.01, 0.03], "per_seed": [0.02]}) == "yes"  # one seed: the users' interval alone
+
+
+def test_paired_bootstrap_difference_and_interval():
+    a, b = [0, 0, 1, math.inf], [math.inf, 0, 3, 2]
+    delta, low, high = paired_bootstrap(a, b, k=10, samples=500)
+    hand = ((1 - 0) + (1 - 1) + (1 / math.log2(3) - 1 / math.log2(5)) + (0 - 0.5)) / 4
+    assert delta == pytest.approx(hand) and low <= delta <= high
+    assert paired_bootstrap(b, a, k=10, samples=500)[0] == pytest.approx(-hand)
+    assert paired_bootstrap(a, a) == (0.0, 0.0, 0.0)  # the same ranker: no difference and no uncertainty
+    ones = paired_bootstrap([0] * 50, [math.inf] * 50)
+    assert ones == (1.0, 1.0, 1.0)
+    wide, narrow = (paired_bootstrap([0, math.inf] * n, [0, 0] * n) for n in (10, 1000))  # half the users lost
+    assert wide[0] == narrow[0] == -0.5 and wide[2] - wide[1] > narrow[2] - narrow[1] > 0  # more users: narrower
+
+
+def test_the_two_level_bootstrap_is_zero_for_identical_arms_and_widens_with_the_seeds_spread():
+    rng = np.random.default_rng(0)
+    ranks = [rng.integers(0, 30, 400).astype(float) for _ in range(3)]
+    assert seeded_bootstrap([(r, r) for r in ranks])[:3] == (0.0, 0.0, 0.0)
+    hit, miss = np.zeros(400), np.full(400, np.inf)  # NDCG@10 1 and 0: the difference is the share of hits
+    def arm(shares):  # per seed: A hits that share of the users, B none
+        return [(np.where(np.arange(400) < 400 * s, hit, miss), miss) for s in shares]
+    steady, spread = seeded_bootstrap(arm([0.2, 0.2, 0.2])), seeded_bootstrap(arm([0.0, 0.2, 0.4]))
+    assert steady[0] == pytest.approx(0.2) and spread[0] == pytest.approx(0.2)
+    assert spread[2] - spread[1] > 3 * (steady[2] - steady[1]) and spread[3] == pytest.approx([0.0, 0.2, 0.4])
