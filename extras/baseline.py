@@ -149,10 +149,8 @@ class Sequences:
     """Users' training sequences (catalogue positions, oldest first) as batches of `batch` users for train.train:
     inputs are items 0..n-2, targets items 1..n-1, a loss at every real position.
 
-    Users come in a fresh seeded order each epoch (a function of seed and epoch alone, so a resumed run repeats it);
-    each run of 4 batches of the shuffled users is sorted by length before it is cut into batches, and the batches
-    are then shuffled: similar lengths share a batch, so little is computed on padding (a random batch of MovieLens
-    users is 60% padding), while which users meet in a batch still changes every epoch."""
+    Users come in length-bucketed batches (data.length_buckets, by rows): similar lengths share a batch, so little is
+    computed on padding (a random batch of MovieLens users is 60% padding)."""
 
     def __init__(self, sequences: list[np.ndarray], batch: int, pad: int, seed: int):
         self.sequences, self.batch, self.pad, self.seed = sequences, batch, pad, seed
