@@ -7,17 +7,16 @@ The dataset on disk (manifest.json, items.jsonl, interactions.tsv) is infra/data
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from infra.cache import cache_path, cached_array
 from infra.console import counted
 from infra.console import progress as progress_bar
 from infra.datasets import Dataset, Domain, read_dataset
-from infra.files import UserError, temporary_file
+from infra.files import UserError
 from infra.tokenizer import Tokenizer
 
 TRAIN, VALID, TEST = 0, 1, 2
@@ -210,71 +209,59 @@ class Encoder:
         return ids, starts
 
 
+class Segments:
+    """Every text a CPT sequence is made of (each item's text, each domain's tag and header, the mixed header, BOS and
+    EOS) tokenized once, in one batch, into a flat table. A sequence is then a list of segment numbers and its tokens
+    a gather from the table: Encoder.sequence's tokens, without a Python list per sequence (millions at scale)."""
+
+    def __init__(self, ds: Dataset, encoder: Encoder):
+        self.ds, self.domains = ds, list(ds.domains.values())
+        texts = [item_text(t) for t in ds.titles] + [TAG.format(name=d.name) for d in self.domains]
+        texts += [header(d) for d in self.domains] + [header(None)]
+        encoder.warm(texts)
+        ids = [encoder(t) for t in texts] + [encoder.bos, [encoder.tokenizer.eos_id]]
+        self.lengths = np.array([len(x) for x in ids], np.int64)
+        self.starts = np.cumsum(self.lengths) - self.lengths
+        self.table = np.fromiter((t for x in ids for t in x), np.uint32, int(self.lengths.sum()))
+        # segment numbers: item i is i, then the tags, then the headers (the mixed one last), BOS, EOS
+        self.tag, self.head, self.bos, self.eos = len(ds.titles), len(ds.titles) + len(self.domains), -2, -1
+
+    def numbers(self, items: np.ndarray, domain: Domain | None) -> np.ndarray:
+        """One sequence's segments, in Encoder.sequence's order, closed by EOS."""
+        if domain is None:  # the mixed header, then each item after its domain's tag
+            tags = self.tag + self.ds.item_domain[items].astype(np.int64)
+            head, middle = self.head + len(self.domains), np.stack([tags, items], 1).ravel()
+        else:
+            head, middle = self.head + self.domains.index(domain), items
+        return np.r_[self.bos, head, middle, self.eos]
+
+    def stream(self, sequences: list, progress: bool = False, chunk: int = 4096):
+        """The sequences' tokens one after another, a gather per `chunk` sequences, each yielded as it is made."""
+        with progress_bar(len(sequences), "tokenize CPT sequences", progress) as advance:
+            for i in range(0, len(sequences), chunk):
+                segments = np.concatenate([self.numbers(*s) for s in sequences[i:i + chunk]])
+                starts, lengths = self.starts[segments], self.lengths[segments]
+                # position p copies table[start of its segment + p - (where its segment begins in this chunk)]
+                yield self.table[np.repeat(starts - (np.cumsum(lengths) - lengths), lengths) + np.arange(lengths.sum())]
+                advance(len(sequences[i:i + chunk]))
+
+
 def cpt_stream(ds: Dataset, encoder: Encoder, kinds=SEQUENCE_KINDS, seed: int = 0,
                progress: bool = False) -> np.ndarray:
-    """All CPT sequences tokenized, shuffled by `seed` and concatenated, each closed by EOS: the text CPT packs.
+    """The text CPT trains on: the CPT sequences shuffled by `seed`, each rendered with the template, tokenized and
+    closed by EOS, joined into one stream of token ids that Blocks packs. Exactly the concatenation of
+    encoder.sequence(ds, *s)[0] + [EOS] over the shuffled sequences s (tests/test_data.py checks it).
 
-    Written once to a file under the dataset (keyed by everything it depends on) and returned memory-mapped, so
-    the processes of a multi-GPU run share one copy in the page cache. The file is filled in place, a chunk of
-    sequences at a time, from a table of each segment's tokens (headers, tags, every item's text): the tokens of
-    Encoder.sequence, without ever holding a second copy of the stream."""
-    key = hashlib.sha256(json.dumps([ds.fingerprint, encoder.tokenizer.fingerprint(), sorted(kinds), seed,
-                                     TEMPLATE_FINGERPRINT]).encode()).hexdigest()[:16]
-    cache = ds.path / "cache" / f"cpt-{key}.npy"
-    if cache.exists():
-        try:
-            return np.load(cache, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError, EOFError):
-            pass  # damaged outside our atomic write (disk, a copy cut short): it is ours to rebuild
-    sequences = cpt_sequences(ds, kinds)
-    if not sequences:
-        raise UserError(f"{ds.path}: no CPT sequences (each needs 2 or more training items); check the dataset")
-    order = np.random.default_rng(seed).permutation(len(sequences))
-    table, item, head, tag, ends = segments(ds, encoder)
-    domains = list(ds.domains.values())
-
-    def pieces(items: np.ndarray, domain: Domain | None) -> tuple[np.ndarray, np.ndarray]:
-        """(start in `table`, length) of each segment of one sequence, in order."""
-        h = head[len(domains) if domain is None else domains.index(domain)]
-        if domain is None:  # each item after its domain's tag
-            middle = np.stack([tag[ds.item_domain[items]], item[items]], 1).reshape(-1, 2)
-        else:
-            middle = item[items]
-        return np.concatenate([ends[:1], [h], middle, ends[1:]]).T
-    total = sum(int(pieces(*sequences[i])[1].sum()) for i in order)
-    cache.parent.mkdir(exist_ok=True)
-    tmp = temporary_file(cache)
-    stream = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint32, shape=(total,))
-    at = 0
-    with progress_bar(len(order), "tokenize CPT sequences", progress) as advance:
-        for chunk in np.array_split(order, max(1, len(order) // 4096)):
-            starts, lengths = np.concatenate([pieces(*sequences[i]) for i in chunk], 1)
-            n = int(lengths.sum())
-            # position p of the chunk copies table[starts[s] + p - (where segment s begins)]
-            stream[at:at + n] = table[np.repeat(starts - (np.cumsum(lengths) - lengths), lengths) + np.arange(n)]
-            at += n
-            advance(len(chunk))
-    stream.flush()
-    del stream
-    os.replace(tmp, cache)
-    return np.load(cache, mmap_mode="r", allow_pickle=False)
-
-
-def segments(ds: Dataset, encoder: Encoder):
-    """Every segment a CPT sequence is made of, tokenized once (in one batch) into a flat table: (table, then the
-    (start, length) in it of each item's text, each domain's header (the mixed header last), each domain's tag, and
-    of BOS and EOS)."""
-    domains = list(ds.domains.values())
-    texts = [item_text(t) for t in ds.titles] + [header(d) for d in domains] + [header(None)]
-    texts += [TAG.format(name=d.name) for d in domains]
-    encoder.warm(texts)
-    ids = [encoder(t) for t in texts] + [encoder.bos, [encoder.tokenizer.eos_id]]
-    lengths = np.array([len(x) for x in ids], np.int64)
-    starts = np.cumsum(lengths) - lengths
-    table = np.fromiter((t for x in ids for t in x), np.uint32, int(lengths.sum()))
-    spans = np.stack([starts, lengths], 1)
-    n, d = len(ds.titles), len(domains)
-    return table, spans[:n], spans[n:n + d + 1], spans[n + d + 1:n + 2 * d + 1], spans[-2:]
+    Built once into DATASET/cache/cpt-KEY.npy, KEY a hash of everything it depends on, and returned memory-mapped
+    (infra/cache.py), so the processes of a multi-GPU run share one copy in the page cache."""
+    def build():
+        sequences = cpt_sequences(ds, kinds)
+        if not sequences:
+            raise UserError(f"{ds.path}: no CPT sequences (each needs 2 or more training items); check the dataset")
+        shuffled = [sequences[k] for k in np.random.default_rng(seed).permutation(len(sequences))]
+        return Segments(ds, encoder).stream(shuffled, progress)  # render, tokenize, close by EOS, join
+    inputs = [ds.fingerprint, encoder.tokenizer.fingerprint(), sorted(kinds), seed, TEMPLATE_FINGERPRINT]
+    return cached_array(cache_path(ds.path / "cache", "cpt", inputs), build, np.uint32)
 
 
 @dataclass
@@ -357,6 +344,30 @@ class Blocks:
         return x[:, :-1], x[:, 1:]
 
 
+def length_buckets(lengths: np.ndarray, seed: int, epoch: int, *, tokens: int = 0, rows: int = 0,
+                   window: int = 4) -> list[list[int]]:
+    """An epoch's micro-batches of rows of these lengths, the one rule of every batch source: ordered by length so
+    that similar lengths share a batch (little padding), cut, and the batches shuffled; a function of seed and epoch
+    alone, so a resumed run repeats it. Either
+    - `tokens`: all rows sorted (random among equal lengths), cut before a row would take the padded batch (rows x
+      the longest) past `tokens` (SFT examples), or
+    - `rows`: shuffled, sorted within runs of `window` batches and cut every `rows` rows (users, preference cases),
+      so which rows meet in a batch still changes every epoch."""
+    rng = np.random.default_rng([seed, epoch])
+    if tokens:
+        batches = [[]]
+        for i in np.lexsort((rng.random(len(lengths)), lengths)):
+            if batches[-1] and lengths[i] * (len(batches[-1]) + 1) > tokens:  # sorted: row i is the longest
+                batches.append([])
+            batches[-1].append(int(i))
+    else:
+        order, span = rng.permutation(len(lengths)), rows * window
+        order = np.concatenate([chunk[np.argsort(lengths[chunk], kind="stable")]
+                                for chunk in np.split(order, range(span, len(order), span))])
+        batches = [order[i:i + rows].tolist() for i in range(0, len(order), rows)]
+    return [batches[k] for k in rng.permutation(len(batches))]
+
+
 class Examples:
     """SFT: variable-length examples in length-bucketed micro-batches of at most `tokens` (padded) tokens each.
 
@@ -371,19 +382,7 @@ class Examples:
             raise UserError(f"--micro-tokens {tokens} is shorter than the longest example ({self.longest} tokens)")
 
     def micro_batches(self, epoch: int) -> list[list[int]]:
-        rng = np.random.default_rng([self.seed, epoch])
-        lengths = np.array([len(e) for e in self.examples])
-        order = np.lexsort((rng.random(len(lengths)), lengths))
-        batches, current, longest = [], [], 0
-        for i in order:
-            longest_if_added = max(longest, lengths[i])
-            if current and longest_if_added * (len(current) + 1) > self.tokens:
-                batches.append(current)
-                current, longest_if_added = [], lengths[i]
-            current.append(int(i))
-            longest = longest_if_added
-        batches.append(current)
-        return [batches[i] for i in rng.permutation(len(batches))]
+        return length_buckets(np.array([len(e) for e in self.examples]), self.seed, epoch, tokens=self.tokens)
 
     def n_targets(self, batch: list[int]) -> int:
         return int(sum(self.examples[i].supervised[1:].sum() for i in batch))

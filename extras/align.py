@@ -34,6 +34,7 @@ from data import (
     Encoder,
     eval_cases,
     item_text,
+    length_buckets,
     limited_users,
     pad,
     sample,
@@ -159,13 +160,8 @@ class Preferences:
         self.lengths = np.array([len(p) for p in cases.prompts])
 
     def micro_batches(self, epoch: int) -> list[list[int]]:
-        """A fresh seeded order each epoch, sorted by prompt length within runs of 4 batches (less padding)."""
-        rng = np.random.default_rng([self.seed, epoch])
-        order, span = rng.permutation(len(self.lengths)), 4 * self.batch
-        order = np.concatenate([chunk[np.argsort(self.lengths[chunk], kind="stable")]
-                                for chunk in np.split(order, range(span, len(order), span))])
-        batches = [order[i:i + self.batch].tolist() for i in range(0, len(order), self.batch)]
-        return [batches[k] for k in rng.permutation(len(batches))]
+        """Batches of `batch` cases, bucketed by prompt length (less padding)."""
+        return length_buckets(self.lengths, self.seed, epoch, rows=self.batch)
 
     def n_targets(self, batch: list[int]) -> int:
         return len(batch)

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from data import IGNORE, TEST, VALID, Dataset, eval_cases, pad, sample, train_sequences
+from data import IGNORE, TEST, VALID, Dataset, eval_cases, length_buckets, pad, sample, train_sequences
 from eval import evaluation_result, metrics, popularity, rank_in_scores
 from extras.options import option, recipe, train_config
 from extras.world import open_dataset
@@ -152,23 +152,15 @@ class Sequences:
     """Users' training sequences (catalogue positions, oldest first) as batches of `batch` users for train.train:
     inputs are items 0..n-2, targets items 1..n-1, a loss at every real position.
 
-    Users come in a fresh seeded order each epoch (a function of seed and epoch alone, so a resumed run repeats it);
-    each run of 4 batches of the shuffled users is sorted by length before it is cut into batches, and the batches
-    are then shuffled: similar lengths share a batch, so little is computed on padding (a random batch of MovieLens
-    users is 60% padding), while which users meet in a batch still changes every epoch."""
+    Users come in length-bucketed batches (data.length_buckets, by rows): similar lengths share a batch, so little is
+    computed on padding (a random batch of MovieLens users is 60% padding)."""
 
-    def __init__(self, sequences: list[np.ndarray], batch: int, pad: int, seed: int, bucket: int = 4):
-        self.sequences, self.batch, self.pad, self.seed, self.bucket = sequences, batch, pad, seed, bucket
+    def __init__(self, sequences: list[np.ndarray], batch: int, pad: int, seed: int):
+        self.sequences, self.batch, self.pad, self.seed = sequences, batch, pad, seed
         self.lengths = np.array([len(s) for s in sequences])
 
     def micro_batches(self, epoch: int) -> list[list[int]]:
-        rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(self.lengths))
-        span = self.batch * self.bucket
-        order = np.concatenate([chunk[np.argsort(self.lengths[chunk], kind="stable")]
-                                for chunk in np.split(order, range(span, len(order), span))])
-        batches = [order[i:i + self.batch].tolist() for i in range(0, len(order), self.batch)]
-        return [batches[k] for k in rng.permutation(len(batches))]
+        return length_buckets(self.lengths, self.seed, epoch, rows=self.batch)
 
     def n_targets(self, batch: list[int]) -> int:
         return int(self.lengths[batch].sum()) - len(batch)

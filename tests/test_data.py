@@ -1,15 +1,19 @@
-"""Template, splits, no leakage, mixed-sequence order, the built-in world, packing and loss masks."""
+"""Template, splits, no leakage, mixed-sequence order, the built-in world, the CPT stream, packing and loss masks."""
+import io
+
 import numpy as np
 import pytest
 
 from data import (
     IGNORE,
+    SEQUENCE_KINDS,
     TEST,
     TRAIN,
     VALID,
     Blocks,
     Encoder,
     Examples,
+    Segments,
     cpt_sequences,
     cpt_stream,
     eval_cases,
@@ -124,6 +128,24 @@ def test_encoder_tokenizes_segments_and_marks_item_starts(small, tiny_model):
                 + tok.encode("Red Dragon Tales\n") + tok.encode("[Movies and TV] ") + tok.encode("Red Dragon Film\n"))
     assert ids == expected
     assert ids[starts[1]:] == tok.encode("Red Dragon Film\n")
+
+
+def test_cpt_stream_is_each_sequence_encoded_in_seeded_order_joined_by_eos(small, tiny_model):
+    """The segment table, its chunked gather and the cache change nothing: the stream is Encoder.sequence of each CPT
+    sequence in the seed's order, each closed by EOS, written as np.save writes it and read back from the file."""
+    encoder, seen = Encoder(Tokenizer.from_pretrained(tiny_model)), set()
+    for kinds, seed in [(SEQUENCE_KINDS, 0), (["mixed"], 1), (["domain"], 2)]:
+        sequences = cpt_sequences(small, kinds)
+        shuffled = [sequences[k] for k in np.random.default_rng(seed).permutation(len(sequences))]
+        expected = [t for s in shuffled for t in encoder.sequence(small, *s)[0] + [encoder.tokenizer.eos_id]]
+        assert cpt_stream(small, encoder, kinds, seed).tolist() == expected
+        assert np.concatenate(list(Segments(small, encoder).stream(shuffled, chunk=2))).tolist() == expected
+        (cache,) = set((small.path / "cache").glob("cpt-*.npy")) - seen  # one file per kinds and seed
+        seen.add(cache)
+        saved = io.BytesIO()
+        np.save(saved, np.array(expected, np.uint32))
+        assert cache.read_bytes() == saved.getvalue()
+        assert isinstance(stream := cpt_stream(small, encoder, kinds, seed), np.memmap) and stream.tolist() == expected
 
 
 def test_packing_uses_every_token():

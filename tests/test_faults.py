@@ -9,6 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+try:
+    import resource
+except ImportError:  # not POSIX
+    resource = None
+
 import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
@@ -171,6 +176,23 @@ def test_corrupted_token_cache_is_rebuilt(tiny_model, data_copy):
     for damage in (truncate, corrupt_header):
         cache.write_bytes(damage(good))
         assert (cpt_stream(ds, encoder) == stream).all() and cache.read_bytes() == good
+
+
+@pytest.mark.skipif(resource is None, reason="no file-size limit (not POSIX)")
+def test_full_disk_while_the_token_cache_is_built_names_it_and_leaves_nothing(tiny_model, data_copy):
+    """The cache is written with plain writes, not through a writable memory map: a disk that fills up (here a
+    file-size limit, EFBIG) is an OSError naming the cache (one line from the CLI), not a SIGBUS, and no temporary
+    file is left behind."""
+    ds, encoder = load_dataset(data_copy), Encoder(Tokenizer.from_pretrained(tiny_model))
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))  # Python ignores SIGXFSZ: writes past it fail, EFBIG
+    try:
+        with pytest.raises(OSError) as failed:
+            cpt_stream(ds, encoder)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert failed.value.errno == errno.EFBIG and failed.value.filename.startswith(str(data_copy / "cache" / "cpt-"))
+    assert not list((data_copy / "cache").iterdir())
 
 
 @pytest.fixture(scope="session")
