@@ -17,7 +17,8 @@ from infra.files import UserError
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 # In config.json: {"seed": N} marks weights that began as `init` made them, kept through training (the lineage that
-# extras.options.fitting_defaults reads); "fresh": true is only in what init itself wrote, the one folder init may replace.
+# extras.options.fitting_defaults reads); "fresh": true is only in what init itself wrote, the one folder init may
+# replace.
 INIT_MARKER = "cprec_init"
 
 
