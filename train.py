@@ -56,6 +56,7 @@ from infra.runs import (
     rng_state,
     save_checkpoint,
 )
+from infra.trackers import check_tracker
 from schedule import Schedule, scheduler
 from schedule import steps as schedule_steps
 from schedule import validate as validate_schedule  # noqa: I001 (one name, two meanings)
@@ -83,6 +84,7 @@ class TrainConfig:
     shard: str = "auto"  # auto (ddp for several processes, none for one), none, ddp, fsdp
     activation_checkpointing: bool = False  # recompute each decoder layer in backward
     compile: bool = False  # torch.compile the model (inductor): fused kernels, the same math up to rounding
+    tracker: str = "none"  # also log to an experiment tracker: none, tensorboard, wandb (infra.trackers)
 
 
 # --------------------------------------------------------------------------------------------------- loss
@@ -291,7 +293,7 @@ def train(model: nn.Module, data, cfg: TrainConfig, run: Path, *, loss: Callable
         return record
 
     model.train()
-    with Log(run, rank, start if resume else None) as log, StopRequest(announce=rank == 0) as stop, \
+    with Log(run, rank, start if resume else None, cfg.tracker) as log, StopRequest(announce=rank == 0) as stop, \
             progress_bar(cfg.steps, start, enabled=rank == 0 and cfg.progress) as bar:
         if resume and due(start, cfg.eval_every, cfg.steps) and not log.validated(start):
             validation(start)  # stopped between its checkpoint and its validation
@@ -400,6 +402,7 @@ def check(cfg: TrainConfig, device: torch.device, world: int, context: int | Non
     if cfg.steps < 1 or cfg.accum < 1 or cfg.keep < 1 or cfg.max_skips < 1 or cfg.patience < 0:
         raise ValueError(f"TrainConfig: steps, accum, keep and max_skips must be >= 1, patience >= 0 ({cfg})")
     validate_schedule(cfg.schedule, cfg.steps)
+    check_tracker(cfg.tracker)  # an optional package that is missing
     precision = resolve_precision(cfg.precision, device)  # refuses a precision this device cannot run
     if resolve_shard(cfg.shard, world) == "fsdp" and precision == "fp16":
         raise UserError("--shard fsdp trains in bf16 or fp32; use --precision bf16 (fp16 loss scaling is not sharded)")
@@ -419,6 +422,7 @@ def run_settings(cfg: TrainConfig) -> dict:
     """The training settings recorded in run_config.json (and compared on --resume)."""
     settings = asdict(cfg)
     settings.pop("progress")  # presentation, not part of the run
+    settings.pop("tracker")  # where the run is watched: a resumed run may switch it
     settings.pop("activation_checkpointing")  # memory, not math: a resumed run may switch it
     return settings
 
