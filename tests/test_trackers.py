@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 
 import infra.trackers as trackers
-from helpers import StopAt, config, cpt_setup, read_records
+from helpers import StopAt, config, cpt_setup, read_records, run_cpt
 from infra.files import UserError
 from infra.runs import open_run, scalars
-from test_train import run_cpt
 
 FIGURES = {"val_loss": 1.5, "ranking": {"ndcg@10": 0.25}}  # a nested validation result: validation/ranking/ndcg@10
 
@@ -32,30 +31,21 @@ def expected(run) -> dict[str, list[tuple[int, float]]]:
     return tags
 
 
-def test_tensorboard_scalars_equal_metrics_jsonl(world, tiny_model, tmp_path):
-    pytest.importorskip("tensorboard")
-    run = tmp_path / "r"
-    run_cpt(world, tiny_model, run, cfg=config(tracker="tensorboard", eval_every=4), validate=lambda m: FIGURES)
-    shown = board(run)
-    assert shown == expected(run)
-    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu", "train/mem_gb",
-            "validation/val_loss", "validation/ranking/ndcg@10"} <= shown.keys()
-    assert [s for s, _ in shown["validation/ranking/ndcg@10"]] == [4, 8]
-
-
-def test_tensorboard_after_a_crash_and_resume_shows_each_step_once(world, tiny_model, tmp_path):
+def test_tensorboard_scalars_equal_metrics_jsonl_also_after_a_crash_and_resume(world, tiny_model, tmp_path):
     """Killed while step 6 is assembled, the checkpoint at step 4: step 5 was logged, then is redone. The resumed
-    session purges it, so the curves equal metrics.jsonl; the tracker may be chosen only on --resume."""
+    session purges it, so the curves still equal metrics.jsonl, each step once."""
     pytest.importorskip("tensorboard")
     blocks, _ = cpt_setup(world, tiny_model)
-    run = tmp_path / "r"
+    run, cfg = tmp_path / "r", config(save_every=4, eval_every=4, tracker="tensorboard")
     with pytest.raises(Exception, match="killed"):
-        run_cpt(world, tiny_model, run, cfg=config(save_every=4, tracker="tensorboard"),
-                data=StopAt(blocks, 6, 2, crash=True))
-    assert [s for s, _ in board(run)["train/loss"]] == [1, 2, 3, 4, 5]
-    run_cpt(world, tiny_model, run, cfg=config(save_every=4, tracker="tensorboard"), resume=True)
+        run_cpt(world, tiny_model, run, cfg=cfg, data=StopAt(blocks, 6, 2, crash=True), validate=lambda m: FIGURES)
+    assert board(run) == expected(run) and [s for s, _ in board(run)["train/loss"]] == [1, 2, 3, 4, 5]
+    run_cpt(world, tiny_model, run, cfg=cfg, resume=True, validate=lambda m: FIGURES)
     shown = board(run)
     assert shown == expected(run) and [s for s, _ in shown["train/loss"]] == list(range(1, 9))
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu", "train/mem_gb",
+            "validation/val_loss", "validation/ranking/ndcg@10", "validation/seconds"} <= shown.keys()
+    assert [s for s, _ in shown["validation/ranking/ndcg@10"]] == [4, 8]
 
 
 def test_an_offline_wandb_run_is_resumed_by_its_id_and_never_logs_a_step_twice(world, tiny_model, tmp_path,
