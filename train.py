@@ -58,6 +58,7 @@ class TrainConfig:
     shard: str = "auto"  # auto (ddp for several processes, none for one), none, ddp, fsdp
     activation_checkpointing: bool = False  # recompute each decoder layer in backward
     compile: bool = False  # torch.compile the model (inductor): fused kernels, the same math up to rounding
+    tracker: str = "none"  # also log to an experiment tracker: none, tensorboard, wandb (infra.trackers)
 
     def __post_init__(self):  # a caller's bug, not a user's: the command line checks its options before this
         if min(self.steps, self.accum, self.keep, self.max_skips) < 1 or self.patience < 0:
@@ -221,7 +222,7 @@ def train(model: nn.Module, data: BatchSource, cfg: TrainConfig, run: Path, *, l
         torch.manual_seed(cfg.seed)
     micro, skipped = MicroBatches(data), 0
     model.train()
-    with Log(run, rank, start if resume else None) as log, StopRequest(announce=rank == 0) as stop, \
+    with Log(run, rank, start if resume else None, cfg.tracker) as log, StopRequest(announce=rank == 0) as stop, \
             timer.shown(cfg.steps, start, enabled=rank == 0 and cfg.progress):
         if resume and due(start, cfg.eval_every, cfg.steps) and not log.validated(start):
             validation(start, log)  # stopped between its checkpoint and its validation

@@ -29,6 +29,7 @@ from infra.console import say
 from infra.device import resolve_precision
 from infra.distributed import resolve_shard
 from infra.files import UserError, read_json
+from infra.trackers import check_tracker
 from schedule import Schedule
 from schedule import steps as schedule_steps
 from schedule import validate as validate_schedule
@@ -184,6 +185,7 @@ def check(cfg: TrainConfig, device: torch.device, world: int, batch: str = "--ba
         if every < 0:
             raise UserError(f"{name} {every}: expected a step count >= 0 (0 = at the end)")
     validate_schedule(cfg.schedule, cfg.steps)
+    check_tracker(cfg.tracker)  # an optional package that is missing
     precision = resolve_precision(cfg.precision, device)  # refuses a precision this device cannot run
     if resolve_shard(cfg.shard, world) == "fsdp" and precision == "fp16":
         raise UserError("--shard fsdp trains in bf16 or fp32; use --precision bf16 (fp16 loss scaling is not sharded)")
@@ -208,6 +210,7 @@ def run_settings(cfg: TrainConfig) -> dict:
     """The training settings recorded in run_config.json (and compared on --resume)."""
     settings = asdict(cfg)
     settings.pop("progress")  # presentation, not part of the run
+    settings.pop("tracker")  # where the run is watched: a resumed run may switch it
     settings.pop("activation_checkpointing")  # memory, not math: a resumed run may switch it
     return settings
 

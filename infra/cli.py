@@ -25,6 +25,10 @@ PRECISION = typer.Option("auto", help="auto (bf16 where supported, else fp16 on 
                          "fp16 (with a loss scaler; slow on CPU).")
 RESUME = typer.Option(False, help="Continue the run in --out from its latest checkpoint, exactly.")
 OVERWRITE = typer.Option(False, help="Replace a run already in --out.")
+TRACKER = typer.Option("none", help="Also log each step and validation to an experiment tracker (metrics.jsonl is "
+                       "written anyway): none, tensorboard (pip install tensorboard; watch with `tensorboard --logdir "
+                       "OUT`) or wandb (pip install wandb; WANDB_MODE=offline writes OUT/wandb without a network). May "
+                       "change on --resume; the run continues the same curves.")
 
 
 def positive(**options) -> None:

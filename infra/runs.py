@@ -29,15 +29,18 @@ from infra.files import (
     temporary_file,
     write_json,
 )
+from infra.trackers import FOLDERS as TRACKER_FOLDERS
+from infra.trackers import open_tracker
 
 # What a crashed save leaves behind: atomic_dir's `.NAME.tmpPID-HEX` / `.NAME.oldPID-HEX` siblings, write_json's
 # `FILE.tmpPID`, `latest.tmp` and the log's rewrite. Only these names are ever removed.
 CHECKPOINT_NAME = re.compile(r"step-\d{7}|best|final")  # the directories a run writes through atomic_dir
 LEFTOVER_FILE = re.compile(r"latest\.tmp|(run_config|best|results)\.json\.tmp\d+|metrics\.jsonl\.tmp\d+|"
                            r"reference\.tmp\.npz")
-RUN_FILES = {"run_config.json", "metrics.jsonl", "checkpoints", "latest", "final", "best", "best.json", "results.json",
-             "results-per_user.jsonl", "curves.png", "reference.npz"}  # reference.npz: align's cached reference
-REUSABLE = {"run_config.json", "metrics.jsonl", "checkpoints", "curves.png", "reference.npz"}  # got to no checkpoint
+LOGS = ("metrics.jsonl", "curves.png", *TRACKER_FOLDERS)  # rewritten by a rerun of a start that got to no checkpoint
+RUN_FILES = {"run_config.json", "checkpoints", "latest", "final", "best", "best.json", "results.json",
+             "results-per_user.jsonl", "reference.npz", *LOGS}  # reference.npz: align's cached reference
+REUSABLE = {"run_config.json", "checkpoints", "reference.npz", *LOGS}  # got to no checkpoint
 RESUMABLE = ("train.lr", "train.save_every", "train.eval_every", "train.keep", "train.compile")  # same batch plan
 PATHS = ("data", "model")  # where the dataset and the start are: their fingerprints, recorded too, are what counts
 
@@ -67,10 +70,10 @@ def has_checkpoint(run: Path) -> bool:
     return (run / "latest").exists() or any((run / "checkpoints").glob("step-*"))
 
 
-def flatten(config: dict, prefix: str = "") -> dict:
+def flatten(config: dict, prefix: str = "", sep: str = ".") -> dict:
     out = {}
     for k, v in config.items():
-        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        out.update(flatten(v, f"{prefix}{k}{sep}", sep) if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
 
 
@@ -128,8 +131,8 @@ def open_run(out_dir: str | Path, config: dict, resume: bool, overwrite: bool, r
                 shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         elif rank == 0:
             warn(f"{out}: reusing the directory of a start that saved no checkpoint")
-            for name in ("metrics.jsonl", "curves.png"):
-                (out / name).unlink(missing_ok=True)
+            for path in (out / name for name in LOGS):
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
     if dist.is_initialized():
         dist.barrier()  # no rank may create files before rank 0 has cleared the directory
     if rank == 0:
@@ -290,14 +293,18 @@ def write_log(path: Path, records: list[dict]) -> None:
 
 
 class Log:
-    """metrics.jsonl, written by rank 0: one strict-JSON record per step or validation (NaN is written as null).
-    On resume it keeps the records up to the checkpoint's step; whatever came after is redone."""
+    """metrics.jsonl, written by rank 0: one strict-JSON record per step or validation (NaN is written as null),
+    each forwarded to the experiment tracker if one is chosen (infra.trackers). On resume it keeps the records up to
+    the checkpoint's step; whatever came after is redone (and the tracker told where it resumed)."""
 
-    def __init__(self, run: Path, rank: int, resumed_at: int | None = None):
-        self.path, self.records, self.file = run / "metrics.jsonl", [], None
+    def __init__(self, run: Path, rank: int, resumed_at: int | None = None, tracker: str = "none"):
+        self.path, self.records, self.file, self.tracker = run / "metrics.jsonl", [], None, None
         if resumed_at is not None:
             self.records = read_log(self.path, resumed_at)
-        if rank == 0:
+        if rank == 0:  # the tracker first: one that cannot start leaves the log as it was
+            self.tracker = open_tracker(tracker, run, resumed_at)
+            if self.tracker and (run / "run_config.json").exists():
+                self.tracker.config(read_json(run / "run_config.json"))
             write_log(self.path, self.records)
             self.file = open(self.path, "a")
 
@@ -306,6 +313,8 @@ class Log:
             self.file.write(json.dumps(record, allow_nan=False) + "\n")
             self.file.flush()
             self.records.append(record)
+        if self.tracker:  # after metrics.jsonl, the source of truth
+            self.tracker.log(scalars(record), record["step"])
 
     def validated(self, step: int) -> bool:
         return any(r["step"] == step and "validation" in r for r in self.records)
@@ -331,6 +340,17 @@ class Log:
     def __exit__(self, *exc) -> None:
         if self.file:
             self.file.close()
+        if self.tracker:
+            self.tracker.close()
+
+
+def scalars(record: dict) -> dict[str, float]:
+    """A metrics.jsonl record as a tracker's scalars: a step's under train/ (loss, lr, grad_norm, tokens_per_s, mfu,
+    mem_gb, ...), a validation's figures and seconds under validation/ (nested ones flattened: validation/ndcg@10);
+    nulls (non-finite values) left out."""
+    group = "validation" if "validation" in record else "train"
+    figures = {**record.get("validation", {}), **{k: v for k, v in record.items() if k not in ("step", "validation")}}
+    return {k: float(v) for k, v in flatten(figures, f"{group}/", "/").items() if isinstance(v, (int, float))}
 
 
 def plot_curves(run: Path) -> str:

@@ -21,9 +21,11 @@ from safetensors.torch import load_file
 from data import Blocks, Encoder, cpt_stream, load_dataset
 from infra.config import ModelConfig
 from infra.distributed import Supervised
+from infra.runs import open_run
 from infra.tokenizer import Tokenizer
+from model import Decoder
 from schedule import Schedule
-from train import TrainConfig, lm_loss, step
+from train import TrainConfig, lm_loss, step, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=128,
@@ -101,6 +103,16 @@ def config(**kw) -> TrainConfig:
     """8 steps of 2 micro-batches, warmup 2, annealing 3: every phase of WSA in a run of seconds."""
     return TrainConfig(**{**dict(steps=8, accum=2, lr=3e-3, schedule=Schedule(warmup=2, anneal=3), precision="fp32",
                                  progress=False), **kw})
+
+
+def run_cpt(world, tiny_model, out, resume=False, cfg=None, data=None, validate=None, settings=None):
+    """`cprec.py pretrain` in miniature: the run directory, then train() from the base model (--resume loads the
+    checkpoint's weights into it)."""
+    blocks, tokenizer = cpt_setup(world, tiny_model)
+    cfg = cfg or config()
+    run = open_run(out, settings or {"test": 1}, resume=resume, overwrite=False)
+    return train(Decoder.from_pretrained(tiny_model), data or blocks, cfg, run, tokenizer=tokenizer,
+                 device=torch.device("cpu"), resume=resume, validate=validate)
 
 
 def step_gradients(model, batches: list[tuple], n_targets: int, precision: str = "fp32"):

@@ -37,6 +37,7 @@ from helpers import (
     cpt_setup,
     read_records,
     refused,
+    run_cpt,
     step_gradients,
 )
 from infra.files import UserError
@@ -109,16 +110,6 @@ def test_target_loss_is_the_mean_cross_entropy_of_the_held_out_items(world, tiny
             n += int(supervised.sum())
         got = target_loss(model, encoder, ds, cases, "books", tokens=96)  # several padded micro-batches
     assert n > len(cases) and got == pytest.approx(total / n, rel=1e-5)
-
-
-def run_cpt(world, tiny_model, out, resume=False, cfg=None, data=None, validate=None, settings=None):
-    """`cprec.py pretrain` in miniature: the run directory, then train() from the base model (--resume loads the
-    checkpoint's weights into it)."""
-    blocks, tokenizer = cpt_setup(world, tiny_model)
-    cfg = cfg or config()
-    run = open_run(out, settings or {"test": 1}, resume=resume, overwrite=False)
-    return train(Decoder.from_pretrained(tiny_model), data or blocks, cfg, run, tokenizer=tokenizer,
-                 device=torch.device("cpu"), resume=resume, validate=validate)
 
 
 @pytest.fixture(scope="module")
