@@ -42,7 +42,7 @@ from data import (
 )
 from extras.options import SAVE_EVERY, check, multiple, option, recipe, run_settings, train_config
 from extras.world import open_dataset
-from infra.cli import OVERWRITE, PRECISION, PROGRESS, RESUME, positive, show
+from infra.cli import OVERWRITE, PRECISION, PROGRESS, RESUME, TRACKER, positive, show
 from infra.config import DEFAULT_DATA, INIT_MARKER
 from infra.console import say
 from infra.device import autocast, resolve_precision
@@ -261,6 +261,7 @@ class Align:
     resume: bool = option(RESUME)
     overwrite: bool = option(OVERWRITE)
     progress: bool = option(PROGRESS)
+    tracker: str = option(TRACKER)
 
 
 @recipe(Align)

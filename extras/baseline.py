@@ -28,13 +28,14 @@ from data import IGNORE, TEST, VALID, Dataset, eval_cases, length_buckets, pad, 
 from eval import evaluation_result, metrics, popularity, rank_in_scores
 from extras.options import option, recipe, train_config
 from extras.world import open_dataset
-from infra.cli import OVERWRITE, PROGRESS, RESUME, show
+from infra.cli import OVERWRITE, PROGRESS, RESUME, TRACKER, show
 from infra.config import DEFAULT_DATA, ModelConfig
 from infra.console import say
 from infra.device import autocast, resolve_precision
 from infra.distributed import setup_distributed
 from infra.files import UserError, atomic_dir, quote, write_json
 from infra.runs import open_run, save_result
+from infra.trackers import check_tracker
 from model import Decoder, init_weights
 from schedule import Schedule
 from train import cross_entropy_sum, train
@@ -236,7 +237,7 @@ def validation(model: SASRec, ds: Dataset, key: str, cfg: BaselineConfig) -> dic
 
 # --------------------------------------------------------------------------------------------------- training
 def train_baseline(ds: Dataset, key: str, cfg: BaselineConfig, run: Path, device: torch.device | str = "cpu",
-                   resume: bool = False, progress: bool = False) -> tuple[dict, dict]:
+                   resume: bool = False, progress: bool = False, tracker: str = "none") -> tuple[dict, dict]:
     """Train on the domain's TRAIN sequences with train.train, one step per batch of users and a validation per
     epoch, keep the epoch with the best validation NDCG@10 (early stopping after cfg.patience epochs without a better
     one), and evaluate it on the test split. Returns (training summary, test result)."""
@@ -253,7 +254,8 @@ def train_baseline(ds: Dataset, key: str, cfg: BaselineConfig, run: Path, device
     per_epoch = len(data.micro_batches(0))
     train_cfg = train_config(cfg, cfg.epochs * per_epoch, 1, weight_decay=0.0, betas=(0.9, 0.98),  # SASRec's Adam
                              schedule=Schedule("constant", warmup=0), save_every=per_epoch, eval_every=per_epoch,
-                             select="ndcg@10", progress=progress, shard="none")  # lr, precision, seed, patience: cfg's
+                             select="ndcg@10", progress=progress, shard="none",
+                             tracker=tracker)  # lr, precision, seed, patience: cfg's
     say(f"SASRec baseline on {key}: {len(sequences):,} training sequences, {len(catalogue):,} items, "
         f"{sum(p.numel() for p in model.parameters()):,} parameters; at most {cfg.epochs} epochs of {per_epoch} steps, "
         f"patience {cfg.patience}")
@@ -282,6 +284,7 @@ class Baseline:
     resume: bool = option(RESUME)
     overwrite: bool = option(OVERWRITE)
     progress: bool = option(PROGRESS)
+    tracker: str = option(TRACKER)
 
 
 @recipe(Baseline)
@@ -293,10 +296,11 @@ def command(o: Baseline):
     ds.domain(o.domain)
     cfg = replace(o.baseline, precision=resolve_precision(o.baseline.precision, device))
     cfg.check()
+    check_tracker(o.tracker)
     config = {"command": "baseline", "domain": o.domain, "data": str(o.data), "data_fingerprint": ds.fingerprint,
               "baseline": asdict(cfg)}
     run = open_run(o.out or Path(f"runs/baseline-{o.domain}"), config, o.resume, o.overwrite, inputs=[o.data])
-    summary, result = train_baseline(ds, o.domain, cfg, run, device, o.resume, o.progress)
+    summary, result = train_baseline(ds, o.domain, cfg, run, device, o.resume, o.progress, o.tracker)
     say(f"best epoch {summary['best_epoch']} of {summary['epochs']} (validation NDCG@10 "
         f"{summary['best_valid_ndcg_at_10']:.4f}), {summary['wall_seconds']:.1f} s, {summary['sequences_per_s']:,.0f} "
         "training sequences/s")

@@ -23,7 +23,7 @@ from typing import Any, Optional, get_type_hints
 import torch
 import typer
 
-from infra.cli import OVERWRITE, PRECISION, PROGRESS, RESUME
+from infra.cli import OVERWRITE, PRECISION, PROGRESS, RESUME, TRACKER
 from infra.config import DEFAULT_CPT, DEFAULT_DATA, INIT_MARKER, config_from_hf
 from infra.console import say
 from infra.device import resolve_precision
@@ -117,6 +117,7 @@ class Pretrain:
     resume: bool = option(RESUME)
     overwrite: bool = option(OVERWRITE)
     progress: bool = option(PROGRESS)
+    tracker: str = option(TRACKER)
 
 
 @dataclass
@@ -151,6 +152,7 @@ class Finetune:
     resume: bool = option(RESUME)
     overwrite: bool = option(OVERWRITE)
     progress: bool = option(PROGRESS)
+    tracker: str = option(TRACKER)
 
 
 def train_config(options: Any, steps: int, accum: int, start: Path | None = None, **fixed) -> TrainConfig:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import infra.trackers as trackers
-from helpers import StopAt, config, cpt_setup, read_records, run_cpt
+from helpers import StopAt, cli, config, cpt_setup, ok, read_records, refused, run_cpt
 from infra.files import UserError
 from infra.runs import open_run, scalars
 
@@ -101,3 +101,18 @@ def test_tracker_folders_are_the_runs_own_for_reuse_and_overwrite(tmp_path):
     (run / "tensorboard").mkdir()
     open_run(run, {"t": 1}, resume=False, overwrite=True)
     assert sorted(p.name for p in run.iterdir()) == ["run_config.json"]
+
+
+def test_every_training_command_takes_tracker(world, tiny_model, tmp_path):
+    """--tracker reaches the training loop from the command line (baseline shown; all four recipes declare it in
+    their options dataclass), and an unknown name is refused in one line before a run folder exists."""
+    pytest.importorskip("tensorboard")
+    run = tmp_path / "b"
+    ok(cli("baseline", "--domain", "games", "--data", world, "--out", run, "--epochs", 2, "--dim", 16, "--max-len", 20,
+           "--tracker", "tensorboard"))
+    assert list((run / "tensorboard").glob("events.out.tfevents.*")) and "validation/ndcg@10" in board(run)
+    for command, *args in (("pretrain",), ("finetune", "--domain", "games"), ("align", "--domain", "games")):
+        out = tmp_path / command
+        refused(cli(command, *args, "--data", world, "--model", tiny_model, "--out", out, "--tracker", "bogus"),
+                "--tracker bogus: expected none, tensorboard, wandb", alone=False)
+        assert not out.exists()
