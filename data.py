@@ -161,16 +161,6 @@ def limited_users(sequences: list, fraction: float, seed: int) -> list:
     return sample(sequences, max(1, round(fraction * len(sequences))), seed)
 
 
-def tokenizer_corpus(ds: Dataset, seed: int = 0, sequences: int = 20000) -> list[str]:
-    """Text a new tokenizer should cover: every header, tag and title, plus `sequences` rendered CPT sequences."""
-    texts = [header(None)] + [header(d) + TAG.format(name=d.name) for d in ds.domains.values()]
-    texts += [item_text(t) for t in ds.titles]
-    cpt = cpt_sequences(ds) if any(d.role == "pretrain" for d in ds.domains.values()) else []
-    for k in np.random.default_rng(seed).permutation(len(cpt))[:sequences]:
-        texts.append(render(ds, *cpt[k]))
-    return texts
-
-
 # --------------------------------------------------------------------------------------------------- tokens
 IGNORE = -100  # target id of positions without a loss
 

@@ -111,9 +111,9 @@ PHASES = ("prepare", "init", "cpt stream", "sft examples", "trie")
 
 def scale_probe(phase: str, source: Path, work: Path) -> dict:
     """One phase of the data path over a synthetic corpus, in this (fresh) process: records, seconds, peak RSS."""
-    from data import Encoder, cpt_stream, load_dataset, sft_examples, tokenizer_corpus, train_sequences
+    from data import Encoder, cpt_stream, load_dataset, sft_examples, train_sequences
     from eval import build_trie, catalogue_tokens
-    from extras.init import create_model
+    from extras.init import create_model, tokenizer_corpus
     from extras.prepare import convert_amazon
     from infra.config import SMALL
     from infra.tokenizer import Tokenizer

@@ -7,18 +7,30 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import typer
 
-from data import tokenizer_corpus
+from data import TAG, cpt_sequences, header, item_text, render
 from extras.world import open_dataset
 from infra.config import DEFAULT_DATA, DEFAULT_MODEL, INIT_MARKER, SMALL, ModelConfig
 from infra.console import say
+from infra.datasets import Dataset
 from infra.distributed import barrier
 from infra.files import UserError, atomic_dir, own_output, read_json, write_json
 from infra.tokenizer import Tokenizer, train_tokenizer
 from model import Decoder, init_weights
 
 INIT_FILES = {"config.json", "model.safetensors", "tokenizer.model"}  # what init writes
+
+
+def tokenizer_corpus(ds: Dataset, seed: int = 0, sequences: int = 20000) -> list[str]:
+    """Text a new tokenizer should cover: every header, tag and title, plus `sequences` rendered CPT sequences."""
+    texts = [header(None)] + [header(d) + TAG.format(name=d.name) for d in ds.domains.values()]
+    texts += [item_text(t) for t in ds.titles]
+    cpt = cpt_sequences(ds) if any(d.role == "pretrain" for d in ds.domains.values()) else []
+    for k in np.random.default_rng(seed).permutation(len(cpt))[:sequences]:
+        texts.append(render(ds, *cpt[k]))
+    return texts
 
 
 def create_model(texts, out_dir: str | Path, config: ModelConfig, seed: int = 0) -> Decoder:

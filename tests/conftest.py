@@ -3,8 +3,8 @@ MFU's peak probe (seconds of matmuls on a busy CPU) is replaced by a fixed peak,
 the run-folder locks a test took are released after it."""
 import pytest
 
-from data import load_dataset, tokenizer_corpus
-from extras.init import create_model
+from data import load_dataset
+from extras.init import create_model, tokenizer_corpus
 from extras.world import WorldConfig, write_world
 from helpers import TINY
 from infra.datasets import Domain, write_dataset

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from data import VALID, Encoder, eval_cases, load_dataset, sample, tokenizer_corpus
-from extras.init import create_model
+from data import VALID, Encoder, eval_cases, load_dataset, sample
+from extras.init import create_model, tokenizer_corpus
 from extras.world import WorldConfig, write_world
 from helpers import TINY, cli, ok, read_records, refused
 from infra.tokenizer import Tokenizer

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data import load_dataset, tokenizer_corpus
-from extras.init import create_model
+from data import load_dataset
+from extras.init import create_model, tokenizer_corpus
 from helpers import ROOT, TINY, StopAt, cli, config, cpt_setup, launch, ok, step_gradients
 from infra.config import ModelConfig
 from infra.device import memory_estimate
