@@ -137,7 +137,7 @@ def peak_growth(runs: list[tuple[str, str]]) -> list[float]:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_loading_holds_about_one_model_in_the_target_dtype(tmp_path):
     """Weights stream into their final dtype: converting never holds the stored copy too (it did: 3.0x from fp32 to
-    bf16, 1.5x from bf16 to fp32, in docs/scaling.md's measurement)."""
+    bf16, 1.5x from bf16 to fp32, in docs/scaling.md)."""
     config = ModelConfig(vocab_size=8192, dim=512, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=64,
                          intermediate_size=1536)  # 17M parameters: 64 MiB in fp32
     model = Decoder(config)
