@@ -365,7 +365,7 @@ def apply_lora(model: Decoder, rank: int, alpha: float, targets: tuple[str, ...]
     for block in model.layers:
         for parent in (block.self_attn, block.mlp):
             for name in targets:
-                if isinstance(layer := getattr(parent, name, None), nn.Linear):
+                if type(layer := getattr(parent, name)) is nn.Linear:  # a LoRALinear already is not wrapped again
                     setattr(parent, name, LoRALinear(layer, rank, alpha, generator))
     return model
 
