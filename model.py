@@ -365,7 +365,7 @@ def apply_lora(model: Decoder, rank: int, alpha: float, targets: tuple[str, ...]
     for block in model.layers:
         for parent in (block.self_attn, block.mlp):
             for name in targets:
-                if type(layer := getattr(parent, name)) is nn.Linear:  # a LoRALinear already is not wrapped again
+                if type(layer := getattr(parent, name, None)) is nn.Linear:  # not a LoRALinear again
                     setattr(parent, name, LoRALinear(layer, rank, alpha, generator))
     return model
 
