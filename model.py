@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from infra.config import ModelConfig, config_from_hf, config_to_hf
 from infra.files import UserError, atomic_dir, read_json, write_json
 from infra.tokenizer import Tokenizer, check_fits
-from infra.weights import read_weights
+from infra.weights import read_weights, weight_shapes, write_peft_adapter
 
 
 # --------------------------------------------------------------------------------------------------- modules
@@ -230,35 +230,40 @@ class Decoder(nn.Module):
         check_fits(path, config.vocab_size)
         with torch.device("meta"):
             model = cls(config)
-        state = model.ours(read_weights(path, device))
-        if problems := model.mismatches(state):
+        stored = weight_shapes(path)  # checked from the headers, before any weight is read
+        if problems := model.mismatches(shapes := model.ours(stored)):
             raise UserError(f"{path}: weights do not match config.json: {problems}")
-        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
-        if config.tie_embeddings:
-            model.lm_head.weight = model.embed_tokens.weight  # assign=True replaced the shared Parameter
+        names = {k for k in stored if hf_to_ours(k) in shapes}  # not a tied lm_head's copy: never read
+        model.assign(model.ours(read_weights(path, device, dtype, names)))
         return model
 
+    def assign(self, state: dict[str, torch.Tensor]) -> None:
+        """Take these tensors as the parameters (no copy), e.g. into a model built on the meta device."""
+        self.load_state_dict(state, strict=False, assign=True)
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight  # assign=True replaced the shared Parameter
+
     def ours(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """HF-named tensors under our names; the copy of a tied lm_head and old Llama rotary buffers dropped."""
+        """HF-named tensors (or shapes) under our names; a tied lm_head's copy and old Llama rotary buffers dropped."""
         state = {hf_to_ours(k): v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
         if self.config.tie_embeddings:
             state.pop("lm_head.weight", None)  # tied checkpoints may or may not store the shared matrix twice
         return state
 
-    def mismatches(self, state: dict[str, torch.Tensor]) -> str:
-        """What keeps `state` from being exactly this model's weights, by HF name ("" when nothing)."""
-        expected = {k: v.shape for k, v in self.state_dict().items()
+    def mismatches(self, shapes: dict[str, tuple[int, ...]]) -> str:
+        """What keeps tensors of these shapes from being exactly this model's weights, by HF name ("" when nothing)."""
+        expected = {k: tuple(v.shape) for k, v in self.state_dict().items()
                     if not (self.config.tie_embeddings and k == "lm_head.weight")}
-        problems = [f"missing {ours_to_hf(k)}" for k in expected if k not in state]
-        problems += [f"unexpected {ours_to_hf(k)}" for k in state if k not in expected]
-        problems += [f"{ours_to_hf(k)} has shape {tuple(v.shape)}, expected {tuple(expected[k])}"
-                     for k, v in state.items() if k in expected and v.shape != expected[k]]
+        problems = [f"missing {ours_to_hf(k)}" for k in expected if k not in shapes]
+        problems += [f"unexpected {ours_to_hf(k)}" for k in shapes if k not in expected]
+        problems += [f"{ours_to_hf(k)} has shape {tuple(v)}, expected {expected[k]}"
+                     for k, v in shapes.items() if k in expected and tuple(v) != expected[k]]
         return "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
 
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy a checkpoint's HF-named tensors into this model in place (resume); ValueError when they differ."""
         state = self.ours(tensors)
-        if problems := self.mismatches(state):
+        if problems := self.mismatches({k: v.shape for k, v in state.items()}):
             raise ValueError(problems)
         self.load_state_dict(state, strict=not self.config.tie_embeddings)
 
@@ -303,3 +308,81 @@ def init_weights(model: Decoder, seed: int) -> None:
             scale = 1 / math.sqrt(2 * model.config.n_layers) if residual else 1
             with torch.no_grad():
                 p.copy_(torch.randn(p.shape, generator=generator) * std * scale)
+
+
+# --------------------------------------------------------------------------------------------------- LoRA
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTERS = (".lora_A", ".lora_B")  # how the adapters' parameter names end
+
+
+class LoRALinear(nn.Linear):
+    """A frozen linear layer plus a trainable low-rank update: y = W x + b + (alpha/rank) B A x (Hu et al., 2021).
+
+    It keeps the layer's own `weight` and `bias`, so parameter names stay HF's; A and B are fp32 masters whatever the
+    base dtype. B starts at zero: at initialisation the output is the base layer's, exactly.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator):
+        nn.Module.__init__(self)  # no fresh weight: the base layer's is taken over
+        self.in_features, self.out_features, self.rank, self.alpha = base.in_features, base.out_features, rank, alpha
+        self.weight, self.bias = base.weight, base.bias
+        a = nn.init.kaiming_uniform_(torch.empty(rank, self.in_features), a=math.sqrt(5), generator=generator)  # PEFT's
+        self.lora_A = nn.Parameter(a.to(base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=base.weight.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        # Under autocast the adapter runs in the compute dtype like the base; outside it (a bf16 base in eval), in fp32.
+        h = x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.dtype)
+        return y + (F.linear(F.linear(h, self.lora_A), self.lora_B) * (self.alpha / self.rank)).to(y.dtype)
+
+    def merged_weight(self) -> torch.Tensor:
+        """W + (alpha/rank) B A, computed in fp32, in the base weight's dtype."""
+        with torch.autocast(self.weight.device.type, enabled=False):
+            delta = (self.lora_B.detach().float() @ self.lora_A.detach().float()) * (self.alpha / self.rank)
+        return (self.weight.detach().float() + delta).to(self.weight.dtype)
+
+
+def apply_lora(model: Decoder, rank: int, alpha: float, targets: tuple[str, ...] = LORA_TARGETS,
+               seed: int = 0) -> Decoder:
+    """Wrap every `targets` projection of every layer in a LoRALinear and freeze everything else, in place.
+
+    Load the base in the compute dtype first (from_pretrained(dtype=...)): the frozen weights stay in it.
+    """
+    if rank < 1 or not targets or set(targets) - set(LORA_TARGETS):
+        raise UserError(f"LoRA rank {rank}, targets {','.join(targets) or '(none)'}: expected a rank of at least 1 "
+                        f"and targets among {','.join(LORA_TARGETS)}")
+    model.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
+    for block in model.layers:
+        for parent in (block.self_attn, block.mlp):
+            for name in targets:
+                if type(layer := getattr(parent, name, None)) is nn.Linear:  # not a LoRALinear again
+                    setattr(parent, name, LoRALinear(layer, rank, alpha, generator))
+    return model
+
+
+def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters alone, under our parameter names ("layers.0.self_attn.q_proj.lora_A"): what a LoRA run trains."""
+    return {k: v for k, v in model.state_dict().items() if k.endswith(ADAPTERS)}
+
+
+def merge_lora(model: Decoder, device: torch.device | str = "cpu") -> Decoder:
+    """A plain Decoder on `device` whose projections hold W + (alpha/rank) B A: what save_pretrained writes as the
+    usual HF layout. The LoRA model itself is left as it is (training goes on after `best/`)."""
+    merged = {f"{name}.weight": m.merged_weight() for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    state = {k: merged.get(k, v.detach()).to(device) for k, v in model.state_dict().items() if not k.endswith(ADAPTERS)}
+    with torch.device("meta"):
+        plain = Decoder(model.config)
+    plain.assign(state)
+    return plain
+
+
+def save_adapter(model: Decoder, path: str | Path, base_model: str) -> None:
+    """The adapters alone in PEFT's layout (peft.PeftModel.from_pretrained loads them onto transformers' base model).
+    Keep the folder beside, never inside, a merged model: transformers would apply the adapter a second time."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, LoRALinear)})
+    write_peft_adapter(Path(path), {ours_to_hf(k): v for k, v in lora_state(model).items()},
+                       {"r": layers[0].rank, "lora_alpha": layers[0].alpha, "target_modules": targets,
+                        "base_model_name_or_path": base_model})

@@ -1,0 +1,148 @@
+"""LoRA (model.py's adapters): exact at initialisation, adapters alone trained, merged and PEFT exports that
+transformers and peft load with the same logits; and the streaming loader's bounded host memory."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import LLAMA, QWEN2, ROOT
+from infra.config import ModelConfig
+from infra.device import autocast
+from infra.files import UserError
+from model import LORA_TARGETS, Decoder, LoRALinear, apply_lora, init_weights, lora_state, merge_lora, save_adapter
+
+transformers = pytest.importorskip("transformers")
+
+
+def base(tmp_path, kwargs=LLAMA, cls=transformers.LlamaForCausalLM, config=transformers.LlamaConfig):
+    torch.manual_seed(0)
+    cls(config(**kwargs)).save_pretrained(tmp_path / "base")
+    return tmp_path / "base"
+
+
+def trained(model, seed=1):
+    """Random adapters, as after training (B = 0 would hide a wrong merge or a wrong key)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora_state(model).values():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+    return model
+
+
+IDS = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(2))
+
+
+def test_lora_at_initialisation_is_the_base_exactly(tmp_path):
+    path = base(tmp_path)
+    plain = Decoder.from_pretrained(path).eval()
+    lora = apply_lora(Decoder.from_pretrained(path), rank=4, alpha=8).eval()
+    with torch.no_grad():
+        assert torch.equal(lora(IDS), plain(IDS))
+    assert sum(isinstance(m, LoRALinear) for m in lora.modules()) == 2 * len(LORA_TARGETS)
+    assert set(plain.state_dict()) <= set(lora.state_dict())  # the base's names are kept
+
+
+def test_only_the_adapters_are_trained(tmp_path):
+    model = apply_lora(Decoder.from_pretrained(base(tmp_path)), rank=4, alpha=8, targets=("q_proj", "down_proj"))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.endswith((".lora_A", ".lora_B")) for n in trainable)
+    assert sorted(trainable) == sorted(lora_state(model))
+    assert {n.split(".")[3] for n in trainable} == {"q_proj", "down_proj"}
+    model(IDS).float().logsumexp(-1).mean().backward()
+    graded = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert graded == set(trainable)
+    with pytest.raises(UserError, match="targets among q_proj"):
+        apply_lora(model, rank=4, alpha=8, targets=("qproj",))
+
+
+@pytest.mark.parametrize("case", ["llama", "qwen2-tied"])
+def test_merged_export_loads_in_transformers_with_the_adapter_logits(case, tmp_path):
+    kwargs, cls, config = (LLAMA, transformers.LlamaForCausalLM, transformers.LlamaConfig) if case == "llama" else \
+        (dict(QWEN2, tie_word_embeddings=True), transformers.Qwen2ForCausalLM, transformers.Qwen2Config)
+    model = trained(apply_lora(Decoder.from_pretrained(base(tmp_path, kwargs, cls, config)), rank=4, alpha=16)).eval()
+    merged = merge_lora(model).eval()
+    assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+    merged.save_pretrained(tmp_path / "merged")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        expected = model(IDS)
+        torch.testing.assert_close(merged(IDS), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(back(input_ids=IDS).logits, expected, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(expected, Decoder.from_pretrained(tmp_path / "base")(IDS), atol=1e-3)
+    assert any(isinstance(m, LoRALinear) for m in model.modules())  # the LoRA model is left as it was
+
+
+def test_peft_loads_the_adapter_with_the_same_logits(tmp_path):
+    peft = pytest.importorskip("peft")
+    path = base(tmp_path)
+    model = trained(apply_lora(Decoder.from_pretrained(path), rank=4, alpha=16, targets=LORA_TARGETS[:5])).eval()
+    save_adapter(model, tmp_path / "final-adapter", base_model=str(path))
+    config = json.loads((tmp_path / "final-adapter" / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 4, 16)
+    ref = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(path),
+                                         tmp_path / "final-adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ref(input_ids=IDS).logits, model(IDS), atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_base_with_fp32_adapters(tmp_path):
+    """On CPU `auto` precision is fp32, so the bf16-base / fp32-adapter split is forced here."""
+    path = base(tmp_path)
+    model = apply_lora(Decoder.from_pretrained(path, dtype=torch.bfloat16), rank=4, alpha=8)
+    assert {p.dtype for p in lora_state(model).values()} == {torch.float32}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    with autocast("bf16", torch.device("cpu")):
+        logits = model(IDS)
+    logits.float().logsumexp(-1).mean().backward()
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    trained(model)
+    with torch.no_grad():
+        outside = model(IDS)  # no autocast: the adapters run in fp32 beside the bf16 base
+        with autocast("bf16", torch.device("cpu")):
+            inside = model(IDS)
+        reference = trained(apply_lora(Decoder.from_pretrained(path), rank=4, alpha=8))(IDS)
+    assert outside.dtype == inside.dtype == torch.bfloat16
+    for out in (outside, inside):
+        torch.testing.assert_close(out.float(), reference, atol=0.1, rtol=0.05)
+
+
+# --------------------------------------------------------------------------------------------------- loading
+PEAK = """
+import sys, torch
+from infra.config import ModelConfig
+from model import Decoder
+torch.aminmax(torch.ones(4)); torch.ones(4).numpy()  # lazy imports outside the measurement
+with torch.device("meta"):
+    Decoder(ModelConfig(vocab_size=8, dim=8, n_layers=1, n_heads=1, n_kv_heads=1, head_dim=8, intermediate_size=8))
+def kib(field):  # VmHWM is this process's own peak: getrusage's maxrss carries the parent's over fork and exec
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
+before = kib("VmRSS:")
+model = Decoder.from_pretrained(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
+print((kib("VmHWM:") - before) * 1024, sum(p.numel() * p.element_size() for p in model.parameters()))
+"""
+
+
+def peak_growth(runs: list[tuple[str, str]]) -> list[float]:
+    """Peak resident memory gained loading each (checkpoint, dtype), in its own process (run side by side), over the
+    model's size in that dtype."""
+    procs = [subprocess.Popen([sys.executable, "-c", PEAK, path, dtype], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+             for path, dtype in runs]
+    outs = [p.communicate()[0].split() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    return [int(grown) / int(size) for grown, size in outs]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_loading_holds_about_one_model_in_the_target_dtype(tmp_path):
+    """Weights stream into their final dtype: converting never holds the stored copy too (it did: 3.0x from fp32 to
+    bf16, 1.5x from bf16 to fp32, in docs/scaling.md)."""
+    config = ModelConfig(vocab_size=8192, dim=512, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=64,
+                         intermediate_size=1536)  # 17M parameters: 64 MiB in fp32
+    model = Decoder(config)
+    init_weights(model, seed=0)
+    for stored in (torch.float32, torch.bfloat16):
+        model.save_pretrained(tmp_path / str(stored), dtype=stored)
+    runs = [(str(tmp_path / "torch.float32"), "bfloat16"), (str(tmp_path / "torch.bfloat16"), "float32")]
+    assert max(peak_growth(runs)) <= 1.3
