@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data import IGNORE, Case, Dataset, Encoder, Examples, target_example
+from infra.chunked import ChunkedCrossEntropy
 from infra.device import autocast, peak_flops, peak_memory_gb, resolve_precision
 from infra.distributed import agreed, all_reduce_sum, clip_grad_norm, consolidate, gradient_sync, resolve_shard, wrap
 from infra.files import UserError
@@ -80,35 +81,6 @@ def cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
     dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else None
     with torch.autocast(hidden.device.type, enabled=False):  # the Function casts by itself, as autocast would
         return ChunkedCrossEntropy.apply(hidden, weight, targets, chunk, dtype or hidden.dtype)
-
-
-class ChunkedCrossEntropy(torch.autograd.Function):
-    """Forward computes the loss and both gradients chunk by chunk: d loss / d logits = softmax - one-hot, then
-    d hidden = that @ W and d W += that^T @ hidden. The same three matmuls as plain autograd, with one chunk of
-    logits alive at a time; backward only scales the stored gradients by the incoming one."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk: int, dtype: torch.dtype):
-        w = weight.to(dtype)
-        grad_hidden = torch.empty_like(hidden, dtype=torch.float32)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for i in range(0, len(targets), chunk):
-            h, t = hidden[i:i + chunk].to(dtype), targets[i:i + chunk]
-            logits = (h @ w.t()).float()
-            loss += F.cross_entropy(logits, t, reduction="sum")
-            grad_logits = logits.softmax(-1)
-            grad_logits[torch.arange(len(t), device=t.device), t] -= 1
-            grad_logits = grad_logits.to(dtype)
-            grad_hidden[i:i + chunk] = grad_logits @ w
-            grad_weight += (grad_logits.t() @ h).float()
-        ctx.save_for_backward(grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype))
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None
 
 
 def lm_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
