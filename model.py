@@ -293,23 +293,6 @@ def ours_to_hf(key: str) -> str:
     return key if key.startswith("lm_head.") else "model." + key
 
 
-# --------------------------------------------------------------------------------------------------- init
-def init_weights(model: Decoder, seed: int) -> None:
-    """GPT-2 style: N(0, std) everywhere, residual output projections scaled by 1/sqrt(2·layers), zero biases."""
-    generator = torch.Generator().manual_seed(seed)
-    std = model.config.init_std
-    for name, p in model.named_parameters():
-        if name.endswith("norm.weight") or "layernorm" in name:
-            nn.init.ones_(p)
-        elif name.endswith(".bias"):
-            nn.init.zeros_(p)
-        else:
-            residual = name.endswith(("o_proj.weight", "down_proj.weight"))
-            scale = 1 / math.sqrt(2 * model.config.n_layers) if residual else 1
-            with torch.no_grad():
-                p.copy_(torch.randn(p.shape, generator=generator) * std * scale)
-
-
 # --------------------------------------------------------------------------------------------------- LoRA
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTERS = (".lora_A", ".lora_B")  # how the adapters' parameter names end

@@ -25,10 +25,11 @@ import typer
 from bench.decoder import bench_decoder
 from bench.harness import QUICK, ROOT, Options, choose_peaks, console, cprec, measure_peaks
 from eval import auto_batch_users, beam_search, build_trie
+from extras.init import init_weights
 from infra.config import SMALL, ModelConfig
 from infra.device import autocast, machine
 from infra.files import write_json
-from model import Decoder, init_weights
+from model import Decoder
 
 QWEN_05B = dict(vocab_size=151936, dim=896, n_layers=24, n_heads=14, n_kv_heads=2, intermediate_size=4864)
 ML1M = dict(items=3700, title_tokens=(10, 40), prompt=600, beams=20, users=512)  # MovieLens-1M-like ranking

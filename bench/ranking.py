@@ -19,12 +19,13 @@ import torch
 from bench.harness import Options, console, fresh_processes, peak_memory, throughput, time_interleaved, timed
 from bench.training import train_step
 from data import TEST, VALID, Encoder
+from extras.init import init_weights
 from extras.world import open_dataset
 from infra.config import SMALL, config_from_hf
 from infra.device import autocast
 from infra.files import read_json
 from infra.tokenizer import Tokenizer
-from model import Decoder, init_weights
+from model import Decoder
 
 
 # --------------------------------------------------------------------------------------------------- eval

@@ -19,10 +19,11 @@ from torch.distributed.tensor import DTensor
 
 from bench.harness import Options, Step, add_memory, peak_memory, throughput, time_interleaved, timed
 from data import IGNORE, Blocks
+from extras.init import init_weights
 from infra.config import SMALL, ModelConfig
 from infra.device import autocast, memory_estimate
 from infra.distributed import Supervised, checkpoint_layers, setup_distributed, shard_fsdp
-from model import Decoder, init_weights
+from model import Decoder
 from train import cross_entropy_sum, lm_loss, param_groups, step
 
 # --------------------------------------------------------------------------------------------------- train

@@ -26,6 +26,7 @@ from torch import nn
 
 from data import IGNORE, TEST, VALID, Dataset, eval_cases, length_buckets, pad, sample, train_sequences
 from eval import evaluation_result, metrics, popularity, rank_in_scores
+from extras.init import init_weights
 from extras.options import option, recipe, train_config
 from extras.world import open_dataset
 from infra.cli import OVERWRITE, PROGRESS, RESUME, TRACKER, show
@@ -36,7 +37,7 @@ from infra.distributed import setup_distributed
 from infra.files import UserError, atomic_dir, quote, write_json
 from infra.runs import open_run, save_result
 from infra.trackers import check_tracker
-from model import Decoder, init_weights
+from model import Decoder
 from schedule import Schedule
 from train import cross_entropy_sum, train
 

@@ -2,13 +2,16 @@
 an HF checkpoint, from then on loaded exactly like a downloaded one; and the default small model, made on first use."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import torch
 import typer
+from torch import nn
 
 from data import TAG, cpt_sequences, header, item_text, render
 from extras.world import open_dataset
@@ -18,7 +21,7 @@ from infra.datasets import Dataset
 from infra.distributed import barrier
 from infra.files import UserError, atomic_dir, own_output, read_json, write_json
 from infra.tokenizer import Tokenizer, train_tokenizer
-from model import Decoder, init_weights
+from model import Decoder
 
 INIT_FILES = {"config.json", "model.safetensors", "tokenizer.model"}  # what init writes
 
@@ -31,6 +34,22 @@ def tokenizer_corpus(ds: Dataset, seed: int = 0, sequences: int = 20000) -> list
     for k in np.random.default_rng(seed).permutation(len(cpt))[:sequences]:
         texts.append(render(ds, *cpt[k]))
     return texts
+
+
+def init_weights(model: Decoder, seed: int) -> None:
+    """GPT-2 style: N(0, std) everywhere, residual output projections scaled by 1/sqrt(2·layers), zero biases."""
+    generator = torch.Generator().manual_seed(seed)
+    std = model.config.init_std
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight") or "layernorm" in name:
+            nn.init.ones_(p)
+        elif name.endswith(".bias"):
+            nn.init.zeros_(p)
+        else:
+            residual = name.endswith(("o_proj.weight", "down_proj.weight"))
+            scale = 1 / math.sqrt(2 * model.config.n_layers) if residual else 1
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=generator) * std * scale)
 
 
 def create_model(texts, out_dir: str | Path, config: ModelConfig, seed: int = 0) -> Decoder:

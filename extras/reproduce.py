@@ -32,7 +32,7 @@ import numpy as np
 import typer
 
 from eval import ndcg_gains
-from extras.init import base_model
+from extras.init import base_model, init_weights
 from extras.world import open_dataset
 from infra.cli import PROGRESS, console
 from infra.config import DEFAULT_DATA, INIT_MARKER
@@ -41,7 +41,7 @@ from infra.console import say
 from infra.files import UserError, atomic_dir, lock, marked, own_output, quote, read_json, write_json
 from infra.runs import Interrupted, has_checkpoint
 from infra.tokenizer import Tokenizer
-from model import Decoder, init_weights
+from model import Decoder
 
 CPREC = Path(__file__).resolve().parents[1] / "cprec.py"
 

@@ -10,12 +10,13 @@ import torch
 from safetensors.torch import load_file
 
 from eval import beam_search, build_trie
+from extras.init import init_weights
 from helpers import BadGradients, StopAt, config, cpt_setup, read_records
 from infra.config import ModelConfig
 from infra.device import memory_estimate
 from infra.distributed import Supervised, wrap
 from infra.runs import Interrupted, open_run
-from model import Decoder, init_weights
+from model import Decoder
 from train import lm_loss, param_groups, step, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -21,10 +21,11 @@ from eval import (
     rank_in_list,
     rank_in_scores,
 )
+from extras.init import init_weights
 from infra.config import ModelConfig
 from infra.files import UserError
 from infra.tokenizer import Tokenizer
-from model import Decoder, init_weights
+from model import Decoder
 
 
 def test_metrics_match_hand_computed_values():

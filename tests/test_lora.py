@@ -7,11 +7,12 @@ import sys
 import pytest
 import torch
 
+from extras.init import init_weights
 from helpers import LLAMA, QWEN2, ROOT
 from infra.config import ModelConfig
 from infra.device import autocast
 from infra.files import UserError
-from model import LORA_TARGETS, Decoder, LoRALinear, apply_lora, init_weights, lora_state, merge_lora, save_adapter
+from model import LORA_TARGETS, Decoder, LoRALinear, apply_lora, lora_state, merge_lora, save_adapter
 
 transformers = pytest.importorskip("transformers")
 
