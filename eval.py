@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from data import Case, Dataset, Encoder, eval_cases, item_text, pad, sample, train_sequences
+from infra.beyond import beyond_accuracy
 from infra.console import progress as progress_bar
 from infra.console import warn
 from infra.device import auto_batch_users
@@ -384,20 +385,6 @@ def metrics(ranks, ks=KS) -> dict:
     return out
 
 
-def beyond_accuracy(ds: Dataset, key: str, tops) -> dict:
-    """What a ranking costs beyond its accuracy, over every user's top-10 (catalogue positions): the share of the
-    catalogue it ever recommends (coverage), and the mean popularity percentile of what it recommends (0: the least
-    bought item of the domain's training interactions, 1: the most; popularity's own top-10 is near 1)."""
-    counts = popularity(ds, key)
-    ordered = np.sort(counts)  # mid-rank percentile: equally popular items share one
-    middle = (np.searchsorted(ordered, counts, "left") + np.searchsorted(ordered, counts, "right") - 1) / 2
-    percentile = middle / max(len(counts) - 1, 1)
-    shown = [np.asarray(top[:10], np.int64) for top in tops]
-    every = np.concatenate(shown) if shown else np.zeros(0, np.int64)
-    return {"coverage": len(np.unique(every)) / len(counts),
-            "popularity_percentile": float(percentile[every].mean()) if len(every) else float("nan")}
-
-
 def popularity(ds: Dataset, key: str) -> np.ndarray:
     """Training-interaction count of each catalogue item: the popularity baseline's scores."""
     position = {item: k for k, item in enumerate(ds.catalogue(key))}
@@ -488,7 +475,8 @@ def evaluation_result(ds: Dataset, key: str, split: str, cases: list[Case], rank
     return {
         "protocol": protocol, "domain": key, "split": split, "users": len(cases), "items": len(catalogue),
         "beams": beams, "exact": beams is None, "mask_history": mask_history,
-        "model": metrics(ranks, ks), "popularity": metrics(pop_ranks, ks), "top10": beyond_accuracy(ds, key, tops),
+        "model": metrics(ranks, ks), "popularity": metrics(pop_ranks, ks),
+        "top10": beyond_accuracy(popularity(ds, key), tops),
         "seconds": seconds, "users_per_s": len(cases) / seconds,
         "per_user": [{"user": ds.user_ids[c.user], "target": ds.item_ids[c.target],
                       "rank": None if np.isinf(r) else int(r), "popularity_rank": int(p),

@@ -237,6 +237,6 @@ def test_evaluate_progress_shows_users_and_nests_in_an_open_bar(small, tiny_mode
 
 def test_beyond_accuracy_by_hand(small):
     """games' training counts are [1, 2, 1, 0] (g1..g4): mid-rank percentiles 0.5, 1, 0.5, 0."""
-    from eval import beyond_accuracy
-    got = beyond_accuracy(small, "games", [[1, 0], [1, 3]])
+    from infra.beyond import beyond_accuracy
+    got = beyond_accuracy(popularity(small, "games"), [[1, 0], [1, 3]])
     assert got == {"coverage": 3 / 4, "popularity_percentile": pytest.approx((1 + 0.5 + 1 + 0) / 4)}
