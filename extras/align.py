@@ -40,10 +40,11 @@ from data import (
     sample,
     train_sequences,
 )
+from extras.init import not_a_checkpoint, written_by_init
 from extras.world import open_dataset
 from infra.cli import OVERWRITE, PRECISION, PROGRESS, RESUME, show
 from infra.config import DEFAULT_DATA, INIT_MARKER
-from infra.console import say
+from infra.console import say, warn
 from infra.device import autocast, resolve_precision
 from infra.distributed import setup_distributed
 from infra.files import UserError, quote, read_json
@@ -279,8 +280,11 @@ def command(domain: str = typer.Option(..., help="Domain of the fine-tuned model
     ds = open_dataset(data, rank)
     start = model or Path(f"runs/finetune-{domain}") / "best"
     if not (start / "config.json").exists():
-        raise UserError(f"{start}: no checkpoint; run `python cprec.py finetune --domain {domain}` first or pass "
-                        "--model")
+        raise UserError(not_a_checkpoint(start) if model else f"{start}: no checkpoint; run `python cprec.py "
+                        f"finetune --domain {domain}` first or pass --model")
+    if written_by_init(start):  # allowed (a smoke test), but rarely meant
+        warn(f"{start}: a model `init` made and nothing trained; align post-trains a fine-tuned model (finetune "
+             "first)", rank)
     cfg.check(len(ds.catalogue(domain)))
     if not eval_cases(ds, domain, VALID):
         raise UserError(f"domain {quote(domain)} has no validation cases, so no checkpoint could be chosen")
