@@ -213,8 +213,9 @@ def main(
     if peak_tflops is not None and not peak_tflops > 0:
         raise invalid("--peak-tflops", f"{peak_tflops}: expected a value > 0")
     if json_path is not None:
-        if json_path.is_dir():
-            raise invalid("--json", f"{json_path}: a directory; expected a file name")
+        if json_path.is_dir() or not json_path.parent.is_dir():
+            raise invalid("--json", f"{json_path}: " + ("a directory; expected a file name" if json_path.is_dir() else
+                                                        f"no folder {json_path.parent}"))
         writable(json_path, "--json")
     sizes = {name: counts(text, name) for name, text in (("--scale-reviews", scale_reviews),
                                                          ("--scale-eval-items", scale_eval_items))}

@@ -177,13 +177,13 @@ def own_output(out: str | Path, *, what: str, overwrite: bool, check: Callable[[
     of this kind (`check(out)` returns why not, None when it is ours), is ours but --overwrite was not given, or
     cannot be written. An absent `out` or an empty directory is simply filled."""
     out = Path(out)
+    name_fits(Path(os.path.abspath(out)), option)  # before anything asks the file system about it
     if out.is_symlink():
         if not out.exists():
             raise UserError(f"{option} {out}: a symbolic link to {os.readlink(out)}, which does not exist; choose "
                             f"another {option}")
         out = out.resolve()
     here = out.resolve()
-    name_fits(here, option)
     for source in (Path(x).resolve() for x in inputs if x is not None):
         if source == here or here in source.parents:
             raise UserError(f"{option} {out}: would replace the input {source}; choose an output outside it")
