@@ -123,7 +123,9 @@ class Made:
 
     def now(self, args: list[str]) -> dict:
         model = Path(args[args.index("--model") + 1]) if "--model" in args else None
-        return {"args": args, "data_fingerprint": self.data,
+        paths = {i + 1 for i, a in enumerate(args) if a in ("--data", "--model", "--out")}  # however spelt
+        return {"args": [str(Path(a).resolve()) if i in paths else a for i, a in enumerate(args)],
+                "data_fingerprint": self.data,
                 "model_fingerprint": model_fingerprint(model) if model is not None and model.is_dir() else None}
 
     def check(self, args: list[str], result: Path) -> None:
@@ -179,8 +181,8 @@ def settings_of(out: Path, settings: dict, resume: bool) -> None:
     saved = out / "reproduce.json"
     if resume and saved.exists():
         old = read_json(saved)
-        if changed := [option for key, option in SETTINGS.items() if old.get(key) != settings[key]
-                       and not extends(key, old.get(key), settings[key]) and (key in old or key not in ADDED)]:
+        if changed := [option for key, option in SETTINGS.items() if old.get(key) != settings.get(key)
+                       and not extends(key, old.get(key), settings.get(key)) and (key in old or key not in ADDED)]:
             raise UserError(f"{out}: --resume with other settings ({', '.join(changed)}) than the reproduction "
                             "there; give the recorded ones (reproduce.json), extend them (drop --core, raise "
                             "--seeds) or --overwrite to start over")
