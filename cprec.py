@@ -117,7 +117,8 @@ def finetune(o: Finetune):
     ds.domain(o.domain)
     start = o.model or DEFAULT_CPT / "final"
     if not (start / "config.json").exists():
-        raise UserError(f"{start}: no checkpoint; run `python cprec.py pretrain` first or pass --model")
+        raise UserError(init.not_a_checkpoint(start) if o.model else f"{start}: no checkpoint; run `python cprec.py "
+                        "pretrain` first or pass --model")
     if not eval_cases(ds, o.domain, VALID):
         raise UserError(f"domain {quote(o.domain)} has no validation cases (users need 3+ interactions there), so no "
                         "checkpoint could be chosen; choose another --domain")
@@ -170,7 +171,7 @@ def evaluate_command(domain: str = typer.Option(..., help="Domain whose whole ca
                      window: int = typer.Option(20, help="History items in a prompt."),
                      precision: str = PRECISION, seed: int = typer.Option(0, help="Seed of the user subset."),
                      out: Optional[Path] = typer.Option(None, help="Results JSON (default: "
-                                                        "runs/eval/MODEL-DOMAIN-SPLIT.json)."),
+                                                        "runs/eval/MODEL-PATH-DOMAIN-SPLIT.json)."),
                      overwrite: bool = typer.Option(False, help="Replace an earlier result of evaluate in --out."),
                      progress: bool = PROGRESS):
     """Full-ranking evaluation of a checkpoint on a domain, beside the popularity baseline."""
@@ -178,9 +179,13 @@ def evaluate_command(domain: str = typer.Option(..., help="Domain whose whole ca
         raise UserError(f"--users {users}: expected 0 (all users) or a positive number")
     if window < 1:
         raise UserError(f"--window {window}: expected a positive number of history items")
-    out = out or Path("runs/eval") / f"{model.name}-{domain}-{split}{'-exact' if exact else ''}.json"
+    if out is None:  # named after the whole checkpoint path (from here when below it): two models never collide
+        here, where = Path.cwd().resolve(), model.resolve()
+        where = where.relative_to(here) if where.is_relative_to(here) else where
+        out = Path("runs/eval") / f"{'-'.join(p for p in where.parts if p != where.anchor)}-{domain}-{split}" \
+                                  f"{'-exact' if exact else ''}.json"
     out = own_output(out, what="result of evaluate", overwrite=overwrite, check=evaluation_file, inputs=[model, data],
-                     outside=[data], file=True)
+                     file=True)
     own_output(per_user_file(out), what="per-user ranks of evaluate", overwrite=overwrite, file=True,
                check=lambda p: evaluation_file(out))  # its per-user ranks beside it: replaced only with it
     _, _, device = setup_distributed()

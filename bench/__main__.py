@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -29,7 +30,7 @@ from bench.training import bench_fsdp, bench_loss, bench_memory, bench_train
 from infra.cli import split_list
 from infra.config import DEFAULT_CPT, DEFAULT_DATA, DEFAULT_MODEL, ModelConfig
 from infra.device import machine
-from infra.files import UserError
+from infra.files import UserError, writable
 
 SECTIONS: dict[str, Callable[[Options], list[dict]]] = {
     "decoder": bench_decoder, "train": bench_train, "loss": bench_loss, "eval": bench_eval,
@@ -106,6 +107,11 @@ def render(section: str, rows: list[dict]) -> Table:
     return table
 
 
+def invalid(option: str, why: str) -> UserError:
+    """A bad option, as one line (exit 2) before any section runs."""
+    return UserError(f"Invalid value for {option}: {why}")
+
+
 def counts(text: str | None, option: str) -> tuple[int, ...]:
     """A comma-separated list of counts >= 1 (empty when not given)."""
     try:
@@ -113,7 +119,7 @@ def counts(text: str | None, option: str) -> tuple[int, ...]:
     except ValueError:
         values = ()
     if text and (not values or min(values) < 1):
-        raise typer.BadParameter(f"{text!r}: expected comma-separated counts >= 1, e.g. 1000,10000", param_hint=option)
+        raise invalid(option, f"{text!r}: expected comma-separated counts >= 1, e.g. 1000,10000")
     return values
 
 
@@ -172,33 +178,51 @@ def main(
 ) -> None:
     sections = [name.strip() for name in only.split(",") if name.strip()]
     if unknown := [name for name in sections if name not in SECTIONS]:
-        raise typer.BadParameter(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}", param_hint="--only")
+        raise invalid("--only", f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
     cuda = device.startswith("cuda")
     precision_list = [p.strip() for p in (precisions or ("bf16" if cuda else "fp32,bf16")).split(",")]
     if bad := [p for p in precision_list if p not in DTYPES]:
-        raise typer.BadParameter(f"unknown precision(s) {bad}; choose fp32, bf16", param_hint="--precisions")
+        raise invalid("--precisions", f"unknown precision(s) {bad}; choose fp32, bf16")
     try:
         s = dict(QUICK if quick else DECODER)
         s.update({k.strip(): int(v) for k, v in (kv.split("=") for kv in shape.split(",") if kv.strip())})
         seq, batch = s.pop("seq"), s.pop("batch")
         config = ModelConfig(**s, head_dim=s["dim"] // s["n_heads"], tie_embeddings=False, max_positions=max(2048, seq))
     except (ValueError, TypeError, ZeroDivisionError):
-        raise typer.BadParameter(f"{shape!r}: want name=int pairs of {list(DECODER)}", param_hint="--shape") from None
+        raise invalid("--shape", f"{shape!r}: want name=int pairs of {list(DECODER)}") from None
     if config.dim % config.n_heads or config.n_heads % config.n_kv_heads:
-        raise typer.BadParameter("need n_heads | dim and n_kv_heads | n_heads", param_hint="--shape")
+        raise invalid("--shape", "need n_heads | dim and n_kv_heads | n_heads")
+    if min(s.values()) < 1 or seq < 1 or batch < 1:
+        raise invalid("--shape", f"{shape!r}: every field must be >= 1")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise invalid("--device", f"{device!r}: expected cpu, cuda or cuda:INDEX")
+    if cuda and not torch.cuda.is_available():
+        raise invalid("--device", f"{device!r}: CUDA is not available here; use --device cpu")
     for name, value in (("--reps", reps), ("--movie-users", movie_users), ("--movie-reps", movie_reps),
-                        ("--scale-eval-users", scale_eval_users)):
+                        ("--scale-eval-users", scale_eval_users), ("--eval-users", eval_users),
+                        ("--catalogue-items", catalogue_items), ("--prepare-records", prepare_records),
+                        ("--llm-users", llm_users), ("--baseline-epochs", baseline_epochs)):
         if value is not None and value < 1:
-            raise typer.BadParameter(f"{value}: expected a count >= 1", param_hint=name)
-    for name, value in (("--baseline-window", baseline_window), ("--baseline-recbole-epochs", baseline_recbole_epochs)):
+            raise invalid(name, f"{value}: expected a count >= 1")
+    for name, value in (("--baseline-window", baseline_window), ("--baseline-recbole-epochs", baseline_recbole_epochs),
+                        ("--threads", threads), ("--warmup", warmup), ("--exact-users", exact_users)):
         if value < 0:
-            raise typer.BadParameter(f"{value}: expected a count >= 0 (0: the default)", param_hint=name)
+            raise invalid(name, f"{value}: expected a count >= 0" + (" (0: the default)" if "baseline" in name else ""))
+    if beams < 20:
+        raise invalid("--beams", f"{beams}: expected >= 20 (the largest K)")
+    if peak_tflops is not None and not peak_tflops > 0:
+        raise invalid("--peak-tflops", f"{peak_tflops}: expected a value > 0")
+    if json_path is not None:
+        if json_path.is_dir() or not json_path.parent.is_dir():
+            raise invalid("--json", f"{json_path}: " + ("a directory; expected a file name" if json_path.is_dir() else
+                                                        f"no folder {json_path.parent}"))
+        writable(json_path, "--json")
     sizes = {name: counts(text, name) for name, text in (("--scale-reviews", scale_reviews),
                                                          ("--scale-eval-items", scale_eval_items))}
     model = model or next((p for p in (DEFAULT_CPT / "final", DEFAULT_MODEL) if (p / "config.json").exists()), None)
     if {"eval", "recommend", "llm"} & set(sections) and not (model and (model / "config.json").exists()):
-        raise typer.BadParameter(f"no checkpoint in {model or DEFAULT_CPT / 'final'}: pass another, or run `python "
-                                 "cprec.py pretrain` first", param_hint="--model")
+        raise invalid("--model", f"no checkpoint in {model or DEFAULT_CPT / 'final'}: pass another, or run `python "
+                                 "cprec.py pretrain` first")
     torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
     eval_users = eval_users or (20 if quick else 1000)
     o = Options(device=device, threads=torch.get_num_threads(), precisions=precision_list,

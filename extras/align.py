@@ -40,11 +40,12 @@ from data import (
     sample,
     train_sequences,
 )
+from extras.init import not_a_checkpoint, written_by_init
 from extras.options import SAVE_EVERY, check, multiple, option, recipe, run_settings, train_config
 from extras.world import open_dataset
 from infra.cli import OVERWRITE, PRECISION, PROGRESS, RESUME, TRACKER, positive, show
 from infra.config import DEFAULT_DATA, INIT_MARKER
-from infra.console import say
+from infra.console import say, warn
 from infra.device import autocast, resolve_precision
 from infra.distributed import setup_distributed
 from infra.files import UserError, quote, read_json
@@ -277,8 +278,11 @@ def command(o: Align):
     ds = open_dataset(o.data, rank)
     start = o.model or Path(f"runs/finetune-{o.domain}") / "best"
     if not (start / "config.json").exists():
-        raise UserError(f"{start}: no checkpoint; run `python cprec.py finetune --domain {o.domain}` first or pass "
-                        "--model")
+        raise UserError(not_a_checkpoint(start) if o.model else f"{start}: no checkpoint; run `python cprec.py "
+                        f"finetune --domain {o.domain}` first or pass --model")
+    if written_by_init(start):  # allowed (a smoke test), but rarely meant
+        warn(f"{start}: a model `init` made and nothing trained; align post-trains a fine-tuned model (finetune "
+             "first)", rank)
     cfg.check(len(ds.catalogue(o.domain)))
     if not eval_cases(ds, o.domain, VALID):
         raise UserError(f"domain {quote(o.domain)} has no validation cases, so no checkpoint could be chosen")

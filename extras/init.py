@@ -68,6 +68,15 @@ def create_model(texts, out_dir: str | Path, config: ModelConfig, seed: int = 0)
     return model
 
 
+def not_a_checkpoint(model: Path) -> str:
+    """Why --model (given) holds no checkpoint to train from, and what to pass instead."""
+    if (model / "baseline.json").exists():
+        return f"--model {model}: a SASRec model of `baseline` (item IDs), not a language model; pass a checkpoint"
+    inside = [model / name for name in ("best", "final") if (model / name / "config.json").exists()]
+    return f"--model {model}: no checkpoint there (config.json not found)" + (
+        f"; a run folder: pass {' or '.join(map(str, inside))}" if inside else "")
+
+
 def written_by_init(path: str | Path) -> bool:
     """True if `path` holds exactly what `init` writes, with init's marker in config.json, so init may replace it."""
     path = Path(path)

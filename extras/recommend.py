@@ -281,7 +281,7 @@ def command(model: Path = typer.Option(..., help="Checkpoint: fine-tuned, or CPT
         raise UserError("give the history: --history TITLE (repeatable), --user ID, or --input FILE --output FILE")
     if output_file is not None:
         output_file = own_output(output_file, what="recommendation file", overwrite=overwrite, file=True,
-                                 check=recommendation_file, inputs=[input_file, data, model], outside=[data],
+                                 check=recommendation_file, inputs=[input_file, data, model],
                                  option="--output")
         if not input_file.is_file():
             raise UserError(f"--input {input_file}: {'is a directory' if input_file.is_dir() else 'file not found'}; "

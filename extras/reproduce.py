@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import hashlib
 import json
+import shutil
 import signal
 import statistics
 import subprocess
@@ -41,6 +42,7 @@ from infra.console import say
 from infra.files import UserError, atomic_dir, lock, marked, own_output, quote, read_json, write_json
 from infra.runs import Interrupted, has_checkpoint
 from infra.tokenizer import Tokenizer
+from infra.weights import model_fingerprint
 from model import Decoder
 
 CPREC = Path(__file__).resolve().parents[1] / "cprec.py"
@@ -73,17 +75,22 @@ def measured(name: str, core: bool) -> bool:
     return not core or name in CORE or name in ZERO_SHOT
 
 
-def run(args: list[str], result: Path, resume: bool, log) -> None:
+def run(args: list[str], result: Path, resume: bool, log, made: Made) -> None:
     """Run one cprec.py command: on --resume, not at all when its result is written (a finished run), with --resume
     when its run directory holds a checkpoint (an interrupted one), else afresh (--overwrite: only its own output).
+    Reused or continued only when proven the same: its recorded command line and the fingerprints of its dataset
+    and model equal this one's (Made); otherwise refused, naming the difference.
 
     The command runs in a session of its own, so a Ctrl-C reaches this process alone, which passes it on once and
     waits while the command saves its checkpoint (a second Ctrl-C is passed on too: stop now)."""
+    folder = Path(args[args.index("--out") + 1])
+    continued = resume and folder.is_dir() and has_checkpoint(folder)
+    if resume and (result.exists() or continued):
+        made.check(args, result)
     if resume and result.exists():
         log.write(f"$ python cprec.py {' '.join(args)}\n# reused {result}\n")
         return
-    folder = Path(args[args.index("--out") + 1])
-    continued = resume and folder.is_dir() and has_checkpoint(folder)
+    made.record(args, result)
     args = [*args, "--resume" if continued else "--overwrite"]
     line = " ".join(["python cprec.py", *args])
     log.write(f"$ {line}\n")
@@ -106,6 +113,54 @@ def run(args: list[str], result: Path, resume: bool, log) -> None:
         raise UserError(f"`{line}` failed (exit {code}); see {log.name}; fix it and rerun with --resume")
 
 
+class Made:
+    """runs.json of a reproduction: what each of its results was made with (the command line, the dataset's and the
+    model's fingerprints), written as the command starts, so a finished or interrupted run is reused only by the same
+    command on the same inputs. Results of reproductions made before it was kept are reused as they are."""
+
+    def __init__(self, out: Path, data_fingerprint: str, resume: bool):
+        self.path, self.data = out / "runs.json", data_fingerprint
+        self.records = read_json(self.path) if resume and self.path.exists() else {}
+
+    def now(self, args: list[str]) -> dict:
+        model = Path(args[args.index("--model") + 1]) if "--model" in args else None
+        paths = {i + 1 for i, a in enumerate(args) if a in ("--data", "--model", "--out")}  # however spelt
+        return {"args": [str(Path(a).resolve()) if i in paths else a for i, a in enumerate(args)],
+                "data_fingerprint": self.data,
+                "model_fingerprint": model_fingerprint(model) if model is not None and model.is_dir() else None}
+
+    def check(self, args: list[str], result: Path) -> None:
+        key = str(result.relative_to(self.path.parent))
+        if (old := self.records.get(key)) is None:
+            return
+        new = self.now(args)
+        if old == new:
+            return
+        before, after = options(old["args"]), options(new["args"])
+        why = [f"{k} {before.get(k)} (now {after.get(k)})" for k in sorted(set(before) | set(after))
+               if before.get(k) != after.get(k)]
+        why += [f"{'--data' if k == 'data_fingerprint' else '--model'}'s content changed since (was `init` or "
+                "`prepare` run again?)" for k in ("data_fingerprint", "model_fingerprint") if old[k] != new[k]]
+        raise UserError(f"{result}: made with {', '.join(why)}, not as this reproduction would make it; it is not "
+                        "reused; give the recorded settings or --overwrite to start over")
+
+    def record(self, args: list[str], result: Path) -> None:
+        self.records[str(result.relative_to(self.path.parent))] = self.now(args)
+        write_json(self.path, self.records)
+
+
+def options(args: list[str]) -> dict:
+    """A command line's options and their values (a flag: True), the command itself under ""."""
+    found, key = {"": args[0]}, None
+    for arg in args[1:]:
+        if arg.startswith("--"):
+            key = arg
+            found[key] = True
+        elif key is not None:
+            found[key], key = arg, None
+    return found
+
+
 def stop_with_parent() -> None:
     """In the child, before it runs: SIGTERM when reproduce itself dies (killed), so no run goes on orphaned; the
     run saves its checkpoint and --resume continues it (Linux; elsewhere nothing)."""
@@ -113,9 +168,11 @@ def stop_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-SETTINGS = {"data_fingerprint": "--data", "model": "--model", "domain": "--domain", "cpt_tokens": "--cpt-tokens",
-            "sft_epochs": "--sft-epochs", "seed": "--seed", "seeds": "--seeds", "core": "--core",
-            "test_users": "--test-users", "val_users": "--val-users"}  # reproduce.json's settings and their options
+SETTINGS = {"data_fingerprint": "--data", "model": "--model", "model_fingerprint": "--model's content",
+            "domain": "--domain", "cpt_tokens": "--cpt-tokens", "sft_epochs": "--sft-epochs", "seed": "--seed",
+            "seeds": "--seeds", "core": "--core", "test_users": "--test-users",
+            "val_users": "--val-users"}  # reproduce.json's settings and their options
+ADDED = {"model_fingerprint"}  # settings that reproductions made before they were recorded lack: not compared then
 
 
 def settings_of(out: Path, settings: dict, resume: bool) -> None:
@@ -125,8 +182,8 @@ def settings_of(out: Path, settings: dict, resume: bool) -> None:
     saved = out / "reproduce.json"
     if resume and saved.exists():
         old = read_json(saved)
-        if changed := [option for key, option in SETTINGS.items()
-                       if old.get(key) != settings[key] and not extends(key, old.get(key), settings[key])]:
+        if changed := [option for key, option in SETTINGS.items() if old.get(key) != settings.get(key)
+                       and not extends(key, old.get(key), settings.get(key)) and (key in old or key not in ADDED)]:
             raise UserError(f"{out}: --resume with other settings ({', '.join(changed)}) than the reproduction "
                             "there; give the recorded ones (reproduce.json), extend them (drop --core, raise "
                             "--seeds) or --overwrite to start over")
@@ -140,7 +197,7 @@ def extends(key: str, old, new) -> bool:
 
 def reproduction_files(out: Path) -> str | None:
     """own_output's check: a reproduction holds reproduce.json, its log, its report and its seeds' folders only."""
-    names = {"reproduce.json", "commands.log", "report.md", "report.json"}
+    names = {"reproduce.json", "runs.json", "commands.log", "report.md", "report.json"}
     return marked(out, "reproduce.json", names=names | {p.name for p in out.glob("seed-*") if p.name[5:].isdigit()})
 
 
@@ -209,19 +266,23 @@ def reproduce(out: Path, data: Path, model: Path, domain: str, cpt_tokens: int, 
                         "--overwrite to start over")
     out.mkdir(parents=True, exist_ok=True)
     lock(out, "reproduction")
-    if not resume:  # a report of the earlier runs never stands beside the new ones
-        for name in ("report.md", "report.json"):
+    if not resume:  # a report of the earlier runs, or their seeds' folders, never stand beside the new ones
+        for name in ("report.md", "report.json", "runs.json"):
             (out / name).unlink(missing_ok=True)
-    settings_of(out, {"data_fingerprint": fingerprint, "model": str(Path(model).resolve()), "domain": domain,
+        for folder in out.glob("seed-*"):  # reproduction_files accepted them as ours
+            shutil.rmtree(folder)
+    settings_of(out, {"data_fingerprint": fingerprint, "model": str(Path(model).resolve()),
+                      "model_fingerprint": model_fingerprint(model), "domain": domain,
                       "cpt_tokens": cpt_tokens, "sft_epochs": sft_epochs, "seed": seed, "seeds": seeds,
                       "core": core, "test_users": test_users, "val_users": val_users}, resume)
     runs = [r for s in range(seed, seed + seeds) for r in plan(out / f"seed-{s}", data, model, domain, cpt_tokens,
                                                                  sft_epochs, s, core, test_users, val_users,
                                                                  resume)]
+    made = Made(out, fingerprint, resume)
     with open(out / "commands.log", "a" if resume else "w") as log, \
             progress_bar(len(runs), "reproduce runs", progress) as advance:
         for args, result in runs:
-            run(args, result, resume, log)
+            run(args, result, resume, log, made)
             advance(1, args[0])
     report = collect([out / f"seed-{s}" for s in range(seed, seed + seeds)], domain, core)
     report["seconds"] = wall_time(out / "commands.log")

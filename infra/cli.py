@@ -2,7 +2,9 @@
 error a user can cause into one line on stderr with exit status 2 (never a traceback or a usage box)."""
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
 import signal
 import sys
 from pathlib import Path
@@ -15,7 +17,7 @@ from rich.table import Table
 from infra.console import say
 from infra.distributed import end_distributed
 from infra.files import UserError, release_locks, write_error
-from infra.runs import Interrupted
+from infra.runs import Interrupted, has_checkpoint
 
 console = Console()
 clicks = sys.modules[typer.BadParameter.__module__]  # click's exceptions, or the copy newer typers vendor
@@ -61,9 +63,13 @@ def main(app: typer.Typer) -> None:
     written) ends as one line on stderr and exit status 2; an interrupted command (Ctrl-C or SIGTERM; a training run
     saves its checkpoint first) says so and exits 130."""
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM outside training: as Ctrl-C
-    code = None
+    interrupt = signal.getsignal(signal.SIGINT)
+    code, stdout = None, sys.stdout
+    sys.stdout = ReaderGone(stdout)
     try:
         code = app(standalone_mode=False) or 0  # --help returns 0 here; click's own error boxes are ours below
+        if code == 0:  # the work is saved: a Ctrl-C from now on changes nothing, so it is ignored (exit 0)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         if code == 130:  # typer's answer to a KeyboardInterrupt (Ctrl-C, SIGTERM) outside training: say so
             say("[yellow]interrupted")
         sys.exit(code)
@@ -89,15 +95,57 @@ def main(app: typer.Typer) -> None:
     except Exception as e:  # a full disk, a read-only or immutable folder, permissions: the one line a user can act on
         if (failed := write_error(e)) is None:
             raise
-        number, text = failed  # not `code`: that is the exit status, read in `finally`
-        full = number in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-        fail(f"{getattr(e, 'filename', None) or 'a file'}: cannot be written ({text}); "
-             + ("free some space, then run the same command again (a training run: with --resume)" if full else
-                "choose an output folder you can write"))
+        fail(write_failure(e, *failed))
     finally:
         release_locks()
         end_distributed(clean=code == 0)
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, interrupt)
+        sys.stdout.flush()  # what is still buffered, while a closed reader is still handled
+        sys.stdout = stdout
+
+
+class ReaderGone:
+    """stdout whose reader may leave (`cprec.py ... | head -1`): from then on its output is dropped, quietly, and the
+    work goes on to its own exit status."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self.gone()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self.gone()
+
+    def gone(self) -> None:
+        with contextlib.suppress(OSError, ValueError):  # the buffered rest, and all to come, go to /dev/null
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+def write_failure(e: Exception, number: int, text: str) -> str:
+    """The one line for a failed write: the file, why, and what to do now (--resume only where a run holds a
+    checkpoint to resume from)."""
+    name = getattr(e, "filename", None) or getattr(e, "filename2", None)
+    where = f"{name}: cannot be written" if name else f"writing failed ({type(e).__name__}: {str(e)[:120]})"
+    runs = [p for p in Path(name).parents if (p / "run_config.json").is_file()] if name else []
+    again = "run the same command again" + (" with --resume" if runs and has_checkpoint(runs[0]) else "")
+    if number == errno.EFBIG:
+        return f"{where} ({text}: the file-size limit, ulimit -f, or the file system's largest file); raise the " \
+               f"limit or write elsewhere, then {again}"
+    if number in (errno.ENOSPC, errno.EDQUOT):
+        return f"{where} ({text}); free some space, then {again}"
+    return f"{where} ({text}); choose an output folder you can write"
 
 
 def fail(message: str) -> None:

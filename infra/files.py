@@ -32,6 +32,27 @@ def write_error(e: BaseException) -> tuple[int, str] | None:
     return (code, os.strerror(code)) if code in WRITE_ERRORS else None
 
 
+def failed_write(e: BaseException, target: Path, written: Path) -> OSError | None:
+    """The OSError, naming `target`, of a write into `written` (a file or folder) that failed for a reason a user
+    can act on, else None. torch.save says only "unexpected pos" or "file write failed" when the disk is full or the
+    file-size limit is reached, so those two are told apart here, before the partial files are removed."""
+    if (known := write_error(e)) is not None:
+        return OSError(known[0], known[1], str(target))  # not the hidden temporary it was written to
+    if not (isinstance(e, RuntimeError) and re.search(r"inline_container|PytorchStreamWriter|file write failed",
+                                                      str(e))):
+        return None
+    files = [written] if written.is_file() else [p for p in written.rglob("*") if p.is_file()]
+    largest = max((p.stat().st_size for p in files), default=0)
+    with contextlib.suppress(ImportError, OSError, ValueError):
+        import resource
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and largest >= limit - 1024 * 1024:
+            return OSError(errno.EFBIG, os.strerror(errno.EFBIG), str(target))
+    if shutil.disk_usage(written if written.is_dir() else written.parent).free < 16 * 1024 * 1024:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+    return None
+
+
 def read_json(path: str | Path) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
@@ -67,11 +88,14 @@ def atomic_dir(path: str | Path):
     tmp = _fresh(path, "tmp")
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
+        failed = failed_write(e, path, tmp) if isinstance(e, Exception) else None  # named before it is removed
         shutil.rmtree(tmp, ignore_errors=True)
         for folder in created:  # deepest first; rmdir leaves a folder something else wrote to meanwhile
             with contextlib.suppress(OSError):
                 folder.rmdir()
+        if failed is not None:
+            raise failed from e
         raise
     old = _fresh(path, "old") if path.exists() else None
     try:
@@ -146,26 +170,25 @@ def quote(value, limit: int = 80) -> str:
 
 # --------------------------------------------------------------------------------------------------- the guard
 def own_output(out: str | Path, *, what: str, overwrite: bool, check: Callable[[Path], str | None],
-               inputs: Sequence[str | Path] = (), outside: Sequence[str | Path] = (), file: bool = False,
-               option: str = "--out") -> Path:
+               inputs: Sequence[str | Path | None] = (), file: bool = False, option: str = "--out") -> Path:
     """The one guard every writing command passes before any work: may `out` be written? Returns the path to write
     (the target, when `out` is a symbolic link). Refused, in one line, when `out` is one of the command's `inputs`
-    or holds one, lies inside a folder of `outside` (a dataset), exists and is not this project's own output of this
-    kind (`check(out)` returns why not, None when it is ours), is ours but --overwrite was not given, or cannot be
-    written. An absent `out` or an empty directory is simply filled."""
+    (its dataset, model, reference run), holds one or lies inside one, exists and is not this project's own output
+    of this kind (`check(out)` returns why not, None when it is ours), is ours but --overwrite was not given, or
+    cannot be written. An absent `out` or an empty directory is simply filled."""
     out = Path(out)
+    name_fits(Path(os.path.abspath(out)), option)  # before anything asks the file system about it
     if out.is_symlink():
         if not out.exists():
             raise UserError(f"{option} {out}: a symbolic link to {os.readlink(out)}, which does not exist; choose "
                             f"another {option}")
         out = out.resolve()
     here = out.resolve()
-    for source in map(lambda x: Path(x).resolve(), inputs):
+    for source in (Path(x).resolve() for x in inputs if x is not None):
         if source == here or here in source.parents:
             raise UserError(f"{option} {out}: would replace the input {source}; choose an output outside it")
-    for folder in map(lambda x: Path(x).resolve(), outside):
-        if folder == here or folder in here.parents:
-            raise UserError(f"{option} {out}: inside {folder}, which this command reads; choose an output outside it")
+        if source in here.parents:
+            raise UserError(f"{option} {out}: inside {source}, which this command reads; choose an output outside it")
     if out.exists():
         if out.is_dir() != (not file):
             raise UserError(f"{option} {out}: exists and is {'a directory' if file else 'not a directory'}; expected "
@@ -179,6 +202,20 @@ def own_output(out: str | Path, *, what: str, overwrite: bool, check: Callable[[
                 raise UserError(f"{out}: a {what} already exists there; pass --overwrite to replace it")
     writable(out, option)
     return out
+
+
+def name_fits(path: Path, option: str = "--out") -> None:
+    """Refuse a path the file system cannot name (a component over NAME_MAX or the whole over PATH_MAX) before any
+    work, rather than after it when the result is written."""
+    limits = {"PC_NAME_MAX": 255, "PC_PATH_MAX": 4096}
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        folder = next(p for p in path.parents if p.exists())
+        limits = {k: os.pathconf(folder, k) for k in limits}
+    # room for what is written under and beside it: hidden temporaries (.NAME.tmpPID-HEX), a run's checkpoints
+    name, whole = limits["PC_NAME_MAX"] - 30, limits["PC_PATH_MAX"] - 100
+    if max(len(os.fsencode(part)) for part in path.parts) > name or len(os.fsencode(path)) > whole:
+        raise UserError(f"{option} {quote(str(path))}: too long for this file system (at most {name} bytes a name, "
+                        f"{whole} in all); choose a shorter {option}")
 
 
 def marked(out: Path, marker: str, keys: Collection[str] = (), names: Collection[str] | None = None) -> str | None:

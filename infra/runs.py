@@ -86,13 +86,17 @@ def open_run(out_dir: str | Path, config: dict, resume: bool, overwrite: bool, r
     only settings that leave the batch plan alone (RESUMABLE: the learning rate, intervals, --compile) may change,
     with a warning recorded in run_config.json; paths (PATHS) may be spelt differently, since the fingerprints of
     what they hold are compared. A directory that holds no checkpoint (a start that failed or was stopped early) is
-    reused by a plain rerun. `inputs` (the dataset, the starting model) may not hold the run.
+    reused by a plain rerun. The run may neither hold nor lie inside its `inputs` (the dataset, the starting model),
+    and --overwrite replaces only a run of the same command.
     """
     # --overwrite empties the directory: everything in it must be ours; otherwise nothing is removed that is not ours
-    out = own_output(out_dir, what="run", overwrite=True, outside=inputs,
+    out = own_output(out_dir, what="run", overwrite=True, inputs=inputs,
                      check=run_files if overwrite else lambda p: marked(p, "run_config.json"))
     saved = out / "run_config.json"
     config = json.loads(json.dumps(config))  # as it reads back from disk (tuples become lists)
+    if overwrite and saved.exists() and (wrote := read_json(saved).get("command")) != config.get("command"):
+        raise UserError(f"{out}: holds a run of `{wrote}`, not of `{config.get('command')}`; --overwrite replaces "
+                        "only a run of the same command; nothing was changed; choose another --out")
     if resume and not out.exists():
         raise UserError(f"{out}: nothing to resume (no such directory); run without --resume")
     if rank == 0:

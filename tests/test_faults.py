@@ -609,3 +609,98 @@ def test_reproduce_refuses_a_pretraining_domain_and_a_missing_model(args, fragme
     base = ["reproduce", "--data", world, "--out", tmp_path / "r", "--model", tiny_model]
     refused(cli(*base, *args), fragment)
     assert not (tmp_path / "r").exists()
+
+
+# --------------------------------------------------------------------------------------------------- round 4
+@pytest.mark.parametrize("where", ["inside", "holding"])
+@pytest.mark.parametrize("name", ["pretrain", "finetune", "evaluate", "recommend", "reproduce"])
+def test_an_output_inside_or_holding_its_model_is_refused(name, where, model_copy, world, tmp_path, histories):
+    """With --overwrite too: an --out that holds the model (its run folder) or lies inside it (a checkpoint folder)
+    is refused before any work, and the model is left as it was."""
+    before = {p.name: p.read_bytes() for p in model_copy.iterdir()}
+    out = model_copy / ("sub.json" if name in FILES else "sub") if where == "inside" else model_copy.parent
+    line = refused(cli(*writer(name, model_copy, world, out), "--overwrite"), alone=name != "reproduce")
+    assert ("inside" if where == "inside" else "would replace the input") in line
+    assert {p.name: p.read_bytes() for p in model_copy.iterdir()} == before
+
+
+def test_overwrite_replaces_only_a_run_of_the_same_command(world, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run_config.json").write_text(json.dumps({"command": "pretrain"}))
+    refused(cli(*writer("baseline", None, world, run), "--overwrite"), "holds a run of `pretrain`, not of `baseline`")
+    assert json.loads((run / "run_config.json").read_text()) == {"command": "pretrain"}
+
+
+def test_a_finished_run_is_reused_only_when_made_the_same(tiny_model, tmp_path):
+    """reproduce --resume: another budget, or a model replaced since (`init --overwrite`), is refused by name."""
+    from extras.reproduce import Made, settings_of
+    from infra.weights import model_fingerprint
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    args = ["pretrain", "--model", str(model), "--out", str(tmp_path / "cpt"), "--tokens", "8000"]
+    made = Made(tmp_path, "data-1", resume=False)
+    made.record(args, tmp_path / "cpt" / "results.json")
+    again = Made(tmp_path, "data-1", resume=True)
+    again.check(args, tmp_path / "cpt" / "results.json")  # the same: reused
+    with pytest.raises(Exception, match="--tokens 8000 \\(now 12000\\)"):
+        again.check([*args[:-1], "12000"], tmp_path / "cpt" / "results.json")
+    fingerprint = model_fingerprint(model)
+    weights = model / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-4:] = b"\x00\x00\x00\x40"  # one weight changed, the size not: the last sampled block sees it
+    weights.write_bytes(bytes(data))
+    assert model_fingerprint(model) != fingerprint
+    with pytest.raises(Exception, match="--model's content changed"):
+        again.check(args, tmp_path / "cpt" / "results.json")
+    settings = {"data_fingerprint": "d", "model": "m", "model_fingerprint": fingerprint, "domain": "games",
+                "cpt_tokens": 1, "sft_epochs": 1, "seed": 0, "seeds": 1, "core": False, "test_users": 0,
+                "val_users": None}
+    settings_of(tmp_path, settings, resume=False)
+    with pytest.raises(Exception, match="--model's content"):
+        settings_of(tmp_path, {**settings, "model_fingerprint": "other"}, resume=True)
+
+
+@pytest.mark.parametrize("writer_fails", ["torch.save", "safetensors"])
+def test_a_full_file_size_limit_during_a_write_names_the_file(writer_fails, tmp_path):
+    """torch.save says only "unexpected pos" when the file-size limit (or a full disk) stops it: atomic_dir names
+    the target and the errno, so the CLI prints one line."""
+    script = ("import sys, torch\nfrom pathlib import Path\nfrom safetensors.torch import save_file\n"
+              "from infra.files import atomic_dir\ntarget = Path(sys.argv[1])\ntry:\n"
+              "    with atomic_dir(target) as tmp:\n"
+              f"        {'torch.save' if writer_fails == 'torch.save' else 'save_file'}"
+              "({'w': torch.zeros(100_000)}, str(tmp / 'f'))\n"
+              "except OSError as e:\n    print(e.errno, e.filename)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "ckpt")], capture_output=True, text=True,
+                          cwd=Path(__file__).parents[1], preexec_fn=lambda: __import__("resource").setrlimit(
+                              __import__("resource").RLIMIT_FSIZE, (50_000, 50_000)))
+    assert done.stdout.split() == [str(errno.EFBIG), str(tmp_path / "ckpt")], done.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_failure_advice_fits_the_moment(tmp_path):
+    from infra.cli import write_failure
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-0000002").mkdir(parents=True)
+    (run / "run_config.json").write_text("{}")
+    full = lambda path: OSError(errno.ENOSPC, "No space left on device", str(path))  # noqa: E731
+    assert write_failure(full(tmp_path / "data" / "x"), errno.ENOSPC, "full").endswith("run the same command again")
+    assert write_failure(full(run / "final"), errno.ENOSPC, "full").endswith("with --resume")
+    assert "a file" not in write_failure(RuntimeError("disk"), errno.ENOSPC, "full")
+
+
+@pytest.mark.parametrize("name", ["pretrain", "evaluate", "init"])
+def test_a_path_too_long_is_refused_before_any_work(name, tiny_model, world, tmp_path):
+    out = tmp_path / ("x" * 256 + (".json" if name in FILES else ""))
+    refused(cli(*writer(name, tiny_model, world, out)), "too long for this file system")
+
+
+def test_a_closed_stdout_is_dropped_quietly(tmp_path):
+    from infra.cli import ReaderGone
+    read, write = os.pipe()
+    os.close(read)
+    stream = ReaderGone(os.fdopen(write, "w"))
+    stream.write("x" * 100_000)  # more than the buffer: the write itself meets the closed pipe
+    stream.flush()
+    stream.write("more")
+    stream.flush()

@@ -262,7 +262,8 @@ def test_own_output_replaces_only_its_own_dataset(tmp_path, small):
         dataset_out(tmp_path, overwrite=True, inputs=[raw])  # the source inside --out
     with pytest.raises(UserError, match="would replace the input"):
         dataset_out(raw, overwrite=True, inputs=[raw])
-    dataset_out(raw / "prepared", overwrite=False, inputs=[raw])  # a new folder inside the source touches nothing
+    with pytest.raises(UserError, match="inside"):  # one rule for every command: no output inside an input
+        dataset_out(raw / "prepared", overwrite=False, inputs=[raw])
 
 
 def test_write_dataset_never_replaces_a_foreign_directory(tmp_path):

@@ -131,7 +131,7 @@ def test_core_runs_and_their_options(tmp_path, monkeypatch):
     folder and, for a model `init` made, its own initialisation."""
     from extras import reproduce
     issued = []
-    monkeypatch.setattr(reproduce, "run", lambda args, result, resume, log: issued.append([str(a) for a in args]))
+    monkeypatch.setattr(reproduce, "run", lambda args, result, resume, log, made: issued.append([str(a) for a in args]))
     monkeypatch.setattr(reproduce, "collect", lambda folders, domain, core: {"seconds": 0})
     monkeypatch.setattr(reproduce, "markdown", lambda report: "")
     monkeypatch.setattr(reproduce, "wall_time", lambda log: 0.0)
