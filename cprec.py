@@ -23,7 +23,6 @@ if __name__ == "__main__":  # Ctrl-C while torch is still importing (seconds): o
 
 import math
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import typer
@@ -42,15 +41,15 @@ from data import (
     train_sequences,
 )
 from extras import align, baseline, init, prepare, recommend, reproduce
-from extras.options import Finetune, Pretrain, check, multiple, recipe, run_settings, train_config
+from extras.options import Evaluate, Finetune, Pretrain, check, multiple, recipe, run_settings, train_config
 from extras.world import open_dataset
-from infra.cli import PRECISION, PROGRESS, main, positive, show, split_list
-from infra.config import DEFAULT_CPT, DEFAULT_DATA
+from infra.cli import main, positive, show, split_list
+from infra.config import DEFAULT_CPT
 from infra.console import say
 from infra.device import autocast, resolve_precision
 from infra.distributed import barrier, setup_distributed
-from infra.files import UserError, own_output, quote, read_json, write_json
-from infra.runs import open_run, per_user_file, save_result
+from infra.files import UserError, quote, write_json
+from infra.runs import evaluation_output, open_run, save_result
 from infra.tokenizer import Tokenizer
 from model import Decoder
 from train import MicroBatches, target_loss, train
@@ -160,54 +159,25 @@ def finetune(o: Finetune):
 
 # --------------------------------------------------------------------------------------------------- evaluation
 @app.command("evaluate")
-def evaluate_command(domain: str = typer.Option(..., help="Domain whose whole catalogue is ranked."),
-                     model: Path = typer.Option(..., help="Checkpoint (CPT for zero-shot, or fine-tuned)."),
-                     data: Path = typer.Option(DEFAULT_DATA, help="Dataset."),
-                     split: str = typer.Option("test", help="test or valid."),
-                     beams: int = typer.Option(20, help="Beam width (>= the largest K, 20)."),
-                     exact: bool = typer.Option(False, help="Score every item exactly instead of beam search."),
-                     users: int = typer.Option(0, help="Evaluate a seeded random subset of users (0 = all)."),
-                     mask_history: bool = typer.Option(False, help="Exclude items already in the history."),
-                     window: int = typer.Option(20, help="History items in a prompt."),
-                     precision: str = PRECISION, seed: int = typer.Option(0, help="Seed of the user subset."),
-                     out: Optional[Path] = typer.Option(None, help="Results JSON (default: "
-                                                        "runs/eval/MODEL-PATH-DOMAIN-SPLIT.json)."),
-                     overwrite: bool = typer.Option(False, help="Replace an earlier result of evaluate in --out."),
-                     progress: bool = PROGRESS):
+@recipe(Evaluate)
+def evaluate_command(o: Evaluate):
     """Full-ranking evaluation of a checkpoint on a domain, beside the popularity baseline."""
-    if users < 0:  # --beams and --split are checked by the evaluation itself
-        raise UserError(f"--users {users}: expected 0 (all users) or a positive number")
-    if window < 1:
-        raise UserError(f"--window {window}: expected a positive number of history items")
-    if out is None:  # named after the whole checkpoint path (from here when below it): two models never collide
-        here, where = Path.cwd().resolve(), model.resolve()
-        where = where.relative_to(here) if where.is_relative_to(here) else where
-        out = Path("runs/eval") / f"{'-'.join(p for p in where.parts if p != where.anchor)}-{domain}-{split}" \
-                                  f"{'-exact' if exact else ''}.json"
-    out = own_output(out, what="result of evaluate", overwrite=overwrite, check=evaluation_file, inputs=[model, data],
-                     file=True)
-    own_output(per_user_file(out), what="per-user ranks of evaluate", overwrite=overwrite, file=True,
-               check=lambda p: evaluation_file(out))  # its per-user ranks beside it: replaced only with it
+    if o.users < 0:  # --beams and --split are checked by the evaluation itself
+        raise UserError(f"--users {o.users}: expected 0 (all users) or a positive number")
+    if o.window < 1:
+        raise UserError(f"--window {o.window}: expected a positive number of history items")
+    out = evaluation_output(o.out, o.model, o.data, f"{o.domain}-{o.split}{'-exact' if o.exact else ''}", o.overwrite)
     _, _, device = setup_distributed()
-    ds = open_dataset(data)
-    ds.domain(domain)
-    net = Decoder.from_pretrained(model, device=device)
-    encoder = Encoder(Tokenizer.from_pretrained(model))
-    with autocast(resolve_precision(precision, device), device):
-        result = evaluation.evaluate(net, encoder, ds, domain, split=split, beams=beams, exact=exact, users=users,
-                                     seed=seed, mask_history=mask_history, window=window, progress=progress)
-    save_result(result, out, {"command": "evaluate", "model": str(model), "data_fingerprint": ds.fingerprint})
+    ds = open_dataset(o.data)
+    ds.domain(o.domain)
+    net = Decoder.from_pretrained(o.model, device=device)
+    encoder = Encoder(Tokenizer.from_pretrained(o.model))
+    with autocast(resolve_precision(o.precision, device), device):
+        result = evaluation.evaluate(net, encoder, ds, o.domain, split=o.split, beams=o.beams, exact=o.exact,
+                                     users=o.users, seed=o.seed, mask_history=o.mask_history, window=o.window,
+                                     progress=o.progress)
+    save_result(result, out, {"command": "evaluate", "model": str(o.model), "data_fingerprint": ds.fingerprint})
     show(result)
-
-
-def evaluation_file(path: Path) -> str | None:
-    """None for an earlier result of evaluate (which --overwrite may replace), else why it is not one."""
-    try:
-        result = read_json(path)
-    except UserError:
-        return "not JSON"
-    ours = isinstance(result, dict) and result.get("command") == "evaluate" and "protocol" in result
-    return None if ours else "no \"command\": \"evaluate\" in it"
 
 
 app.command("align")(align.command)

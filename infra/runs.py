@@ -384,6 +384,30 @@ def plot_curves(run: Path) -> str:
     return str(run / "curves.png")
 
 
+def evaluation_output(out: Path | None, model: Path, data: Path, name: str, overwrite: bool) -> Path:
+    """Where `evaluate` writes a result and its per-user ranks, both guarded: by default runs/eval/ under the whole
+    checkpoint path (relative to here when below it) and `name`, so two models never collide."""
+    if out is None:
+        here, where = Path.cwd().resolve(), model.resolve()
+        where = where.relative_to(here) if where.is_relative_to(here) else where
+        out = Path("runs/eval") / f"{'-'.join(p for p in where.parts if p != where.anchor)}-{name}.json"
+    out = own_output(out, what="result of evaluate", overwrite=overwrite, check=evaluation_file, inputs=[model, data],
+                     file=True)
+    own_output(per_user_file(out), what="per-user ranks of evaluate", overwrite=overwrite, file=True,
+               check=lambda p: evaluation_file(out))  # its per-user ranks beside it: replaced only with it
+    return out
+
+
+def evaluation_file(path: Path) -> str | None:
+    """None for an earlier result of evaluate (which --overwrite may replace), else why it is not one."""
+    try:
+        result = read_json(path)
+    except UserError:
+        return "not JSON"
+    ours = isinstance(result, dict) and result.get("command") == "evaluate" and "protocol" in result
+    return None if ours else "no \"command\": \"evaluate\" in it"
+
+
 def per_user_file(path: Path) -> Path:
     """Where save_result writes the per-user ranks of the result `path`."""
     return path.with_name(path.stem + "-per_user.jsonl")
