@@ -1,5 +1,5 @@
 """The components train.train's loop calls, so that the loop itself stays in sight: resumable checkpoints
-(`Checkpoints`, with the divergence and write-error guards), validation with best/ and early stopping (`Validator`),
+(`Checkpoints`, with the health and write-error guards), validation with best/ and early stopping (`Validator`),
 and each step's throughput, MFU and memory (`StepTimer`). Each holds what the loop hands it (infra imports nothing of
 the top level); the loop alone decides when each is called."""
 from __future__ import annotations
