@@ -72,10 +72,10 @@ def pretrain(o: Pretrain):
     tokenizer = Tokenizer.from_pretrained(start)
     encoder = Encoder(tokenizer)
     kinds = split_list(o.kinds)
-    if rank == 0:  # rank 0 tokenizes and caches, the others read the cache
+    if rank == 0:  # rank 0 tokenizes and caches (or verifies the cache), the others read it
         cpt_stream(ds, encoder, kinds, o.seed, progress=o.progress)
     barrier()
-    stream = cpt_stream(ds, encoder, kinds, o.seed)
+    stream = cpt_stream(ds, encoder, kinds, o.seed, verify=False)
     blocks = Blocks(stream, o.block_len, o.micro_batch, o.seed)
     accum = multiple(o.batch_tokens, o.micro_batch * o.block_len, "--batch-tokens", "--micro-batch × --block-len")
     steps = math.ceil((o.tokens or o.epochs * blocks.n * o.block_len) / o.batch_tokens)

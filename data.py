@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from infra.cache import cache_path, cached_array
+from infra.cache import cached_array
 from infra.console import counted
 from infra.console import progress as progress_bar
 from infra.datasets import Dataset, Domain, read_dataset
@@ -236,14 +236,15 @@ class Segments:
                 advance(len(sequences[i:i + chunk]))
 
 
-def cpt_stream(ds: Dataset, encoder: Encoder, kinds=SEQUENCE_KINDS, seed: int = 0,
-               progress: bool = False) -> np.ndarray:
+def cpt_stream(ds: Dataset, encoder: Encoder, kinds=SEQUENCE_KINDS, seed: int = 0, progress: bool = False,
+               verify: bool = True) -> np.ndarray:
     """The text CPT trains on: the CPT sequences shuffled by `seed`, each rendered with the template, tokenized and
     closed by EOS, joined into one stream of token ids that Blocks packs. Exactly the concatenation of
     encoder.sequence(ds, *s)[0] + [EOS] over the shuffled sequences s (tests/test_data.py checks it).
 
-    Built once into DATASET/cache/cpt-KEY.npy, KEY a hash of everything it depends on, and returned memory-mapped
-    (infra/cache.py), so the processes of a multi-GPU run share one copy in the page cache."""
+    Built once into DATASET/cache/cpt-KEY.npy (the user cache if the dataset is read-only), KEY a hash of everything
+    it depends on, and returned memory-mapped (infra/cache.py), so the processes of a multi-GPU run share one copy in
+    the page cache. `verify`: check its checksum first, rebuilding it if it differs (one process of a run does)."""
     def build():
         sequences = cpt_sequences(ds, kinds)
         if not sequences:
@@ -251,7 +252,7 @@ def cpt_stream(ds: Dataset, encoder: Encoder, kinds=SEQUENCE_KINDS, seed: int = 
         shuffled = [sequences[k] for k in np.random.default_rng(seed).permutation(len(sequences))]
         return Segments(ds, encoder).stream(shuffled, progress)  # render, tokenize, close by EOS, join
     inputs = [ds.fingerprint, encoder.tokenizer.fingerprint(), sorted(kinds), seed, TEMPLATE_FINGERPRINT]
-    return cached_array(cache_path(ds.path / "cache", "cpt", inputs), build, np.uint32)
+    return cached_array(ds.path / "cache", "cpt", inputs, build, np.uint32, verify)
 
 
 @dataclass

@@ -32,8 +32,8 @@ from infra.chunked import ChunkedCrossEntropy
 from infra.device import autocast, peak_flops, peak_memory_gb, resolve_precision
 from infra.distributed import agreed, all_reduce_sum, clip_grad_norm, consolidate, gradient_sync, resolve_shard, wrap
 from infra.files import UserError
-from infra.loop import Checkpoints, StepTimer, Validator
-from infra.runs import Interrupted, Log, StopRequest, latest_name, plot_curves, resume_state
+from infra.loop import Checkpoints, StepTimer, Validator, recovery
+from infra.runs import Interrupted, Log, StopRequest, plot_curves, resume_state
 from schedule import Schedule, scheduler
 
 
@@ -211,8 +211,7 @@ def train(model: nn.Module, data: BatchSource, cfg: TrainConfig, run: Path, *, l
             skipped = 0 if out.stepped else skipped + 1
             if skipped >= cfg.max_skips:
                 raise UserError(f"non-finite loss or gradients in {skipped} consecutive steps ({s + 2 - skipped}-"
-                                f"{s + 1}), none applied; the last intact checkpoint is {latest_name(run)}; lower "
-                                "--lr and continue with the same command plus --resume")
+                                f"{s + 1}), none applied; {recovery(run, 'intact')}")
             if out.stopping or due(s + 1, cfg.save_every, cfg.steps):
                 ckpt.save(s + 1, log.records)
             if out.stopping:

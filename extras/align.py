@@ -43,11 +43,12 @@ from data import (
 from extras.init import not_a_checkpoint, written_by_init
 from extras.options import SAVE_EVERY, check, multiple, option, recipe, run_settings, train_config
 from extras.world import open_dataset
+from infra.cache import load_checked, save_checked
 from infra.cli import OVERWRITE, PRECISION, PROGRESS, RESUME, TRACKER, positive, show
 from infra.config import DEFAULT_DATA, INIT_MARKER
 from infra.console import say, warn
 from infra.device import autocast, resolve_precision
-from infra.distributed import setup_distributed
+from infra.distributed import agreed, setup_distributed
 from infra.files import UserError, quote, read_json
 from infra.runs import open_run, save_result
 from infra.tokenizer import Tokenizer
@@ -88,6 +89,11 @@ def item_logps(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     token = logp.gather(1, targets[supervised][:, None])[:, 0]
     row = torch.arange(len(targets), device=targets.device)[:, None].expand_as(targets)[supervised]
     return torch.zeros(len(targets), device=token.device).index_add(0, row, token)
+
+
+# run_config.json's entries that reference.npz is made from (with --seed): the start model, the data, the cases
+REFERENCE_INPUTS = ("domain", "data_fingerprint", "model", "tokenizer_fingerprint", "align", "cases", "users",
+                    "users_fraction")
 
 
 def sdpo(policy: torch.Tensor, reference: torch.Tensor, beta: float) -> torch.Tensor:
@@ -309,17 +315,22 @@ def command(o: Align):
     say(f"S-DPO on {o.domain}: {len(cases.prompts):,} cases of 1 chosen + {cfg.k} {cfg.negatives} rejected items, "
         f"beta {cfg.beta:g}, {steps} steps of {o.batch_cases} cases, lr {lr:g}")
     saved, precision = run / "reference.npz", resolve_precision(train_cfg.precision, device)
-    if o.resume and saved.exists():  # this run's cases and reference, kept: after a resume the model is no longer the
-        stored = np.load(saved)    # reference, and the negatives drawn again may differ (another GPU batch, near-ties)
+    # this run's cases and reference, kept: after a resume the model is no longer the reference, and the negatives
+    # drawn again may differ (another GPU batch, near-ties). Rank 0 verifies its checksums; a damaged one is rebuilt.
+    made_from = {"seed": o.seed, **{k: config[k] for k in REFERENCE_INPUTS}}
+    kept = o.resume and saved.exists()
+    stored, problem = load_checked(saved, made_from) if kept and rank == 0 else (None, "")
+    if problem:
+        warn(f"{saved}: {problem}; computing the reference again from {start}")
+    if kept and not agreed(rank == 0 and stored is None, device):
+        stored = stored or dict(np.load(saved))
         if "items" in stored:  # (runs begun before the items were kept hold the log-likelihoods only)
             cases.items[:] = stored["items"]  # the same shape: open_run refused other cases or another --k
         prefs.reference = stored["logps"]
     else:
         prefs.reference = reference_logps(net, prefs, precision)
         if rank == 0:
-            tmp = run / "reference.tmp.npz"
-            np.savez(tmp, logps=prefs.reference, items=cases.items)
-            tmp.replace(saved)
+            save_checked(saved, {"logps": prefs.reference, "items": cases.items}, made_from)
     options = dict(beams=o.beams, seed=o.seed, window=cfg.window, progress=o.progress)
     with autocast(precision, device):  # as "after" is measured: the two differ by training, not by precision
         before = held_out_loglik(net, encoder, ds, o.domain, o.test_users, o.seed, cfg.window) if rank == 0 else None

@@ -10,10 +10,10 @@ import os
 import platform
 import resource
 import time
-from pathlib import Path
 
 import torch
 
+from infra.cache import user_cache
 from infra.files import UserError, quote, write_json
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -64,7 +64,7 @@ def peak_flops(device: torch.device, precision: str, remeasure: bool = False) ->
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         return next((v for k, v in DATASHEET.items() if k in name), 312e12) / (2 if precision == "fp32" else 1)
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cprec" / "peak_flops.json"
+    cache = user_cache() / "peak_flops.json"
     key = f"{cpu_name()} | {torch.get_num_threads()} threads | {precision} | torch {torch.__version__}"
     try:
         known = json.loads(cache.read_text())

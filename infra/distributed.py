@@ -133,6 +133,21 @@ def agreed(flag: bool, device: torch.device) -> bool:
     return bool(all_reduce_sum(torch.tensor(float(flag), device=device)) > 0)
 
 
+def largest_weight(model: nn.Module) -> tuple[float, str]:
+    """The largest |weight| of `model` and its parameter's name, over FSDP's shards of every process (one pass over the
+    parameters, one all-reduce); inf if any weight is not finite."""
+    names, maxima = [], []
+    for name, p in model.named_parameters():
+        local = (p.to_local() if isinstance(p, DTensor) else p).detach()
+        names.append(name)
+        maxima.append(local.abs().amax().float() if local.numel() else local.new_zeros((), dtype=torch.float32))
+    largest = torch.stack(maxima).nan_to_num(nan=torch.inf)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+    at = int(largest.argmax())
+    return largest[at].item(), names[at]
+
+
 def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
     """torch.nn.utils.clip_grad_norm_ that also takes FSDP's sharded gradients; returns the norm before clipping."""
     params = [p for p in model.parameters() if p.grad is not None]

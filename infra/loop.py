@@ -1,5 +1,5 @@
 """The components train.train's loop calls, so that the loop itself stays in sight: resumable checkpoints
-(`Checkpoints`, with the divergence and write-error guards), validation with best/ and early stopping (`Validator`),
+(`Checkpoints`, with the health and write-error guards), validation with best/ and early stopping (`Validator`),
 and each step's throughput, MFU and memory (`StepTimer`). Each holds what the loop hands it (infra imports nothing of
 the top level); the loop alone decides when each is called."""
 from __future__ import annotations
@@ -16,9 +16,16 @@ from torch import nn
 
 from infra.console import progress, warn
 from infra.device import autocast, peak_memory_gb
-from infra.distributed import agreed, barrier, consolidate, load_sharded_checkpoint, save_sharded_checkpoint
+from infra.distributed import (
+    agreed,
+    barrier,
+    consolidate,
+    largest_weight,
+    load_sharded_checkpoint,
+    save_sharded_checkpoint,
+)
 from infra.files import UserError, read_json, write_error, write_json
-from infra.runs import Log, latest_name, restore_rng, rng_state, save_checkpoint
+from infra.runs import Log, latest_name, latest_text, restore_rng, rng_state, save_checkpoint
 
 
 # --------------------------------------------------------------------------------------------------- checkpoints
@@ -51,6 +58,9 @@ class Checkpoints:
         sched.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         restore_rng(state["rng"])
+        if why := unhealthy(self.model):  # written before checkpoints were checked: resuming it cannot train
+            raise UserError(f"{latest_name(self.run)}: {why}, saved before checkpoints were checked; lower --lr "
+                            "and start again with the same command plus --overwrite")
         if sched.base_lrs[0] != lr:
             sched.base_lrs = [lr for _ in optimizer.param_groups]
             for group, rule in zip(optimizer.param_groups, sched.lr_lambdas):
@@ -58,12 +68,12 @@ class Checkpoints:
         return state["step"]
 
     def save(self, at: int, records: list[dict]) -> None:
-        """The checkpoint of step `at`, unless the loss in `records` (rank 0's log) has diverged: a healthy
-        checkpoint is never replaced by a blown-up one."""
+        """The checkpoint of step `at`, unless it is unhealthy (`unhealthy`: weights beyond WEIGHT_BOUND, or the loss
+        in `records`, rank 0's log, diverged): a healthy checkpoint is never replaced by a blown-up one."""
         run = self.run
-        if agreed(bool(why := diverged(records, self.diverge)), self.device):  # rank 0 decides, every process follows
-            raise UserError(f"{why or 'the loss diverged'}; step {at} was not saved; the last healthy checkpoint is "
-                            f"{latest_name(run)}; lower --lr and continue with the same command plus --resume")
+        why = unhealthy(self.model) or diverged(records, self.diverge)
+        if agreed(bool(why), self.device):  # rank 0 decides the loss's part, every process follows
+            raise UserError(f"{why or 'the loss diverged'}; step {at} was not saved; {recovery(run, 'healthy')}")
         training = {"scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng_state()}
         try:
             if self.shard == "fsdp":
@@ -78,6 +88,28 @@ class Checkpoints:
                             f"of step {at} was not saved; the last intact one is {latest_name(run)}; free space and "
                             "continue with the same command plus --resume") from None
         barrier()
+
+
+WEIGHT_BOUND = 1e4  # a weight beyond it is a blow-up, never training: docs/design.md#healthy-checkpoints
+
+
+def unhealthy(model: nn.Module) -> str:
+    """Why `model`'s weights are unhealthy ("" while they are not): one beyond ±WEIGHT_BOUND or not finite (every
+    process takes part under FSDP)."""
+    largest, name = largest_weight(model)
+    if largest <= WEIGHT_BOUND:
+        return ""
+    return (f"non-finite weights ({name})" if largest == float("inf") else
+            f"the weights blew up: |{name}| reaches {largest:.3g}, beyond {WEIGHT_BOUND:g}")
+
+
+def recovery(run: Path, kind: str) -> str:
+    """What to do after a step that may not be saved: continue from the last checkpoint (every one is healthy: no
+    other is written) with a lower --lr; with none, start again, since a --resume would only finish on skipped steps."""
+    if latest_text(run):
+        return (f"the last {kind} checkpoint is {latest_name(run)}; lower --lr and continue with the same command "
+                "plus --resume")
+    return f"this run has no {kind} checkpoint; lower --lr and start again with the same command plus --overwrite"
 
 
 def diverged(records: list[dict], factor: float, window: int = 10) -> str:

@@ -22,7 +22,7 @@ from data import Encoder, cpt_stream, load_dataset
 from extras.init import written_by_init
 from helpers import cli, ok, refused
 from infra.datasets import Domain, write_dataset
-from infra.files import atomic_dir
+from infra.files import UserError, atomic_dir
 from infra.tokenizer import Tokenizer
 from model import Decoder
 
@@ -176,6 +176,101 @@ def test_corrupted_token_cache_is_rebuilt(tiny_model, data_copy):
     for damage in (truncate, corrupt_header):
         cache.write_bytes(damage(good))
         assert (cpt_stream(ds, encoder) == stream).all() and cache.read_bytes() == good
+
+
+def test_a_token_cache_edited_in_place_is_rebuilt(tiny_model, data_copy):
+    """The cache records the checksum of its content and what it was made from (cpt-KEY.json) and is verified on use:
+    ids overwritten in place (before: trained on silently) or out of the vocabulary (before: an IndexError) are
+    found, and the stream is rebuilt, the same as a clean one; pretrain then gives a clean run's result."""
+    ds, encoder = load_dataset(data_copy), Encoder(Tokenizer.from_pretrained(tiny_model))
+    stream = np.array(cpt_stream(ds, encoder))
+    cache = next((data_copy / "cache").glob("cpt-*.npy"))
+    good = cache.read_bytes()
+    for ids in ([7, 8, 9, 10], [2 ** 31] * 4):  # in-vocabulary ids that are wrong there; out-of-vocabulary ones
+        with open(cache, "r+b") as f:
+            f.seek(len(good) - 64)
+            f.write(np.array(ids, np.uint32).tobytes())
+        assert cache.read_bytes() != good
+        assert (cpt_stream(ds, encoder) == stream).all() and cache.read_bytes() == good
+    results = []
+    for edit in (False, True):
+        if edit:
+            cache.write_bytes(good[:-16] + np.array([2 ** 31] * 4, np.uint32).tobytes())
+        ok(cli(*command("pretrain", tiny_model, data_copy, data_copy.parent / f"out{edit}")))
+        results.append(json.loads((data_copy.parent / f"out{edit}" / "run" / "results.json").read_text()))
+    assert results[0]["training"]["loss"] == results[1]["training"]["loss"] and cache.read_bytes() == good
+
+
+def test_a_read_only_dataset_keeps_its_token_cache_in_the_user_cache(tiny_model, data_copy, tmp_path, monkeypatch):
+    """Before: "choose an output folder", though no option moves the cache. Now it goes to $XDG_CACHE_HOME/cprec;
+    when neither can be written, one line names both and the variable. (Tests run as root: the folder's being
+    read-only is simulated.)"""
+    import infra.cache
+    ds, encoder = load_dataset(data_copy), Encoder(Tokenizer.from_pretrained(tiny_model))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user"))
+    can_write = infra.cache.can_write
+    monkeypatch.setattr(infra.cache, "can_write", lambda folder: folder != data_copy / "cache" and can_write(folder))
+    stream = np.array(cpt_stream(ds, encoder))
+    assert not (data_copy / "cache").exists() and len(list((tmp_path / "user" / "cprec").glob("cpt-*.npy"))) == 1
+    monkeypatch.setattr(infra.cache, "can_write", lambda folder: False)
+    assert (cpt_stream(ds, encoder) == stream).all()  # found there again
+    shutil.rmtree(tmp_path / "user")
+    with pytest.raises(UserError, match="neither can be written.*XDG_CACHE_HOME"):
+        cpt_stream(ds, encoder)
+
+
+def test_an_unhealthy_checkpoint_is_never_written_and_the_advice_leads_to_a_trained_run(resumable, world, tiny_model,
+                                                                                       tmp_path):
+    """Before: --lr 1e6 applied step 1 (finite weights of 1e11), every later checkpoint held them, and each advised
+    --resume skipped more steps until one printed `done`. Now a checkpoint beyond WEIGHT_BOUND is never written, and
+    the advice (--overwrite when the run has no healthy checkpoint, else --resume) finishes a run that trained."""
+    fresh = [*command("pretrain", tiny_model, world, tmp_path / "fresh"), "--save-every", 2]
+    refused(cli(*fresh, "--lr", 1e6), "the weights blew up", "beyond 10000; step 2 was not saved; this run has no "
+            "healthy checkpoint; lower --lr and start again with the same command plus --overwrite", alone=False)
+    assert not (tmp_path / "fresh" / "run" / "checkpoints").exists()
+    run = Path(shutil.copytree(resumable, tmp_path / "run"))  # a healthy step 2, then a blow-up
+    args = [*command("pretrain", tiny_model, world, tmp_path), "--save-every", 2]
+    refused(cli(*args, "--resume", "--lr", 1e6), "step 4 was not saved; the last healthy checkpoint is "
+            f"{run / 'checkpoints' / 'step-0000002'}; lower --lr and continue with the same command plus --resume",
+            alone=False)
+    for advised, folder in ((fresh + ["--overwrite"], tmp_path / "fresh" / "run"), (args + ["--resume"], run)):
+        ok(cli(*advised))
+        assert json.loads((folder / "results.json").read_text())["training"]["skipped_steps"] == 0
+    old = Path(shutil.copytree(resumable, tmp_path / "old" / "run"))  # saved before checkpoints were checked
+    weights = old / "checkpoints" / "step-0000002" / "model.safetensors"
+    save_file({k: v * 1e6 for k, v in load_file(weights).items()}, weights)
+    refused(cli(*command("pretrain", tiny_model, world, tmp_path / "old"), "--save-every", 2, "--resume"),
+            "step-0000002: the weights blew up", "saved before checkpoints were checked", "--overwrite", alone=False)
+
+
+def test_a_damaged_align_reference_is_rebuilt_on_resume(world, tiny_model, tmp_path, monkeypatch):
+    """align's reference.npz records the checksums of its arrays and of what it was made from: truncated or zeroed
+    (before: a BadZipFile or ValueError traceback on --resume) or edited, it is computed again from the start model,
+    with a warning naming it, and equals the original. (Training, which follows, is stopped at once: fast.)"""
+    import extras.align as align
+    references = []
+
+    def stop(model, data, *args, **kwargs):
+        references.append(np.array(data.reference))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(align, "train", stop)
+    args = ["align", "--domain", "games", "--users", 16, "--negatives", "random", "--k", 1, "--val-users", 2,
+            "--test-users", 2, "--no-progress", "--precision", "fp32", "--data", world, "--model", tiny_model,
+            "--out", tmp_path / "run"]
+    assert cli(*args)[0] == 130
+    (tmp_path / "run" / "latest").write_text("step-0000001\n")  # as if its first checkpoint were saved
+    saved = tmp_path / "run" / "reference.npz"
+    good = dict(np.load(saved))
+    edited = {**good, "logps": good["logps"] + 1}  # a valid archive whose checksum no longer matches
+    for damage in (truncate, lambda d: bytes(len(d)), lambda d: np.savez(saved, **edited) or saved.read_bytes()):
+        saved.write_bytes(damage(saved.read_bytes()))
+        code, output = cli(*args, "--resume")
+        assert code == 130 and f"warning: {saved}: " in output and "computing the reference again" in output, output
+        assert all(np.array_equal(np.load(saved)[k], v) for k, v in good.items())
+        assert np.array_equal(references[-1], references[0])
+    code, output = cli(*args, "--resume")  # intact: used as it is
+    assert code == 130 and "warning" not in output and np.array_equal(references[-1], references[0]), output
 
 
 @pytest.mark.skipif(resource is None, reason="no file-size limit (not POSIX)")
