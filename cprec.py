@@ -22,6 +22,7 @@ if __name__ == "__main__":  # Ctrl-C while torch is still importing (seconds): o
     signal.signal(signal.SIGINT, _interrupted)
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -42,7 +43,18 @@ from data import (
     train_sequences,
 )
 from extras import align, baseline, init, prepare, recommend, reproduce
-from extras.options import Finetune, Pretrain, check, multiple, recipe, run_config, run_settings, train_config
+from extras.options import (
+    CONFIG,
+    Finetune,
+    Pretrain,
+    check,
+    multiple,
+    option,
+    recipe,
+    run_config,
+    run_settings,
+    train_config,
+)
 from extras.world import open_dataset
 from infra.cli import PRECISION, PROGRESS, main, positive, show, split_list
 from infra.config import DEFAULT_CPT, DEFAULT_DATA
@@ -162,40 +174,48 @@ def finetune(o: Finetune):
 
 
 # --------------------------------------------------------------------------------------------------- evaluation
+@dataclass
+class Evaluate:
+    config: Optional[Path] = option(CONFIG)
+    domain: str = option(..., "Domain whose whole catalogue is ranked.")
+    model: Path = option(..., "Checkpoint (CPT for zero-shot, or fine-tuned).")
+    data: Path = option(DEFAULT_DATA, "Dataset.")
+    split: str = option("test", "test or valid.")
+    beams: int = option(20, "Beam width (>= the largest K, 20).")
+    exact: bool = option(False, "Score every item exactly instead of beam search.")
+    users: int = option(0, "Evaluate a seeded random subset of users (0 = all).")
+    mask_history: bool = option(False, "Exclude items already in the history.")
+    window: int = option(20, "History items in a prompt.")
+    precision: str = option(PRECISION)
+    seed: int = option(0, "Seed of the user subset.")
+    out: Optional[Path] = option(None, "Results JSON (default: runs/eval/MODEL-DOMAIN-SPLIT.json).")
+    overwrite: bool = option(False, "Replace an earlier result of evaluate in --out.")
+    progress: bool = option(PROGRESS)
+
+
 @app.command("evaluate")
-def evaluate_command(domain: str = typer.Option(..., help="Domain whose whole catalogue is ranked."),
-                     model: Path = typer.Option(..., help="Checkpoint (CPT for zero-shot, or fine-tuned)."),
-                     data: Path = typer.Option(DEFAULT_DATA, help="Dataset."),
-                     split: str = typer.Option("test", help="test or valid."),
-                     beams: int = typer.Option(20, help="Beam width (>= the largest K, 20)."),
-                     exact: bool = typer.Option(False, help="Score every item exactly instead of beam search."),
-                     users: int = typer.Option(0, help="Evaluate a seeded random subset of users (0 = all)."),
-                     mask_history: bool = typer.Option(False, help="Exclude items already in the history."),
-                     window: int = typer.Option(20, help="History items in a prompt."),
-                     precision: str = PRECISION, seed: int = typer.Option(0, help="Seed of the user subset."),
-                     out: Optional[Path] = typer.Option(None, help="Results JSON (default: "
-                                                        "runs/eval/MODEL-DOMAIN-SPLIT.json)."),
-                     overwrite: bool = typer.Option(False, help="Replace an earlier result of evaluate in --out."),
-                     progress: bool = PROGRESS):
+@recipe(Evaluate)
+def evaluate_command(o: Evaluate):
     """Full-ranking evaluation of a checkpoint on a domain, beside the popularity baseline."""
-    if users < 0:  # --beams and --split are checked by the evaluation itself
-        raise UserError(f"--users {users}: expected 0 (all users) or a positive number")
-    if window < 1:
-        raise UserError(f"--window {window}: expected a positive number of history items")
-    out = out or Path("runs/eval") / f"{model.name}-{domain}-{split}{'-exact' if exact else ''}.json"
-    out = own_output(out, what="result of evaluate", overwrite=overwrite, check=evaluation_file, inputs=[model, data],
-                     outside=[data], file=True)
-    own_output(per_user_file(out), what="per-user ranks of evaluate", overwrite=overwrite, file=True,
+    if o.users < 0:  # --beams and --split are checked by the evaluation itself
+        raise UserError(f"--users {o.users}: expected 0 (all users) or a positive number")
+    if o.window < 1:
+        raise UserError(f"--window {o.window}: expected a positive number of history items")
+    out = o.out or Path("runs/eval") / f"{o.model.name}-{o.domain}-{o.split}{'-exact' if o.exact else ''}.json"
+    out = own_output(out, what="result of evaluate", overwrite=o.overwrite, check=evaluation_file,
+                     inputs=[o.model, o.data, *filter(None, [o.config])], outside=[o.data], file=True)
+    own_output(per_user_file(out), what="per-user ranks of evaluate", overwrite=o.overwrite, file=True,
                check=lambda p: evaluation_file(out))  # its per-user ranks beside it: replaced only with it
     _, _, device = setup_distributed()
-    ds = open_dataset(data)
-    ds.domain(domain)
-    net = Decoder.from_pretrained(model, device=device)
-    encoder = Encoder(Tokenizer.from_pretrained(model))
-    with autocast(resolve_precision(precision, device), device):
-        result = evaluation.evaluate(net, encoder, ds, domain, split=split, beams=beams, exact=exact, users=users,
-                                     seed=seed, mask_history=mask_history, window=window, progress=progress)
-    save_result(result, out, {"command": "evaluate", "model": str(model), "data_fingerprint": ds.fingerprint})
+    ds = open_dataset(o.data)
+    ds.domain(o.domain)
+    net = Decoder.from_pretrained(o.model, device=device)
+    encoder = Encoder(Tokenizer.from_pretrained(o.model))
+    with autocast(resolve_precision(o.precision, device), device):
+        result = evaluation.evaluate(net, encoder, ds, o.domain, split=o.split, beams=o.beams, exact=o.exact,
+                                     users=o.users, seed=o.seed, mask_history=o.mask_history, window=o.window,
+                                     progress=o.progress)
+    save_result(result, out, {"command": "evaluate", "model": str(o.model), "data_fingerprint": ds.fingerprint})
     show(result)
 
 
