@@ -22,9 +22,7 @@ if __name__ == "__main__":  # Ctrl-C while torch is still importing (seconds): o
     signal.signal(signal.SIGINT, _interrupted)
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import typer
@@ -43,21 +41,10 @@ from data import (
     train_sequences,
 )
 from extras import align, baseline, init, prepare, recommend, reproduce
-from extras.options import (
-    CONFIG,
-    Finetune,
-    Pretrain,
-    check,
-    multiple,
-    option,
-    recipe,
-    run_config,
-    run_settings,
-    train_config,
-)
+from extras.options import Evaluate, Finetune, Pretrain, check, multiple, recipe, run_config, run_settings, train_config
 from extras.world import open_dataset
-from infra.cli import PRECISION, PROGRESS, main, positive, show, split_list
-from infra.config import DEFAULT_CPT, DEFAULT_DATA
+from infra.cli import main, positive, show, split_list
+from infra.config import DEFAULT_CPT
 from infra.console import say
 from infra.device import autocast, resolve_precision
 from infra.distributed import barrier, setup_distributed
@@ -174,25 +161,6 @@ def finetune(o: Finetune):
 
 
 # --------------------------------------------------------------------------------------------------- evaluation
-@dataclass
-class Evaluate:
-    config: Optional[Path] = option(CONFIG)
-    domain: str = option(..., "Domain whose whole catalogue is ranked.")
-    model: Path = option(..., "Checkpoint (CPT for zero-shot, or fine-tuned).")
-    data: Path = option(DEFAULT_DATA, "Dataset.")
-    split: str = option("test", "test or valid.")
-    beams: int = option(20, "Beam width (>= the largest K, 20).")
-    exact: bool = option(False, "Score every item exactly instead of beam search.")
-    users: int = option(0, "Evaluate a seeded random subset of users (0 = all).")
-    mask_history: bool = option(False, "Exclude items already in the history.")
-    window: int = option(20, "History items in a prompt.")
-    precision: str = option(PRECISION)
-    seed: int = option(0, "Seed of the user subset.")
-    out: Optional[Path] = option(None, "Results JSON (default: runs/eval/MODEL-DOMAIN-SPLIT.json).")
-    overwrite: bool = option(False, "Replace an earlier result of evaluate in --out.")
-    progress: bool = option(PROGRESS)
-
-
 @app.command("evaluate")
 @recipe(Evaluate)
 def evaluate_command(o: Evaluate):

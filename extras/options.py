@@ -292,6 +292,25 @@ class Finetune:
     tracker: str = option(TRACKER)
 
 
+@dataclass
+class Evaluate:
+    config: Optional[Path] = option(CONFIG)
+    domain: str = option(..., "Domain whose whole catalogue is ranked.")
+    model: Path = option(..., "Checkpoint (CPT for zero-shot, or fine-tuned).")
+    data: Path = option(DEFAULT_DATA, "Dataset.")
+    split: str = option("test", "test or valid.")
+    beams: int = option(20, "Beam width (>= the largest K, 20).")
+    exact: bool = option(False, "Score every item exactly instead of beam search.")
+    users: int = option(0, "Evaluate a seeded random subset of users (0 = all).")
+    mask_history: bool = option(False, "Exclude items already in the history.")
+    window: int = option(20, "History items in a prompt.")
+    precision: str = option(PRECISION)
+    seed: int = option(0, "Seed of the user subset.")
+    out: Optional[Path] = option(None, "Results JSON (default: runs/eval/MODEL-DOMAIN-SPLIT.json).")
+    overwrite: bool = option(False, "Replace an earlier result of evaluate in --out.")
+    progress: bool = option(PROGRESS)
+
+
 def train_config(options: Any, steps: int, accum: int, start: Path | None = None, **fixed) -> TrainConfig:
     """The TrainConfig of a recipe's options: each of TrainConfig's settings the options name (the schedule from
     --schedule, --warmup, --anneal, --anneal-shape and --lr-floor), then the recipe's `fixed` ones. Given the
