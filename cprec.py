@@ -41,7 +41,7 @@ from data import (
     train_sequences,
 )
 from extras import align, baseline, init, prepare, recommend, reproduce
-from extras.options import Evaluate, Finetune, Pretrain, check, multiple, recipe, run_settings, train_config
+from extras.options import Evaluate, Finetune, Pretrain, check, multiple, recipe, run_config, run_settings, train_config
 from extras.world import open_dataset
 from infra.cli import main, positive, show, split_list
 from infra.config import DEFAULT_CPT
@@ -80,10 +80,11 @@ def pretrain(o: Pretrain):
     accum = multiple(o.batch_tokens, o.micro_batch * o.block_len, "--batch-tokens", "--micro-batch × --block-len")
     steps = math.ceil((o.tokens or o.epochs * blocks.n * o.block_len) / o.batch_tokens)
     cfg = train_config(o, steps, accum, start)
-    config = {"command": "pretrain", "data": str(o.data), "data_fingerprint": ds.fingerprint, "model": str(start),
-              "tokenizer_fingerprint": tokenizer.fingerprint(), "kinds": kinds, "cpt_tokens": len(stream),
-              "block_len": o.block_len, "micro_batch": o.micro_batch, "batch_tokens": o.batch_tokens,
-              "train_tokens": steps * o.batch_tokens, "val_users": o.val_users, "train": run_settings(cfg)}
+    config = run_config(o, {"command": "pretrain", "data": str(o.data), "data_fingerprint": ds.fingerprint,
+                            "model": str(start), "tokenizer_fingerprint": tokenizer.fingerprint(), "kinds": kinds,
+                            "cpt_tokens": len(stream), "block_len": o.block_len, "micro_batch": o.micro_batch,
+                            "batch_tokens": o.batch_tokens, "train_tokens": steps * o.batch_tokens,
+                            "val_users": o.val_users, "train": run_settings(cfg)})
     check(cfg, device, world, "--batch-tokens", start, o.block_len, "--block-len")
     net = Decoder.from_pretrained(start)  # on --resume, train() loads the checkpoint's weights into it
     pretrain_domains = [k for k, d in ds.domains.items() if d.role == "pretrain"]
@@ -93,7 +94,8 @@ def pretrain(o: Pretrain):
         losses = {k: target_loss(m, encoder, ds, c, k) for k, c in cases.items() if c}
         return {"val_loss": float(np.mean(list(losses.values()))), "per_domain": losses}
 
-    run = open_run(o.out, config, o.resume, o.overwrite, rank, [o.data, start])  # a failed start leaves nothing
+    # a failed start leaves nothing
+    run = open_run(o.out, config, o.resume, o.overwrite, rank, [o.data, start], [o.config])
     say(f"CPT on {', '.join(pretrain_domains)}: {len(stream):,} tokens of {'+'.join(kinds)} sequences, "
         f"{steps} steps of {o.batch_tokens:,} tokens ({accum} micro-batches), {net.config.n_params / 1e6:.1f}M params")
     summary = train(net, blocks, cfg, run, tokenizer=tokenizer, device=device, rank=rank, world=world,
@@ -130,17 +132,19 @@ def finetune(o: Finetune):
     steps = math.ceil(o.epochs * per_epoch / accum)
     cfg = train_config(o, steps, accum, start, eval_every=o.eval_every or max(1, math.ceil(per_epoch / accum)),
                        select="ndcg@10")
-    config = {"command": "finetune", "domain": o.domain, "data": str(o.data), "data_fingerprint": ds.fingerprint,
-              "model": str(start), "tokenizer_fingerprint": tokenizer.fingerprint(),
-              "users_fraction": o.users_fraction, "train_users": len(sequences), "examples": len(examples.examples),
-              "padding": examples.padding(), "window": o.window, "batch_tokens": o.batch_tokens,
-              "micro_tokens": o.micro_tokens, "val_users": o.val_users, "test_users": o.test_users, "beams": o.beams,
-              "mask_history": o.mask_history, "train": run_settings(cfg)}
+    config = run_config(o, {"command": "finetune", "domain": o.domain, "data": str(o.data),
+                            "data_fingerprint": ds.fingerprint, "model": str(start),
+                            "tokenizer_fingerprint": tokenizer.fingerprint(), "users_fraction": o.users_fraction,
+                            "train_users": len(sequences), "examples": len(examples.examples),
+                            "padding": examples.padding(), "window": o.window, "batch_tokens": o.batch_tokens,
+                            "micro_tokens": o.micro_tokens, "val_users": o.val_users, "test_users": o.test_users,
+                            "beams": o.beams, "mask_history": o.mask_history, "train": run_settings(cfg)})
     check(cfg, device, world, "--batch-tokens", start, examples.longest, "--window")
     net = Decoder.from_pretrained(start)  # on --resume, train() loads the checkpoint's weights into it
     options = dict(beams=o.beams, seed=o.seed, mask_history=o.mask_history, window=o.window, progress=o.progress)
     out = o.out or Path(f"runs/finetune-{o.domain}")
-    run = open_run(out, config, o.resume, o.overwrite, rank, [o.data, start])  # a failed start leaves nothing
+    # a failed start leaves nothing
+    run = open_run(out, config, o.resume, o.overwrite, rank, [o.data, start], [o.config])
     say(f"SFT on {o.domain}: {len(sequences):,} users, {len(examples.examples):,} examples ({config['padding']:.1%} "
         f"padding), {steps} steps ({accum} micro-batches each), validation every {cfg.eval_every} steps on "
         f"{o.val_users or 'all'} users")
@@ -166,7 +170,8 @@ def evaluate_command(o: Evaluate):
         raise UserError(f"--users {o.users}: expected 0 (all users) or a positive number")
     if o.window < 1:
         raise UserError(f"--window {o.window}: expected a positive number of history items")
-    out = evaluation_output(o.out, o.model, o.data, f"{o.domain}-{o.split}{'-exact' if o.exact else ''}", o.overwrite)
+    out = evaluation_output(o.out, o.model, o.data, f"{o.domain}-{o.split}{'-exact' if o.exact else ''}", o.overwrite,
+                            o.config)
     _, _, device = setup_distributed()
     ds = open_dataset(o.data)
     ds.domain(o.domain)

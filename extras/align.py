@@ -41,7 +41,7 @@ from data import (
     train_sequences,
 )
 from extras.init import not_a_checkpoint, written_by_init
-from extras.options import SAVE_EVERY, check, multiple, option, recipe, run_settings, train_config
+from extras.options import CONFIG, SAVE_EVERY, check, multiple, option, recipe, run_config, run_settings, train_config
 from extras.world import open_dataset
 from infra.cache import load_checked, save_checked
 from infra.cli import OVERWRITE, PRECISION, PROGRESS, RESUME, TRACKER, positive, show
@@ -244,6 +244,7 @@ def held_out_loglik(model: Decoder, encoder: Encoder, ds: Dataset, key: str, use
 # --------------------------------------------------------------------------------------------------- the command
 @dataclass
 class Align:
+    config: Optional[Path] = option(CONFIG)
     domain: str = option(..., "Domain of the fine-tuned model.")
     data: Path = option(DEFAULT_DATA, "Dataset.")
     model: Optional[Path] = option(None, "The SFT checkpoint to post-train (default: runs/finetune-DOMAIN/best); it "
@@ -305,13 +306,15 @@ def command(o: Align):
     steps = max(1, math.ceil(o.epochs * len(prefs.micro_batches(0)) / accum))
     train_cfg = train_config(o, steps, accum, lr=lr, weight_decay=0.0, eval_every=o.eval_every or max(1, steps // 4),
                              schedule=Schedule("cosine", warmup=0.1, floor=0.1), select="ndcg@10")
-    config = {"command": "align", "domain": o.domain, "data": str(o.data), "data_fingerprint": ds.fingerprint,
-              "model": str(start), "tokenizer_fingerprint": tokenizer.fingerprint(), "align": asdict(cfg),
-              "cases": len(cases.prompts), "batch_cases": o.batch_cases, "micro_cases": o.micro_cases,
-              "users_fraction": o.users_fraction, "users": o.users, "val_users": o.val_users,
-              "test_users": o.test_users, "beams": o.beams, "train": run_settings(train_cfg)}
+    config = run_config(o, {"command": "align", "domain": o.domain, "data": str(o.data),
+                            "data_fingerprint": ds.fingerprint, "model": str(start),
+                            "tokenizer_fingerprint": tokenizer.fingerprint(), "align": asdict(cfg),
+                            "cases": len(cases.prompts), "batch_cases": o.batch_cases, "micro_cases": o.micro_cases,
+                            "users_fraction": o.users_fraction, "users": o.users, "val_users": o.val_users,
+                            "test_users": o.test_users, "beams": o.beams, "train": run_settings(train_cfg)})
     check(train_cfg, device, world, "--batch-cases")
-    run = open_run(o.out or Path(f"runs/align-{o.domain}"), config, o.resume, o.overwrite, rank, [o.data, start])
+    run = open_run(o.out or Path(f"runs/align-{o.domain}"), config, o.resume, o.overwrite, rank, [o.data, start],
+                   [o.config])
     say(f"S-DPO on {o.domain}: {len(cases.prompts):,} cases of 1 chosen + {cfg.k} {cfg.negatives} rejected items, "
         f"beta {cfg.beta:g}, {steps} steps of {o.batch_cases} cases, lr {lr:g}")
     saved, precision = run / "reference.npz", resolve_precision(train_cfg.precision, device)

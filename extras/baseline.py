@@ -27,7 +27,7 @@ from torch import nn
 from data import IGNORE, TEST, VALID, Dataset, eval_cases, length_buckets, pad, sample, train_sequences
 from eval import evaluation_result, metrics, popularity, rank_in_scores
 from extras.init import init_weights
-from extras.options import option, recipe, train_config
+from extras.options import CONFIG, option, recipe, run_config, train_config
 from extras.world import open_dataset
 from infra.cli import OVERWRITE, PROGRESS, RESUME, TRACKER, show
 from infra.config import DEFAULT_DATA, ModelConfig
@@ -278,6 +278,7 @@ def train_baseline(ds: Dataset, key: str, cfg: BaselineConfig, run: Path, device
 # --------------------------------------------------------------------------------------------------- the command
 @dataclass
 class Baseline:
+    config: Optional[Path] = option(CONFIG)
     domain: str = option(..., "Domain to train on and rank (its whole catalogue).")
     data: Path = option(DEFAULT_DATA, "Dataset; the built-in world is created if missing.")
     out: Optional[Path] = option(None, "Run directory (default: runs/baseline-DOMAIN).")
@@ -298,9 +299,10 @@ def command(o: Baseline):
     cfg = replace(o.baseline, precision=resolve_precision(o.baseline.precision, device))
     cfg.check()
     check_tracker(o.tracker)
-    config = {"command": "baseline", "domain": o.domain, "data": str(o.data), "data_fingerprint": ds.fingerprint,
-              "baseline": asdict(cfg)}
-    run = open_run(o.out or Path(f"runs/baseline-{o.domain}"), config, o.resume, o.overwrite, inputs=[o.data])
+    config = run_config(o, {"command": "baseline", "domain": o.domain, "data": str(o.data),
+                            "data_fingerprint": ds.fingerprint, "baseline": asdict(cfg)})
+    run = open_run(o.out or Path(f"runs/baseline-{o.domain}"), config, o.resume, o.overwrite, inputs=[o.data],
+                   files=[o.config])
     summary, result = train_baseline(ds, o.domain, cfg, run, device, o.resume, o.progress, o.tracker)
     say(f"best epoch {summary['best_epoch']} of {summary['epochs']} (validation NDCG@10 "
         f"{summary['best_valid_ndcg_at_10']:.4f}), {summary['wall_seconds']:.1f} s, {summary['sequences_per_s']:,.0f} "

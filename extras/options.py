@@ -5,20 +5,25 @@ A recipe's options are the fields of a dataclass (name, type, default, and throu
 nothing re-lists them: `train_config` takes TrainConfig's settings from them by name. A field whose type is itself a
 dataclass (align's AlignConfig, baseline's BaselineConfig) contributes its fields in its place and is built whole.
 
+--config FILE (every recipe's first option) gives any of them from a file under their CLI names (`from_file`), or
+repeats a run from its run_config.json, whose `options` block (`run_config`) records every option as resolved.
+
 Before a run: `check` refuses settings in the words of the command line, `fitting_defaults` fits --lr and --warmup to
 the starting checkpoint, and `run_settings` is what run_config.json records of the training (compared on --resume).
 """
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
+import json
 import math
 import os
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional, get_type_hints
+from typing import Any, Optional, get_args, get_type_hints
 
 import torch
 import typer
@@ -50,6 +55,11 @@ ACTIVATION_CHECKPOINTING = typer.Option(False, help="Recompute each decoder laye
 COMPILE = typer.Option(False, "--compile", help="torch.compile the model for training (inductor): the first step "
                        "compiles it; faster steps after (docs/benchmarks.md).")
 SAVE_EVERY = "Steps between resumable checkpoints (0 = at the end)."
+CONFIG = typer.Option(None, help="A JSON file (or YAML, with PyYAML) of this command's options under their names "
+                      "(batch-tokens: 4096), or a run's run_config.json to repeat that run; options given here "
+                      "override the file's. --out, --resume and --overwrite are never read from it.")
+PER_INVOCATION = ("config", "out", "resume", "overwrite")  # where and how this command writes: never from a file
+KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path (a string)"}
 
 
 # --------------------------------------------------------------------------------------------------- declaring them
@@ -77,19 +87,145 @@ def build(cls: type, values: dict) -> Any:
 
 
 def recipe(*groups: type) -> Callable:
-    """Make a function of options dataclasses a typer command whose options are their fields, in order."""
+    """Make a function of options dataclasses a typer command whose options are their fields, in order, the
+    values of a --config file filling those not given on the command line (`with_config`)."""
     def wrap(fn: Callable) -> Callable:
+        options = [p for cls in groups for p in parameters(cls)]
+
         @functools.wraps(fn)
-        def command(**values):
+        def command(ctx: typer.Context, **values):
+            values = with_config(ctx, options, values)
             return fn(*(build(cls, values) for cls in groups))
-        command.__signature__ = inspect.Signature([p for cls in groups for p in parameters(cls)])
+        context = inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
+        command.__signature__ = inspect.Signature([context, *map(not_required, options)])
         command.__annotations__ = {p.name: p.annotation for p in command.__signature__.parameters.values()}
         return command
     return wrap
 
 
+def not_required(p: inspect.Parameter) -> inspect.Parameter:
+    """A required option as click sees it: optional, since a --config file may give it (`with_config` checks it)."""
+    if p.default.default is not ...:
+        return p
+    info = copy.copy(p.default)
+    info.default = None
+    return p.replace(default=info)
+
+
+def with_config(ctx: typer.Context, options: list[inspect.Parameter], values: dict) -> dict:
+    """The command's values, each one not typed on the command line (click's parameter source) taken from the
+    --config file where it gives it; then a required option given nowhere is refused."""
+    if values.get("config") is not None:
+        given = from_file(values["config"], ctx.info_name, {p.name: p.annotation for p in options})
+        values = {**values, **{k: v for k, v in given.items()
+                               if ctx.get_parameter_source(k).name in ("DEFAULT", "DEFAULT_MAP")}}
+    if missing := [p.name for p in options if p.default.default is ... and values[p.name] is None]:
+        raise UserError(f"Missing option '--{missing[0].replace('_', '-')}' (on the command line or in a --config "
+                        "file)")
+    return values
+
+
+def read_config(path: Path) -> dict:
+    """A --config file's object: JSON, or YAML (.yaml, .yml) when PyYAML is installed."""
+    if path.suffix not in (".yaml", ".yml"):
+        content = read_json(path)  # its own one-line errors
+    else:
+        try:
+            import yaml
+        except ImportError:
+            raise UserError(f"--config {path}: a YAML file needs PyYAML (pip install pyyaml); or write it as "
+                            "JSON") from None
+        try:
+            content = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise UserError(f"--config {path}: cannot read it ({e.strerror})") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise UserError(f"--config {path}: not valid YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(content, dict):
+        raise UserError(f"--config {path}: expected an object of options (name: value), not "
+                        f"{type(content).__name__}")
+    return content
+
+
+def from_file(path: Path, command: str, hints: dict[str, Any]) -> dict:
+    """The options a --config file gives, by parameter name, each of the option's type. A run's run_config.json
+    gives its `options` block (derived facts are never options: `run_config` checks those that must still hold);
+    any other file is a user's, whose unknown keys, wrong types and other command are refused in one line."""
+    content = read_config(path)
+    if "options" in content:  # a run's run_config.json
+        if content.get("command") != command:
+            raise UserError(f"--config {path}: the run_config.json of a {content.get('command')} run, not of "
+                            f"{command}; give it to `cprec.py {content.get('command')}`")
+        options = content["options"]
+        if changes := [f"{k} {a} -> {b}" for entry in content.get("resumed_with_changes", [])
+                       for k, (a, b) in entry["changed"].items()]:
+            say(f"note: {path}: that run was resumed with changed settings ({', '.join(changes)}); this repeat "
+                "runs with the later values from its first step")
+    elif "data_fingerprint" in content:
+        raise UserError(f"--config {path}: a run_config.json from before runs recorded their options (no "
+                        "\"options\" in it); give that run's options on the command line")
+    else:
+        options = dict(content)
+        if (other := options.pop("command", command)) != command:
+            raise UserError(f"--config {path}: command {json.dumps(other)}: a file of another command; expected "
+                            f"\"{command}\" (or no command key)")
+    given = {}
+    for key, value in options.items():
+        name = str(key).replace("-", "_")
+        if name in PER_INVOCATION:
+            raise UserError(f"--config {path}: {key} is never read from a file (it says where and how this command "
+                            f"writes); give --{name.replace('_', '-')} on the command line")
+        if name not in hints:
+            raise UserError(f"--config {path}: {key} is not an option of {command} (see `cprec.py {command} --help`)")
+        if name in given:
+            raise UserError(f"--config {path}: {key} is given twice")
+        given[name] = typed(value, hints[name], f"--config {path}: {key}")
+    return given
+
+
+def typed(value: Any, hint: Any, where: str) -> Any:
+    """A config file's value as the option's type (an int where a float is expected becomes one), or one line that
+    names the option and what it expects."""
+    optional = type(None) in get_args(hint)
+    base = next(t for t in get_args(hint) or (hint,) if t is not type(None))
+    if value is None and optional:
+        return None
+    accepted = (int, float) if base is float else str if base is Path else base
+    if isinstance(value, bool) != (base is bool) or not isinstance(value, accepted):
+        raise UserError(f"{where} {json.dumps(value, default=str)}: expected {KINDS[base]}"
+                        f"{' or null' if optional else ''}")
+    return base(value)
+
+
+def values_of(options: Any) -> dict:
+    """An options dataclass's values by parameter name, a nested dataclass's in its place (the inverse of `build`)."""
+    out = {}
+    for f in fields(options):
+        value = getattr(options, f.name)
+        out.update(values_of(value) if is_dataclass(value) else {f.name: value})
+    return out
+
+
+def run_config(options: Any, facts: dict) -> dict:
+    """What a run's run_config.json holds: the `facts` the recipe derived (compared on --resume, read by align), and
+    `options`, every option as resolved under its CLI name, which --config reads back to repeat the run. Repeating
+    a run from its run_config.json, the facts it depends on must still hold: the dataset's and the tokenizer's
+    fingerprints."""
+    recorded = {k.replace("_", "-"): str(v) if isinstance(v, Path) else v for k, v in values_of(options).items()
+                if k not in PER_INVOCATION}
+    if options.config is not None and "options" in (run := read_config(options.config)):
+        what = {"data_fingerprint": f"the dataset {facts.get('data')}",
+                "tokenizer_fingerprint": f"the tokenizer of {facts.get('model')}"}
+        for key, name in what.items():
+            if key in run and key in facts and run[key] != facts[key]:
+                raise UserError(f"--config {options.config}: {name} is not the one that run used ({key} "
+                                f"{facts[key]}, not {run[key]}); the run cannot be repeated on it")
+    return {**facts, "options": recorded}
+
+
 @dataclass
 class Pretrain:
+    config: Optional[Path] = option(CONFIG)
     data: Path = option(DEFAULT_DATA, "Dataset; the built-in world is created if missing.")
     model: Optional[Path] = option(None, "HF checkpoint to start from (default: models/small, created if missing).")
     out: Path = option(DEFAULT_CPT, "Run directory.")
@@ -122,6 +258,7 @@ class Pretrain:
 
 @dataclass
 class Finetune:
+    config: Optional[Path] = option(CONFIG)
     domain: str = option(..., "Target domain, e.g. games.")
     data: Path = option(DEFAULT_DATA, "Dataset.")
     model: Optional[Path] = option(None, "Checkpoint to fine-tune (default: the latest pretrain, "
@@ -157,6 +294,7 @@ class Finetune:
 
 @dataclass
 class Evaluate:
+    config: Optional[Path] = option(CONFIG)
     domain: str = option(..., "Domain whose whole catalogue is ranked.")
     model: Path = option(..., "Checkpoint (CPT for zero-shot, or fine-tuned).")
     data: Path = option(DEFAULT_DATA, "Dataset.")

@@ -43,6 +43,7 @@ RUN_FILES = {"run_config.json", "checkpoints", "latest", "final", "best", "best.
 REUSABLE = {"run_config.json", "checkpoints", "reference.npz", *LOGS}  # got to no checkpoint
 RESUMABLE = ("train.lr", "train.save_every", "train.eval_every", "train.keep", "train.compile")  # same batch plan
 PATHS = ("data", "model")  # where the dataset and the start are: their fingerprints, recorded too, are what counts
+OPTIONS = "options."  # the options as given: what they resolve to (the keys above) is compared; their changes recorded
 
 
 # --------------------------------------------------------------------------------------------------- the directory
@@ -78,7 +79,7 @@ def flatten(config: dict, prefix: str = "", sep: str = ".") -> dict:
 
 
 def open_run(out_dir: str | Path, config: dict, resume: bool, overwrite: bool, rank: int = 0,
-             inputs: list[Path] = ()) -> Path:
+             inputs: list[Path] = (), files: list[Path | None] = ()) -> Path:
     """Create (or reuse) the run directory, lock it for this process and record its resolved configuration; refuse
     to mix two runs in one. Returns the directory (a symbolic link's target).
 
@@ -86,11 +87,13 @@ def open_run(out_dir: str | Path, config: dict, resume: bool, overwrite: bool, r
     only settings that leave the batch plan alone (RESUMABLE: the learning rate, intervals, --compile) may change,
     with a warning recorded in run_config.json; paths (PATHS) may be spelt differently, since the fingerprints of
     what they hold are compared. A directory that holds no checkpoint (a start that failed or was stopped early) is
-    reused by a plain rerun. The run may neither hold nor lie inside its `inputs` (the dataset, the starting model),
-    and --overwrite replaces only a run of the same command.
+    reused by a plain rerun. The run may neither hold nor lie inside its `inputs` (the dataset, the starting model)
+    nor the `files` the command reads (a --config file; None = none), and --overwrite replaces only a run of the same
+    command. The recorded `options` are never refused on --resume (what they resolve to is compared), but their
+    changes are recorded too; a run from before they were recorded has none.
     """
     # --overwrite empties the directory: everything in it must be ours; otherwise nothing is removed that is not ours
-    out = own_output(out_dir, what="run", overwrite=True, inputs=inputs,
+    out = own_output(out_dir, what="run", overwrite=True, inputs=[*inputs, *(f for f in files if f)],
                      check=run_files if overwrite else lambda p: marked(p, "run_config.json"))
     saved = out / "run_config.json"
     config = json.loads(json.dumps(config))  # as it reads back from disk (tuples become lists)
@@ -113,8 +116,10 @@ def open_run(out_dir: str | Path, config: dict, resume: bool, overwrite: bool, r
         old = read_json(saved)
         history = old.pop("resumed_with_changes", [])
         new, before = flatten(config), flatten(old)
+        if "options" not in old:  # begun before options were recorded: their derived settings are compared
+            new = {k: v for k, v in new.items() if not k.startswith(OPTIONS)}
         differ = sorted(k for k in set(new) | set(before) if before.get(k) != new.get(k) and k not in PATHS)
-        if refused := [k for k in differ if k not in RESUMABLE]:
+        if refused := [k for k in differ if k not in RESUMABLE and not k.startswith(OPTIONS)]:
             free = [o.removeprefix("train.") for o in RESUMABLE if o in new]
             raise UserError(f"{out}: --resume with different settings ({', '.join(refused)}); use the original ones "
                             + (f"(only {', '.join(free)} may change)" if free else "(none of this run's may change)"))
@@ -384,15 +389,16 @@ def plot_curves(run: Path) -> str:
     return str(run / "curves.png")
 
 
-def evaluation_output(out: Path | None, model: Path, data: Path, name: str, overwrite: bool) -> Path:
+def evaluation_output(out: Path | None, model: Path, data: Path, name: str, overwrite: bool,
+                      config: Path | None = None) -> Path:
     """Where `evaluate` writes a result and its per-user ranks, both guarded: by default runs/eval/ under the whole
     checkpoint path (relative to here when below it) and `name`, so two models never collide."""
     if out is None:
         here, where = Path.cwd().resolve(), model.resolve()
         where = where.relative_to(here) if where.is_relative_to(here) else where
         out = Path("runs/eval") / f"{'-'.join(p for p in where.parts if p != where.anchor)}-{name}.json"
-    out = own_output(out, what="result of evaluate", overwrite=overwrite, check=evaluation_file, inputs=[model, data],
-                     file=True)
+    out = own_output(out, what="result of evaluate", overwrite=overwrite, check=evaluation_file,
+                     inputs=[model, data, *filter(None, [config])], file=True)
     own_output(per_user_file(out), what="per-user ranks of evaluate", overwrite=overwrite, file=True,
                check=lambda p: evaluation_file(out))  # its per-user ranks beside it: replaced only with it
     return out
