@@ -78,6 +78,15 @@ def test_merged_export_loads_in_transformers_with_the_adapter_logits(case, tmp_p
     assert any(isinstance(m, LoRALinear) for m in model.modules())  # the LoRA model is left as it was
 
 
+def test_merge_under_activation_checkpointing_merges_every_projection(tmp_path):
+    from infra.distributed import checkpoint_layers
+    model = trained(apply_lora(Decoder.from_pretrained(base(tmp_path)), rank=4, alpha=8))
+    plain = merge_lora(model).state_dict()
+    checkpoint_layers(model)  # what train's wrap does: the layers' module names gain the wrapper's prefix
+    wrapped = merge_lora(model).state_dict()
+    assert plain.keys() == wrapped.keys() and all(torch.equal(plain[k], wrapped[k]) for k in plain)
+
+
 def test_peft_loads_the_adapter_with_the_same_logits(tmp_path):
     peft = pytest.importorskip("peft")
     path = base(tmp_path)
@@ -229,3 +238,14 @@ def test_lora_with_two_processes_equals_one(lora_run, world, tiny_model, tmp_pat
     one, two = (load_file(run / "final-adapter" / "adapter_model.safetensors") for run in (lora_run, tmp_path / "two"))
     for k in one:
         torch.testing.assert_close(one[k], two[k], atol=1e-5, rtol=1e-4)
+
+
+def test_the_base_is_loaded_in_the_compute_dtype_and_only_adapters_train(tiny_model):
+    from extras.options import LoRA
+    from train import param_groups
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32), ("fp16", torch.float32)):
+        model = LoRA(lora_rank=2, lora_targets="q_proj,v_proj").load(tiny_model, precision, seed=0)
+        assert {p.dtype for p in model.parameters() if not p.requires_grad} == {dtype}
+        assert {p.dtype for p in lora_state(model).values()} == {torch.float32}
+        assert sum(len(g["params"]) for g in param_groups(model, 0.1)) == len(lora_state(model)) == 2 * 2 * 2
+    assert LoRA().record(tiny_model) == {} and isinstance(LoRA().load(tiny_model, "bf16", 0), Decoder)
