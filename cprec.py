@@ -84,9 +84,10 @@ def pretrain(o: Pretrain):
                             "model": str(start), "tokenizer_fingerprint": tokenizer.fingerprint(), "kinds": kinds,
                             "cpt_tokens": len(stream), "block_len": o.block_len, "micro_batch": o.micro_batch,
                             "batch_tokens": o.batch_tokens, "train_tokens": steps * o.batch_tokens,
-                            "val_users": o.val_users, "train": run_settings(cfg)})
-    check(cfg, device, world, "--batch-tokens", start, o.block_len, "--block-len")
-    net = Decoder.from_pretrained(start)  # on --resume, train() loads the checkpoint's weights into it
+                            "val_users": o.val_users, "train": run_settings(cfg), **o.lora.record(start)})
+    check(cfg, device, world, "--batch-tokens", start, o.block_len, "--block-len", o.lora)
+    net = o.lora.load(start, resolve_precision(cfg.precision, device), o.seed)  # on --resume, train() loads the
+    # checkpoint's weights (with LoRA: its adapters) into it
     pretrain_domains = [k for k, d in ds.domains.items() if d.role == "pretrain"]
     cases = {k: sample(eval_cases(ds, k, VALID), o.val_users, o.seed) for k in pretrain_domains}
 
@@ -99,7 +100,7 @@ def pretrain(o: Pretrain):
     say(f"CPT on {', '.join(pretrain_domains)}: {len(stream):,} tokens of {'+'.join(kinds)} sequences, "
         f"{steps} steps of {o.batch_tokens:,} tokens ({accum} micro-batches), {net.config.n_params / 1e6:.1f}M params")
     summary = train(net, blocks, cfg, run, tokenizer=tokenizer, device=device, rank=rank, world=world,
-                    resume=o.resume, validate=validate)
+                    resume=o.resume, validate=validate, base=str(start))
     if rank == 0:
         write_json(run / "results.json", {"config": config, "training": summary})
         say(f"done: final loss {summary['loss']:.4f}, validation loss {summary['validation']['val_loss']:.4f}, "
@@ -138,9 +139,11 @@ def finetune(o: Finetune):
                             "train_users": len(sequences), "examples": len(examples.examples),
                             "padding": examples.padding(), "window": o.window, "batch_tokens": o.batch_tokens,
                             "micro_tokens": o.micro_tokens, "val_users": o.val_users, "test_users": o.test_users,
-                            "beams": o.beams, "mask_history": o.mask_history, "train": run_settings(cfg)})
-    check(cfg, device, world, "--batch-tokens", start, examples.longest, "--window")
-    net = Decoder.from_pretrained(start)  # on --resume, train() loads the checkpoint's weights into it
+                            "beams": o.beams, "mask_history": o.mask_history, "train": run_settings(cfg),
+                            **o.lora.record(start)})
+    check(cfg, device, world, "--batch-tokens", start, examples.longest, "--window", o.lora)
+    net = o.lora.load(start, resolve_precision(cfg.precision, device), o.seed)  # on --resume, train() loads the
+    # checkpoint's weights (with LoRA: its adapters) into it
     options = dict(beams=o.beams, seed=o.seed, mask_history=o.mask_history, window=o.window, progress=o.progress)
     out = o.out or Path(f"runs/finetune-{o.domain}")
     # a failed start leaves nothing
@@ -149,8 +152,9 @@ def finetune(o: Finetune):
         f"padding), {steps} steps ({accum} micro-batches each), validation every {cfg.eval_every} steps on "
         f"{o.val_users or 'all'} users")
     summary = train(net, examples, cfg, run, tokenizer=tokenizer, device=device, rank=rank, world=world,
-                    resume=o.resume, validate=lambda m: evaluation.evaluate(m, encoder, ds, o.domain, split="valid",
-                                                                            users=o.val_users, **options)["model"])
+                    resume=o.resume, base=str(start),
+                    validate=lambda m: evaluation.evaluate(m, encoder, ds, o.domain, split="valid", users=o.val_users,
+                                                           **options)["model"])
     if rank == 0:
         best = Decoder.from_pretrained(run / "best", device=device)
         say(f"testing the best checkpoint (step {summary['best']['step']}, validation NDCG@10 "

@@ -296,6 +296,7 @@ def ours_to_hf(key: str) -> str:
 # --------------------------------------------------------------------------------------------------- LoRA
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTERS = (".lora_A", ".lora_B")  # how the adapters' parameter names end
+WRAPPED = "_checkpoint_wrapped_module."  # activation checkpointing's wrapper, in module names, not in state_dict's
 
 
 class LoRALinear(nn.Linear):
@@ -353,7 +354,8 @@ def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def merge_lora(model: Decoder, device: torch.device | str = "cpu") -> Decoder:
     """A plain Decoder on `device` whose projections hold W + (alpha/rank) B A: what save_pretrained writes as the
     usual HF layout. The LoRA model itself is left as it is (training goes on after `best/`)."""
-    merged = {f"{name}.weight": m.merged_weight() for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    merged = {f"{name.replace(WRAPPED, '')}.weight": m.merged_weight() for name, m in model.named_modules()
+              if isinstance(m, LoRALinear)}  # keyed as state_dict names them: without activation checkpointing's
     state = {k: merged.get(k, v.detach()).to(device) for k, v in model.state_dict().items() if not k.endswith(ADAPTERS)}
     with torch.device("meta"):
         plain = Decoder(model.config)

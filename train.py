@@ -16,6 +16,7 @@ DDP/FSDP wrapping and the device helpers are infra/'s; the checks made before a 
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from infra.distributed import agreed, all_reduce_sum, clip_grad_norm, consolidat
 from infra.files import UserError
 from infra.loop import Checkpoints, StepTimer, Validator, recovery
 from infra.runs import Interrupted, Log, StopRequest, plot_curves, resume_state
+from model import LoRALinear, merge_lora, save_adapter
 from schedule import Schedule, scheduler
 
 
@@ -175,10 +177,12 @@ class BatchSource(Protocol):
 
 def train(model: nn.Module, data: BatchSource, cfg: TrainConfig, run: Path, *, loss: Callable = lm_loss,
           tokenizer=None, device: torch.device, rank: int = 0, world: int = 1, resume: bool = False,
-          validate: Callable[[nn.Module], dict] | None = None) -> dict:
+          validate: Callable[[nn.Module], dict] | None = None, base: str = "") -> dict:
     """Train `model` on `data` for cfg.steps optimizer steps, `loss(model, *collated)` being a micro-batch's summed
     loss; return a summary. `validate(model)` (rank 0) returns the validation figures; the best cfg.select is kept in
-    best/. --resume continues from the latest readable checkpoint, or writes what is missing if the steps were done."""
+    best/. --resume continues from the latest readable checkpoint, or writes what is missing if the steps were done.
+    Only parameters that require gradients are trained: a LoRA model (model.apply_lora) trains its adapters, and its
+    final/ and best/ are merged (save_model; `base`, the starting checkpoint, is named in the adapter's config)."""
     state = resume_state(run, model, rank) if resume else None  # the checkpoint's weights, into `model` on CPU
     precision, shard = resolve_precision(cfg.precision, device), resolve_shard(cfg.shard, world)
     net = wrap(model, loss, device, precision, shard, cfg.activation_checkpointing, cfg.compile)
@@ -186,7 +190,8 @@ def train(model: nn.Module, data: BatchSource, cfg: TrainConfig, run: Path, *, l
                                   fused=device.type == "cuda")
     sched = scheduler(optimizer, cfg.schedule, cfg.steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # otherwise its calls do nothing
-    validation = Validator(run, model, validate, tokenizer, cfg.select, cfg.patience, shard, rank, device, precision)
+    save = functools.partial(save_model, tokenizer=tokenizer, base=base)
+    validation = Validator(run, model, validate, save, cfg.select, cfg.patience, shard, rank, device, precision)
     timer = StepTimer(model, device, precision, peak_flops, rank)  # probes the peak FLOP/s (MFU), before any seeding
     ckpt = Checkpoints(run, model, net, optimizer, sched, scaler, tokenizer, shard, rank, device, cfg.keep, cfg.diverge)
     start = ckpt.restore(state, cfg.lr) if resume else 0
@@ -227,7 +232,7 @@ def train(model: nn.Module, data: BatchSource, cfg: TrainConfig, run: Path, *, l
     final = consolidate(model, rank) if shard == "fsdp" else model  # every process takes part
     if rank != 0:
         return {"steps": cfg.steps, "precision": precision, "world_size": world}
-    final.save_pretrained(run / "final", tokenizer)
+    save(final, run / "final")
     return {"steps": cfg.steps, "precision": precision, "world_size": world, **log.summary(),
             "seconds_to_best": log.seconds_until(validation.best["step"]) if validation.best else None,
             "peak_mem_gb": peak_memory_gb(device), "best": validation.best, "curves": plot_curves(run)}
@@ -239,6 +244,15 @@ def due(step: int, every: int, total: int) -> bool:
 
 def finite(x: float, digits: int) -> float | None:
     return round(x, digits) if math.isfinite(x) else None  # JSON has no NaN: metrics.jsonl stays valid JSON
+
+
+def save_model(model: nn.Module, path: Path, tokenizer=None, base: str = "") -> None:
+    """A model folder in HF layout (final/, best/). A LoRA model's is the merged model, and its adapter alone goes
+    beside it in PEFT's layout, PATH-adapter/: never inside, where transformers 5 would apply it a second time."""
+    if not any(isinstance(m, LoRALinear) for m in model.modules()):
+        return model.save_pretrained(path, tokenizer)
+    merge_lora(model).save_pretrained(path, tokenizer)
+    save_adapter(model, path.with_name(f"{path.name}-adapter"), base)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -41,7 +41,19 @@ from data import (
     train_sequences,
 )
 from extras.init import not_a_checkpoint, written_by_init
-from extras.options import CONFIG, SAVE_EVERY, check, multiple, option, recipe, run_config, run_settings, train_config
+from extras.options import (
+    CONFIG,
+    LORA_LR,
+    SAVE_EVERY,
+    LoRA,
+    check,
+    multiple,
+    option,
+    recipe,
+    run_config,
+    run_settings,
+    train_config,
+)
 from extras.world import open_dataset
 from infra.cache import load_checked, save_checked
 from infra.cli import OVERWRITE, PRECISION, PROGRESS, RESUME, TRACKER, positive, show
@@ -264,6 +276,7 @@ class Align:
     beams: int = option(50, "Beam width of the evaluations (>= 50 for Recall@50).")
     eval_every: int = option(0, "Steps between validations (0 = four over the run).")
     precision: str = option(PRECISION)
+    lora: LoRA = field(default_factory=LoRA)
     seed: int = option(0, "Seed for data order, user samples and random negatives.")
     save_every: int = option(0, SAVE_EVERY)
     resume: bool = option(RESUME)
@@ -295,9 +308,9 @@ def command(o: Align):
         raise UserError(f"domain {quote(o.domain)} has no validation cases, so no checkpoint could be chosen")
     tokenizer = Tokenizer.from_pretrained(start)
     encoder = Encoder(tokenizer)
-    net = Decoder.from_pretrained(start, device=device)
+    net = o.lora.load(start, resolve_precision(o.precision, device), o.seed, device)
     default_lr = 3e-5 if INIT_MARKER in net.config.extra else 1e-5  # docs/results.md#learning-rate
-    lr = o.lr if o.lr is not None else default_lr
+    lr = o.lr if o.lr is not None else default_lr * (LORA_LR if o.lora.lora_rank else 1)
     # refuses a bad --users-fraction
     cases = preference_cases(net, encoder, ds, o.domain, cfg, o.seed, o.users, o.users_fraction)
     note_other_users(start, o.users_fraction, o.seed)
@@ -311,8 +324,9 @@ def command(o: Align):
                             "tokenizer_fingerprint": tokenizer.fingerprint(), "align": asdict(cfg),
                             "cases": len(cases.prompts), "batch_cases": o.batch_cases, "micro_cases": o.micro_cases,
                             "users_fraction": o.users_fraction, "users": o.users, "val_users": o.val_users,
-                            "test_users": o.test_users, "beams": o.beams, "train": run_settings(train_cfg)})
-    check(train_cfg, device, world, "--batch-cases")
+                            "test_users": o.test_users, "beams": o.beams, "train": run_settings(train_cfg),
+                            **o.lora.record(start)})
+    check(train_cfg, device, world, "--batch-cases", lora=o.lora)
     run = open_run(o.out or Path(f"runs/align-{o.domain}"), config, o.resume, o.overwrite, rank, [o.data, start],
                    [o.config])
     say(f"S-DPO on {o.domain}: {len(cases.prompts):,} cases of 1 chosen + {cfg.k} {cfg.negatives} rejected items, "
@@ -338,7 +352,7 @@ def command(o: Align):
     with autocast(precision, device):  # as "after" is measured: the two differ by training, not by precision
         before = held_out_loglik(net, encoder, ds, o.domain, o.test_users, o.seed, cfg.window) if rank == 0 else None
     summary = train(net, prefs, train_cfg, run, loss=functools.partial(dpo_loss, beta=cfg.beta), tokenizer=tokenizer,
-                    device=device, rank=rank, world=world, resume=o.resume,
+                    device=device, rank=rank, world=world, resume=o.resume, base=str(start),
                     validate=lambda m: evaluation.evaluate(m, encoder, ds, o.domain, split="valid", users=o.val_users,
                                                            **options)["model"])
     if rank == 0:

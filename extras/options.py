@@ -28,13 +28,15 @@ from typing import Any, Optional, get_args, get_type_hints
 import torch
 import typer
 
-from infra.cli import OVERWRITE, PRECISION, PROGRESS, RESUME, TRACKER
+from infra.cli import OVERWRITE, PRECISION, PROGRESS, RESUME, TRACKER, split_list
 from infra.config import DEFAULT_CPT, DEFAULT_DATA, INIT_MARKER, config_from_hf
 from infra.console import say
 from infra.device import resolve_precision
 from infra.distributed import resolve_shard
 from infra.files import UserError, read_json
 from infra.trackers import check_tracker
+from infra.weights import model_fingerprint
+from model import LORA_TARGETS, Decoder, apply_lora
 from schedule import Schedule
 from schedule import steps as schedule_steps
 from schedule import validate as validate_schedule
@@ -60,6 +62,7 @@ CONFIG = typer.Option(None, help="A JSON file (or YAML, with PyYAML) of this com
                       "override the file's. --out, --resume and --overwrite are never read from it.")
 PER_INVOCATION = ("config", "out", "resume", "overwrite")  # where and how this command writes: never from a file
 KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path (a string)"}
+LORA_LR = 10  # LoRA's default peak lr: this many times full training's (Hu et al. 2021; PEFT's recipes); not tuned
 
 
 # --------------------------------------------------------------------------------------------------- declaring them
@@ -224,6 +227,53 @@ def run_config(options: Any, facts: dict) -> dict:
 
 
 @dataclass
+class LoRA:
+    """LoRA options, shared by pretrain, finetune and align: off (rank 0) unless --lora-rank is given."""
+    lora_rank: int = option(0, "LoRA: train rank-R adapters on a frozen base held in the compute dtype (0 = off: "
+                            "full training). final/ and best/ hold the merged model, final-adapter/ the adapter.")
+    lora_alpha: Optional[float] = option(None, "LoRA scale alpha; the update is (alpha/rank) B A (default: 2 x "
+                                         "rank, so the scale and the default --lr hold at any rank).")
+    lora_targets: str = option(",".join(LORA_TARGETS), "Projections given adapters, comma-separated.")
+
+    def check(self, cfg: TrainConfig, world: int) -> None:
+        """Refuse LoRA settings, and what LoRA does not go with, before a run starts."""
+        if not self.lora_rank:
+            return
+        if self.lora_rank < 0 or self.alpha <= 0 or not self.targets or set(self.targets) - set(LORA_TARGETS):
+            raise UserError(f"--lora-rank {self.lora_rank} --lora-alpha {self.alpha:g} --lora-targets "
+                            f"{self.lora_targets}: expected a rank >= 1, alpha > 0 and targets among "
+                            f"{','.join(LORA_TARGETS)}")
+        if resolve_shard(cfg.shard, world) == "fsdp":
+            raise UserError("--lora-rank with --shard fsdp: not supported yet; use --shard ddp (LoRA's adapters and "
+                            "their AdamW state are small: each process holds the frozen base once, in bf16 on GPU)")
+
+    @property
+    def alpha(self) -> float:
+        return 2.0 * self.lora_rank if self.lora_alpha is None else self.lora_alpha
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(split_list(self.lora_targets))
+
+    def record(self, start: Path) -> dict:
+        """What run_config.json records (nothing without LoRA: such runs record what they always did). The base
+        is named by its fingerprint: checkpoints hold the adapters only, so --resume must find the same base."""
+        if not self.lora_rank:
+            return {}
+        return {"lora": {"rank": self.lora_rank, "alpha": self.alpha, "targets": list(self.targets),
+                         "base_fingerprint": model_fingerprint(start)}}
+
+    def load(self, start: Path, precision: str, seed: int, device: torch.device | str = "cpu") -> Decoder:
+        """The starting model: as stored, in fp32; with LoRA, the frozen base in the compute dtype (bf16 under bf16,
+        else fp32) with fp32 adapters (A drawn from `seed`, B = 0: exactly the base)."""
+        if not self.lora_rank:
+            return Decoder.from_pretrained(start, device=device)
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        return apply_lora(Decoder.from_pretrained(start, dtype, device), self.lora_rank, self.alpha, self.targets,
+                          seed)
+
+
+@dataclass
 class Pretrain:
     config: Optional[Path] = option(CONFIG)
     data: Path = option(DEFAULT_DATA, "Dataset; the built-in world is created if missing.")
@@ -247,6 +297,7 @@ class Pretrain:
     shard: str = option(SHARD)
     activation_checkpointing: bool = option(ACTIVATION_CHECKPOINTING)
     compile: bool = option(COMPILE)
+    lora: LoRA = field(default_factory=LoRA)
     save_every: int = option(200, SAVE_EVERY)
     eval_every: int = option(0, "Steps between validation losses (0 = at the end).")
     val_users: int = option(100, "Validation users per pre-training domain.")
@@ -285,6 +336,7 @@ class Finetune:
     shard: str = option(SHARD)
     activation_checkpointing: bool = option(ACTIVATION_CHECKPOINTING)
     compile: bool = option(COMPILE)
+    lora: LoRA = field(default_factory=LoRA)
     save_every: int = option(0, SAVE_EVERY)
     resume: bool = option(RESUME)
     overwrite: bool = option(OVERWRITE)
@@ -319,7 +371,8 @@ def train_config(options: Any, steps: int, accum: int, start: Path | None = None
     given = {f.name: getattr(options, f.name) for f in fields(options) if f.name in settings}
     if start is not None:
         o = options
-        given["lr"], warmup = fitting_defaults(start, o.lr, o.warmup, steps, o.schedule, o.anneal)
+        given["lr"], warmup = fitting_defaults(start, o.lr, o.warmup, steps, o.schedule, o.anneal,
+                                               lora=bool(getattr(o, "lora", LoRA()).lora_rank))
         given["schedule"] = Schedule(o.schedule, warmup, o.anneal, o.anneal_shape, o.lr_floor)
     return TrainConfig(steps, accum, **{**given, **fixed})
 
@@ -333,10 +386,10 @@ def multiple(total: int, part: int, option: str, of: str) -> int:
 
 
 def check(cfg: TrainConfig, device: torch.device, world: int, batch: str = "--batch-tokens", start: Path | None = None,
-          longest: int = 0, option: str = "") -> None:
+          longest: int = 0, option: str = "", lora: LoRA | None = None) -> None:
     """Every check of a run's settings, made before a run directory is created for them: schedule, precision, the
-    split of each step's micro-batches (set by the option `batch`) over the processes and, given the starting
-    checkpoint, the longest sequence (set by `option`) against its context."""
+    split of each step's micro-batches (set by the option `batch`) over the processes, given the starting
+    checkpoint the longest sequence (set by `option`) against its context, and the LoRA options."""
     if not cfg.lr > 0:
         raise UserError(f"--lr {cfg.lr}: expected a learning rate > 0")
     for name, every in (("--save-every", cfg.save_every), ("--eval-every", cfg.eval_every)):
@@ -357,6 +410,8 @@ def check(cfg: TrainConfig, device: torch.device, world: int, batch: str = "--ba
                         f"processes; use a multiple of {world} micro-batches")
     if start is not None and longest > (context := context_of(start)):
         raise UserError(f"{option}: {longest}-token sequences exceed the context of {start} ({context} tokens)")
+    if lora is not None:
+        lora.check(cfg, world)
 
 
 def context_of(start: Path) -> int:
@@ -374,7 +429,7 @@ def run_settings(cfg: TrainConfig) -> dict:
 
 
 def fitting_defaults(start: Path, lr: float | None, warmup: float | None, steps: int, schedule: str,
-                     anneal: float) -> tuple[float, float]:
+                     anneal: float, lora: bool = False) -> tuple[float, float]:
     """--lr and --warmup where not given, fitted to the checkpoint at `start`.
 
     A model `cprec init` made (config.json carries infra.config.INIT_MARKER, kept through training) starts from random
@@ -382,11 +437,13 @@ def fitting_defaults(start: Path, lr: float | None, warmup: float | None, steps:
     knowledge a large step would wash out: continual pre-training re-warms it to a fraction of its original peak
     (Gupta et al. 2023, "Continual Pre-Training of Large Language Models: How to (re)warm your model?"; Ibrahim et al.
     2024) with a WSD-style warmup (MiniCPM): peak 1e-4 and warmup max(2% of steps, 100 steps), at most half the
-    steps before annealing. Explicit values always win."""
+    steps before annealing. With LoRA the peak is LORA_LR times that (1e-2, 1e-3): adapters starting at B = 0 with
+    a fixed alpha/rank = 2 move the model far less per step than full training. Explicit values always win."""
+    factor = LORA_LR if lora else 1
     if INIT_MARKER in read_json(start / "config.json"):
-        return (1e-3 if lr is None else lr), (0.02 if warmup is None else warmup)
+        return (1e-3 * factor if lr is None else lr), (0.02 if warmup is None else warmup)
     decay = schedule_steps(anneal, steps) if schedule == "wsa" and anneal >= 0 else 0
-    fitted_lr = 1e-4 if lr is None else lr
+    fitted_lr = 1e-4 * factor if lr is None else lr
     fitted_warmup = min(max(math.ceil(0.02 * steps), 100), (steps - decay) // 2) if warmup is None else warmup
     if lr is None or warmup is None:
         say(f"{start} is a pretrained checkpoint (no {INIT_MARKER} in its config.json): peak --lr {fitted_lr:g}, "

@@ -133,7 +133,7 @@ class Validator:
     run: Path
     model: nn.Module
     validate: Callable[[nn.Module], dict] | None  # the model's validation figures; None: no validation
-    tokenizer: object
+    save: Callable[[nn.Module, Path], None]  # writes a model folder (best/): train.save_model
     select: str | None  # the figure to maximise
     patience: int
     shard: str
@@ -156,7 +156,7 @@ class Validator:
             copy.train()
             if select and (self.best is None or result[select] > self.best[select]):
                 self.best = {"step": at, select: result[select]}
-                copy.save_pretrained(self.run / "best", self.tokenizer)
+                self.save(copy, self.run / "best")
                 write_json(self.run / "best.json", self.best)
             # Logged after best/ is written: a logged validation has its best/ on disk.
             log.write({"step": at, "validation": result, "seconds": round(time.perf_counter() - began, 4)})

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from infra.console import say, warn
@@ -34,12 +34,14 @@ from infra.trackers import open_tracker
 
 # What a crashed save leaves behind: atomic_dir's `.NAME.tmpPID-HEX` / `.NAME.oldPID-HEX` siblings, write_json's
 # `FILE.tmpPID`, `latest.tmp` and the log's rewrite. Only these names are ever removed.
-CHECKPOINT_NAME = re.compile(r"step-\d{7}|best|final")  # the directories a run writes through atomic_dir
+CHECKPOINT_NAME = re.compile(r"step-\d{7}|(best|final)(-adapter)?")  # the directories a run writes through atomic_dir
 LEFTOVER_FILE = re.compile(r"latest\.tmp|(run_config|best|results)\.json\.tmp\d+|metrics\.jsonl\.tmp\d+|"
                            r"reference\.tmp\.npz")
 LOGS = ("metrics.jsonl", "curves.png", *TRACKER_FOLDERS)  # rewritten by a rerun of a start that got to no checkpoint
 RUN_FILES = {"run_config.json", "checkpoints", "latest", "final", "best", "best.json", "results.json",
-             "results-per_user.jsonl", "reference.npz", *LOGS}  # reference.npz: align's cached reference
+             "results-per_user.jsonl", "reference.npz", "final-adapter", "best-adapter", *LOGS}
+# reference.npz: align's cached reference; final-adapter/, best-adapter/: a LoRA run's adapter beside its merged model
+TRAINABLE = "trainable.safetensors"  # a partly frozen model's checkpoint (LoRA): its trainable parameters alone
 REUSABLE = {"run_config.json", "checkpoints", "reference.npz", *LOGS}  # got to no checkpoint
 RESUMABLE = ("train.lr", "train.save_every", "train.eval_every", "train.keep", "train.compile")  # same batch plan
 PATHS = ("data", "model")  # where the dataset and the start are: their fingerprints, recorded too, are what counts
@@ -159,6 +161,8 @@ def run_files(out: Path) -> str | None:
 # --------------------------------------------------------------------------------------------------- checkpoints
 def save_checkpoint(run: Path, step: int, model: nn.Module, tokenizer, state: dict, keep: int) -> None:
     """A resumable checkpoint: the model's weights (model.write_checkpoint: fp32, as trained) and the training state.
+    A partly frozen model (LoRA) saves its trainable parameters alone (TRAINABLE): megabytes, not the base, which
+    run_config.json names by its fingerprint.
 
     Never of non-finite weights. Written to a temporary directory then renamed; `latest` is switched only once the
     checkpoint is complete, and the older ones are removed only after that."""
@@ -167,11 +171,24 @@ def save_checkpoint(run: Path, step: int, model: nn.Module, tokenizer, state: di
         raise UserError(f"non-finite weights at step {step} ({bad[0]}{' and more' if len(bad) > 1 else ''}); not "
                         f"saved; the last intact checkpoint is {latest_name(run)}; lower --lr and use --resume")
     name = f"step-{step:07d}"
+    trainable = trainable_state(model)
     with atomic_dir(run / "checkpoints" / name) as tmp:
-        model.write_checkpoint(tmp, tokenizer)
+        if trainable is None:
+            model.write_checkpoint(tmp, tokenizer)
+        else:
+            save_file(trainable, str(tmp / TRAINABLE), metadata={"format": "pt"})
         torch.save({"step": step, **state}, tmp / "state.pt")
     point_latest(run, name)
     prune(run, keep)
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The trainable parameters of a partly frozen model, by state_dict name (activation checkpointing's wrapper
+    left out of the names); None when every parameter is trained."""
+    state = {k: v for k, v in model.state_dict(keep_vars=True).items() if isinstance(v, nn.Parameter)}
+    if all(v.requires_grad for v in state.values()):
+        return None
+    return {k: v.detach().contiguous().cpu() for k, v in state.items() if v.requires_grad}
 
 
 def prune(run: Path, keep: int) -> None:
@@ -205,6 +222,9 @@ class Corrupt(Exception):
 def load_checkpoint(path: Path, model: nn.Module) -> dict:
     """Copy a checkpoint's weights into `model` (model.load_weights, on CPU before it moves); return its state."""
     weights, state_file = path / "model.safetensors", path / "state.pt"
+    trainable = trainable_state(model)
+    if trainable is not None:  # LoRA: the adapters alone, onto the base the model was built from
+        weights = path / TRAINABLE
     if (path / ".metadata").exists():  # FSDP's sharded checkpoint: the shards load once the model is sharded
         try:
             return {**torch.load(state_file, map_location="cpu", weights_only=True), "sharded": str(path)}
@@ -219,7 +239,12 @@ def load_checkpoint(path: Path, model: nn.Module) -> dict:
     except Exception as e:
         raise Corrupt(f"{state_file} is unreadable ({type(e).__name__}: {e})") from None
     try:
-        model.load_weights(tensors)
+        if trainable is None:
+            model.load_weights(tensors)
+        elif set(tensors) != set(trainable):
+            raise ValueError(f"it holds {len(tensors)} trainable tensors, the model {len(trainable)}")
+        else:
+            model.load_state_dict(tensors, strict=False)
     except (RuntimeError, ValueError) as e:  # a tensor of the wrong shape or name
         raise Corrupt(f"{weights} does not match the model ({e})") from None
     return state

@@ -1,17 +1,21 @@
 """LoRA (model.py's adapters): exact at initialisation, adapters alone trained, merged and PEFT exports that
 transformers and peft load with the same logits; and the streaming loader's bounded host memory."""
 import json
+import shutil
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from extras.init import init_weights
-from helpers import LLAMA, QWEN2, ROOT
+from helpers import LLAMA, QWEN2, ROOT, cli, launch, ok, refused
 from infra.config import ModelConfig
 from infra.device import autocast
 from infra.files import UserError
+from infra.loop import Checkpoints
 from model import LORA_TARGETS, Decoder, LoRALinear, apply_lora, lora_state, merge_lora, save_adapter
 
 transformers = pytest.importorskip("transformers")
@@ -73,6 +77,15 @@ def test_merged_export_loads_in_transformers_with_the_adapter_logits(case, tmp_p
         torch.testing.assert_close(back(input_ids=IDS).logits, expected, atol=1e-5, rtol=1e-5)
         assert not torch.allclose(expected, Decoder.from_pretrained(tmp_path / "base")(IDS), atol=1e-3)
     assert any(isinstance(m, LoRALinear) for m in model.modules())  # the LoRA model is left as it was
+
+
+def test_merge_under_activation_checkpointing_merges_every_projection(tmp_path):
+    from infra.distributed import checkpoint_layers
+    model = trained(apply_lora(Decoder.from_pretrained(base(tmp_path)), rank=4, alpha=8))
+    plain = merge_lora(model).state_dict()
+    checkpoint_layers(model)  # what train's wrap does: the layers' module names gain the wrapper's prefix
+    wrapped = merge_lora(model).state_dict()
+    assert plain.keys() == wrapped.keys() and all(torch.equal(plain[k], wrapped[k]) for k in plain)
 
 
 def test_peft_loads_the_adapter_with_the_same_logits(tmp_path):
@@ -147,3 +160,93 @@ def test_loading_holds_about_one_model_in_the_target_dtype(tmp_path):
         model.save_pretrained(tmp_path / str(stored), dtype=stored)
     runs = [(str(tmp_path / "torch.float32"), "bfloat16"), (str(tmp_path / "torch.bfloat16"), "float32")]
     assert max(peak_growth(runs)) <= 1.3
+
+
+# --------------------------------------------------------------------------------------------------- the commands
+def finetune_args(world, model, out, *extra):
+    return ["finetune", "--domain", "games", "--data", world, "--model", model, "--out", out, "--epochs", 1,
+            "--users-fraction", 0.2, "--batch-tokens", 1024, "--micro-tokens", 512, "--val-users", 3,
+            "--test-users", 3, "--beams", 20, "--save-every", 2, "--eval-every", 2, "--precision", "fp32",
+            "--no-progress", "--lora-rank", 4, *extra]
+
+
+@pytest.fixture(scope="module")
+def lora_run(world, tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora") / "run"
+    ok(cli(*finetune_args(world, tiny_model, out)))
+    return out
+
+
+def test_finetune_with_lora_writes_a_merged_model_and_a_peft_adapter_beside_it(lora_run, tiny_model):
+    config = json.loads((lora_run / "run_config.json").read_text())
+    assert config["lora"]["rank"] == 4 and config["lora"]["alpha"] == 8 and len(config["lora"]["targets"]) == 7
+    assert config["train"]["lr"] == 1e-2  # LORA_LR x the init'd model's 1e-3
+    for folder in ("final", "best"):
+        assert not (lora_run / folder / "adapter_config.json").exists()  # never inside: it would apply twice
+        assert (lora_run / f"{folder}-adapter" / "adapter_model.safetensors").exists()
+    merged = Decoder.from_pretrained(lora_run / "final").eval()
+    back = transformers.AutoModelForCausalLM.from_pretrained(lora_run / "final").eval()
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = merged(ids)
+        torch.testing.assert_close(back(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(expected, Decoder.from_pretrained(tiny_model)(ids), atol=1e-4)  # it trained
+    peft = pytest.importorskip("peft")
+    ref = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tiny_model),
+                                         lora_run / "final-adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ref(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_checkpoints_hold_the_adapters_only(lora_run, tiny_model):
+    step = sorted((lora_run / "checkpoints").glob("step-*"))[-1]
+    assert sorted(p.name for p in step.iterdir()) == ["state.pt", "trainable.safetensors"]
+    size = sum(p.stat().st_size for p in step.iterdir())
+    assert size < (tiny_model / "model.safetensors").stat().st_size / 2
+    assert all(k.endswith((".lora_A", ".lora_B")) for k in load_file(step / "trainable.safetensors"))
+    data = json.loads((lora_run / "run_config.json").read_text())["data"]
+    ok(cli("evaluate", "--domain", "games", "--data", data, "--model", lora_run / "best", "--users", 3, "--out",
+           lora_run.parent / "eval.json"))  # best/ is the merged model: evaluate loads it unchanged
+
+
+def test_lora_resume_equals_the_uninterrupted_run_and_refuses_another_base(lora_run, world, tiny_model, tmp_path):
+    out = tmp_path / "cut"
+    real = Checkpoints.save
+
+    def save_then_crash(self, at, records):
+        real(self, at, records)
+        raise RuntimeError("cut")
+
+    with mock.patch.object(Checkpoints, "save", save_then_crash):
+        assert cli(*finetune_args(world, tiny_model, out))[0] == "crash"
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model, other)
+    weights = load_file(other / "model.safetensors")
+    weights["model.norm.weight"] += 1  # another base of the same shape
+    save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
+    refused(cli(*finetune_args(world, other, out), "--resume"), "lora.base_fingerprint")
+    ok(cli(*finetune_args(world, tiny_model, out), "--resume"))
+    for folder, name in (("final", "model.safetensors"), ("final-adapter", "adapter_model.safetensors")):
+        want, got = load_file(lora_run / folder / name), load_file(out / folder / name)
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    refused(cli(*finetune_args(world, tiny_model, tmp_path / "x", "--lora-targets", "qproj")), "--lora-targets qproj")
+    refused(cli(*finetune_args(world, tiny_model, tmp_path / "x", "--shard", "fsdp")), "--shard fsdp")
+
+
+def test_lora_with_two_processes_equals_one(lora_run, world, tiny_model, tmp_path):
+    args = [str(a) for a in finetune_args(world, tiny_model, tmp_path / "two")]
+    launch(ROOT / "cprec.py", *args, processes=2)
+    one, two = (load_file(run / "final-adapter" / "adapter_model.safetensors") for run in (lora_run, tmp_path / "two"))
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], atol=1e-5, rtol=1e-4)
+
+
+def test_the_base_is_loaded_in_the_compute_dtype_and_only_adapters_train(tiny_model):
+    from extras.options import LoRA
+    from train import param_groups
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32), ("fp16", torch.float32)):
+        model = LoRA(lora_rank=2, lora_targets="q_proj,v_proj").load(tiny_model, precision, seed=0)
+        assert {p.dtype for p in model.parameters() if not p.requires_grad} == {dtype}
+        assert {p.dtype for p in lora_state(model).values()} == {torch.float32}
+        assert sum(len(g["params"]) for g in param_groups(model, 0.1)) == len(lora_state(model)) == 2 * 2 * 2
+    assert LoRA().record(tiny_model) == {} and isinstance(LoRA().load(tiny_model, "bf16", 0), Decoder)
