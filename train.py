@@ -179,10 +179,9 @@ def train(model: nn.Module, data: BatchSource, cfg: TrainConfig, run: Path, *, l
           tokenizer=None, device: torch.device, rank: int = 0, world: int = 1, resume: bool = False,
           validate: Callable[[nn.Module], dict] | None = None, base: str = "") -> dict:
     """Train `model` on `data` for cfg.steps optimizer steps, `loss(model, *collated)` being a micro-batch's summed
-    loss; return a summary. `validate(model)` (rank 0) returns the validation figures; the best cfg.select is kept in
-    best/. --resume continues from the latest readable checkpoint, or writes what is missing if the steps were done.
-    Only parameters that require gradients are trained: a LoRA model (model.apply_lora) trains its adapters, and its
-    final/ and best/ are merged (save_model; `base`, the starting checkpoint, is named in the adapter's config)."""
+    loss; return a summary. `validate(model)` (rank 0) gives the validation figures; the best cfg.select is kept in
+    best/. --resume continues from the latest checkpoint. Only parameters that require gradients train: a LoRA
+    model's adapters, its final/ and best/ merged (save_model; `base`, the start, is named in the adapter)."""
     state = resume_state(run, model, rank) if resume else None  # the checkpoint's weights, into `model` on CPU
     precision, shard = resolve_precision(cfg.precision, device), resolve_shard(cfg.shard, world)
     net = wrap(model, loss, device, precision, shard, cfg.activation_checkpointing, cfg.compile)
