@@ -90,8 +90,8 @@ def test_generate_section_ranks_as_transformers_generate_with_a_prefix_trie(worl
                      "--generate-exact-users", "2", "--generate-precision", "fp32", "--json", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["model"], r["ranker"]) for r in rows] == [
-        (m, r) for m in ("small", tiny_model.name) for r in ("ours (evaluate)", "generate, batch 1", "generate, batch 8")]
+    rankers = ("ours (evaluate)", "generate, batch 1", "generate, batch 8")
+    assert [(r["model"], r["ranker"]) for r in rows] == [(m, r) for m in ("small", tiny_model.name) for r in rankers]
     for row in rows:
         assert row["items"] == 100 and row["exhaustive_users"] == 2 and row["exhaustive_overlap"] == 1.0
         assert row["users"] == (3 if row["model"] == "small" else 2) and row["users_per_s"] > 0
