@@ -4,7 +4,7 @@ and the figures measured so far with their commands and machines: docs/benchmark
 
 Sections (area files in bench/): decoder (ours vs transformers), train, loss, fsdp and memory (training.py), eval,
 recommend, catalogue, movies and llm (ranking.py), prepare, scale and scale-eval (data.py), baseline (baseline.py:
-ours beside RecBole's SASRec).
+ours beside RecBole's SASRec), generate (generate.py: our ranking beside transformers' generate with a prefix trie).
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from rich.table import Table
 from bench.baseline import bench_baseline
 from bench.data import bench_prepare, bench_scale, bench_scale_eval
 from bench.decoder import bench_decoder
+from bench.generate import bench_generate
 from bench.harness import DECODER, DTYPES, QUICK, Options, choose_peaks, console, measure_peaks
 from bench.ranking import bench_catalogue, bench_eval, bench_llm, bench_movies, bench_recommend
 from bench.training import bench_fsdp, bench_loss, bench_memory, bench_train
@@ -36,10 +37,10 @@ SECTIONS: dict[str, Callable[[Options], list[dict]]] = {
     "decoder": bench_decoder, "train": bench_train, "loss": bench_loss, "eval": bench_eval,
     "recommend": bench_recommend, "catalogue": bench_catalogue, "movies": bench_movies, "prepare": bench_prepare,
     "fsdp": bench_fsdp, "memory": bench_memory, "llm": bench_llm, "scale": bench_scale, "scale-eval": bench_scale_eval,
-    "baseline": bench_baseline}
+    "baseline": bench_baseline, "generate": bench_generate}
 # Only when asked: scale writes 3 corpora of up to 8 GB, scale-eval 2 of up to 1.3 GB; baseline needs RecBole (an
-# extra) and trains for minutes.
-DEFAULT = [name for name in SECTIONS if name not in ("scale", "scale-eval", "baseline")]
+# extra) and trains for minutes; generate ranks with transformers' beam search, minutes on the LLM.
+DEFAULT = [name for name in SECTIONS if name not in ("scale", "scale-eval", "baseline", "generate")]
 NUM, PCT, SPREAD = "{:,.0f}".format, "{:.1%}".format, ("spread", "spread", "±{:.0%}".format)
 SPEED = [("precision", "precision", str), ("tokens_per_s", "tokens/s", NUM), ("mfu", "MFU", PCT),
          ("peak_mem_mib", "step peak mem MiB", NUM)]
@@ -92,6 +93,13 @@ COLUMNS = {  # (row key, header, format); format str = a text column
                  *[(f"{p} {k}", f"{k.replace('recall', 'R').replace('ndcg', 'N')} {p}", "{:.4f}".format)
                    for p in ("unmasked", "masked") for k in ("ndcg@10", "recall@10", "recall@50")],
                  ("own ndcg@10", "RecBole's own N@10", "{:.4f}".format)],
+    "generate": [("model", "model", str), ("ranker", "ranker", str), ("precision", "precision", str),
+                 ("items", "items", NUM), ("users", "users", NUM), ("users_per_s", "users/s", "{:,.2f}".format),
+                 ("ratio", "ours ×", "{:.1f}x".format), ("overlap", "top-10 ∩ ours", PCT),
+                 ("ndcg", "N@10", "{:.4f}".format), ("top10_logp", "top-10 log p", "{:.3f}".format),
+                 ("higher", "higher: ours / same / generate",
+                  lambda h: " / ".join(PCT(h[k]) for k in ("ours", "same", "generate"))),
+                 ("exhaustive_same", "= exhaustive", PCT)],
     "prepare": [("phase", "phase", str), ("records", "records", NUM), ("seconds", "seconds", "{:.1f}".format),
                 ("records_per_s", "records/s", NUM), ("rss_before_mib", "RSS before MiB", NUM),
                 ("peak_rss_mib", "peak RSS MiB", NUM)],
@@ -129,13 +137,15 @@ Opt = typer.Option
 
 @app.command(help="Run benchmark sections; print a table per section (all rows also to --json).")
 def main(
-    only: Annotated[str, Opt(help=f"comma-separated sections of: {', '.join(SECTIONS)} [all but scale]")] = ",".join(
+    only: Annotated[str, Opt(help=f"comma-separated sections of: {', '.join(SECTIONS)} [all but scale, scale-eval, "
+                                  "baseline and generate]")] = ",".join(
         DEFAULT),
     device: Annotated[str, Opt(help="cpu or cuda[:i]")] = "cpu",
     threads: Annotated[int, Opt(help="torch threads; 0 = every core this process may use")] = 0,
     precisions: Annotated[str | None, Opt(help="fp32,bf16 (bf16 = autocast) [CPU: fp32,bf16; CUDA: bf16]")] = None,
     quick: Annotated[bool, Opt(help="smoke test: decoder shape d=64 L=2 T=64 B=4, train batch 64×4×1, "
-                                    "20 eval users, 5k catalogue items, 20k prepare records")] = False,
+                                    "20 eval users, 5k catalogue items, 20k prepare records; generate: 4 users, "
+                                    "the small model only, a 150-user world unless the built-in one exists")] = False,
     shape: Annotated[str, Opt(help="decoder shape changes, e.g. dim=1024,seq=256; fields and defaults: "
                                    + ",".join(f"{k}={v}" for k, v in DECODER.items()))] = "",
     reps: Annotated[int | None, Opt(help="timed reps per step [5; quick 20]")] = None,
@@ -163,6 +173,13 @@ def main(
     llm: Annotated[Path, Opt(help="pretrained LLM of the llm section [$CPREC_SMOLLM2, else /tmp/smollm2-135m-hf]")] = (
         Options.llm),
     llm_users: Annotated[int | None, Opt(help="eval users of the llm section [40; quick 4]")] = None,
+    generate_users: Annotated[int | None, Opt(help="generate section: test users of the small model [60; quick "
+                                                   "4]")] = None,
+    generate_llm_users: Annotated[int, Opt(help="generate section: test users of the LLM (--llm)")] = 30,
+    generate_exact_users: Annotated[int | None, Opt(help="generate section: of those, users also ranked exhaustively "
+                                                         "(every item scored exactly) [10; quick 2]")] = None,
+    generate_precision: Annotated[str, Opt(help="generate section: fp32, bf16 or auto (bf16 where the CPU has "
+                                                "AVX-512 BF16, as `cprec.py evaluate`)")] = "auto",
     baseline_data: Annotated[Path, Opt(help="baseline section: dataset [data/ml-100k]")] = Options.baseline_data,
     baseline_domains: Annotated[str, Opt(help="baseline section: its domains, comma-separated")] = "ml-100k",
     baseline_epochs: Annotated[int, Opt(help="baseline section: most epochs of each, early stopping as usual")] = 200,
@@ -201,7 +218,9 @@ def main(
     for name, value in (("--reps", reps), ("--movie-users", movie_users), ("--movie-reps", movie_reps),
                         ("--scale-eval-users", scale_eval_users), ("--eval-users", eval_users),
                         ("--catalogue-items", catalogue_items), ("--prepare-records", prepare_records),
-                        ("--llm-users", llm_users), ("--baseline-epochs", baseline_epochs)):
+                        ("--llm-users", llm_users), ("--baseline-epochs", baseline_epochs),
+                        ("--generate-users", generate_users), ("--generate-llm-users", generate_llm_users),
+                        ("--generate-exact-users", generate_exact_users)):
         if value is not None and value < 1:
             raise invalid(name, f"{value}: expected a count >= 1")
     for name, value in (("--baseline-window", baseline_window), ("--baseline-recbole-epochs", baseline_recbole_epochs),
@@ -242,7 +261,10 @@ def main(
                 baseline_domains=tuple(split_list(baseline_domains)), baseline_epochs=baseline_epochs,
                 baseline_recbole_epochs=baseline_recbole_epochs,
                 baseline_before=baseline_before, baseline_recbole=baseline_recbole,
-                baseline_window=baseline_window)
+                baseline_window=baseline_window, generate_users=generate_users or (4 if quick else 60),
+                generate_llm_users=generate_llm_users,
+                generate_exact_users=generate_exact_users or (2 if quick else 10),
+                generate_precision=generate_precision)
     info = machine(device)
     console.print("[bold]machine[/]: " + ", ".join(f"{k} {v}" for k, v in info.items()), highlight=False)
     if "decoder" in sections:

@@ -72,6 +72,10 @@ class Options:
     scale_eval_items: tuple[int, ...] = (10_000, 100_000)
     scale_eval_users: int = 200
     scale_eval_train_users: int = 300
+    generate_users: int = 60  # the generate section's test users: the small model's
+    generate_llm_users: int = 30  # and the LLM's
+    generate_exact_users: int = 10  # of those, users also ranked exhaustively
+    generate_precision: str = "auto"
 
 
 # --------------------------------------------------------------------------------------------------- MFU

@@ -80,3 +80,35 @@ def test_bad_counts_are_refused_before_any_section_runs(args):
     done = run_bench("--only", "scale", *args)
     assert done.returncode == 2 and "Traceback" not in done.stderr and len(done.stdout.strip().splitlines()) == 1
     assert f"Invalid value for {args[0]}" in " ".join((done.stdout + done.stderr).split())
+
+
+def test_generate_section_ranks_as_transformers_generate_with_a_prefix_trie(world, tiny_model, tmp_path):
+    """Ours beside transformers' generate, both models of the section (the tiny one twice): with as many beams as
+    items both searches are exhaustive, so both find the exhaustive top-10, the same items, at batch 1 and 8."""
+    pytest.importorskip("transformers")
+    out = tmp_path / "generate.json"
+    done = run_bench("--only", "generate", "--data", str(world), "--model", str(tiny_model), "--llm", str(tiny_model),
+                     "--beams", "100", "--generate-users", "3", "--generate-llm-users", "2",
+                     "--generate-exact-users", "2", "--generate-precision", "fp32", "--json", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    rankers = ("ours (evaluate)", "generate, batch 1", "generate, batch 8")
+    assert [(r["model"], r["ranker"]) for r in rows] == [(m, r) for m in ("small", tiny_model.name) for r in rankers]
+    for row in rows:
+        assert row["items"] == 100 and row["exhaustive_users"] == 2 and row["exhaustive_overlap"] == 1.0
+        assert row["users"] == (3 if row["model"] == "small" else 2) and row["users_per_s"] > 0
+        if row["ranker"].startswith("generate"):
+            assert row["overlap"] == 1.0 and row["higher"] == {"ours": 0.0, "same": 1.0, "generate": 0.0}
+            assert row["ndcg"] == pytest.approx(rows[0 if row["model"] == "small" else 3]["ndcg"])
+        else:
+            assert row["exhaustive_same"] == 1.0  # ours = the exhaustive ranking, order included
+
+
+def test_generate_section_without_transformers_says_how_to_install_it(world, tiny_model, tmp_path):
+    blocked = tmp_path / "site" / "transformers"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text("raise ImportError('No module named transformers')\n")
+    done = run_bench("--only", "generate", "--data", str(world), "--model", str(tiny_model),
+                     env={"PYTHONPATH": str(blocked.parent)})
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "pip install 'transformers>=4.45'" in done.stdout and "Traceback" not in done.stderr
