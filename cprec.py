@@ -47,7 +47,7 @@ from infra.cli import main, positive, show, split_list
 from infra.config import DEFAULT_CPT
 from infra.console import say
 from infra.device import autocast, resolve_precision
-from infra.distributed import barrier, setup_distributed
+from infra.distributed import barrier, resolve_shard, setup_distributed
 from infra.files import UserError, quote, write_json
 from infra.runs import evaluation_output, open_run, save_result
 from infra.tokenizer import Tokenizer
@@ -86,8 +86,9 @@ def pretrain(o: Pretrain):
                             "batch_tokens": o.batch_tokens, "train_tokens": steps * o.batch_tokens,
                             "val_users": o.val_users, "train": run_settings(cfg), **o.lora.record(start)})
     check(cfg, device, world, "--batch-tokens", start, o.block_len, "--block-len", o.lora)
-    net = o.lora.load(start, resolve_precision(cfg.precision, device), o.seed)  # on --resume, train() loads the
+    # under FSDP on the meta device, read layer by layer as it is sharded; on --resume, train() loads the
     # checkpoint's weights (with LoRA: its adapters) into it
+    net = o.lora.load(start, resolve_precision(cfg.precision, device), o.seed, shard=resolve_shard(cfg.shard, world))
     pretrain_domains = [k for k, d in ds.domains.items() if d.role == "pretrain"]
     cases = {k: sample(eval_cases(ds, k, VALID), o.val_users, o.seed) for k in pretrain_domains}
 
@@ -142,8 +143,9 @@ def finetune(o: Finetune):
                             "beams": o.beams, "mask_history": o.mask_history, "train": run_settings(cfg),
                             **o.lora.record(start)})
     check(cfg, device, world, "--batch-tokens", start, examples.longest, "--window", o.lora)
-    net = o.lora.load(start, resolve_precision(cfg.precision, device), o.seed)  # on --resume, train() loads the
+    # under FSDP on the meta device, read layer by layer as it is sharded; on --resume, train() loads the
     # checkpoint's weights (with LoRA: its adapters) into it
+    net = o.lora.load(start, resolve_precision(cfg.precision, device), o.seed, shard=resolve_shard(cfg.shard, world))
     options = dict(beams=o.beams, seed=o.seed, mask_history=o.mask_history, window=o.window, progress=o.progress)
     out = o.out or Path(f"runs/finetune-{o.domain}")
     # a failed start leaves nothing

@@ -224,6 +224,7 @@ class Decoder(nn.Module):
         The model is built on the meta device and the loaded tensors are assigned in place, so weights are never
         allocated twice. Keys are matched strictly and mismatches are reported by name. A broken folder (config,
         tokenizer, weight files, non-finite weights) is refused here with a UserError naming the file.
+        device="meta" checks the folder but reads nothing: FSDP reads each part right before sharding it (materialize).
         """
         path = Path(path)
         config = config_from_hf(read_json(path / "config.json"), source=str(path / "config.json"))
@@ -233,9 +234,34 @@ class Decoder(nn.Module):
         stored = weight_shapes(path)  # checked from the headers, before any weight is read
         if problems := model.mismatches(shapes := model.ours(stored)):
             raise UserError(f"{path}: weights do not match config.json: {problems}")
+        model.source = (path, dtype)
+        if torch.device(device).type == "meta":
+            return model
         names = {k for k in stored if hf_to_ours(k) in shapes}  # not a tied lm_head's copy: never read
         model.assign(model.ours(read_weights(path, device, dtype, names)))
         return model
+
+    def materialize(self, part: nn.Module) -> None:
+        """Read the weights of `part` (this model or one of its modules) still on the meta device, from the folder
+        from_pretrained(device="meta") checked, in its dtype, on the CPU. FSDP calls it on each layer, then on the
+        rest, right before sharding each: a process holds its shards and one part whole, never the whole model."""
+        prefix = next(name for name, m in self.named_modules() if m is part)
+        meta = {name.replace(WRAPPED, ""): p for name, p in part.named_parameters(prefix=prefix) if p.is_meta}
+        path, dtype = self.source
+        tensors = read_weights(path, "cpu", dtype, {ours_to_hf(k) for k in meta})
+        filled = {id(p): nn.Parameter(tensors[ours_to_hf(k)], requires_grad=p.requires_grad) for k, p in meta.items()}
+        for module in part.modules():  # every module holding one: a tied lm_head shares the embedding's
+            for name, p in list(module.named_parameters(recurse=False)):
+                if id(p) in filled:
+                    setattr(module, name, filled[id(p)])
+
+    def blank(self) -> Decoder:
+        """This architecture, LoRA adapters included, on the meta device: what a gathered state dict is assigned to."""
+        with torch.device("meta"):
+            copy = Decoder(self.config)
+        if settings := lora_settings(self):
+            apply_lora(copy, *settings)
+        return copy
 
     def assign(self, state: dict[str, torch.Tensor]) -> None:
         """Take these tensors as the parameters (no copy), e.g. into a model built on the meta device."""
@@ -311,8 +337,9 @@ class LoRALinear(nn.Linear):
         self.in_features, self.out_features, self.rank, self.alpha = base.in_features, base.out_features, rank, alpha
         self.weight, self.bias = base.weight, base.bias
         a = nn.init.kaiming_uniform_(torch.empty(rank, self.in_features), a=math.sqrt(5), generator=generator)  # PEFT's
-        self.lora_A = nn.Parameter(a.to(base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=base.weight.device))
+        device = "cpu" if base.weight.is_meta else base.weight.device  # a base still to be read: A's draws are kept
+        self.lora_A = nn.Parameter(a.to(device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
@@ -366,8 +393,16 @@ def merge_lora(model: Decoder, device: torch.device | str = "cpu") -> Decoder:
 def save_adapter(model: Decoder, path: str | Path, base_model: str) -> None:
     """The adapters alone in PEFT's layout (peft.PeftModel.from_pretrained loads them onto transformers' base model).
     Keep the folder beside, never inside, a merged model: transformers would apply the adapter a second time."""
-    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
-    targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, LoRALinear)})
+    rank, alpha, targets = lora_settings(model)
     write_peft_adapter(Path(path), {ours_to_hf(k): v for k, v in lora_state(model).items()},
-                       {"r": layers[0].rank, "lora_alpha": layers[0].alpha, "target_modules": targets,
+                       {"r": rank, "lora_alpha": alpha, "target_modules": list(targets),
                         "base_model_name_or_path": base_model})
+
+
+def lora_settings(model: nn.Module) -> tuple[int, float, tuple[str, ...]] | None:
+    """(rank, alpha, targets) of a LoRA model, as apply_lora takes them; None without adapters."""
+    layers = {name.rsplit(".", 1)[-1]: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    if not layers:
+        return None
+    first = next(iter(layers.values()))
+    return first.rank, first.alpha, tuple(sorted(layers))

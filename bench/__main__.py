@@ -2,7 +2,7 @@
 in one run and prints a table (--json writes every row with the machine and the MFU peaks). What each column means,
 and the figures measured so far with their commands and machines: docs/benchmarks.md.
 
-Sections (area files in bench/): decoder (ours vs transformers), train, loss, fsdp and memory (training.py), eval,
+Sections (area files in bench/): decoder (ours vs transformers), train, loss, fsdp, load and memory (training.py), eval,
 recommend, catalogue, movies and llm (ranking.py), prepare, scale and scale-eval (data.py), baseline (baseline.py:
 ours beside RecBole's SASRec), generate (generate.py: our ranking beside transformers' generate with a prefix trie).
 """
@@ -27,7 +27,7 @@ from bench.decoder import bench_decoder
 from bench.generate import bench_generate
 from bench.harness import DECODER, DTYPES, QUICK, Options, choose_peaks, console, measure_peaks
 from bench.ranking import bench_catalogue, bench_eval, bench_llm, bench_movies, bench_recommend
-from bench.training import bench_fsdp, bench_loss, bench_memory, bench_train
+from bench.training import bench_fsdp, bench_load, bench_loss, bench_memory, bench_train
 from infra.cli import split_list
 from infra.config import DEFAULT_CPT, DEFAULT_DATA, DEFAULT_MODEL, ModelConfig
 from infra.device import machine
@@ -36,11 +36,12 @@ from infra.files import UserError, writable
 SECTIONS: dict[str, Callable[[Options], list[dict]]] = {
     "decoder": bench_decoder, "train": bench_train, "loss": bench_loss, "eval": bench_eval,
     "recommend": bench_recommend, "catalogue": bench_catalogue, "movies": bench_movies, "prepare": bench_prepare,
-    "fsdp": bench_fsdp, "memory": bench_memory, "llm": bench_llm, "scale": bench_scale, "scale-eval": bench_scale_eval,
-    "baseline": bench_baseline, "generate": bench_generate}
+    "fsdp": bench_fsdp, "load": bench_load, "memory": bench_memory, "llm": bench_llm, "scale": bench_scale,
+    "scale-eval": bench_scale_eval, "baseline": bench_baseline, "generate": bench_generate}
 # Only when asked: scale writes 3 corpora of up to 8 GB, scale-eval 2 of up to 1.3 GB; baseline needs RecBole (an
-# extra) and trains for minutes; generate ranks with transformers' beam search, minutes on the LLM.
-DEFAULT = [name for name in SECTIONS if name not in ("scale", "scale-eval", "baseline", "generate")]
+# extra) and trains for minutes; generate ranks with transformers' beam search, minutes on the LLM; load writes a
+# 1 GB checkpoint and holds up to 2 fp32 copies of it per process.
+DEFAULT = [name for name in SECTIONS if name not in ("scale", "scale-eval", "baseline", "generate", "load")]
 NUM, PCT, SPREAD = "{:,.0f}".format, "{:.1%}".format, ("spread", "spread", "±{:.0%}".format)
 SPEED = [("precision", "precision", str), ("tokens_per_s", "tokens/s", NUM), ("mfu", "MFU", PCT),
          ("peak_mem_mib", "step peak mem MiB", NUM)]
@@ -65,10 +66,14 @@ COLUMNS = {  # (row key, header, format); format str = a text column
              ("precision", "precision", str), ("step_s", "step s", "{:.3f}".format), ("tokens_per_s", "tokens/s", NUM),
              ("mfu", "MFU", PCT), ("state_mib", "state MiB/process", NUM), ("peak_total_mib", "peak MiB/process", NUM),
              SPREAD, ("note", "note", str)],
-    "memory": [("model", "model", str), ("params", "params", lambda n: f"{n / 1e9:,.2f}B"), ("shard", "shard", str),
-               ("checkpointing", "act. ckpt", str), ("state_gib", "state GiB", "{:.1f}".format),
+    "load": [("model", "model", str), ("params", "params", lambda n: f"{n / 1e6:,.1f}M"),
+             ("stored_mib", "stored MiB (bf16)", NUM), ("processes", "processes", str), ("loader", "loader", str),
+             ("peak_mib", "peak RSS growth MiB/process", NUM), ("ratio", "÷ stored", "{:.2f}".format)],
+    "memory": [("model", "model", str), ("params", "params", lambda n: f"{n / 1e9:,.2f}B"), ("gpus", "GPUs", str),
+               ("shard", "shard", str), ("training", "training", str), ("checkpointing", "act. ckpt", str),
+               ("tokens", "tokens/micro-batch", NUM), ("state_gib", "state GiB", "{:.1f}".format),
                ("activations_gib", "activations GiB", "{:.1f}".format), ("total_gib", "total GiB", "{:.1f}".format),
-               ("fits", "fits 80 GB", str)],
+               ("fits", "fits", str)],
     "llm": [("model", "model", str), ("params", "params", lambda n: f"{n / 1e6:,.1f}M"),
             ("precision", "precision", str), ("cpt_tokens_per_s", "CPT tokens/s", NUM),
             ("sft_tokens_per_s", "SFT tokens/s", NUM), ("users", "eval users", NUM),
@@ -138,7 +143,7 @@ Opt = typer.Option
 @app.command(help="Run benchmark sections; print a table per section (all rows also to --json).")
 def main(
     only: Annotated[str, Opt(help=f"comma-separated sections of: {', '.join(SECTIONS)} [all but scale, scale-eval, "
-                                  "baseline and generate]")] = ",".join(
+                                  "baseline, generate and load]")] = ",".join(
         DEFAULT),
     device: Annotated[str, Opt(help="cpu or cuda[:i]")] = "cpu",
     threads: Annotated[int, Opt(help="torch threads; 0 = every core this process may use")] = 0,

@@ -8,22 +8,27 @@ import math
 import multiprocessing as mp
 import os
 import queue
+import shutil
 import socket
+import tempfile
 from dataclasses import asdict, replace
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
 from bench.harness import Options, Step, add_memory, peak_memory, throughput, time_interleaved, timed
 from data import IGNORE, Blocks
 from extras.init import init_weights
-from infra.config import SMALL, ModelConfig
+from infra.config import SMALL, ModelConfig, config_to_hf
 from infra.device import autocast, memory_estimate
 from infra.distributed import Supervised, checkpoint_layers, setup_distributed, shard_fsdp
-from model import Decoder
+from infra.files import write_json
+from model import Decoder, ours_to_hf
 from train import cross_entropy_sum, lm_loss, param_groups, step
 
 # --------------------------------------------------------------------------------------------------- train
@@ -149,11 +154,7 @@ def fsdp_rank(results, rank: int, world: int, port: int, config: ModelConfig, ba
               precision: str, checkpointing: bool, o: Options) -> None:
     """One process of an FSDP run as `cprec.py pretrain --shard fsdp` trains (infra.distributed.shard_fsdp, then
     train.step): warm-up steps, then timed steps; puts its times and memory on `results`."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world))
-    # CPU: every process gets half the threads, so 2 processes use them all and 1 shows the cost per process alone.
-    torch.set_num_threads(max(1, o.threads // 2) if o.device == "cpu" else o.threads)
-    _, _, device = setup_distributed()
+    device = join(rank, world, port, o)
     model = Decoder(config)
     init_weights(model, o.seed)
     if checkpointing:
@@ -184,8 +185,18 @@ def fsdp_rank(results, rank: int, world: int, port: int, config: ModelConfig, ba
     torch.distributed.destroy_process_group()
 
 
-def fsdp_run(world: int, *args) -> list[dict]:
-    """Each rank of an FSDP run in a fresh spawned process (no inherited threads or CUDA state); their results."""
+def join(rank: int, world: int, port: int, o: Options) -> torch.device:
+    """Join the benchmark's process group as torchrun's rank `rank` would; this process's device."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    # CPU: every process gets half the threads, so 2 processes use them all and 1 shows the cost per process alone.
+    torch.set_num_threads(max(1, o.threads // 2) if o.device == "cpu" else o.threads)
+    return setup_distributed()[2]
+
+
+def fsdp_run(world: int, *args, target=fsdp_rank) -> list[dict]:
+    """Each rank of an FSDP run (`target`) in a fresh spawned process (no inherited threads or CUDA state); their
+    results."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -193,7 +204,7 @@ def fsdp_run(world: int, *args) -> list[dict]:
     results = ctx.Queue()
     # Spawned children copy os.environ when they start; glibc returns freed tensors to the OS (see fresh_processes).
     with mock.patch.dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072"):
-        procs = [ctx.Process(target=fsdp_rank, args=(results, rank, world, port, *args)) for rank in range(world)]
+        procs = [ctx.Process(target=target, args=(results, rank, world, port, *args)) for rank in range(world)]
         for p in procs:
             p.start()
     ranks = []
@@ -235,19 +246,83 @@ def bench_fsdp(o: Options) -> list[dict]:
     return rows
 
 
+# --------------------------------------------------------------------------------------------------- load
+def load_rank(results, rank: int, world: int, port: int, path: str, streamed: bool, o: Options) -> None:
+    """One process loading a checkpoint for FSDP as `cprec.py pretrain --shard fsdp` does: `streamed`, built on the
+    meta device and read one layer at a time as it is sharded; else as before (a7c4e62): the whole model read in fp32,
+    then sharded. Puts its peak resident memory on `results`."""
+    device = join(rank, world, port, o)
+
+    def load():
+        model = Decoder.from_pretrained(path, device="meta" if streamed else "cpu")
+        return shard_fsdp(model, Supervised(model, lm_loss), device, "fp32")
+
+    gc.collect()
+    _, memory = peak_memory(load, "cpu")
+    results.put(dict(rank=rank, **memory))
+    torch.distributed.destroy_process_group()
+
+
+def bench_load(o: Options) -> list[dict]:
+    """Peak host memory per process loading a Qwen2.5-0.5B-shape checkpoint (random bf16 weights) for FSDP on 1 and 2
+    processes, before (whole model in fp32 per process) and after (each layer read as it is sharded)."""
+    config = SMALL if o.quick else QWEN_05B
+    path = Path(tempfile.mkdtemp(prefix="cprec-load-"))
+    try:
+        with torch.device("meta"):
+            model = Decoder(config)
+        generator = torch.Generator().manual_seed(o.seed)
+        state = {ours_to_hf(k): (torch.randn(v.shape, generator=generator) * 0.02).to(torch.bfloat16)
+                 for k, v in model.state_dict().items() if not (config.tie_embeddings and k == "lm_head.weight")}
+        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+        write_json(path / "config.json", config_to_hf(config, torch.bfloat16))
+        stored = sum(v.nbytes for v in state.values())
+        del state
+        rows = []
+        for streamed in (False, True):
+            for world in (1, 2):
+                ranks = fsdp_run(world, str(path), streamed, o, target=load_rank)
+                peak = max(r.get("peak_mem_mib", math.nan) for r in ranks)
+                rows.append(dict(section="load", model="small" if o.quick else "qwen2.5-0.5b", params=config.n_params,
+                                 stored_mib=stored / 2**20, processes=world, peak_mib=peak, ratio=peak * 2**20 / stored,
+                                 loader="streamed" if streamed else "before"))
+        return rows
+    finally:
+        shutil.rmtree(path)
+
+
 # --------------------------------------------------------------------------------------------------- memory
 def bench_memory(o: Options) -> list[dict]:
+    """infra.device.memory_estimate's GiB per GPU: full training on 8 x 80 GB, then LoRA on one GPU (24 or 80 GB) with
+    the settings that decide whether it fits (rank, activation checkpointing, tokens per micro-batch, base dtype)."""
     rows = []
-    for name, config in (("qwen2.5-0.5b", QWEN_05B), ("qwen2.5-1.5b", QWEN_15B), ("qwen2.5-7b", QWEN_7B)):
-        embedding = config.vocab_size * config.dim * (1 if config.tie_embeddings else 2)
+    models = {"qwen2.5-0.5b": QWEN_05B, "qwen2.5-1.5b": QWEN_15B, "qwen2.5-7b": QWEN_7B}
+    for name, config in models.items():
         for shard in ("ddp", "fsdp"):
             for checkpointing in (False, True):
-                estimate = memory_estimate(config.n_params, config.n_layers, config.dim, embedding, MEMORY_TOKENS,
-                                           8, shard, checkpointing)
-                fits = estimate["total_gib"] < 0.9 * 80e9 / 2**30
-                rows.append(dict(section="memory", model=name, params=config.n_params, shard=shard,
-                                 checkpointing=checkpointing, **estimate, fits=fits))
+                rows.append(memory_row(name, config, 8, 80, shard, checkpointing, MEMORY_TOKENS))
+    for name, gb in (("qwen2.5-0.5b", 24), ("qwen2.5-1.5b", 24), ("qwen2.5-7b", 24), ("qwen2.5-7b", 80)):
+        rows.append(memory_row(name, models[name], 1, gb, "none", True, MEMORY_TOKENS))  # full training, for contrast
+        for rank, checkpointing, tokens, base in LORA_SETTINGS:
+            rows.append(memory_row(name, models[name], 1, gb, "none", checkpointing, tokens, rank, base))
     return rows
+
+
+# (rank, activation checkpointing, tokens per micro-batch, bytes per base weight): LoRA's rows on one GPU
+LORA_SETTINGS = [(16, False, 8192, 2), (16, False, 2048, 2), (16, True, 8192, 2), (64, True, 8192, 2),
+                 (16, True, 8192, 4)]
+
+
+def memory_row(name: str, config: ModelConfig, gpus: int, gb: int, shard: str, checkpointing: bool, tokens: int,
+               rank: int = 0, base: int = 2) -> dict:
+    """One row of the memory table: the estimate, and whether it fits in 90% of the GPU (slack for the CUDA context
+    and the allocator)."""
+    embedding = config.vocab_size * config.dim * (1 if config.tie_embeddings else 2)
+    estimate = memory_estimate(config.n_params, config.n_layers, config.dim, embedding, tokens, gpus, shard,
+                               checkpointing, adapters=config.lora_params(rank) if rank else 0, base_bytes=base)
+    return dict(section="memory", model=name, params=config.n_params, gpus=f"{gpus} x {gb} GB", shard=shard,
+                training=f"LoRA r{rank}, {'bf16' if base == 2 else 'fp32'} base" if rank else "full", tokens=tokens,
+                checkpointing=checkpointing, **estimate, fits=estimate["total_gib"] < 0.9 * gb * 1e9 / 2**30)
 
 
 MEMORY_TOKENS = 2048 * 4  # docs/scaling.md's pretrain micro-batch: --block-len 2048 --micro-batch 4

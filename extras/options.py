@@ -235,17 +235,14 @@ class LoRA:
                                          "rank, so the scale and the default --lr hold at any rank).")
     lora_targets: str = option(",".join(LORA_TARGETS), "Projections given adapters, comma-separated.")
 
-    def check(self, cfg: TrainConfig, world: int) -> None:
-        """Refuse LoRA settings, and what LoRA does not go with, before a run starts."""
+    def check(self) -> None:
+        """Refuse LoRA settings before a run starts."""
         if not self.lora_rank:
             return
         if self.lora_rank < 0 or self.alpha <= 0 or not self.targets or set(self.targets) - set(LORA_TARGETS):
             raise UserError(f"--lora-rank {self.lora_rank} --lora-alpha {self.alpha:g} --lora-targets "
                             f"{self.lora_targets}: expected a rank >= 1, alpha > 0 and targets among "
                             f"{','.join(LORA_TARGETS)}")
-        if resolve_shard(cfg.shard, world) == "fsdp":
-            raise UserError("--lora-rank with --shard fsdp: not supported yet; use --shard ddp (LoRA's adapters and "
-                            "their AdamW state are small: each process holds the frozen base once, in bf16 on GPU)")
 
     @property
     def alpha(self) -> float:
@@ -263,9 +260,13 @@ class LoRA:
         return {"lora": {"rank": self.lora_rank, "alpha": self.alpha, "targets": list(self.targets),
                          "base_fingerprint": model_fingerprint(start)}}
 
-    def load(self, start: Path, precision: str, seed: int, device: torch.device | str = "cpu") -> Decoder:
+    def load(self, start: Path, precision: str, seed: int, device: torch.device | str = "cpu",
+             shard: str = "none") -> Decoder:
         """The starting model: as stored, in fp32; with LoRA, the frozen base in the compute dtype (bf16 under bf16,
-        else fp32) with fp32 adapters (A drawn from `seed`, B = 0: exactly the base)."""
+        else fp32) with fp32 adapters (A drawn from `seed`, B = 0: exactly the base). Under FSDP on the meta device:
+        no weight is read yet, each layer is as it is sharded (infra.distributed.shard_fsdp), so no process holds the
+        whole model."""
+        device = "meta" if shard == "fsdp" else device
         if not self.lora_rank:
             return Decoder.from_pretrained(start, device=device)
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -411,7 +412,8 @@ def check(cfg: TrainConfig, device: torch.device, world: int, batch: str = "--ba
     if start is not None and longest > (context := context_of(start)):
         raise UserError(f"{option}: {longest}-token sequences exceed the context of {start} ({context} tokens)")
     if lora is not None:
-        lora.check(cfg, world)
+        lora.check()
+
 
 
 def context_of(start: Path) -> int:

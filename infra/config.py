@@ -61,6 +61,11 @@ class ModelConfig:
         per_layer = attn + 3 * d * self.intermediate_size + 2 * d
         return self.n_layers * per_layer + self.vocab_size * d * (1 if self.tie_embeddings else 2) + d
 
+    def lora_params(self, rank: int) -> int:
+        """Adapter parameters of rank-`rank` LoRA on every attention and MLP projection: rank x (in + out) each."""
+        d, q, kv = self.dim, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        return self.n_layers * rank * (2 * (d + q) + 2 * (d + kv) + 3 * (d + self.intermediate_size))
+
     def train_flops_per_token(self, seq_len: int) -> float:
         """6N for the weights plus 12·L·d·T for attention scores (PaLM appendix B); embeddings do no matmul."""
         n = self.n_params - self.vocab_size * self.dim * (0 if self.tie_embeddings else 1)

@@ -114,7 +114,8 @@ def peak_memory_gb(device: torch.device) -> float:
 
 # --------------------------------------------------------------------------------------------------- memory model
 def memory_estimate(n_params: int, n_layers: int, dim: int, embedding: int, tokens: int, gpus: int = 8,
-                    shard: str = "fsdp", checkpointing: bool = False, accumulating: bool = False) -> dict[str, float]:
+                    shard: str = "fsdp", checkpointing: bool = False, accumulating: bool = False, adapters: int = 0,
+                    base_bytes: int = 2) -> dict[str, float]:
     """GiB per GPU of a bf16 mixed-precision training step, from byte counts.
 
     Model state: fp32 weights 4 + gradients 4 + AdamW's two moments 8 = 16 bytes per parameter. DDP keeps all of it
@@ -127,10 +128,19 @@ def memory_estimate(n_params: int, n_layers: int, dim: int, embedding: int, toke
     Models", eq. 2, 16-bit, the 5·a·s/h attention term gone with flash attention): 34·d bytes; with each layer
     recomputed in backward, 2·d bytes (its input) plus one layer's 34·d while it is recomputed. `tokens`: one
     micro-batch of one GPU. Not counted: the chunked loss (< 0.5 GiB), CUDA context and allocator slack (~1-3 GiB).
+    One process (shard "none") keeps DDP's bytes without its buckets.
+    LoRA (`adapters` > 0 trainable adapter parameters): the frozen base in `base_bytes` per parameter (2: bf16, 4:
+    fp32), no gradients or AdamW state for it; the adapters 16 bytes each (DDP: + 4 for its buckets; FSDP shards
+    both, and still gathers the root and two layers in bf16). Activations as above: backward through the frozen
+    layers to the adapters keeps the same inputs (the adapters' rank-r intermediates are < 1% of 34·d).
     """
     layer = (n_params - embedding) / n_layers
-    if shard == "ddp":
-        state = (16 + 4 + 2) * n_params
+    if adapters and shard == "fsdp":
+        state = (base_bytes * n_params + 16 * adapters) / gpus + 2 * (embedding + 2 * layer)
+    elif adapters:
+        state = base_bytes * n_params + (16 + 4 * (shard == "ddp")) * adapters
+    elif shard in ("ddp", "none"):
+        state = (16 + 4 * (shard == "ddp") + 2) * n_params
     else:
         state = 16 * n_params / gpus + 2 * (embedding + 2 * layer) + 4 * n_params * accumulating
     activations = (2 * n_layers + 34) * dim * tokens if checkpointing else 34 * dim * n_layers * tokens

@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX, checkpoint_wrapper
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -99,7 +99,12 @@ def shard_fsdp(model: nn.Module, root: nn.Module, device: torch.device, precisio
 
     Master weights, AdamW's state and gradients stay fp32 and sharded; under bf16 on CUDA each layer computes with a
     gathered bf16 copy and gradients are reduced in fp32. One process gets a one-member process group, so a sharded
-    run resumes on any count (torch.distributed.checkpoint reshards on load)."""
+    run resumes on any count (torch.distributed.checkpoint reshards on load).
+
+    A model built on the meta device (Decoder.from_pretrained(device="meta")) is read one part at a time right before
+    that part is sharded (model.materialize): a process never holds more than its shards and one layer whole. LoRA's
+    frozen base may keep the compute dtype beside fp32 adapters: FSDP2 needs one dtype among the trainable parameters
+    of a unit only, and gathers the others as they are (bf16 frozen weights stay bf16)."""
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
                                 world_size=1)
@@ -107,9 +112,11 @@ def shard_fsdp(model: nn.Module, root: nn.Module, device: torch.device, precisio
     bf16 = device.type == "cuda" and precision == "bf16"
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
         MixedPrecisionPolicy()
-    for layer in model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
-    return fully_shard(root, mesh=mesh, mp_policy=policy)
+    for part in (*model.layers, model):
+        if any(p.is_meta for p in part.parameters()):
+            model.materialize(part)
+        fully_shard(part if part is not model else root, mesh=mesh, mp_policy=policy)
+    return root
 
 
 @contextlib.contextmanager
@@ -159,9 +166,9 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
 
 
 def consolidate(model: nn.Module, rank: int) -> nn.Module | None:
-    """The whole sharded model as a plain fp32 copy on rank 0's CPU (None on the others), built as
-    `type(model)(model.config)`. Every process takes part; the tensors are gathered one at a time, so rank 0 holds
-    about one copy of the weights besides its shards."""
+    """The whole sharded model as a plain copy on rank 0's CPU (None on the others), in the dtypes it trains in (fp32
+    masters; LoRA's frozen base in its compute dtype), built as `model.blank()`. Every process takes part; the tensors
+    are gathered one at a time, so rank 0 holds about one copy of the weights besides its shards."""
     tied = model.config.tie_embeddings
     full = {}
     for name, tensor in model.state_dict().items():
@@ -169,16 +176,24 @@ def consolidate(model: nn.Module, rank: int) -> nn.Module | None:
             continue  # the embedding, again
         whole = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
         if rank == 0:
-            full[name] = whole.detach().to("cpu", torch.float32)
+            full[name] = whole.detach().to("cpu")
         del whole
     if rank != 0:
         return None
-    with torch.device("meta"):
-        copy = type(model)(model.config)
+    copy = model.blank()
     copy.load_state_dict(full, strict=not tied, assign=True)
     if tied:
         copy.lm_head.weight = copy.embed_tokens.weight
     return copy
+
+
+def trained_state(net: nn.Module, optimizer) -> dict:
+    """What a sharded checkpoint holds: the trained parameters and their AdamW state, with LoRA the adapters alone.
+    ignore_frozen_params misses a frozen parameter's second name (a tied lm_head): dropped here by every name."""
+    model_state, optimizer_state = get_state_dict(net, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    frozen = {name.replace(_CHECKPOINT_PREFIX, "") for name, p in net.named_parameters(remove_duplicate=False)
+              if not p.requires_grad}
+    return {"model": {k: v for k, v in model_state.items() if k not in frozen}, "optimizer": optimizer_state}
 
 
 def save_sharded_checkpoint(run: Path, step: int, net: nn.Module, optimizer, state: dict, keep: int,
@@ -190,8 +205,7 @@ def save_sharded_checkpoint(run: Path, step: int, net: nn.Module, optimizer, sta
     with (atomic_dir(run / "checkpoints" / name) if rank == 0 else contextlib.nullcontext()) as tmp:
         where = [tmp]
         dist.broadcast_object_list(where, src=0)
-        model_state, optimizer_state = get_state_dict(net, optimizer)
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=where[0])
+        dcp.save(trained_state(net, optimizer), checkpoint_id=where[0])
         if rank == 0:  # dcp.save returns once every process's shards and the metadata are written
             torch.save({"step": step, **state}, tmp / "state.pt")
     if rank == 0:
@@ -201,7 +215,8 @@ def save_sharded_checkpoint(run: Path, step: int, net: nn.Module, optimizer, sta
 
 def load_sharded_checkpoint(net: nn.Module, optimizer, path: Path) -> None:
     """Load a sharded checkpoint's model and AdamW state into this run's shards, whatever the process count."""
-    model_state, optimizer_state = get_state_dict(net, optimizer)
-    state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(net, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    state = trained_state(net, optimizer)
+    dcp.load(state, checkpoint_id=path)  # every tensor asked for must be in the checkpoint: nothing is left out
+    set_state_dict(net, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))  # the frozen base: as loaded
+

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.distributed.checkpoint import FileSystemReader
 
 from data import load_dataset
 from extras.init import create_model, tokenizer_corpus
+from extras.options import LoRA
 from helpers import ROOT, TINY, StopAt, cli, config, cpt_setup, launch, ok, step_gradients
 from infra.config import ModelConfig
 from infra.device import memory_estimate
@@ -28,13 +30,15 @@ def fsdp_config(**kw):
     return config(steps=STEPS, accum=4, **kw)  # 2 micro-batches per process and step: gradient sync skipped once
 
 
-def run(data_path, model, out, shard="none", ac=False, stop=0, resume=False, rank=0, world=1, device="cpu"):
-    """One CPT run as the tests' reference (in-process) or as a worker's job (under torchrun)."""
+def run(data_path, model, out, shard="none", ac=False, stop=0, resume=False, rank=0, world=1, device="cpu", lora=0,
+        precision="fp32"):
+    """One CPT run as the tests' reference (in-process) or as a worker's job (under torchrun); with `lora`, rank-`lora`
+    adapters on the base in the compute dtype. FSDP builds the model on the meta device, as the commands do."""
     blocks, tokenizer = cpt_setup(data_path, model)
     data = StopAt(blocks, step=stop, accum=4 // world) if stop and rank == 0 else blocks  # rank 0 alone is stopped
     run_dir = open_run(out, {"test": 1}, resume=resume, overwrite=False, rank=rank)
-    net = Decoder.from_pretrained(model)  # on --resume, train() loads the checkpoint
-    cfg = fsdp_config(shard=shard, activation_checkpointing=ac, eval_every=4, select="score")
+    net = LoRA(lora_rank=lora).load(model, precision, seed=0, shard=shard)  # on --resume, train() loads the checkpoint
+    cfg = fsdp_config(shard=shard, activation_checkpointing=ac, eval_every=4, select="score", precision=precision)
     try:
         train(net, data, cfg, run_dir, tokenizer=tokenizer, device=torch.device(device), rank=rank, world=world,
               resume=resume, validate=score)
@@ -89,11 +93,16 @@ def runs(world, tiny_model, tmp_path_factory):
     for name, model in (("tied", tiny_model), ("untied", untied)):
         run(world, model, out / f"ref-{name}")
     common = dict(data_path=str(world), model=str(tiny_model), shard="fsdp")
+    for name, lora in (("lora", dict(lora=4)), ("lora-bf16", dict(lora=4, precision="bf16"))):
+        run(world, tiny_model, out / f"ref-{name}", **lora)
     jobs = [dict(common, out=str(out / "tied")),
             dict(common, model=str(untied), out=str(out / "untied-ac"), ac=True),
             dict(common, out=str(out / "cut"), stop=3),
             dict(common, out=str(out / "cut"), resume=True),
-            dict(common, out=str(out / "cut21"), stop=5)]
+            dict(common, out=str(out / "cut21"), stop=5),
+            dict(common, out=str(out / "lora"), lora=4, stop=3),
+            dict(common, out=str(out / "lora"), lora=4, resume=True),
+            dict(common, out=str(out / "lora-bf16"), lora=4, precision="bf16", ac=True)]
     (out / "two.json").write_text(json.dumps(jobs))
     (out / "one.json").write_text(json.dumps([dict(common, out=str(out / "cut21"), resume=True)]))
     launch(__file__, str(out / "two.json"), processes=2)
@@ -107,14 +116,15 @@ def weights(run_dir: Path, which: str = "final") -> dict[str, torch.Tensor]:
     return load_file(run_dir / which / "model.safetensors")
 
 
-def assert_same_run(got: Path, want: Path) -> None:
+def assert_same_run(got: Path, want: Path, **tolerance) -> None:
     """Equal final and best weights (same names: plain HF layout), the same best step, and the same losses and
     validations at steps 1..STEPS, once each."""
     for which in ("final", "best"):
         a, b = weights(got, which), weights(want, which)
         assert sorted(a) == sorted(b)
         for k in b:
-            torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5, msg=f"{got.name}/{which}: {k}")
+            torch.testing.assert_close(a[k], b[k], **(tolerance or dict(atol=1e-5, rtol=1e-5)),
+                                       msg=f"{got.name}/{which}: {k}")
     assert json.loads((got / "best.json").read_text())["step"] == json.loads((want / "best.json").read_text())["step"]
     logs = [[json.loads(line) for line in open(d / "metrics.jsonl")] for d in (got, want)]
     assert [r["step"] for r in logs[0] if "loss" in r] == list(range(1, STEPS + 1))
@@ -130,6 +140,23 @@ def test_fsdp_on_two_processes_equals_one_tied_and_untied(runs, tiny_model):
     assert "lm_head.weight" in weights(runs / "untied-ac") and "lm_head.weight" not in weights(runs / "tied")
     initial = load_file(Path(tiny_model) / "model.safetensors")["model.norm.weight"]
     assert not torch.equal(weights(runs / "tied")["model.norm.weight"], initial)  # it trained
+
+
+def test_fsdp_with_lora_on_two_processes_equals_one_and_saves_the_adapters_only(runs, tiny_model):
+    """Stopped at step 3 and resumed (fp32); a bf16 base beside fp32 adapters, with activation checkpointing."""
+    assert_same_run(runs / "lora", runs / "ref-lora")
+    assert_same_run(runs / "lora-bf16", runs / "ref-lora-bf16", atol=1e-5, rtol=1.6e-2)  # bf16: one rounding step
+    for name in ("lora", "lora-bf16"):
+        a, b = (load_file(runs / d / "final-adapter" / "adapter_model.safetensors") for d in (name, f"ref-{name}"))
+        for k in b:
+            torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5)
+    assert {v.dtype for v in weights(runs / "lora-bf16").values()} == {torch.bfloat16}
+    step = runs / "lora" / "checkpoints" / "step-0000008"
+    saved = FileSystemReader(step).read_metadata().state_dict_metadata
+    model_keys = [k for k in saved if k.startswith("model.")]  # no frozen weight, not even a tied lm_head
+    assert len(model_keys) == 2 * 7 * TINY.n_layers and all(k.endswith((".lora_A", ".lora_B")) for k in model_keys)
+    size = sum(p.stat().st_size for p in step.iterdir())
+    assert size < (tiny_model / "model.safetensors").stat().st_size / 2
 
 
 def test_fsdp_run_stopped_and_resumed_on_two_or_one_process_equals_the_uninterrupted_one(runs):

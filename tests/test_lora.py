@@ -230,7 +230,6 @@ def test_lora_resume_equals_the_uninterrupted_run_and_refuses_another_base(lora_
         want, got = load_file(lora_run / folder / name), load_file(out / folder / name)
         assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     refused(cli(*finetune_args(world, tiny_model, tmp_path / "x", "--lora-targets", "qproj")), "--lora-targets qproj")
-    refused(cli(*finetune_args(world, tiny_model, tmp_path / "x", "--shard", "fsdp")), "--shard fsdp")
 
 
 def test_lora_with_two_processes_equals_one(lora_run, world, tiny_model, tmp_path):
