@@ -11,12 +11,13 @@ from safetensors.torch import load_file
 
 from eval import beam_search, build_trie
 from extras.init import init_weights
+from extras.options import LoRA
 from helpers import BadGradients, StopAt, config, cpt_setup, read_records
 from infra.config import ModelConfig
 from infra.device import memory_estimate
 from infra.distributed import Supervised, wrap
 from infra.runs import Interrupted, open_run
-from model import Decoder
+from model import Decoder, apply_lora
 from train import lm_loss, param_groups, step, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -146,3 +147,44 @@ def test_peak_memory_of_a_05b_step_is_within_15_percent_of_the_estimate(record_p
     record_property("peak_gib", measured)  # into the GPU check's report (bench/check.py)
     record_property("estimate_gib", estimate["total_gib"])
     assert abs(measured / estimate["total_gib"] - 1) <= 0.15, (measured, estimate)
+
+
+def lora_on(device, world, tiny_model, out, cfg):
+    """A LoRA run as the commands start one: the base in the compute dtype, on the meta device under FSDP."""
+    blocks, tokenizer = cpt_setup(world, tiny_model)
+    net = LoRA(lora_rank=4).load(tiny_model, cfg.precision, seed=0, shard=cfg.shard)
+    return train(net, blocks, cfg, open_run(out, {"t": 1}, False, False), tokenizer=tokenizer, device=device)
+
+
+def test_fsdp_with_lora_on_one_gpu_follows_the_unsharded_run(world, tiny_model, tmp_path):
+    """bf16 base beside fp32 adapters under FSDP2's MixedPrecisionPolicy (bf16 gathers, fp32 reduction)."""
+    lora_on(CUDA, world, tiny_model, tmp_path / "plain", config(precision="bf16"))
+    lora_on(CUDA, world, tiny_model, tmp_path / "fsdp", config(precision="bf16", shard="fsdp"))
+    adapters = [load_file(tmp_path / d / "final-adapter" / "adapter_model.safetensors") for d in ("fsdp", "plain")]
+    close(*adapters, atol=1e-3, rtol=2e-2)
+
+
+def test_peak_memory_of_a_05b_lora_step_against_the_estimate(record_property):
+    """LoRA rank 16 on one GPU, bf16 base, activation checkpointing, one micro-batch of 4 x 2048 tokens: the row of
+    `python -m bench --only memory` that docs/scaling.md's one-GPU recipe relies on."""
+    torch.cuda.empty_cache()
+    model = Decoder(QWEN_05B)
+    init_weights(model, 0)
+    model = apply_lora(model.to(torch.bfloat16), rank=16, alpha=32)
+    net = wrap(model, lm_loss, CUDA, "bf16", "none", activation_checkpointing=True)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    ids = torch.randint(0, QWEN_05B.vocab_size, (4, 2049), generator=torch.Generator().manual_seed(0)).numpy()
+    batch = [(ids[:, :-1], ids[:, 1:])]
+    step(net, model, batch, ids[:, 1:].size, optimizer, sched, scaler, precision="bf16", device=CUDA)  # AdamW state
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step(net, model, batch, ids[:, 1:].size, optimizer, sched, scaler, precision="bf16", device=CUDA)
+    measured = torch.cuda.max_memory_allocated() / 2**30
+    embedding = QWEN_05B.vocab_size * QWEN_05B.dim
+    estimate = memory_estimate(QWEN_05B.n_params, QWEN_05B.n_layers, QWEN_05B.dim, embedding, 4 * 2048, gpus=1,
+                               shard="none", checkpointing=True, adapters=QWEN_05B.lora_params(16))
+    record_property("lora_peak_gib", measured)  # into the GPU check's report (bench/check.py)
+    record_property("lora_estimate_gib", estimate["total_gib"])
+    assert measured <= 1.3 * estimate["total_gib"], (measured, estimate)

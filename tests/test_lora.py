@@ -1,6 +1,7 @@
 """LoRA (model.py's adapters): exact at initialisation, adapters alone trained, merged and PEFT exports that
 transformers and peft load with the same logits; and the streaming loader's bounded host memory."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -132,17 +133,28 @@ with torch.device("meta"):
     Decoder(ModelConfig(vocab_size=8, dim=8, n_layers=1, n_heads=1, n_kv_heads=1, head_dim=8, intermediate_size=8))
 def kib(field):  # VmHWM is this process's own peak: getrusage's maxrss carries the parent's over fork and exec
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
+fsdp = sys.argv[3:] == ["fsdp"]  # on the meta device, then each layer read as FSDP (one process) shards it
+if fsdp:  # FSDP's own first-use imports and allocations outside the measurement too
+    from infra.distributed import shard_fsdp
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    tiny = Decoder(ModelConfig(vocab_size=8, dim=8, n_layers=1, n_heads=1, n_kv_heads=1, head_dim=8,
+                               intermediate_size=8))
+    shard_fsdp(tiny, tiny, torch.device("cpu"), "fp32")
 before = kib("VmRSS:")
-model = Decoder.from_pretrained(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
+model = Decoder.from_pretrained(sys.argv[1], dtype=getattr(torch, sys.argv[2]), device="meta" if fsdp else "cpu")
+if fsdp:
+    shard_fsdp(model, model, torch.device("cpu"), "fp32")
 print((kib("VmHWM:") - before) * 1024, sum(p.numel() * p.element_size() for p in model.parameters()))
 """
 
 
-def peak_growth(runs: list[tuple[str, str]]) -> list[float]:
-    """Peak resident memory gained loading each (checkpoint, dtype), in its own process (run side by side), over the
-    model's size in that dtype."""
-    procs = [subprocess.Popen([sys.executable, "-c", PEAK, path, dtype], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-             for path, dtype in runs]
+def peak_growth(runs: list[tuple[str, ...]]) -> list[float]:
+    """Peak resident memory gained loading each (checkpoint, dtype[, "fsdp"]), in its own process (run side by side),
+    over the model's size in that dtype."""
+    # glibc's dynamic mmap threshold would keep freed layers resident on the heap (bench.harness.fresh_processes)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+    procs = [subprocess.Popen([sys.executable, "-c", PEAK, *run], cwd=ROOT, stdout=subprocess.PIPE, text=True, env=env)
+             for run in runs]
     outs = [p.communicate()[0].split() for p in procs]
     assert all(p.returncode == 0 for p in procs)
     return [int(grown) / int(size) for grown, size in outs]
@@ -158,7 +170,8 @@ def test_loading_holds_about_one_model_in_the_target_dtype(tmp_path):
     init_weights(model, seed=0)
     for stored in (torch.float32, torch.bfloat16):
         model.save_pretrained(tmp_path / str(stored), dtype=stored)
-    runs = [(str(tmp_path / "torch.float32"), "bfloat16"), (str(tmp_path / "torch.bfloat16"), "float32")]
+    runs = [(str(tmp_path / "torch.float32"), "bfloat16"), (str(tmp_path / "torch.bfloat16"), "float32"),
+            (str(tmp_path / "torch.bfloat16"), "float32", "fsdp")]  # FSDP: never the whole model and its shards
     assert max(peak_growth(runs)) <= 1.3
 
 
