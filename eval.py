@@ -24,6 +24,7 @@ from infra.beyond import beyond_accuracy
 from infra.console import progress as progress_bar
 from infra.console import warn
 from infra.device import auto_batch_users
+from infra.distributed import deal, gather_rows, least, process
 from infra.files import UserError, quote
 from model import Decoder, KVCache
 
@@ -465,32 +466,54 @@ def evaluate(model: Decoder, encoder: Encoder, ds: Dataset, key: str, *, split: 
     began = time.perf_counter()
     model.eval()
     ranks, tops = [0.0] * len(cases), [None] * len(cases)
-    with progress_bar(len(cases), f"evaluate {key} {split}", progress) as advance:
-        if exact:
-            for k, (prompt, t, ex) in enumerate(zip(prompts, targets, excluded)):
-                scores = exact_scores(model, prompt, item_tokens, pad).cpu().numpy()
-                ranks[k] = rank_in_scores(scores, t, ex)
-                scores[ex] = -np.inf
+    if exact:
+        batches = [[k] for k in range(len(cases))]  # one user at a time
+    else:
+        trie = build_trie(item_tokens, model.embed_tokens.weight.device)
+        order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths share a batch: less padding
+        # Every process must cut the same batches: the smallest automatic size of any process's free memory.
+        step = batch_users or least(auto_batch_users(model, beams, max(map(len, prompts)), trie.depth),
+                                    trie.item.device)
+        batches = [order[start:start + step] for start in range(0, len(order), step)]
+    batches, rank, done = my_batches(batches, prompts), process()[0], 0  # under torchrun, this process's share
+    with progress_bar(sum(map(len, batches)), f"evaluate {key} {split}", progress and rank == 0) as advance:
+        for rows in batches:
+            if exact:
+                (k,) = rows
+                scores = exact_scores(model, prompts[k], item_tokens, pad).cpu().numpy()
+                ranks[k] = rank_in_scores(scores, targets[k], excluded[k])
+                scores[excluded[k]] = -np.inf
                 tops[k] = np.argsort(-scores, kind="stable")[:beams]
-                advance(1, f"{(k + 1) / (time.perf_counter() - began):.1f} users/s")
-                if k == 0 and (total := (time.perf_counter() - began) * len(cases)) > 600:
+                if done == 0 and (total := (time.perf_counter() - began) * len(cases)) > 600:
                     warn(f"--exact: {total / len(cases):.1f} s per user for {len(item_tokens):,} items, about "
                          f"{total / 3600:.1f} h for {len(cases):,} users; beam search ranks the top-{beams} far "
-                         "faster (Ctrl-C to stop)")
-        else:
-            trie = build_trie(item_tokens, model.embed_tokens.weight.device)
-            order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths share a batch: less padding
-            step = batch_users or auto_batch_users(model, beams, max(map(len, prompts)), trie.depth)
-            for start in range(0, len(order), step):
-                rows = order[start:start + step]
-                batch_prompts = [prompts[r] for r in rows]
-                items, scores = beam_search(model, batch_prompts, trie, beams, pad, [excluded[r] for r in rows])
+                         "faster (Ctrl-C to stop)", rank)
+            else:
+                items, scores = beam_search(model, [prompts[r] for r in rows], trie, beams, pad,
+                                            [excluded[r] for r in rows])
                 for r, it, sc in zip(rows, items.cpu().numpy(), scores.cpu().numpy()):
                     ranks[r], tops[r] = rank_in_list(it, sc, targets[r]), it[it >= 0]
-                advance(len(rows), f"{(start + len(rows)) / (time.perf_counter() - began):.1f} users/s")
+            done += len(rows)
+            advance(len(rows), f"{done / (time.perf_counter() - began):.1f} users/s")
+    ranks, tops = gathered(ranks, tops, batches)
     ranker = "exact scoring of every item" if exact else f"trie-constrained beam search, {beams} beams"
     return evaluation_result(ds, key, split, cases, ranks, tops, pop_ranks, ranker=ranker, mask_history=mask_history,
                              window=window, seconds=time.perf_counter() - began, beams=None if exact else beams, ks=ks)
+
+
+def my_batches(batches: list, prompts: list[list[int]]) -> list:
+    """This process's share of evaluation's batches: all of them on one process; under torchrun whole batches, dealt
+    by cost (users x the longest prompt, the padded prompt tokens), so that every process runs exactly the batches one
+    process would (which prompts share a batch moves scores in the last digits) and the results equal one process's."""
+    rank, world = process()
+    costs = [len(rows) * max(len(prompts[r]) for r in rows) for rows in batches]
+    return [batches[b] for b in deal(costs, world)[rank]]
+
+
+def gathered(ranks: list, tops: list, batches: list) -> tuple[list, list]:
+    """Every process's users' ranks and top lists, in the users' order, on every process (each held its own)."""
+    rows = gather_rows({int(r): (ranks[r], tops[r]) for rows in batches for r in rows})
+    return [rows[r][0] for r in range(len(ranks))], [rows[r][1] for r in range(len(tops))]
 
 
 def evaluation_result(ds: Dataset, key: str, split: str, cases: list[Case], ranks, tops, pop_ranks, *, ranker: str,
