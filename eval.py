@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from infra.console import progress as progress_bar
 from infra.console import warn
 from infra.device import auto_batch_users
 from infra.files import UserError, quote
+from infra.tokenizer import Tokenizer
 from model import Decoder, KVCache
 
 KS = (5, 10, 20)
@@ -315,6 +317,89 @@ def search(model: Decoder, prompts: list[list[int]], trie: Trie, beams: int, pad
     return pool_item, pool_score
 
 
+# --------------------------------------------------------------------------------------------------- without the trie
+# `evaluate --unconstrained`: the same beams and scores with every token allowed next, to measure what the trie buys.
+# A beam ends at a token whose text holds the template's terminator (a tokenizer may merge it with what comes before,
+# as byte-level BPE's ".\n") or at EOS; its title, the decoded text before the terminator, is matched to the catalogue
+# exactly; a title that is none is INVALID. Beams that write the same title count once, with the best score.
+INVALID = -2
+MARGIN = 8  # a beam still open this many tokens past the longest item ends there
+
+
+def ending_tokens(tokenizer: Tokenizer, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's group of ending tokens, by its text before the terminator (-1: it ends nothing; -2: past the
+    tokenizer's ids, never written), and a token of each group: within one beam a group's tokens write one title."""
+    group, heads, stop = torch.full((vocab,), -2), {}, item_text("")
+    for v in range(min(vocab, tokenizer.vocab_size)):
+        text = tokenizer.decode([v])
+        group[v] = heads.setdefault(text.split(stop)[0], v) if stop in text or v == tokenizer.eos_id else -1
+    first = torch.tensor(list(heads.values()), dtype=torch.long)  # each group's first token, ascending
+    return torch.where(group >= 0, torch.searchsorted(first, group), group), first
+
+
+@torch.no_grad()
+def free_search(model: Decoder, prompts: list[list[int]], beams: int, pad_id: int, tokenizer: Tokenizer,
+                titles: dict[str, int], longest: int, exclude: list[list[int]] | None = None):
+    """beam_search without the trie: each prompt's top-`beams` distinct titles (U, B) as catalogue positions (`titles`
+    maps a title to its item; INVALID if none; -1 / -inf where fewer exist) and their scores, best first. A beam still
+    open after `longest` tokens ends there, its text the title. Items in `exclude` never enter a list."""
+    device, U = model.embed_tokens.weight.device, len(prompts)
+    group, first = (x.to(device) for x in ending_tokens(tokenizer, model.config.vocab_size))
+    ends, banned = group >= 0, [set(ex) for ex in exclude or [[]] * U]
+    prompt, logp = prompt_cache(model, prompts, pad_id)
+    user, score = torch.arange(U, device=device), torch.zeros(U, device=device)
+    written, cache = torch.zeros(U, 0, dtype=torch.long, device=device), BeamCache(prompt, user, 0)
+    pools, floor = [{} for _ in prompts], [-torch.inf] * U  # each user's titles; its `beams`-th best score
+
+    def offer(owner: torch.Tensor, tokens: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Finished beams join their user's titles, best first, until the user has taken `beams` distinct titles
+        this step (any later one has `beams` better ones ahead); returns the users' new floors."""
+        keep = scores > torch.tensor(floor, device=device)[owner]
+        order = scores[keep].argsort(descending=True, stable=True)
+        taken = [set() for _ in prompts]
+        for u, text, s in zip(*(x[keep][order].tolist() for x in (owner, tokens, scores))):
+            if len(taken[u]) == beams:
+                continue
+            title = tokenizer.decode(text).split(item_text(""))[0]
+            if titles.get(title, INVALID) not in banned[u]:
+                taken[u].add(title)
+                pools[u][title] = max(pools[u].get(title, -torch.inf), s)
+        for u in {u for u, t in enumerate(taken) if t}:
+            pools[u] = dict(sorted(pools[u].items(), key=lambda e: -e[1])[:beams])
+            floor[u] = min(pools[u].values()) if len(pools[u]) == beams else -torch.inf
+        return torch.tensor(floor, device=device)
+
+    for step in range(longest):
+        cand = score[:, None] + logp
+        done = torch.full((len(user), len(first)), -torch.inf, device=device).scatter_reduce_(
+            1, group[ends].expand(len(user), -1), cand[:, ends], "amax")  # each beam's best token of each group
+        top, pick = done.topk(min(beams, len(first)), 1)
+        rows = torch.arange(len(user), device=device).repeat_interleave(top.shape[1])
+        bar = offer(user[rows], torch.cat([written[rows], first[pick].view(-1, 1)], 1), top.flatten())
+        top, token = cand.masked_fill(group != -1, -torch.inf).topk(min(beams, len(group)), 1)  # each row's best
+        owner, width = user.repeat_interleave(top.shape[1]), top.shape[1]  # open beams
+        if step == longest - 1:  # still open: the text so far is the title
+            offer(owner, torch.cat([written.repeat_interleave(width, 0), token.view(-1, 1)], 1), top.flatten())
+            break
+        order = top.flatten().argsort(descending=True, stable=True)
+        order = order[owner[order].argsort(stable=True)]  # grouped by user, best first
+        _, counts = torch.unique_consecutive(owner[order], return_counts=True)
+        rank = torch.arange(len(order), device=device) - (counts.cumsum(0) - counts).repeat_interleave(counts)
+        order = order[(rank < beams) & (top.flatten()[order] > bar[owner[order]])]
+        if not len(order):
+            break
+        user, score, parent = owner[order], top.flatten()[order], order // width
+        written = torch.cat([written[parent], token.flatten()[order, None]], 1)
+        cache = cache.select(parent)
+        logp = torch.log_softmax(model.lm_head(model(written[:, -1:], kv_cache=cache, hidden=True)[:, -1]).float(), -1)
+    items, scores = torch.full((U, beams), -1), torch.full((U, beams), -torch.inf)
+    for u, pool in enumerate(pools):
+        best = sorted(pool.items(), key=lambda e: -e[1])
+        items[u, :len(best)] = torch.tensor([titles.get(t, INVALID) for t, _ in best], dtype=torch.long)
+        scores[u, :len(best)] = torch.tensor([s for _, s in best])
+    return items, scores
+
+
 @torch.no_grad()
 def exact_scores(model: Decoder, prompt: list[int], items: list[list[int]], pad_id: int,
                  chunk: int | None = None) -> torch.Tensor:
@@ -410,13 +495,17 @@ def user_prompts(encoder: Encoder, ds: Dataset, histories, key: str) -> list[lis
 
 def evaluate(model: Decoder, encoder: Encoder, ds: Dataset, key: str, *, split: str = "test", beams: int = 20,
              exact: bool = False, users: int | None = None, seed: int = 0, mask_history: bool = False,
-             window: int = 20, batch_users: int | None = None, ks=None, progress: bool = False) -> dict:
+             window: int = 20, batch_users: int | None = None, ks=None, progress: bool = False,
+             unconstrained: bool = False) -> dict:
     """Rank the whole catalogue of domain `key` for each evaluation user; the model and popularity side by side.
     Metrics at K = 5, 10, 20, and 50 when the ranking is deep enough (50 beams or exact). `progress` shows a bar with
-    ETA per batch of users (quiet when stderr is no terminal)."""
+    ETA per batch of users (quiet when stderr is no terminal). `unconstrained`: beam search without the trie
+    (free_search), its titles matched to the catalogue; a title that is no item counts as a miss."""
     ks = ks or (KS + (50,) if exact or beams >= 50 else KS)
     if split not in ("test", "valid"):
         raise UserError(f"--split {quote(split)}: expected test or valid")
+    if exact and unconstrained:
+        raise UserError("--unconstrained with --exact: exact scoring ranks catalogue items only; drop one")
     if beams < max(ks) and not exact:
         raise UserError(f"--beams {beams}: must be at least the largest K ({max(ks)})")
     cases = eval_cases(ds, key, {"test": 2, "valid": 1}[split], window)  # an unknown domain is refused here
@@ -434,7 +523,7 @@ def evaluate(model: Decoder, encoder: Encoder, ds: Dataset, key: str, *, split: 
     pop_ranks = [rank_in_scores(counts, t, ex) for t, ex in zip(targets, excluded)]
     began = time.perf_counter()
     model.eval()
-    ranks, tops = [0.0] * len(cases), [None] * len(cases)
+    ranks, tops, dropped = [0.0] * len(cases), [None] * len(cases), [0.0] * len(cases)
     with progress_bar(len(cases), f"evaluate {key} {split}", progress) as advance:
         if exact:
             for k, (prompt, t, ex) in enumerate(zip(prompts, targets, excluded)):
@@ -450,24 +539,43 @@ def evaluate(model: Decoder, encoder: Encoder, ds: Dataset, key: str, *, split: 
         else:
             trie = build_trie(item_tokens, model.embed_tokens.weight.device)
             order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths share a batch: less padding
-            step = batch_users or auto_batch_users(model, beams, max(map(len, prompts)), trie.depth)
+            search = partial(beam_search, model, trie=trie, beams=beams, pad_id=pad)
+            if unconstrained:  # each item's title as decoded (the first of equal ones), and the longest beam
+                titles = {encoder.tokenizer.decode(t).split(item_text(""))[0]: k for k, t in
+                          reversed(list(enumerate(item_tokens)))}
+                search = partial(free_search, model, beams=beams, pad_id=pad, tokenizer=encoder.tokenizer,
+                                 titles=titles, longest=trie.depth + MARGIN)
+            step = batch_users or auto_batch_users(model, beams, max(map(len, prompts)),
+                                                   trie.depth + MARGIN * unconstrained)
             for start in range(0, len(order), step):
                 rows = order[start:start + step]
                 batch_prompts = [prompts[r] for r in rows]
-                items, scores = beam_search(model, batch_prompts, trie, beams, pad, [excluded[r] for r in rows])
+                items, scores = search(batch_prompts, exclude=[excluded[r] for r in rows])
                 for r, it, sc in zip(rows, items.cpu().numpy(), scores.cpu().numpy()):
-                    ranks[r], tops[r] = rank_in_list(it, sc, targets[r]), it[it >= 0]
+                    ranks[r], tops[r] = rank_in_list(it, sc, targets[r]), it[it != -1]  # INVALID entries stay
+                    dropped[r] = rank_in_list(it[it >= 0], sc[it >= 0], targets[r])
                 advance(len(rows), f"{(start + len(rows)) / (time.perf_counter() - began):.1f} users/s")
     ranker = "exact scoring of every item" if exact else f"trie-constrained beam search, {beams} beams"
+    if unconstrained:
+        ranker = (f"beam search without the trie, {beams} beams, each ending at the terminator or {MARGIN} tokens "
+                  "past the longest item; titles matched to the catalogue exactly, one that is no item a miss in "
+                  "'model', dropped in 'model_valid_only'")
     return evaluation_result(ds, key, split, cases, ranks, tops, pop_ranks, ranker=ranker, mask_history=mask_history,
-                             window=window, seconds=time.perf_counter() - began, beams=None if exact else beams, ks=ks)
+                             window=window, seconds=time.perf_counter() - began, beams=None if exact else beams, ks=ks,
+                             dropped=dropped if unconstrained else None)
 
 
 def evaluation_result(ds: Dataset, key: str, split: str, cases: list[Case], ranks, tops, pop_ranks, *, ranker: str,
-                      mask_history: bool, window: int, seconds: float, beams: int | None = None, ks=KS) -> dict:
+                      mask_history: bool, window: int, seconds: float, beams: int | None = None, ks=KS,
+                      dropped=None) -> dict:
     """The one result of a full-ranking evaluation (the LLM's and the ID baseline's): its protocol in words, the
-    model's and popularity's metrics, and each user's rank and top-10 (catalogue positions in `tops`)."""
+    model's and popularity's metrics, and each user's rank and top-10 (catalogue positions in `tops`, INVALID for a
+    generated title that is no item). `valid`: the share of top-K entries that are catalogue items, 1 for a ranking of
+    the catalogue (the trie's, exact scoring's, the baseline's); `dropped`: the ranks with INVALID entries removed."""
     catalogue = ds.catalogue(key)
+    tops = [np.asarray(top) for top in tops]
+    shown = {k: [top[:k] for top in tops] for k in ks}
+    valid = {f"@{k}": sum(int((t >= 0).sum()) for t in shown[k]) / max(1, sum(map(len, shown[k]))) for k in ks}
     protocol = (f"full ranking over all {len(catalogue)} items of {ds.domain(key).name} ({key}); {ranker}; history "
                 f"masking {'on' if mask_history else 'off'}; {split} split (chronological leave-one-out); {len(cases)} "
                 f"users; history window {window}; ties pessimistic; popularity from training interactions"
@@ -475,10 +583,11 @@ def evaluation_result(ds: Dataset, key: str, split: str, cases: list[Case], rank
     return {
         "protocol": protocol, "domain": key, "split": split, "users": len(cases), "items": len(catalogue),
         "beams": beams, "exact": beams is None, "mask_history": mask_history,
-        "model": metrics(ranks, ks), "popularity": metrics(pop_ranks, ks),
-        "top10": beyond_accuracy(popularity(ds, key), tops),
+        "model": metrics(ranks, ks), "popularity": metrics(pop_ranks, ks), "valid": valid,
+        **({} if dropped is None else {"model_valid_only": metrics(dropped, ks)}),
+        "top10": beyond_accuracy(popularity(ds, key), [top[top >= 0] for top in tops]),
         "seconds": seconds, "users_per_s": len(cases) / seconds,
         "per_user": [{"user": ds.user_ids[c.user], "target": ds.item_ids[c.target],
                       "rank": None if np.isinf(r) else int(r), "popularity_rank": int(p),
-                      "top10": [ds.item_ids[catalogue[i]] for i in top[:10]]}
+                      "top10": [ds.item_ids[catalogue[i]] if i >= 0 else None for i in top[:10]]}
                      for c, r, p, top in zip(cases, ranks, pop_ranks, tops)]}
