@@ -7,6 +7,9 @@ not renormalised) over the item's tokens, terminator included:
     prompt at a time; `beam_search`, batched over users and beams with a KV cache, is the engine evaluation runs, an
     optimisation the tests prove equal to it;
   - exact scoring of every item for every user: the full ranking, which the beam search is also tested against.
+What the trie buys is measured by `free_search` (`evaluate --unconstrained`): the same beams and scores with every
+token allowed, its titles matched to the catalogue. Every result reports the share of top-K entries that are
+catalogue items (`valid`); the trie makes it 100%.
 Metrics, as RecBole and the peers define them: for 0-based rank r, Recall@K = [r < K], NDCG@K = [r < K] / log2(r + 2),
 MRR = 1/(r+1); ties count against the target.
 """

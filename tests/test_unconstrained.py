@@ -118,6 +118,6 @@ def test_dropped_invalid_entries_by_hand(small, tiny_model, monkeypatch):
 def test_evaluate_command_unconstrained(world, tiny_model, tmp_path):
     out = ok(cli("evaluate", "--domain", "games", "--model", tiny_model, "--data", world, "--users", "3",
                  "--unconstrained", "--out", tmp_path / "free.json"))
-    assert "model_valid_only" in out and "catalogue items among the top-K" in out
+    assert "valid only" in out and "catalogue items among the top-K" in out
     refused(cli("evaluate", "--domain", "games", "--model", tiny_model, "--data", world, "--unconstrained", "--exact",
                 "--out", tmp_path / "both.json"), "--unconstrained with --exact")
