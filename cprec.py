@@ -174,6 +174,8 @@ def evaluate_command(o: Evaluate):
         raise UserError(f"--users {o.users}: expected 0 (all users) or a positive number")
     if o.window < 1:
         raise UserError(f"--window {o.window}: expected a positive number of history items")
+    if o.exact and o.unconstrained:
+        raise UserError("--unconstrained with --exact: exact scoring ranks the catalogue's items only; drop one")
     ranker = "-exact" if o.exact else "-unconstrained" if o.unconstrained else ""
     out = evaluation_output(o.out, o.model, o.data, f"{o.domain}-{o.split}{ranker}", o.overwrite, o.config)
     _, _, device = setup_distributed()

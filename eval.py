@@ -327,6 +327,9 @@ def search(model: Decoder, prompts: list[list[int]], trie: Trie, beams: int, pad
 # exactly; a title that is none is INVALID. Beams that write the same title count once, with the best score.
 INVALID = -2
 MARGIN = 8  # a beam still open this many tokens past the longest item ends there
+FREE_RANKER = ("beam search without the trie, {beams} beams, each ending at the terminator or {margin} tokens past the "
+               "longest item; titles matched to the catalogue exactly, one that is no item a miss in 'model', dropped "
+               "in 'model_valid_only'")
 
 
 def ending_tokens(tokenizer: Tokenizer, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -342,11 +345,12 @@ def ending_tokens(tokenizer: Tokenizer, vocab: int) -> tuple[torch.Tensor, torch
 
 @torch.no_grad()
 def free_search(model: Decoder, prompts: list[list[int]], beams: int, pad_id: int, tokenizer: Tokenizer,
-                titles: dict[str, int], longest: int, exclude: list[list[int]] | None = None):
-    """beam_search without the trie: each prompt's top-`beams` distinct titles (U, B) as catalogue positions (`titles`
-    maps a title to its item; INVALID if none; -1 / -inf where fewer exist) and their scores, best first. A beam still
-    open after `longest` tokens ends there, its text the title. Items in `exclude` never enter a list."""
+                items: list[list[int]], longest: int, exclude: list[list[int]] | None = None):
+    """beam_search without the trie: each prompt's top-`beams` distinct titles (U, B) as positions in `items` (known by
+    their decoded titles; INVALID if none; -1 / -inf where fewer exist) and their scores, best first. A beam open after
+    `longest` tokens ends there, its text the title. Items in `exclude` never enter a list."""
     device, U = model.embed_tokens.weight.device, len(prompts)
+    titles = {tokenizer.decode(t).split(item_text(""))[0]: k for k, t in reversed(list(enumerate(items)))}
     group, first = (x.to(device) for x in ending_tokens(tokenizer, model.config.vocab_size))
     ends, banned = group >= 0, [set(ex) for ex in exclude or [[]] * U]
     prompt, logp = prompt_cache(model, prompts, pad_id)
@@ -355,8 +359,7 @@ def free_search(model: Decoder, prompts: list[list[int]], beams: int, pad_id: in
     pools, floor = [{} for _ in prompts], [-torch.inf] * U  # each user's titles; its `beams`-th best score
 
     def offer(owner: torch.Tensor, tokens: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """Finished beams join their user's titles, best first, until the user has taken `beams` distinct titles
-        this step (any later one has `beams` better ones ahead); returns the users' new floors."""
+        """Finished beams join their user's titles, best first, until it took `beams` distinct ones this step."""
         keep = scores > torch.tensor(floor, device=device)[owner]
         order = scores[keep].argsort(descending=True, stable=True)
         taken = [set() for _ in prompts]
@@ -395,12 +398,11 @@ def free_search(model: Decoder, prompts: list[list[int]], beams: int, pad_id: in
         written = torch.cat([written[parent], token.flatten()[order, None]], 1)
         cache = cache.select(parent)
         logp = torch.log_softmax(model.lm_head(model(written[:, -1:], kv_cache=cache, hidden=True)[:, -1]).float(), -1)
-    items, scores = torch.full((U, beams), -1), torch.full((U, beams), -torch.inf)
-    for u, pool in enumerate(pools):
-        best = sorted(pool.items(), key=lambda e: -e[1])
-        items[u, :len(best)] = torch.tensor([titles.get(t, INVALID) for t, _ in best], dtype=torch.long)
-        scores[u, :len(best)] = torch.tensor([s for _, s in best])
-    return items, scores
+    found, scores = torch.full((U, beams), -1), torch.full((U, beams), -torch.inf)
+    for u, pool in enumerate(pools):  # best first already
+        found[u, :len(pool)] = torch.tensor([titles.get(t, INVALID) for t in pool], dtype=torch.long)
+        scores[u, :len(pool)] = torch.tensor(list(pool.values()))
+    return found, scores
 
 
 @torch.no_grad()
@@ -502,13 +504,10 @@ def evaluate(model: Decoder, encoder: Encoder, ds: Dataset, key: str, *, split: 
              unconstrained: bool = False) -> dict:
     """Rank the whole catalogue of domain `key` for each evaluation user; the model and popularity side by side.
     Metrics at K = 5, 10, 20, and 50 when the ranking is deep enough (50 beams or exact). `progress` shows a bar with
-    ETA per batch of users (quiet when stderr is no terminal). `unconstrained`: beam search without the trie
-    (free_search), its titles matched to the catalogue; a title that is no item counts as a miss."""
+    ETA per batch of users (quiet when stderr is no terminal). `unconstrained`: free_search instead of beam_search."""
     ks = ks or (KS + (50,) if exact or beams >= 50 else KS)
     if split not in ("test", "valid"):
         raise UserError(f"--split {quote(split)}: expected test or valid")
-    if exact and unconstrained:
-        raise UserError("--unconstrained with --exact: exact scoring ranks catalogue items only; drop one")
     if beams < max(ks) and not exact:
         raise UserError(f"--beams {beams}: must be at least the largest K ({max(ks)})")
     cases = eval_cases(ds, key, {"test": 2, "valid": 1}[split], window)  # an unknown domain is refused here
@@ -543,11 +542,9 @@ def evaluate(model: Decoder, encoder: Encoder, ds: Dataset, key: str, *, split: 
             trie = build_trie(item_tokens, model.embed_tokens.weight.device)
             order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths share a batch: less padding
             search = partial(beam_search, model, trie=trie, beams=beams, pad_id=pad)
-            if unconstrained:  # each item's title as decoded (the first of equal ones), and the longest beam
-                titles = {encoder.tokenizer.decode(t).split(item_text(""))[0]: k for k, t in
-                          reversed(list(enumerate(item_tokens)))}
+            if unconstrained:
                 search = partial(free_search, model, beams=beams, pad_id=pad, tokenizer=encoder.tokenizer,
-                                 titles=titles, longest=trie.depth + MARGIN)
+                                 items=item_tokens, longest=trie.depth + MARGIN)
             step = batch_users or auto_batch_users(model, beams, max(map(len, prompts)),
                                                    trie.depth + MARGIN * unconstrained)
             for start in range(0, len(order), step):
@@ -559,10 +556,7 @@ def evaluate(model: Decoder, encoder: Encoder, ds: Dataset, key: str, *, split: 
                     dropped[r] = rank_in_list(it[it >= 0], sc[it >= 0], targets[r])
                 advance(len(rows), f"{(start + len(rows)) / (time.perf_counter() - began):.1f} users/s")
     ranker = "exact scoring of every item" if exact else f"trie-constrained beam search, {beams} beams"
-    if unconstrained:
-        ranker = (f"beam search without the trie, {beams} beams, each ending at the terminator or {MARGIN} tokens "
-                  "past the longest item; titles matched to the catalogue exactly, one that is no item a miss in "
-                  "'model', dropped in 'model_valid_only'")
+    ranker = FREE_RANKER.format(beams=beams, margin=MARGIN) if unconstrained else ranker
     return evaluation_result(ds, key, split, cases, ranks, tops, pop_ranks, ranker=ranker, mask_history=mask_history,
                              window=window, seconds=time.perf_counter() - began, beams=None if exact else beams, ks=ks,
                              dropped=dropped if unconstrained else None)
