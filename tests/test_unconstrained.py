@@ -10,9 +10,7 @@ import torch
 import eval as evaluation
 from data import Encoder
 from eval import INVALID, ending_tokens, evaluate, free_search
-from extras.init import init_weights
-from helpers import cli, ok, refused
-from infra.config import ModelConfig
+from helpers import cli, ok, random_decoder, refused
 from infra.tokenizer import Tokenizer
 from model import Decoder
 
@@ -30,12 +28,7 @@ class FakeTokenizer:
 
 @pytest.fixture(scope="module")
 def model():
-    config = ModelConfig(vocab_size=9, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, intermediate_size=64)
-    model = Decoder(config)
-    init_weights(model, seed=5)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8)  # scores that differ clearly
-    return model.eval()
+    return random_decoder(9, seed=5, sharpen=8)
 
 
 def test_ending_tokens_group_tokens_by_the_title_they_end():
