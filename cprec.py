@@ -174,8 +174,10 @@ def evaluate_command(o: Evaluate):
         raise UserError(f"--users {o.users}: expected 0 (all users) or a positive number")
     if o.window < 1:
         raise UserError(f"--window {o.window}: expected a positive number of history items")
-    out = evaluation_output(o.out, o.model, o.data, f"{o.domain}-{o.split}{'-exact' if o.exact else ''}", o.overwrite,
-                            o.config)
+    if o.exact and o.unconstrained:
+        raise UserError("--unconstrained with --exact: exact scoring ranks the catalogue's items only; drop one")
+    ranker = "-exact" if o.exact else "-unconstrained" if o.unconstrained else ""
+    out = evaluation_output(o.out, o.model, o.data, f"{o.domain}-{o.split}{ranker}", o.overwrite, o.config)
     rank, _, device = setup_distributed()  # under torchrun the processes share the users, rank 0 writes
     ds = open_dataset(o.data)
     ds.domain(o.domain)
@@ -185,7 +187,7 @@ def evaluate_command(o: Evaluate):
     with autocast(precision, device):
         result = evaluation.evaluate(net, encoder, ds, o.domain, split=o.split, beams=o.beams, exact=o.exact,
                                      users=o.users, seed=o.seed, mask_history=o.mask_history, window=o.window,
-                                     progress=o.progress)
+                                     progress=o.progress, unconstrained=o.unconstrained)
     if rank == 0:
         save_result(result, out, {"command": "evaluate", "model": str(o.model), "data_fingerprint": ds.fingerprint})
         show(result)
