@@ -46,9 +46,9 @@ from extras.world import open_dataset
 from infra.cli import main, positive, show, split_list
 from infra.config import DEFAULT_CPT
 from infra.console import say
-from infra.device import autocast, resolve_precision
+from infra.device import DTYPES, autocast, resolve_precision
 from infra.distributed import barrier, resolve_shard, setup_distributed
-from infra.files import UserError, quote, write_json
+from infra.files import UserError, quote, read_json, write_json
 from infra.runs import evaluation_output, open_run, save_result
 from infra.tokenizer import Tokenizer
 from model import Decoder
@@ -157,12 +157,12 @@ def finetune(o: Finetune):
                     resume=o.resume, base=str(start),
                     validate=lambda m: evaluation.evaluate(m, encoder, ds, o.domain, split="valid", users=o.val_users,
                                                            **options)["model"])
+    best = read_json(run / "best.json")  # every process tests best/ (its share of the users), rank 0 writes
+    say(f"testing the best checkpoint (step {best['step']}, validation NDCG@10 {best['ndcg@10']:.4f})")
+    model = Decoder.from_pretrained(run / "best", DTYPES[summary["precision"]], device)  # in the compute dtype
+    with autocast(summary["precision"], device):
+        result = evaluation.evaluate(model, encoder, ds, o.domain, split="test", users=o.test_users, **options)
     if rank == 0:
-        best = Decoder.from_pretrained(run / "best", device=device)
-        say(f"testing the best checkpoint (step {summary['best']['step']}, validation NDCG@10 "
-            f"{summary['best']['ndcg@10']:.4f})")
-        with autocast(summary["precision"], device):
-            result = evaluation.evaluate(best, encoder, ds, o.domain, split="test", users=o.test_users, **options)
         save_result(result, run / "results.json", {"config": config, "training": summary})
         show(result)
 
@@ -176,19 +176,23 @@ def evaluate_command(o: Evaluate):
         raise UserError(f"--users {o.users}: expected 0 (all users) or a positive number")
     if o.window < 1:
         raise UserError(f"--window {o.window}: expected a positive number of history items")
-    out = evaluation_output(o.out, o.model, o.data, f"{o.domain}-{o.split}{'-exact' if o.exact else ''}", o.overwrite,
-                            o.config)
-    _, _, device = setup_distributed()
+    if o.exact and o.unconstrained:
+        raise UserError("--unconstrained with --exact: exact scoring ranks the catalogue's items only; drop one")
+    ranker = "-exact" if o.exact else "-unconstrained" if o.unconstrained else ""
+    out = evaluation_output(o.out, o.model, o.data, f"{o.domain}-{o.split}{ranker}", o.overwrite, o.config)
+    rank, _, device = setup_distributed()  # under torchrun the processes share the users, rank 0 writes
     ds = open_dataset(o.data)
     ds.domain(o.domain)
-    net = Decoder.from_pretrained(o.model, device=device)
+    precision = resolve_precision(o.precision, device)
+    net = Decoder.from_pretrained(o.model, DTYPES[precision], device)  # in the compute dtype: bf16 on most GPUs
     encoder = Encoder(Tokenizer.from_pretrained(o.model))
-    with autocast(resolve_precision(o.precision, device), device):
+    with autocast(precision, device):
         result = evaluation.evaluate(net, encoder, ds, o.domain, split=o.split, beams=o.beams, exact=o.exact,
                                      users=o.users, seed=o.seed, mask_history=o.mask_history, window=o.window,
-                                     progress=o.progress)
-    save_result(result, out, {"command": "evaluate", "model": str(o.model), "data_fingerprint": ds.fingerprint})
-    show(result)
+                                     progress=o.progress, unconstrained=o.unconstrained)
+    if rank == 0:
+        save_result(result, out, {"command": "evaluate", "model": str(o.model), "data_fingerprint": ds.fingerprint})
+        show(result)
 
 
 app.command("align")(align.command)

@@ -7,6 +7,9 @@ not renormalised) over the item's tokens, terminator included:
     prompt at a time; `beam_search`, batched over users and beams with a KV cache, is the engine evaluation runs, an
     optimisation the tests prove equal to it;
   - exact scoring of every item for every user: the full ranking, which the beam search is also tested against.
+What the trie buys is measured by `free_search` (`evaluate --unconstrained`): the same beams and scores with every
+token allowed, its titles matched to the catalogue. Every result reports the share of top-K entries that are
+catalogue items (`valid`); the trie makes it 100%.
 Metrics, as RecBole and the peers define them: for 0-based rank r, Recall@K = [r < K], NDCG@K = [r < K] / log2(r + 2),
 MRR = 1/(r+1); ties count against the target.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -24,7 +28,9 @@ from infra.beyond import beyond_accuracy
 from infra.console import progress as progress_bar
 from infra.console import warn
 from infra.device import auto_batch_users
+from infra.distributed import deal, gather_rows, least, process
 from infra.files import UserError, quote
+from infra.tokenizer import Tokenizer
 from model import Decoder, KVCache
 
 KS = (5, 10, 20)
@@ -137,12 +143,42 @@ class PromptCache(KVCache):
 
 
 def prompt_cache(model: Decoder, prompts: list[list[int]], pad_id: int) -> tuple[KVCache, torch.Tensor]:
-    """Run left-padded prompts through the model; return their cache and next-token log-probabilities (U, V)."""
-    device = model.embed_tokens.weight.device
-    ids = torch.as_tensor(pad(prompts, pad_id, left=True), device=device)
-    mask = torch.as_tensor(pad([[1] * len(p) for p in prompts], 0, left=True), device=device)
-    cache = PromptCache(model.config, len(prompts), ids.shape[1], model.embed_tokens.weight.dtype, device)
-    hidden = model(ids, (mask.cumsum(-1) - 1).clamp(min=0), mask, cache, hidden=True)[:, -1]
+    """Run the prompts through the model; return their cache and next-token log-probabilities (U, V).
+
+    The cost is the tokens run, so none runs twice or for nothing. The template's header, which opens every prompt,
+    runs once and its keys are copied to every row. The rest runs in groups of similar length (a group's padding
+    under a quarter of its tokens). Each row of the cache reads [shared prefix | left padding | own tokens]: attention
+    skips the padding by the cache's `valid` mask, and positions go on from the prefix as in the prompt's own pass."""
+    c, device, dtype = model.config, model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
+    shared = 0
+    while len(prompts) > 1 and all(len(p) > shared + 1 and p[shared] == prompts[0][shared] for p in prompts):
+        shared += 1  # the longest common prefix that leaves every prompt a token of its own
+    rest = [p[shared:] for p in prompts]
+    width = max(map(len, rest))
+    cache = KVCache(c, len(prompts), shared + width, dtype, device)
+    cache.valid[:, :shared], cache.length = True, shared + width
+    head = PromptCache(c, 1, shared, dtype, device)
+    if shared:
+        model(torch.tensor([prompts[0][:shared]], device=device), kv_cache=head, hidden=True)
+        cache.k[:, :, :, :shared], cache.v[:, :, :, :shared] = head.k, head.v
+    groups, hidden = [[]], []
+    for row in sorted(range(len(rest)), key=lambda r: len(rest[r])):  # cut before padding passes 1/4 of the tokens
+        if len(rest[row]) * (len(groups[-1]) + 1) > 1.25 * sum(len(rest[r]) for r in groups[-1] + [row]):
+            groups.append([])
+        groups[-1].append(row)
+    for rows in groups:
+        ids = torch.as_tensor(pad([rest[r] for r in rows], pad_id, left=True), device=device)
+        mask = torch.as_tensor(pad([[1] * len(rest[r]) for r in rows], 0, left=True), device=device)
+        part = PromptCache(c, len(rows), shared + ids.shape[1], dtype, device)
+        part.k[:, :, :, :shared], part.v[:, :, :, :shared] = head.k, head.v
+        part.valid[:, :shared], part.length, part.next_pos[:] = True, shared, shared
+        hidden.append(model(ids, shared + (mask.cumsum(-1) - 1).clamp(min=0), mask, part, hidden=True)[:, -1])
+        at = torch.as_tensor(rows, device=device)
+        for whole, own in ((cache.k, part.k), (cache.v, part.v)):
+            whole[:, at, :, cache.length - ids.shape[1]:] = own[:, :, :, shared:]
+        cache.valid[at, cache.length - ids.shape[1]:], cache.next_pos[at] = part.valid[:, shared:], part.next_pos
+    order = torch.as_tensor([r for rows in groups for r in rows], device=device)
+    hidden = torch.cat(hidden)[torch.argsort(order)]
     return cache, torch.log_softmax(model.lm_head(hidden).float(), -1)
 
 
@@ -315,6 +351,91 @@ def search(model: Decoder, prompts: list[list[int]], trie: Trie, beams: int, pad
     return pool_item, pool_score
 
 
+# --------------------------------------------------------------------------------------------------- without the trie
+# `evaluate --unconstrained`: the same beams and scores with every token allowed next, to measure what the trie buys.
+# A beam ends at a token whose text holds the template's terminator (a tokenizer may merge it with what comes before,
+# as byte-level BPE's ".\n") or at EOS; its title, the decoded text before the terminator, is matched to the catalogue
+# exactly; a title that is none is INVALID. Beams that write the same title count once, with the best score.
+INVALID = -2
+MARGIN = 8  # a beam still open this many tokens past the longest item ends there
+FREE_RANKER = ("beam search without the trie, {beams} beams, each ending at the terminator or {margin} tokens past the "
+               "longest item; titles matched to the catalogue exactly, one that is no item a miss in 'model', dropped "
+               "in 'model_valid_only'")
+
+
+def ending_tokens(tokenizer: Tokenizer, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's group of ending tokens, by its text before the terminator (-1: it ends nothing; -2: past the
+    tokenizer's ids, never written), and a token of each group: within one beam a group's tokens write one title."""
+    group, heads, stop = torch.full((vocab,), -2), {}, item_text("")
+    for v in range(min(vocab, tokenizer.vocab_size)):
+        text = tokenizer.decode([v])
+        group[v] = heads.setdefault(text.split(stop)[0], v) if stop in text or v == tokenizer.eos_id else -1
+    first = torch.tensor(list(heads.values()), dtype=torch.long)  # each group's first token, ascending
+    return torch.where(group >= 0, torch.searchsorted(first, group), group), first
+
+
+@torch.no_grad()
+def free_search(model: Decoder, prompts: list[list[int]], beams: int, pad_id: int, tokenizer: Tokenizer,
+                items: list[list[int]], longest: int, exclude: list[list[int]] | None = None):
+    """beam_search without the trie: each prompt's top-`beams` distinct titles (U, B) as positions in `items` (known by
+    their decoded titles; INVALID if none; -1 / -inf where fewer exist) and their scores, best first. A beam open after
+    `longest` tokens ends there, its text the title. Items in `exclude` never enter a list."""
+    device, U = model.embed_tokens.weight.device, len(prompts)
+    titles = {tokenizer.decode(t).split(item_text(""))[0]: k for k, t in reversed(list(enumerate(items)))}
+    group, first = (x.to(device) for x in ending_tokens(tokenizer, model.config.vocab_size))
+    ends, banned = group >= 0, [set(ex) for ex in exclude or [[]] * U]
+    prompt, logp = prompt_cache(model, prompts, pad_id)
+    user, score = torch.arange(U, device=device), torch.zeros(U, device=device)
+    written, cache = torch.zeros(U, 0, dtype=torch.long, device=device), BeamCache(prompt, user, 0)
+    pools, floor = [{} for _ in prompts], [-torch.inf] * U  # each user's titles; its `beams`-th best score
+
+    def offer(owner: torch.Tensor, tokens: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Finished beams join their user's titles, best first, until it took `beams` distinct ones this step."""
+        keep = scores > torch.tensor(floor, device=device)[owner]
+        order = scores[keep].argsort(descending=True, stable=True)
+        taken = [set() for _ in prompts]
+        for u, text, s in zip(*(x[keep][order].tolist() for x in (owner, tokens, scores))):
+            if len(taken[u]) == beams:
+                continue
+            title = tokenizer.decode(text).split(item_text(""))[0]
+            if titles.get(title, INVALID) not in banned[u]:
+                taken[u].add(title)
+                pools[u][title] = max(pools[u].get(title, -torch.inf), s)
+        for u in {u for u, t in enumerate(taken) if t}:
+            pools[u] = dict(sorted(pools[u].items(), key=lambda e: -e[1])[:beams])
+            floor[u] = min(pools[u].values()) if len(pools[u]) == beams else -torch.inf
+        return torch.tensor(floor, device=device)
+
+    for step in range(longest):
+        cand = score[:, None] + logp
+        done = torch.full((len(user), len(first)), -torch.inf, device=device).scatter_reduce_(
+            1, group[ends].expand(len(user), -1), cand[:, ends], "amax")  # each beam's best token of each group
+        top, pick = done.topk(min(beams, len(first)), 1)
+        rows = torch.arange(len(user), device=device).repeat_interleave(top.shape[1])
+        bar = offer(user[rows], torch.cat([written[rows], first[pick].view(-1, 1)], 1), top.flatten())
+        top, token = cand.masked_fill(group != -1, -torch.inf).topk(min(beams, len(group)), 1)  # each row's best
+        owner, width = user.repeat_interleave(top.shape[1]), top.shape[1]  # open beams
+        if step == longest - 1:  # still open: the text so far is the title
+            offer(owner, torch.cat([written.repeat_interleave(width, 0), token.view(-1, 1)], 1), top.flatten())
+            break
+        order = top.flatten().argsort(descending=True, stable=True)
+        order = order[owner[order].argsort(stable=True)]  # grouped by user, best first
+        _, counts = torch.unique_consecutive(owner[order], return_counts=True)
+        rank = torch.arange(len(order), device=device) - (counts.cumsum(0) - counts).repeat_interleave(counts)
+        order = order[(rank < beams) & (top.flatten()[order] > bar[owner[order]])]
+        if not len(order):
+            break
+        user, score, parent = owner[order], top.flatten()[order], order // width
+        written = torch.cat([written[parent], token.flatten()[order, None]], 1)
+        cache = cache.select(parent)
+        logp = torch.log_softmax(model.lm_head(model(written[:, -1:], kv_cache=cache, hidden=True)[:, -1]).float(), -1)
+    found, scores = torch.full((U, beams), -1), torch.full((U, beams), -torch.inf)
+    for u, pool in enumerate(pools):  # best first already
+        found[u, :len(pool)] = torch.tensor([titles.get(t, INVALID) for t in pool], dtype=torch.long)
+        scores[u, :len(pool)] = torch.tensor(list(pool.values()))
+    return found, scores
+
+
 @torch.no_grad()
 def exact_scores(model: Decoder, prompt: list[int], items: list[list[int]], pad_id: int,
                  chunk: int | None = None) -> torch.Tensor:
@@ -410,10 +531,11 @@ def user_prompts(encoder: Encoder, ds: Dataset, histories, key: str) -> list[lis
 
 def evaluate(model: Decoder, encoder: Encoder, ds: Dataset, key: str, *, split: str = "test", beams: int = 20,
              exact: bool = False, users: int | None = None, seed: int = 0, mask_history: bool = False,
-             window: int = 20, batch_users: int | None = None, ks=None, progress: bool = False) -> dict:
+             window: int = 20, batch_users: int | None = None, ks=None, progress: bool = False,
+             unconstrained: bool = False) -> dict:
     """Rank the whole catalogue of domain `key` for each evaluation user; the model and popularity side by side.
     Metrics at K = 5, 10, 20, and 50 when the ranking is deep enough (50 beams or exact). `progress` shows a bar with
-    ETA per batch of users (quiet when stderr is no terminal)."""
+    ETA per batch of users (quiet when stderr is no terminal). `unconstrained`: free_search instead of beam_search."""
     ks = ks or (KS + (50,) if exact or beams >= 50 else KS)
     if split not in ("test", "valid"):
         raise UserError(f"--split {quote(split)}: expected test or valid")
@@ -423,8 +545,7 @@ def evaluate(model: Decoder, encoder: Encoder, ds: Dataset, key: str, *, split: 
     cases = sample(cases, users, seed)
     if not cases:
         raise UserError(f"domain {quote(key)} has no {split} cases (users need 3+ interactions there)")
-    catalogue = ds.catalogue(key)
-    position = {item: k for k, item in enumerate(catalogue)}
+    position = {item: k for k, item in enumerate(ds.catalogue(key))}
     item_tokens = catalogue_tokens(encoder, ds, key)
     targets = [position[c.target] for c in cases]
     excluded = [[position[i] for i in c.history] if mask_history else [] for c in cases]
@@ -434,40 +555,80 @@ def evaluate(model: Decoder, encoder: Encoder, ds: Dataset, key: str, *, split: 
     pop_ranks = [rank_in_scores(counts, t, ex) for t, ex in zip(targets, excluded)]
     began = time.perf_counter()
     model.eval()
-    ranks, tops = [0.0] * len(cases), [None] * len(cases)
-    with progress_bar(len(cases), f"evaluate {key} {split}", progress) as advance:
-        if exact:
-            for k, (prompt, t, ex) in enumerate(zip(prompts, targets, excluded)):
-                scores = exact_scores(model, prompt, item_tokens, pad).cpu().numpy()
-                ranks[k] = rank_in_scores(scores, t, ex)
-                scores[ex] = -np.inf
-                tops[k] = np.argsort(-scores, kind="stable")[:beams]
-                advance(1, f"{(k + 1) / (time.perf_counter() - began):.1f} users/s")
-                if k == 0 and (total := (time.perf_counter() - began) * len(cases)) > 600:
+    ranks, tops, dropped = [0.0] * len(cases), [None] * len(cases), [0.0] * len(cases)
+    if exact:
+        batches = [[k] for k in range(len(cases))]  # one user at a time
+    else:
+        trie = build_trie(item_tokens, model.embed_tokens.weight.device)
+        search = (partial(free_search, model, beams=beams, pad_id=pad, tokenizer=encoder.tokenizer, items=item_tokens,
+                          longest=trie.depth + MARGIN) if unconstrained else
+                  partial(beam_search, model, trie=trie, beams=beams, pad_id=pad))
+        order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths share a batch: less padding
+        # Every process must cut the same batches: the smallest automatic size of any process's free memory.
+        step = batch_users or least(auto_batch_users(model, beams, max(map(len, prompts)),
+                                                     trie.depth + MARGIN * unconstrained), trie.item.device)
+        batches = [order[start:start + step] for start in range(0, len(order), step)]
+    batches, rank, done = my_batches(batches, prompts), process()[0], 0  # under torchrun, this process's share
+    with progress_bar(sum(map(len, batches)), f"evaluate {key} {split}", progress and rank == 0) as advance:
+        for rows in batches:
+            if exact:
+                (k,) = rows
+                ranks[k], tops[k] = exact_ranking(model, prompts[k], item_tokens, pad, targets[k], excluded[k], beams)
+                if done == 0 and (total := (time.perf_counter() - began) * len(cases)) > 600:
                     warn(f"--exact: {total / len(cases):.1f} s per user for {len(item_tokens):,} items, about "
                          f"{total / 3600:.1f} h for {len(cases):,} users; beam search ranks the top-{beams} far "
-                         "faster (Ctrl-C to stop)")
-        else:
-            trie = build_trie(item_tokens, model.embed_tokens.weight.device)
-            order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths share a batch: less padding
-            step = batch_users or auto_batch_users(model, beams, max(map(len, prompts)), trie.depth)
-            for start in range(0, len(order), step):
-                rows = order[start:start + step]
-                batch_prompts = [prompts[r] for r in rows]
-                items, scores = beam_search(model, batch_prompts, trie, beams, pad, [excluded[r] for r in rows])
+                         "faster (Ctrl-C to stop)", rank)
+            else:
+                items, scores = search([prompts[r] for r in rows], exclude=[excluded[r] for r in rows])
                 for r, it, sc in zip(rows, items.cpu().numpy(), scores.cpu().numpy()):
-                    ranks[r], tops[r] = rank_in_list(it, sc, targets[r]), it[it >= 0]
-                advance(len(rows), f"{(start + len(rows)) / (time.perf_counter() - began):.1f} users/s")
+                    ranks[r], tops[r] = rank_in_list(it, sc, targets[r]), it[it != -1]  # INVALID entries stay
+                    dropped[r] = rank_in_list(it[it >= 0], sc[it >= 0], targets[r])
+            done += len(rows)
+            advance(len(rows), f"{done / (time.perf_counter() - began):.1f} users/s")
+    ranks, tops, dropped = gathered(batches, ranks, tops, dropped)
     ranker = "exact scoring of every item" if exact else f"trie-constrained beam search, {beams} beams"
+    ranker = FREE_RANKER.format(beams=beams, margin=MARGIN) if unconstrained else ranker
     return evaluation_result(ds, key, split, cases, ranks, tops, pop_ranks, ranker=ranker, mask_history=mask_history,
-                             window=window, seconds=time.perf_counter() - began, beams=None if exact else beams, ks=ks)
+                             window=window, seconds=time.perf_counter() - began, beams=None if exact else beams, ks=ks,
+                             dropped=dropped if unconstrained else None)
+
+
+def exact_ranking(model: Decoder, prompt: list[int], items: list[list[int]], pad_id: int, target: int,
+                  excluded: list[int], beams: int) -> tuple[float, np.ndarray]:
+    """--exact for one user: every item scored exactly; the target's rank and the top `beams` allowed items."""
+    scores = exact_scores(model, prompt, items, pad_id).cpu().numpy()
+    rank = rank_in_scores(scores, target, excluded)
+    scores[excluded] = -np.inf
+    return rank, np.argsort(-scores, kind="stable")[:beams]
+
+
+def my_batches(batches: list, prompts: list[list[int]]) -> list:
+    """This process's share of evaluation's batches: all of them on one process; under torchrun whole batches, dealt
+    by cost (users x the longest prompt, the padded prompt tokens), so that every process runs exactly the batches one
+    process would (which prompts share a batch moves scores in the last digits) and the results equal one process's."""
+    rank, world = process()
+    costs = [len(rows) * max(len(prompts[r]) for r in rows) for rows in batches]
+    return [batches[b] for b in deal(costs, world)[rank]]
+
+
+def gathered(batches: list, *columns: list) -> list[list]:
+    """Every process's per-user results (ranks, top lists, ...), in the users' order, on every process (each held
+    its own users' rows of each column)."""
+    rows = gather_rows({int(r): tuple(column[r] for column in columns) for rows in batches for r in rows})
+    return [[rows[r][c] for r in range(len(column))] for c, column in enumerate(columns)]
 
 
 def evaluation_result(ds: Dataset, key: str, split: str, cases: list[Case], ranks, tops, pop_ranks, *, ranker: str,
-                      mask_history: bool, window: int, seconds: float, beams: int | None = None, ks=KS) -> dict:
+                      mask_history: bool, window: int, seconds: float, beams: int | None = None, ks=KS,
+                      dropped=None) -> dict:
     """The one result of a full-ranking evaluation (the LLM's and the ID baseline's): its protocol in words, the
-    model's and popularity's metrics, and each user's rank and top-10 (catalogue positions in `tops`)."""
+    model's and popularity's metrics, and each user's rank and top-10 (catalogue positions in `tops`, INVALID for a
+    generated title that is no item). `valid`: the share of top-K entries that are catalogue items, 1 for a ranking of
+    the catalogue (the trie's, exact scoring's, the baseline's); `dropped`: the ranks with INVALID entries removed."""
     catalogue = ds.catalogue(key)
+    tops = [np.asarray(top) for top in tops]
+    shown = {k: [top[:k] for top in tops] for k in ks}
+    valid = {f"@{k}": sum(int((t >= 0).sum()) for t in shown[k]) / max(1, sum(map(len, shown[k]))) for k in ks}
     protocol = (f"full ranking over all {len(catalogue)} items of {ds.domain(key).name} ({key}); {ranker}; history "
                 f"masking {'on' if mask_history else 'off'}; {split} split (chronological leave-one-out); {len(cases)} "
                 f"users; history window {window}; ties pessimistic; popularity from training interactions"
@@ -475,10 +636,11 @@ def evaluation_result(ds: Dataset, key: str, split: str, cases: list[Case], rank
     return {
         "protocol": protocol, "domain": key, "split": split, "users": len(cases), "items": len(catalogue),
         "beams": beams, "exact": beams is None, "mask_history": mask_history,
-        "model": metrics(ranks, ks), "popularity": metrics(pop_ranks, ks),
-        "top10": beyond_accuracy(popularity(ds, key), tops),
+        "model": metrics(ranks, ks), "popularity": metrics(pop_ranks, ks), "valid": valid,
+        **({} if dropped is None else {"model_valid_only": metrics(dropped, ks)}),
+        "top10": beyond_accuracy(popularity(ds, key), [top[top >= 0] for top in tops]),
         "seconds": seconds, "users_per_s": len(cases) / seconds,
         "per_user": [{"user": ds.user_ids[c.user], "target": ds.item_ids[c.target],
                       "rank": None if np.isinf(r) else int(r), "popularity_rank": int(p),
-                      "top10": [ds.item_ids[catalogue[i]] for i in top[:10]]}
+                      "top10": [ds.item_ids[catalogue[i]] if i >= 0 else None for i in top[:10]]}
                      for c, r, p, top in zip(cases, ranks, pop_ranks, tops)]}

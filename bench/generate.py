@@ -5,6 +5,7 @@ precision and threads. Both rankings are then scored again by the exact scorer a
 ranking (every item scored exactly) on a few users."""
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from data import TEST, Encoder, eval_cases, pad
 from extras.init import tokenizer_corpus
 from extras.world import WorldConfig, open_dataset, write_world
 from infra.config import DEFAULT_DATA, SMALL
-from infra.device import autocast, resolve_precision
+from infra.device import autocast, peak_flops, resolve_precision
 from infra.files import UserError
 from infra.tokenizer import Tokenizer
 from model import Decoder
@@ -101,6 +102,30 @@ def generate_rank(hf: torch.nn.Module, prompts: list[list[int]], items: list[lis
     return tops, scores, seconds
 
 
+# --------------------------------------------------------------------------------------------------- the work
+@contextlib.contextmanager
+def counting(model: torch.nn.Module, config):
+    """Count the matmul FLOPs a ranker spends: every token through the embedding runs the decoder's body (2 FLOPs a
+    weight), every row through the output layer runs the vocabulary projection; attention scores are left out (a few
+    percent at these lengths), and ours is counted high by its prompt pass's last layer, which finishes only the
+    last position. The same hooks on ours and on transformers' model: what each search computes."""
+    body = config.n_params - config.vocab_size * config.dim * (1 if config.tie_embeddings else 2) - config.dim
+    count = {"flops": 0.0}
+    ours = isinstance(model, Decoder)
+    embed = model.embed_tokens if ours else model.get_input_embeddings()
+    head = model.lm_head if ours else model.get_output_embeddings()
+
+    def add(flops: float):
+        count["flops"] += flops
+    hooks = [embed.register_forward_hook(lambda m, args, out: add(2 * body * args[0].numel())),
+             head.register_forward_hook(lambda m, args, out: add(2 * m.weight.numel() * args[0][..., 0].numel()))]
+    try:
+        yield count
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 # --------------------------------------------------------------------------------------------------- one model
 def compare(name: str, path: Path, ds, users: int, precision: str, o: Options) -> list[dict]:
     """Ours and generate at each batch size on `users` test users of `path`, then the exact scores and the
@@ -114,7 +139,8 @@ def compare(name: str, path: Path, ds, users: int, precision: str, o: Options) -
     items, pad_id = catalogue_tokens(encoder, ds, KEY), encoder.tokenizer.pad_id
     with autocast(precision, torch.device(o.device)):
         evaluate(model, encoder, ds, KEY, beams=o.beams, users=1, seed=o.seed)  # warm-up: thread pools, oneDNN
-        ours = evaluate(model, encoder, ds, KEY, beams=o.beams, users=users, seed=o.seed)
+        with counting(model, model.config) as work:
+            ours = evaluate(model, encoder, ds, KEY, beams=o.beams, users=users, seed=o.seed)
         # generate ranks the very users evaluate ranked, in its order, from the same prompts
         by_user = {ds.user_ids[c.user]: c for c in eval_cases(ds, KEY, TEST)}
         cases = [by_user[r["user"]] for r in ours["per_user"]]
@@ -123,8 +149,11 @@ def compare(name: str, path: Path, ds, users: int, precision: str, o: Options) -
         generate_rank(hf, prompts[:1], items, o.beams, pad_id, 1)  # warm-up
         ranked = {OURS: ([[position[i] for i in r["top10"]] for r in ours["per_user"]], None,
                                            ours["seconds"])}
+        flops = {OURS: work["flops"]}
         for batch in HF_BATCHES:
-            ranked[f"generate, batch {batch}"] = generate_rank(hf, prompts, items, o.beams, pad_id, batch)
+            with counting(hf, model.config) as work:
+                ranked[f"generate, batch {batch}"] = generate_rank(hf, prompts, items, o.beams, pad_id, batch)
+            flops[f"generate, batch {batch}"] = work["flops"]
         # Every list's top-10 scored again by the exact scorer, once per user over their union.
         exact = []
         for u, prompt in enumerate(prompts):
@@ -146,6 +175,7 @@ def compare(name: str, path: Path, ds, users: int, precision: str, o: Options) -
     for ranker, (tops, scores, seconds) in ranked.items():
         chosen_tops = [(tops[u], exhaustive[user]) for u, user in enumerate(user_ids) if user in exhaustive]
         row = dict(common, ranker=ranker, users=len(prompts), users_per_s=len(prompts) / seconds,
+                   gflop_per_user=flops[ranker] / len(prompts) / 1e9, gflops=flops[ranker] / seconds / 1e9,
                    top10_logp=float(np.mean([s / max(len(t[:10]), 1) for s, t in zip(sums[ranker], tops)])),
                    exhaustive_users=len(chosen_tops),
                    exhaustive_same=float(np.mean([t[:10] == e for t, e in chosen_tops])),
@@ -199,8 +229,10 @@ def bench_generate(o: Options) -> list[dict]:
                           "../shared/tools/smollm2, or --llm)")
         else:
             models.append((o.llm.name, o.llm, o.generate_llm_users))
+        peak = peak_flops(torch.device(o.device), precision)
         console.print(f"generate: {data}, domain {KEY}, {o.beams} beams, {precision}, {o.threads} threads; the "
-                      f"exhaustive ranking of {o.generate_exact_users} of the users")
+                      f"exhaustive ranking of {o.generate_exact_users} of the users; matmul peak {peak / 1e9:.0f} "
+                      "GFLOP/s (infra.device.peak_flops)")
         for name, path, users in models:
-            rows += compare(name, path, ds, users, precision, o)
+            rows += [dict(row, peak_gflops=peak / 1e9) for row in compare(name, path, ds, users, precision, o)]
     return rows

@@ -59,7 +59,7 @@ from infra.cache import load_checked, save_checked
 from infra.cli import OVERWRITE, PRECISION, PROGRESS, RESUME, TRACKER, positive, show
 from infra.config import DEFAULT_DATA, INIT_MARKER
 from infra.console import say, warn
-from infra.device import autocast, resolve_precision
+from infra.device import DTYPES, autocast, resolve_precision
 from infra.distributed import agreed, setup_distributed
 from infra.files import UserError, quote, read_json
 from infra.runs import open_run, save_result
@@ -355,11 +355,11 @@ def command(o: Align):
                     device=device, rank=rank, world=world, resume=o.resume, base=str(start),
                     validate=lambda m: evaluation.evaluate(m, encoder, ds, o.domain, split="valid", users=o.val_users,
                                                            **options)["model"])
+    best = Decoder.from_pretrained(run / "best", DTYPES[precision], device)  # every process tests its share of users
+    with autocast(precision, device):
+        result = evaluation.evaluate(best, encoder, ds, o.domain, split="test", users=o.test_users, **options)
+        after = held_out_loglik(best, encoder, ds, o.domain, o.test_users, o.seed, cfg.window) if rank == 0 else None
     if rank == 0:
-        best = Decoder.from_pretrained(run / "best", device=device)
-        with autocast(precision, device):
-            result = evaluation.evaluate(best, encoder, ds, o.domain, split="test", users=o.test_users, **options)
-            after = held_out_loglik(best, encoder, ds, o.domain, o.test_users, o.seed, cfg.window)
         result["held_out_loglik"] = {"before": before, "after": after}
         save_result(result, run / "results.json", {"config": config, "training": summary})
         show(result)

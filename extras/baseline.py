@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from data import IGNORE, TEST, VALID, Dataset, eval_cases, length_buckets, pad, sample, train_sequences
-from eval import evaluation_result, metrics, popularity, rank_in_scores
+from eval import KS, evaluation_result, metrics, popularity, rank_in_scores
 from extras.init import init_weights
 from extras.options import CONFIG, option, recipe, run_config, train_config
 from extras.world import open_dataset
@@ -219,7 +219,7 @@ def ranked_cases(model: SASRec, ds: Dataset, key: str, cfg: BaselineConfig, spli
 def evaluate(model: SASRec, ds: Dataset, key: str, cfg: BaselineConfig, split: str = "test", users: int = 0) -> dict:
     """Full-ranking evaluation, the same result as eval.evaluate's (eval.evaluation_result)."""
     began = time.perf_counter()
-    cases, ranks, tops = ranked_cases(model, ds, key, cfg, split, users)
+    cases, ranks, tops = ranked_cases(model, ds, key, cfg, split, users, top=max(KS))  # the top-K of every K
     position = catalogue_positions(ds, ds.catalogue(key))
     counts = popularity(ds, key)
     pop_ranks = np.concatenate([rank_in_scores(np.broadcast_to(counts, (len(some), len(counts))),

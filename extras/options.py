@@ -354,6 +354,7 @@ class Evaluate:
     split: str = option("test", "test or valid.")
     beams: int = option(20, "Beam width (>= the largest K, 20).")
     exact: bool = option(False, "Score every item exactly instead of beam search.")
+    unconstrained: bool = option(False, "Beam search without the item trie: how many generated titles are no item.")
     users: int = option(0, "Evaluate a seeded random subset of users (0 = all).")
     mask_history: bool = option(False, "Exclude items already in the history.")
     window: int = option(20, "History items in a prompt.")

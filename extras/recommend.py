@@ -29,7 +29,7 @@ from infra.cli import PRECISION, PROGRESS, console
 from infra.config import DEFAULT_DATA
 from infra.console import progress as progress_bar
 from infra.console import say
-from infra.device import autocast, resolve_precision
+from infra.device import DTYPES, autocast, resolve_precision
 from infra.distributed import setup_distributed
 from infra.files import UserError, own_output, quote, temporary_file
 from infra.tokenizer import Tokenizer
@@ -64,7 +64,8 @@ class Recommender:
     @classmethod
     def load(cls, model_dir: str | Path, data_dir: str | Path, *, device: str | torch.device = "cpu",
              window: int = 20, beams: int = BEAMS, precision: str = "fp32") -> Recommender:
-        model = Decoder.from_pretrained(model_dir, device=torch.device(device))
+        device = torch.device(device)
+        model = Decoder.from_pretrained(model_dir, DTYPES[resolve_precision(precision, device)], device)
         return cls(model, Encoder(Tokenizer.from_pretrained(model_dir)), load_dataset(data_dir), window=window,
                    beams=beams, precision=precision)
 
@@ -294,8 +295,9 @@ def command(model: Path = typer.Option(..., help="Checkpoint: fine-tuned, or CPT
     _, _, device = setup_distributed()
     ds = load_dataset(data)
     ds.domain(domain)
-    rec = Recommender(Decoder.from_pretrained(model, device=device), Encoder(Tokenizer.from_pretrained(model)), ds,
-                      window=window, beams=beams, precision=precision)
+    net = Decoder.from_pretrained(model, DTYPES[resolve_precision(precision, device)], device)  # the compute dtype
+    rec = Recommender(net, Encoder(Tokenizer.from_pretrained(model)), ds, window=window, beams=beams,
+                      precision=precision)
     if input_file is not None:
         output_file.parent.mkdir(parents=True, exist_ok=True)
         stats = recommend_file(rec, input_file, output_file, domain, k, exclude_history, batch_size, progress)

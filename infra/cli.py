@@ -48,9 +48,13 @@ def show(result: dict) -> None:
     """An evaluation result as a table (the model beside popularity) and its protocol line."""
     keys = [k for k in result["model"] if k != "mrr"] + ["mrr"]
     table = Table("ranker", *[k.replace("recall", "R").replace("ndcg", "N").upper() for k in keys])
-    for name in ("model", "popularity"):
-        table.add_row(name, *[f"{result[name][k]:.4f}" for k in keys])
+    for name, label in (("model", "model"), ("model_valid_only", "valid only"), ("popularity", "popularity")):
+        if name in result:  # valid only: the model's list with generated titles that are no item dropped
+            table.add_row(label, *[f"{result[name][k]:.4f}" for k in keys])
     console.print(table)
+    if "valid" in result:
+        console.print("catalogue items among the top-K: " + ", ".join(f"{share:.1%} {at}" for at, share in
+                                                                      result["valid"].items()), highlight=False)
     console.print(f"protocol: {result['protocol']}", highlight=False, soft_wrap=True)
     if "top10" in result:
         console.print(f"top-10: {result['top10']['coverage']:.1%} of the catalogue recommended to someone, mean "

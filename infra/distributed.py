@@ -47,6 +47,41 @@ def barrier() -> None:
         dist.barrier()
 
 
+def process() -> tuple[int, int]:
+    """(this process's rank, the number of processes): (0, 1) without a process group."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def deal(costs: list[float], world: int) -> list[list[int]]:
+    """Jobs of these costs dealt to `world` processes, whole: the costliest first, each to the least loaded process
+    (ties: the lower rank), so the largest load is within one job of the best split (Graham's LPT rule). The same
+    deal on every process (no randomness, no communication); each hand in the jobs' order."""
+    loads, hands = [0.0] * world, [[] for _ in range(world)]
+    for job in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
+        least = min(range(world), key=lambda r: (loads[r], r))
+        hands[least].append(job)
+        loads[least] += costs[job]
+    return [sorted(hand) for hand in hands]
+
+
+def gather_rows(rows: dict[int, object]) -> dict[int, object]:
+    """Every process's {row: result} merged, on every process (all_gather_object pickles: gloo and NCCL alike), so
+    that each holds the whole result and decides alike; one process's own rows as they are."""
+    if process()[1] == 1:
+        return rows
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, rows)
+    return {row: result for part in parts for row, result in part.items()}
+
+
+def least(value: int, device: torch.device) -> int:
+    """The smallest `value` over the processes (a setting every process must share, such as a batch size)."""
+    x = torch.tensor(value, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MIN)
+    return int(x)
+
+
 def resolve_shard(shard: str, world: int) -> str:
     """none, ddp or fsdp: auto is DDP on several processes, and DDP over one process is plain training."""
     if shard not in ("auto", "none", "ddp", "fsdp"):
@@ -165,20 +200,21 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
     return norm.item()
 
 
-def consolidate(model: nn.Module, rank: int) -> nn.Module | None:
-    """The whole sharded model as a plain copy on rank 0's CPU (None on the others), in the dtypes it trains in (fp32
-    masters; LoRA's frozen base in its compute dtype), built as `model.blank()`. Every process takes part; the tensors
-    are gathered one at a time, so rank 0 holds about one copy of the weights besides its shards."""
-    tied = model.config.tie_embeddings
+def consolidate(model: nn.Module, rank: int, dtype: torch.dtype | None = None) -> nn.Module | None:
+    """The whole sharded model as a plain copy built as `model.blank()`: on rank 0's CPU (None on the others) in the
+    dtypes it trains in (fp32 masters; LoRA's frozen base in its compute dtype), or with a `dtype`, in it on every
+    process's own device (evaluation's copies). Every process takes part; the tensors are gathered one at a time, so a
+    process holds about one copy besides its shards."""
+    tied, everywhere = model.config.tie_embeddings, dtype is not None
     full = {}
     for name, tensor in model.state_dict().items():
         if tied and name == "lm_head.weight":
             continue  # the embedding, again
-        whole = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-        if rank == 0:
-            full[name] = whole.detach().to("cpu")
+        whole = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # an all-gather: every process has it
+        if everywhere or rank == 0:
+            full[name] = whole.detach().to(dtype) if everywhere else whole.detach().to("cpu")
         del whole
-    if rank != 0:
+    if not (everywhere or rank == 0):
         return None
     copy = model.blank()
     copy.load_state_dict(full, strict=not tied, assign=True)

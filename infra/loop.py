@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from infra.console import progress, warn
-from infra.device import autocast, peak_memory_gb
+from infra.device import DTYPES, autocast, peak_memory_gb
 from infra.distributed import (
     agreed,
     barrier,
@@ -128,8 +128,9 @@ def diverged(records: list[dict], factor: float, window: int = 10) -> str:
 # --------------------------------------------------------------------------------------------------- validation
 @dataclass
 class Validator:
-    """Validation on rank 0 (of a full copy gathered under FSDP), best/ and best.json for the best `select` so far,
-    and early stopping once `patience` validations in a row brought no better one (0: never)."""
+    """Validation on every process (an evaluation spreads its users over them; under FSDP each validates a whole
+    copy gathered in the compute dtype), best/ and best.json for the best `select` so far, decided and written by
+    rank 0, and early stopping once `patience` validations in a row brought no better one (0: never)."""
     run: Path
     model: nn.Module
     validate: Callable[[nn.Module], dict] | None  # the model's validation figures; None: no validation
@@ -145,21 +146,28 @@ class Validator:
         self.best = read_json(self.run / "best.json") if (self.run / "best.json").exists() else None  # on --resume
 
     def __call__(self, at: int, log: Log) -> None:
-        """Validate after step `at`, keep best/, then log; every process takes part (FSDP's gather, the barrier)."""
+        """Validate after step `at`, keep best/, then log; every process takes part (the evaluation, FSDP's gathers,
+        the barrier). A process that fails ends, and torchrun ends the others: none waits for it forever."""
         model, select = self.model, self.select
-        copy = consolidate(model, self.rank) if self.shard == "fsdp" and self.validate is not None else model
-        if self.rank == 0 and self.validate is not None:
+        if self.validate is not None:
             began = time.perf_counter()
-            copy.to(self.device).eval()
+            fsdp = self.shard == "fsdp"  # beam search's data-dependent forwards cannot run in FSDP's lockstep
+            copy = consolidate(model, self.rank, DTYPES[self.precision]) if fsdp else model
+            copy.eval()
             with torch.no_grad(), autocast(self.precision, self.device):
                 result = self.validate(copy)
-            copy.train()
-            if select and (self.best is None or result[select] > self.best[select]):
-                self.best = {"step": at, select: result[select]}
-                self.save(copy, self.run / "best")
-                write_json(self.run / "best.json", self.best)
+            model.train()
+            del copy
+            better = select and (self.best is None or result[select] > self.best[select])
+            if agreed(self.rank == 0 and bool(better), self.device):  # rank 0 decides, every process follows
+                full = consolidate(model, self.rank) if fsdp else model  # best/ from the fp32 weights, as final/
+                if self.rank == 0:
+                    self.best = {"step": at, select: result[select]}
+                    self.save(full, self.run / "best")
+                    write_json(self.run / "best.json", self.best)
             # Logged after best/ is written: a logged validation has its best/ on disk.
-            log.write({"step": at, "validation": result, "seconds": round(time.perf_counter() - began, 4)})
+            if self.rank == 0:
+                log.write({"step": at, "validation": result, "seconds": round(time.perf_counter() - began, 4)})
         barrier()
 
     def patience_spent(self, log: Log) -> bool:

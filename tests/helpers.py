@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from data import Blocks, Encoder, cpt_stream, load_dataset
+from extras.init import init_weights
 from infra.config import ModelConfig
 from infra.distributed import Supervised
 from infra.runs import open_run
@@ -37,6 +38,18 @@ QWEN2 = dict(vocab_size=96, hidden_size=56, intermediate_size=80, num_hidden_lay
              num_key_value_heads=1, rms_norm_eps=1e-6, max_position_embeddings=128)
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16, "rope_theta": 500000.0}
+
+
+def random_decoder(vocab_size: int, seed: int, sharpen: float) -> Decoder:
+    """A tiny random decoder whose next-token distribution is peaked (lm_head times `sharpen`), so scores differ
+    clearly: the model of the beam-search tests."""
+    config = ModelConfig(vocab_size=vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                         intermediate_size=64)
+    model = Decoder(config)
+    init_weights(model, seed=seed)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(sharpen)
+    return model.eval()
 
 
 # --------------------------------------------------------------------------------------------------- the CLI

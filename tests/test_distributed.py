@@ -12,14 +12,16 @@ import torch
 from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 
-from data import load_dataset
+from data import Encoder, load_dataset
+from eval import evaluate, my_batches
 from extras.init import create_model, tokenizer_corpus
 from extras.options import LoRA
-from helpers import ROOT, TINY, StopAt, cli, config, cpt_setup, launch, ok, step_gradients
+from helpers import ROOT, TINY, StopAt, cli, config, cpt_setup, launch, ok, read_records, step_gradients
 from infra.config import ModelConfig
 from infra.device import memory_estimate
-from infra.distributed import checkpoint_layers, end_distributed, setup_distributed
+from infra.distributed import checkpoint_layers, deal, end_distributed, setup_distributed
 from infra.runs import Interrupted, open_run
+from infra.tokenizer import Tokenizer
 from model import Decoder
 from train import train
 
@@ -53,12 +55,42 @@ def score(model: Decoder) -> dict:
     return {"score": -sum(float(p.double().square().sum()) for p in model.parameters()) % 1.0}
 
 
+# Sharded evaluation: few users and 5 beams (K = 5), in batches of 2 users whose prompts differ in length, so that
+# several batches of different costs are dealt; seconds on a tiny model.
+SHARED = dict(beams=5, ks=(5,), batch_users=2)
+
+
+def evaluation(data_path, model, exact=False, users=6) -> dict:
+    net, encoder = Decoder.from_pretrained(model), Encoder(Tokenizer.from_pretrained(model))
+    return evaluate(net, encoder, load_dataset(data_path), "games", split="valid", exact=exact, users=users, **SHARED)
+
+
+def validated_run(data_path, model, out, shard="none", rank=0, world=1, device="cpu"):
+    """Two steps at learning rate 0 (the weights stay the model's on any process count), each validated by sharded
+    evaluation: its figures, best.json and best/ must equal one process's exactly."""
+    blocks, tokenizer = cpt_setup(data_path, model)
+    run_dir = open_run(out, {"test": 1}, resume=False, overwrite=False, rank=rank)
+    ds, encoder = load_dataset(data_path), Encoder(tokenizer)
+    validate = lambda m: evaluate(m, encoder, ds, "games", split="valid", users=6, **SHARED)["model"]  # noqa: E731
+    cfg = config(steps=2, accum=4, lr=0.0, shard=shard, eval_every=1, select="ndcg@5")
+    train(Decoder.from_pretrained(model), blocks, cfg, run_dir, tokenizer=tokenizer, device=torch.device(device),
+          rank=rank, world=world, validate=validate)
+
+
 def worker(spec: str) -> None:
     import train as train_module  # without the peak-FLOP/s probe (a 2048³ matmul per process; MFU is not tested)
     train_module.peak_flops = lambda device, precision, remeasure=False: 1e12
     rank, world, device = setup_distributed()
     for job in json.loads(Path(spec).read_text()):
-        run(**job, rank=rank, world=world, device=str(device))
+        kind = job.pop("kind", "")
+        if kind == "evaluate":  # every process writes the whole result it holds
+            Path(f"{job.pop('out')}-rank{rank}.json").write_text(json.dumps(evaluation(**job)))
+        elif kind == "command":  # the last job: a command ends the process group
+            ok(cli(*job["args"]))
+        elif "validated" in job and job.pop("validated"):
+            validated_run(**job, rank=rank, world=world, device=str(device))
+        else:
+            run(**job, rank=rank, world=world, device=str(device))
 
 
 def test_activation_checkpointing_gives_the_same_gradients_and_keeps_less(world, tiny_model):
@@ -86,7 +118,7 @@ def test_activation_checkpointing_gives_the_same_gradients_and_keeps_less(world,
 def runs(world, tiny_model, tmp_path_factory):
     """Every run of the tests below, in two launches: the references on one process without sharding (in-process),
     then FSDP on 2 processes (tied; untied with activation checkpointing; stopped at step 3 and resumed; stopped at
-    step 5), then the last resumed on 1 process."""
+    step 5; then the sharded evaluations' jobs), then the last resumed on 1 process."""
     out = tmp_path_factory.mktemp("fsdp")
     untied = out / "untied-model"
     create_model(tokenizer_corpus(load_dataset(world)), untied, ModelConfig(**{**vars(TINY), "tie_embeddings": False}))
@@ -102,7 +134,8 @@ def runs(world, tiny_model, tmp_path_factory):
             dict(common, out=str(out / "cut21"), stop=5),
             dict(common, out=str(out / "lora"), lora=4, stop=3),
             dict(common, out=str(out / "lora"), lora=4, resume=True),
-            dict(common, out=str(out / "lora-bf16"), lora=4, precision="bf16", ac=True)]
+            dict(common, out=str(out / "lora-bf16"), lora=4, precision="bf16", ac=True),
+            *sharded_evaluation_jobs(world, tiny_model, out)]  # in the same launch: one start of 2 processes less
     (out / "two.json").write_text(json.dumps(jobs))
     (out / "one.json").write_text(json.dumps([dict(common, out=str(out / "cut21"), resume=True)]))
     launch(__file__, str(out / "two.json"), processes=2)
@@ -216,6 +249,60 @@ def test_a_command_leaves_no_process_group_behind(world, tiny_model, tmp_path):
            "4", "--batch-tokens", "128", "--precision", "fp32", "--shard", "fsdp", "--no-progress", "--val-users", "5",
            "--out", tmp_path / "run"))
     assert not torch.distributed.is_initialized()
+
+
+def test_deal_gives_whole_jobs_balanced_the_same_way_every_time():
+    costs = [5.0, 1.0, 8.0, 3.0, 3.0, 2.0, 7.0, 1.0]
+    hands = deal(costs, 3)
+    assert sorted(j for hand in hands for j in hand) == list(range(len(costs)))  # every job once, whole
+    assert hands == deal(list(costs), 3) and all(hand == sorted(hand) for hand in hands)  # deterministic, in order
+    loads = [sum(costs[j] for j in hand) for hand in hands]
+    assert max(loads) - min(loads) <= max(costs) and max(loads) == 10  # LPT: 8+2, 7+3, 5+3+1+1
+    assert deal(costs, 1) == [list(range(len(costs)))] and deal([], 2) == [[], []]
+    assert deal([1.0], 2) == [[0], []]  # a process may get nothing
+    batches = [[0, 1], [2], [3, 4, 5]]  # one process: all of evaluation's batches, in order
+    assert my_batches(batches, [[1] * n for n in (3, 9, 4, 2, 2, 2)]) == batches
+
+
+COMMAND = ["evaluate", "--domain", "games", "--users", "6", "--split", "valid", "--no-progress"]
+
+
+def sharded_evaluation_jobs(world: Path, tiny_model: Path, out: Path) -> list[dict]:
+    """The 2-process half of the test below: evaluate (beam search and --exact), validated runs under DDP and FSDP,
+    and last (it ends the process group) the evaluate command."""
+    common = dict(data_path=str(world), model=str(tiny_model))
+    return [dict(common, kind="evaluate", out=str(out / "beam")),
+            dict(common, kind="evaluate", out=str(out / "exact"), exact=True, users=2),
+            *(dict(common, validated=True, out=str(out / shard), shard=shard) for shard in ("ddp", "fsdp")),
+            dict(kind="command", args=[*COMMAND, "--data", str(world), "--model", str(tiny_model), "--out",
+                                       str(out / "eval" / "two.json")])]
+
+
+def test_sharded_evaluation_on_two_processes_equals_one_user_by_user(runs, world, tiny_model):
+    """evaluate (beam search and --exact), a training run's validations (DDP, FSDP) and the evaluate command on 2
+    processes: batches of different costs dealt to them, every per-user rank and top list, every figure and best/ as
+    on 1 process; the command's result written once, by rank 0."""
+    out = runs  # the 2-process results (sharded_evaluation_jobs, in runs' launch); this process's beside them
+    for name, exact, users in (("beam", False, 6), ("exact", True, 2)):
+        one = json.loads(json.dumps(evaluation(world, tiny_model, exact=exact, users=users)))
+        for rank in (0, 1):  # every process holds the whole result
+            two = json.loads((out / f"{name}-rank{rank}.json").read_text())
+            assert two["per_user"] == one["per_user"] and two["model"] == one["model"], (name, rank)
+            assert two["top10"] == one["top10"] and two["popularity"] == one["popularity"]
+    validated_run(world, tiny_model, out / "one")
+    for shard in ("ddp", "fsdp"):
+        logs = [[r["validation"] for r in read_records(out / d) if "validation" in r] for d in ("one", shard)]
+        assert len(logs[0]) == 2 and logs[1] == logs[0], shard
+        assert (out / shard / "best.json").read_text() == (out / "one" / "best.json").read_text()
+        best, want = weights(out / shard, "best"), weights(out / "one", "best")
+        assert sorted(best) == sorted(want) and all(torch.equal(best[k], want[k]) for k in want), shard
+    ok(cli(*COMMAND, "--data", world, "--model", tiny_model, "--out", out / "eval" / "one.json"))
+    files = sorted(p.name for p in (out / "eval").iterdir())
+    assert files == ["one-per_user.jsonl", "one.json", "two-per_user.jsonl", "two.json"]  # no stray file
+    read = lambda name: (out / "eval" / name).read_text()  # noqa: E731
+    assert read("two-per_user.jsonl") == read("one-per_user.jsonl")
+    one, two = (json.loads(read(f"{n}.json")) for n in ("one", "two"))
+    assert two["model"] == one["model"] and two["users"] == one["users"] == 6
 
 
 if __name__ == "__main__":

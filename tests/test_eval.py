@@ -21,8 +21,7 @@ from eval import (
     rank_in_list,
     rank_in_scores,
 )
-from extras.init import init_weights
-from infra.config import ModelConfig
+from helpers import random_decoder
 from infra.files import UserError
 from infra.tokenizer import Tokenizer
 from model import Decoder
@@ -67,12 +66,7 @@ def test_trie_shares_prefixes_and_refuses_prefix_items():
 
 @pytest.fixture(scope="module")
 def random_model():
-    config = ModelConfig(vocab_size=40, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, intermediate_size=64)
-    model = Decoder(config)
-    init_weights(model, seed=3)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20)  # a peaked next-token distribution, so scores differ clearly
-    return model.eval()
+    return random_decoder(40, seed=3, sharpen=20)
 
 
 ITEMS = [[5, 6, 1], [5, 7, 1], [5, 7, 8, 1], [9, 1], [9, 10, 11, 1], [12, 1], [13, 5, 1], [14, 6, 1]]
