@@ -126,6 +126,48 @@ def counting(model: torch.nn.Module, config):
             hook.remove()
 
 
+# Where ours' time goes: the profiler's self CPU time by kind of op, and the prompt pass apart (timed by a wrapper).
+KINDS = {"weights matmul (body and vocabulary projection)": ("aten::mm", "aten::addmm"),
+         "attention matmul": ("aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu"),
+         "log-softmax and softmax": ("aten::_log_softmax", "aten::_softmax"),
+         "cache and grid copies": ("aten::index_select", "aten::index_copy_", "aten::copy_", "aten::cat",
+                                   "aten::index", "aten::index_put_", "aten::fill_", "aten::zeros", "aten::empty"),
+         "norms, RoPE, SiLU, residuals": ("aten::mul", "aten::add", "aten::silu", "aten::neg", "aten::pow",
+                                          "aten::mean", "aten::rsqrt", "aten::sum", "aten::masked_fill_"),
+         "search bookkeeping (trie, top-k, pool)": ("aten::topk", "aten::unique_consecutive", "aten::gather",
+                                                    "aten::where", "aten::nonzero", "aten::any", "aten::eq",
+                                                    "aten::bincount", "aten::argsort", "aten::sort")}
+
+
+def where_time_goes(model: Decoder, encoder: Encoder, ds, users: int, beams: int, seed: int) -> dict:
+    """Shares of ours' self CPU time by kind of op (KINDS; the rest is "other": views, Python and small ops), and the
+    prompt pass's share of the wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import eval as evaluation
+    prompt_pass, seconds = evaluation.prompt_cache, {"prompt pass": 0.0}
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return prompt_pass(*args, **kwargs)
+        finally:
+            seconds["prompt pass"] += time.perf_counter() - start
+    evaluation.prompt_cache = timed  # search() looks it up in the module at each call
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            began = time.perf_counter()
+            evaluation.evaluate(model, encoder, ds, KEY, beams=beams, users=users, seed=seed)
+            wall = time.perf_counter() - began
+    finally:
+        evaluation.prompt_cache = prompt_pass
+    self_time = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    total = sum(self_time.values())
+    shares = {kind: sum(self_time.get(op, 0) for op in ops) / total for kind, ops in KINDS.items()}
+    shares["other"] = 1 - sum(shares.values())
+    return dict(shares, **{"the prompt pass, of the wall time": seconds["prompt pass"] / wall})
+
+
 # --------------------------------------------------------------------------------------------------- one model
 def compare(name: str, path: Path, ds, users: int, precision: str, o: Options) -> list[dict]:
     """Ours and generate at each batch size on `users` test users of `path`, then the exact scores and the
@@ -171,6 +213,10 @@ def compare(name: str, path: Path, ds, users: int, precision: str, o: Options) -
     ours_tops = ranked[OURS][0]
     common = dict(section="generate", model=name, model_path=str(path), params=model.config.n_params,
                   precision=precision, items=len(catalogue), beams=o.beams, threads=o.threads)
+    with autocast(precision, torch.device(o.device)):
+        shares = where_time_goes(model, encoder, ds, users, o.beams, o.seed)
+    console.print(f"generate {name}, where ours' time goes (self CPU time, profiled): " + "; ".join(
+        f"{kind} {share:.0%}" for kind, share in shares.items()), highlight=False)
     rows = []
     for ranker, (tops, scores, seconds) in ranked.items():
         chosen_tops = [(tops[u], exhaustive[user]) for u, user in enumerate(user_ids) if user in exhaustive]
@@ -182,7 +228,7 @@ def compare(name: str, path: Path, ds, users: int, precision: str, o: Options) -
                    exhaustive_overlap=float(np.mean([len(set(t[:10]) & set(e)) / max(len(e), 1)
                                                      for t, e in chosen_tops])))
         if scores is None:
-            row.update(ndcg=ours["model"]["ndcg@10"])
+            row.update(ndcg=ours["model"]["ndcg@10"], time_shares=shares)
         else:
             targets = [position[r["target"]] for r in ours["per_user"]]
             ranks = [rank_in_list(np.array(t), np.array(s), g) for t, s, g in zip(tops, scores, targets)]

@@ -43,11 +43,27 @@ DATASHEET = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090
 
 def matmul_flops(device: torch.device, precision: str, n: int | None = None, reps: int = 10) -> float:
     """Best-of-`reps` FLOP/s of one n x n matmul after a warm-up: the practical peak of this device and thread count
-    (the best repetition, because a busy machine only ever makes a repetition slower)."""
-    n = n or MATMUL_N[device.type]
-    a, b = (torch.randn(n, n, device=device).to(DTYPES.get(precision, torch.float32)) for _ in range(2))
+    (the best repetition, because a busy machine only ever makes a repetition slower). Without an `n`, the size grows
+    from 256 to MATMUL_N while one product takes under 50 ms: bf16 on a CPU without AVX-512 BF16 runs at well under a
+    GFLOP/s, where one 2048 x 2048 product takes a minute."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    a @ b  # warm-up: thread pool, kernel selection, weight packing
+
+    def operands(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(torch.randn(size, size, device=device).to(DTYPES.get(precision, torch.float32)) for _ in range(2))
+    if n is None:
+        n = 256
+        while n < MATMUL_N[device.type]:
+            a, b = operands(n)
+            a @ b  # warm-up: thread pool, kernel selection, weight packing
+            sync()
+            start = time.perf_counter()
+            a @ b
+            sync()
+            if time.perf_counter() - start > 0.05:
+                break
+            n *= 2
+    a, b = operands(n)
+    a @ b
     best = math.inf
     for _ in range(reps):
         sync()

@@ -182,7 +182,8 @@ class Validator:
 class StepTimer:
     """Each step's throughput, MFU and peak memory, added to its record and shown on the progress bar.
     `peak_flops(device, precision, remeasure=False)` is MFU's denominator (infra.device.peak_flops): on CPU a probe,
-    measured again when an MFU above 100% shows it had under-measured on a busy machine."""
+    measured again, once, when an MFU above 100% shows it had under-measured on a busy machine (where the probe's
+    precision runs slower than the model's mix of kernels, MFU may stay above 100%: a second probe would not help)."""
     model: nn.Module
     device: torch.device
     precision: str
@@ -190,7 +191,7 @@ class StepTimer:
     rank: int
 
     def __post_init__(self):
-        self.peak = self.peak_flops(self.device, self.precision)
+        self.peak, self.remeasured = self.peak_flops(self.device, self.precision), False
         self.began, self.advance = 0.0, lambda n=1, info="": None
 
     @contextlib.contextmanager
@@ -211,8 +212,8 @@ class StepTimer:
         seconds = time.perf_counter() - self.began
         record.update(tokens_per_s=round(record["tokens"] / seconds), mfu=round(flops / seconds / self.peak, 4),
                       mem_gb=round(peak_memory_gb(self.device), 3), seconds=round(seconds, 4))
-        if record["mfu"] > 1 and self.device.type == "cpu":  # the cached peak was measured on a busy machine
-            self.peak = self.peak_flops(self.device, self.precision, remeasure=True)
+        if record["mfu"] > 1 and self.device.type == "cpu" and not self.remeasured:  # probed on a busy machine
+            self.peak, self.remeasured = self.peak_flops(self.device, self.precision, remeasure=True), True
             warn(f"step {record['step']}: MFU {record['mfu']:.0%} exceeds 100%, so the peak matmul probe had "
                  f"under-measured; measured again: {self.peak / 1e9:.1f} GFLOP/s from here on", self.rank)
         self.advance(1, f"loss {'non-finite' if record['loss'] is None else format(record['loss'], '.4f')}  "
