@@ -206,13 +206,16 @@ def consolidate(model: nn.Module, rank: int, dtype: torch.dtype | None = None) -
     process's own device (evaluation's copies). Every process takes part; the tensors are gathered one at a time, so a
     process holds about one copy besides its shards."""
     tied, everywhere = model.config.tie_embeddings, dtype is not None
+    # Full training's fp32 masters go to `dtype`; a LoRA model's frozen base already is in it, and its adapters stay in
+    # fp32, as they compute in one process.
+    cast = dtype if all(p.requires_grad for p in model.parameters()) else None
     full = {}
     for name, tensor in model.state_dict().items():
         if tied and name == "lm_head.weight":
             continue  # the embedding, again
         whole = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # an all-gather: every process has it
         if everywhere or rank == 0:
-            full[name] = whole.detach().to(dtype) if everywhere else whole.detach().to("cpu")
+            full[name] = whole.detach().to("cpu" if not everywhere else whole.device, cast)
         del whole
     if not (everywhere or rank == 0):
         return None
