@@ -9,13 +9,14 @@ extras/ (prepare, init, align, recommend, baseline, reproduce).
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
 
 def _interrupted(*_) -> None:
-    print("interrupted", file=sys.stderr)
-    sys.exit(130)
+    print("interrupted", file=sys.stderr, flush=True)
+    os._exit(130)  # nothing is written yet; SystemExit raised inside torch's C import came out as a TypeError
 
 
 if __name__ == "__main__":  # Ctrl-C while torch is still importing (seconds): one word, not a traceback

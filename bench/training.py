@@ -19,14 +19,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from torch.distributed.tensor import DTensor
 
 from bench.harness import Options, Step, add_memory, peak_memory, throughput, time_interleaved, timed
 from data import IGNORE, Blocks
 from extras.init import init_weights
 from infra.config import SMALL, ModelConfig, config_to_hf
 from infra.device import autocast, memory_estimate
-from infra.distributed import Supervised, checkpoint_layers, setup_distributed, shard_fsdp
+from infra.distributed import DTENSOR, Supervised, checkpoint_layers, instance, setup_distributed, shard_fsdp
 from infra.files import write_json
 from model import Decoder, ours_to_hf
 from train import cross_entropy_sum, lm_loss, param_groups, step
@@ -172,7 +171,7 @@ def fsdp_rank(results, rank: int, world: int, port: int, config: ModelConfig, ba
     for _ in range(max(1, o.warmup)):  # the first step allocates AdamW's state
         one_step()
     state = [*model.parameters(), *(t for s in optimizer.state.values() for t in s.values() if t.dim())]
-    state_bytes = sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in state)  # this process's shards
+    state_bytes = sum((t.to_local() if instance(t, *DTENSOR) else t).nbytes for t in state)  # this process's shards
     times = []
 
     def timed_steps():

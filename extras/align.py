@@ -43,10 +43,10 @@ from data import (
 from extras.init import not_a_checkpoint, written_by_init
 from extras.options import (
     CONFIG,
-    LORA_LR,
     SAVE_EVERY,
     LoRA,
     check,
+    lora_lr_factor,
     multiple,
     option,
     recipe,
@@ -310,7 +310,7 @@ def command(o: Align):
     encoder = Encoder(tokenizer)
     net = o.lora.load(start, resolve_precision(o.precision, device), o.seed, device)
     default_lr = 3e-5 if INIT_MARKER in net.config.extra else 1e-5  # docs/results.md#learning-rate
-    lr = o.lr if o.lr is not None else default_lr * (LORA_LR if o.lora.lora_rank else 1)
+    lr = o.lr if o.lr is not None else default_lr * lora_lr_factor(o.lora.lora_rank)
     # refuses a bad --users-fraction
     cases = preference_cases(net, encoder, ds, o.domain, cfg, o.seed, o.users, o.users_fraction)
     note_other_users(start, o.users_fraction, o.seed)

@@ -62,7 +62,14 @@ CONFIG = typer.Option(None, help="A JSON file (or YAML, with PyYAML) of this com
                       "override the file's. --out, --resume and --overwrite are never read from it.")
 PER_INVOCATION = ("config", "out", "resume", "overwrite")  # where and how this command writes: never from a file
 KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path (a string)"}
-LORA_LR = 10  # LoRA's default peak lr: this many times full training's (Hu et al. 2021; PEFT's recipes); not tuned
+
+
+def lora_lr_factor(rank: int) -> float:
+    """LoRA's default peak lr as a multiple of full training's: 3 at rank 8, falling as 1/sqrt(rank) (2.1 at 16, 1.06
+    at 64). With alpha/rank fixed, B @ A sums `rank` terms that AdamW each moves by about lr, so a larger rank moves
+    the model further per step. Chosen on validation NDCG@10 over ranks 8, 16, 64 and 7 peaks on the built-in games
+    (docs/results.md#lora-against-full-fine-tuning); the usual 10x lost 0.09-0.12 there."""
+    return 3 * math.sqrt(8 / rank) if rank else 1.0
 
 
 # --------------------------------------------------------------------------------------------------- declaring them
@@ -374,7 +381,7 @@ def train_config(options: Any, steps: int, accum: int, start: Path | None = None
     if start is not None:
         o = options
         given["lr"], warmup = fitting_defaults(start, o.lr, o.warmup, steps, o.schedule, o.anneal,
-                                               lora=bool(getattr(o, "lora", LoRA()).lora_rank))
+                                               lora_rank=getattr(o, "lora", LoRA()).lora_rank)
         given["schedule"] = Schedule(o.schedule, warmup, o.anneal, o.anneal_shape, o.lr_floor)
     return TrainConfig(steps, accum, **{**given, **fixed})
 
@@ -432,7 +439,7 @@ def run_settings(cfg: TrainConfig) -> dict:
 
 
 def fitting_defaults(start: Path, lr: float | None, warmup: float | None, steps: int, schedule: str,
-                     anneal: float, lora: bool = False) -> tuple[float, float]:
+                     anneal: float, lora_rank: int = 0) -> tuple[float, float]:
     """--lr and --warmup where not given, fitted to the checkpoint at `start`.
 
     A model `cprec init` made (config.json carries infra.config.INIT_MARKER, kept through training) starts from random
@@ -440,9 +447,9 @@ def fitting_defaults(start: Path, lr: float | None, warmup: float | None, steps:
     knowledge a large step would wash out: continual pre-training re-warms it to a fraction of its original peak
     (Gupta et al. 2023, "Continual Pre-Training of Large Language Models: How to (re)warm your model?"; Ibrahim et al.
     2024) with a WSD-style warmup (MiniCPM): peak 1e-4 and warmup max(2% of steps, 100 steps), at most half the
-    steps before annealing. With LoRA the peak is LORA_LR times that (1e-2, 1e-3): adapters starting at B = 0 with
-    a fixed alpha/rank = 2 move the model far less per step than full training. Explicit values always win."""
-    factor = LORA_LR if lora else 1
+    steps before annealing. With LoRA the peak is `lora_lr_factor(rank)` times that: adapters starting at B = 0 move
+    the model less per step than full training. Explicit values always win."""
+    factor = lora_lr_factor(lora_rank)
     if INIT_MARKER in read_json(start / "config.json"):
         return (1e-3 * factor if lr is None else lr), (0.02 if warmup is None else warmup)
     decay = schedule_steps(anneal, steps) if schedule == "wsa" and anneal >= 0 else 0

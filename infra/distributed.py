@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX, checkpoint_wrapper
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
 from infra.files import UserError, atomic_dir, quote
 from infra.runs import point_latest, prune
+
+# FSDP2, DTensor and torch.distributed.checkpoint are imported where they are used: together they cost about a second
+# at the start of every command, FSDP or not (`cprec.py evaluate --help`: 4.4 s with them, 2.7 s without).
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
@@ -129,6 +129,15 @@ def checkpoint_layers(model: nn.Module) -> None:
         model.layers[i] = checkpoint_wrapper(block)
 
 
+DTENSOR = ("torch.distributed.tensor", "DTensor")  # FSDP2's shards
+
+
+def instance(obj: object, module: str, name: str) -> bool:
+    """isinstance(obj, module.name) without importing `module`: no object of its type exists before it is imported."""
+    loaded = sys.modules.get(module)
+    return loaded is not None and isinstance(obj, getattr(loaded, name))
+
+
 def shard_fsdp(model: nn.Module, root: nn.Module, device: torch.device, precision: str) -> nn.Module:
     """FSDP2 over all processes: each decoder layer, then the root (embedding, final norm, lm_head, which stay tied).
 
@@ -143,6 +152,7 @@ def shard_fsdp(model: nn.Module, root: nn.Module, device: torch.device, precisio
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
                                 world_size=1)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     bf16 = device.type == "cuda" and precision == "bf16"
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
@@ -158,7 +168,7 @@ def shard_fsdp(model: nn.Module, root: nn.Module, device: torch.device, precisio
 def gradient_sync(net: nn.Module, last: bool):
     """Reduce gradients over the processes only on a step's last micro-batch: DDP's no_sync, FSDP's
     set_requires_gradient_sync (the others accumulate unreduced gradients locally)."""
-    if isinstance(net, FSDPModule):
+    if instance(net, "torch.distributed.fsdp", "FSDPModule"):
         net.set_requires_gradient_sync(last)
     with (net.no_sync() if not last and hasattr(net, "no_sync") else contextlib.nullcontext()):
         yield
@@ -180,7 +190,7 @@ def largest_weight(model: nn.Module) -> tuple[float, str]:
     parameters, one all-reduce); inf if any weight is not finite."""
     names, maxima = [], []
     for name, p in model.named_parameters():
-        local = (p.to_local() if isinstance(p, DTensor) else p).detach()
+        local = (p.to_local() if instance(p, *DTENSOR) else p).detach()
         names.append(name)
         maxima.append(local.abs().amax().float() if local.numel() else local.new_zeros((), dtype=torch.float32))
     largest = torch.stack(maxima).nan_to_num(nan=torch.inf)
@@ -194,7 +204,7 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
     """torch.nn.utils.clip_grad_norm_ that also takes FSDP's sharded gradients; returns the norm before clipping."""
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if isinstance(norm, DTensor):  # FSDP: each process holds its shards' part of the norm
+    if instance(norm, *DTENSOR):  # FSDP: each process holds its shards' part of the norm
         norm = norm.full_tensor()
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm.item()
@@ -213,7 +223,7 @@ def consolidate(model: nn.Module, rank: int, dtype: torch.dtype | None = None) -
     for name, tensor in model.state_dict().items():
         if tied and name == "lm_head.weight":
             continue  # the embedding, again
-        whole = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # an all-gather: every process has it
+        whole = tensor.full_tensor() if instance(tensor, *DTENSOR) else tensor  # an all-gather: every process has it
         if everywhere or rank == 0:
             full[name] = whole.detach().to("cpu" if not everywhere else whole.device, cast)
         del whole
@@ -229,6 +239,7 @@ def consolidate(model: nn.Module, rank: int, dtype: torch.dtype | None = None) -
 def trained_state(net: nn.Module, optimizer) -> dict:
     """What a sharded checkpoint holds: the trained parameters and their AdamW state, with LoRA the adapters alone.
     ignore_frozen_params misses a frozen parameter's second name (a tied lm_head): dropped here by every name."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
     model_state, optimizer_state = get_state_dict(net, optimizer, options=StateDictOptions(ignore_frozen_params=True))
     frozen = {name.replace(_CHECKPOINT_PREFIX, "") for name, p in net.named_parameters(remove_duplicate=False)
               if not p.requires_grad}
@@ -240,6 +251,7 @@ def save_sharded_checkpoint(run: Path, step: int, net: nn.Module, optimizer, sta
     """FSDP's resumable checkpoint: each process writes its shards of the model and AdamW's state with
     torch.distributed.checkpoint, rank 0 the rest of the training `state`; all into rank 0's temporary directory,
     renamed once complete, and only then `latest` is switched."""
+    import torch.distributed.checkpoint as dcp
     name = f"step-{step:07d}"
     with (atomic_dir(run / "checkpoints" / name) if rank == 0 else contextlib.nullcontext()) as tmp:
         where = [tmp]
@@ -254,6 +266,8 @@ def save_sharded_checkpoint(run: Path, step: int, net: nn.Module, optimizer, sta
 
 def load_sharded_checkpoint(net: nn.Module, optimizer, path: Path) -> None:
     """Load a sharded checkpoint's model and AdamW state into this run's shards, whatever the process count."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
     state = trained_state(net, optimizer)
     dcp.load(state, checkpoint_id=path)  # every tensor asked for must be in the checkpoint: nothing is left out
     set_state_dict(net, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],

@@ -193,7 +193,7 @@ def lora_run(world, tiny_model, tmp_path_factory):
 def test_finetune_with_lora_writes_a_merged_model_and_a_peft_adapter_beside_it(lora_run, tiny_model):
     config = json.loads((lora_run / "run_config.json").read_text())
     assert config["lora"]["rank"] == 4 and config["lora"]["alpha"] == 8 and len(config["lora"]["targets"]) == 7
-    assert config["train"]["lr"] == 1e-2  # LORA_LR x the init'd model's 1e-3
+    assert config["train"]["lr"] == pytest.approx(1e-3 * 3 * 2 ** 0.5)  # rank 4: 3 sqrt(8 / 4) x the init'd 1e-3
     for folder in ("final", "best"):
         assert not (lora_run / folder / "adapter_config.json").exists()  # never inside: it would apply twice
         assert (lora_run / f"{folder}-adapter" / "adapter_model.safetensors").exists()
