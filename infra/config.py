@@ -66,10 +66,13 @@ class ModelConfig:
         d, q, kv = self.dim, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         return self.n_layers * rank * (2 * (d + q) + 2 * (d + kv) + 3 * (d + self.intermediate_size))
 
-    def train_flops_per_token(self, seq_len: int) -> float:
-        """6N for the weights plus 12·L·d·T for attention scores (PaLM appendix B); embeddings do no matmul."""
+    def train_flops_per_token(self, seq_len: int, adapters: int = 0) -> float:
+        """6N for the weights plus 12·L·d·T for attention scores (PaLM appendix B); embeddings do no matmul. With LoRA
+        (`adapters` trained parameters beside a frozen base) the base's weight gradients are never computed: 4N for
+        the base (forward, input gradients) and 6 per adapter parameter."""
         n = self.n_params - self.vocab_size * self.dim * (0 if self.tie_embeddings else 1)
-        return 6 * n + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
+        weights = 4 * n + 6 * adapters if adapters else 6 * n
+        return weights + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
 
 
 SMALL = ModelConfig()  # the default small model

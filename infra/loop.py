@@ -192,6 +192,9 @@ class StepTimer:
 
     def __post_init__(self):
         self.peak, self.remeasured = self.peak_flops(self.device, self.precision), False
+        params = list(self.model.parameters())  # FSDP's DTensors count whole
+        lora = any(not p.requires_grad for p in params)  # a frozen base: LoRA's FLOPs (ModelConfig)
+        self.adapters = sum(p.numel() for p in params if p.requires_grad) if lora else 0
         self.began, self.advance = 0.0, lambda n=1, info="": None
 
     @contextlib.contextmanager
@@ -206,7 +209,7 @@ class StepTimer:
 
     def __call__(self, record: dict, batches: list[tuple]) -> dict:
         """Add the timing of the step started last to its `record`, whose `batches` are this process's share."""
-        flops = sum(x.size * self.model.config.train_flops_per_token(x.shape[1]) for x, *_ in batches)
+        flops = sum(x.size * self.model.config.train_flops_per_token(x.shape[1], self.adapters) for x, *_ in batches)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - self.began

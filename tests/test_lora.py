@@ -16,7 +16,7 @@ from helpers import LLAMA, QWEN2, ROOT, cli, launch, ok, refused
 from infra.config import ModelConfig
 from infra.device import autocast
 from infra.files import UserError
-from infra.loop import Checkpoints
+from infra.loop import Checkpoints, StepTimer
 from model import LORA_TARGETS, Decoder, LoRALinear, apply_lora, lora_state, merge_lora, save_adapter
 
 transformers = pytest.importorskip("transformers")
@@ -61,6 +61,19 @@ def test_only_the_adapters_are_trained(tmp_path):
     assert graded == set(trainable)
     with pytest.raises(UserError, match="targets among q_proj"):
         apply_lora(model, rank=4, alpha=8, targets=("qproj",))
+
+
+def test_mfu_counts_no_weight_gradients_for_the_frozen_base(tmp_path):
+    """LoRA's step FLOPs: the frozen base's forward and input gradients (4N), the adapters' 6 per parameter. Before,
+    6N for all: a LoRA run on SmolLM2 logged MFU 102%."""
+    full = Decoder.from_pretrained(base(tmp_path))
+    lora = apply_lora(Decoder.from_pretrained(base(tmp_path)), rank=4, alpha=8)
+    timers = [StepTimer(m, torch.device("cpu"), "fp32", lambda device, precision, remeasure=False: 1e12, 0)
+              for m in (full, lora)]
+    assert timers[0].adapters == 0 and timers[1].adapters == full.config.lora_params(4) > 0
+    attention = 12 * full.config.n_layers * full.config.n_heads * full.config.head_dim * 16
+    n = (full.config.train_flops_per_token(16) - attention) / 6  # matmul weights
+    assert full.config.train_flops_per_token(16, timers[1].adapters) == 4 * n + 6 * timers[1].adapters + attention
 
 
 @pytest.mark.parametrize("case", ["llama", "qwen2-tied"])
