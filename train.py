@@ -86,9 +86,9 @@ def cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
 
 
 def lm_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed next-token loss of one micro-batch: the model returns hidden states only where a target exists."""
+    """Summed next-token loss of one micro-batch, over the hidden states of the positions that have a target."""
     supervised = targets != IGNORE
-    hidden = model(inputs, hidden=True, select=supervised)
+    hidden = model(inputs, hidden=True)[supervised]  # selected outside: inside, a torch.compile'd model broke its graph
     return cross_entropy_sum(hidden, model.lm_head.weight, targets[supervised])
 
 
