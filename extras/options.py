@@ -46,7 +46,7 @@ SCHEDULE = typer.Option("wsa", help="wsa (Warmup-Stable-Annealing), cosine, line
 WARMUP = typer.Option(None, help="Warmup steps: a count, or a fraction of all steps if < 1 (default: 0.02; for a "
                       "pretrained LLM checkpoint max(2%, 100 steps), at most half the steps before annealing).")
 LR = typer.Option(None, help="Peak learning rate (default: 1e-3 for a model `init` made; 1e-4 for a pretrained LLM "
-                  "checkpoint, a fraction of its original peak).")
+                  "checkpoint, a fraction of its original peak; with --lora-rank R, 3e-3·sqrt(8/R) for either).")
 ANNEAL = typer.Option(0.2, help="WSA annealing steps: a count, or a fraction if < 1; 0 = warmup-stable only.")
 SHAPE = typer.Option("1-sqrt", help="WSA annealing shape: 1-sqrt, cosine, linear or exp.")
 FLOOR = typer.Option(0.1, help="Learning-rate factor reached at the last step.")
