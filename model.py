@@ -163,7 +163,9 @@ class Decoder(nn.Module):
     def __init__(self, config: ModelConfig, dropout: float = 0.0):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        # On the meta device (from_pretrained) nothing is drawn: Embedding's meta normal_ imports torch._dynamo, 1.5 s.
+        meta = torch.empty(config.vocab_size, config.dim) if torch.get_default_device().type == "meta" else None
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim, _weight=meta)
         self.layers = nn.ModuleList(Block(config, dropout) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
