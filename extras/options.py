@@ -458,6 +458,7 @@ def fitting_defaults(start: Path, lr: float | None, warmup: float | None, steps:
     fitted_lr = lr if lr is not None else peak or 1e-4
     fitted_warmup = min(max(math.ceil(0.02 * steps), 100), (steps - decay) // 2) if warmup is None else warmup
     if lr is None or warmup is None:
+        whose = "LoRA's peak, continual pre-training's warmup" if lora_rank else "continual pre-training defaults"
         say(f"{start} is a pretrained checkpoint (no {INIT_MARKER} in its config.json): peak --lr {fitted_lr:g}, "
-            f"--warmup {fitted_warmup:g} steps (continual pre-training defaults; pass either to override)")
+            f"--warmup {fitted_warmup:g} steps ({whose}; pass either to override)")
     return fitted_lr, fitted_warmup
